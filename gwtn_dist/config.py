@@ -1,0 +1,428 @@
+"""The one source of configuration: typed dataclasses, loaded from YAML plus dotted overrides.
+
+``load_config("configs/fmnist_resnet.yaml", ["run_dir=runs/x", "imitate.steps_per_point=200"])``
+reads the file, applies the overrides, checks every key and value, and returns a ``Config``.
+Unknown keys and bad values raise ``ConfigError`` naming the dotted key and what is allowed.
+Every setting the paper leaves open is a field here with its default stated in the docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot work; the message names the dotted key."""
+
+
+@dataclass
+class WideningConfig:
+    """How the wide twin is made from the thin net.
+
+    inner_mult: multiplier of every bottleneck's inner 3×3 width (paper's ResNet reading: 4).
+    boundary_mult: multiplier of the block-boundary widths; 1 keeps them equal so no linear pairs
+    are needed. Above 1, linear pairs are trained during imitation and merged afterwards.
+    """
+
+    inner_mult: int = 4
+    boundary_mult: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """The thin ResNet; the wide twin follows from ``widen``.
+
+    inner_widths are the bottleneck 3×3 widths per stage; a stage outputs inner × expansion
+    channels. imitation_points: ``stages`` (the outputs of each stage, the reproduction's reading)
+    or ``blocks`` (every bottleneck).
+    """
+
+    family: Literal["resnet"] = "resnet"
+    geometry: Literal["small", "imagenet"] = "small"
+    in_channels: int = 1
+    num_classes: int = 10
+    stem_width: int = 16
+    blocks: list[int] = field(default_factory=lambda: [4, 4, 4])
+    inner_widths: list[int] = field(default_factory=lambda: [8, 16, 32])
+    expansion: int = 4
+    widen: WideningConfig = field(default_factory=WideningConfig)
+    imitation_points: Literal["stages", "blocks"] = "stages"
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are made.
+
+    shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
+    train_samples: use only the first N training samples of the stream order (0 = all); handy
+    for quick runs. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
+    """
+
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    shards: str = "runs/data/fashion-mnist"
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    shuffle_buffer: int = 5000
+    train_samples: int = 0
+    crop_padding: int = 2
+    hflip: bool = True
+    mean: float = 0.2860
+    std: float = 0.3530
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule of one training phase.
+
+    schedule: ``cosine`` (to ``min_lr_ratio`` × lr) or ``multistep`` (× gamma at each milestone,
+    given as fractions of the phase's steps), after ``warmup_steps`` of linear warm-up.
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.333, 0.667, 0.889])
+    gamma: float = 0.1
+    grad_clip: float = 0.0
+
+
+@dataclass
+class WideStageConfig:
+    """Stage 1: train the wide twin with the task loss."""
+
+    steps: int = 1000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class ImitateStageConfig:
+    """Stage 2: bottom-to-top imitation of the wide net's outputs at the imitation points.
+
+    steps_per_point: steps of each phase (one phase per point); unknown in the paper.
+    lower_lr_mult: lr multiplier of the blocks below the current point (MobileBERT's soft freeze
+    0.1; 1.0 trains them fully, 0 freezes them). Blocks above the point are not run.
+    target_norm: ``none`` compares raw outputs; ``layernorm`` normalises thin and wide outputs
+    over channels at each position first (MobileBERT's choice).
+    loss_backend: ``auto`` (fused Triton kernel on CUDA, PyTorch reference on CPU), ``triton``
+    or ``reference``.
+    init_head: ``wide`` starts the thin classifier from the wide one (composed with the last
+    lift) when the last point is the last block, since the thin features imitate the wide
+    ones there; ``random`` keeps the fresh head. The paper does not say; default ``wide``.
+    """
+
+    steps_per_point: int = 150
+    lower_lr_mult: float = 0.1
+    target_norm: Literal["none", "layernorm"] = "none"
+    loss_backend: Literal["auto", "triton", "reference"] = "auto"
+    init_head: Literal["wide", "random"] = "wide"
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0)
+    )
+
+
+@dataclass
+class DistillConfig:
+    """Logit distillation: alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·CE."""
+
+    alpha: float = 0.9
+    temperature: float = 4.0
+
+
+@dataclass
+class FinetuneStageConfig:
+    """Stage 3: train the warmed-up thin net to the end.
+
+    kd_steps steps of logit distillation from the wide net (0 to skip), then label_steps steps
+    with the task loss. Each phase restarts its own schedule from ``optim.lr``.
+    """
+
+    kd_steps: int = 0
+    label_steps: int = 1000
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.02))
+
+
+@dataclass
+class CompareConfig:
+    """``gwtn compare``: baselines at the same thin-net step budget, over several seeds.
+
+    The budget is imitate steps + finetune steps of the method. ``scratch``, ``kd`` and
+    ``deeper`` train with ``wide.optim`` (the from-scratch recipe) for that many steps; ``deeper``
+    uses ``deeper_blocks``. ``share_teacher`` trains one wide net for all seeds instead of one
+    per seed. Outputs go to ``run_dir/compare/``.
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["scratch", "kd", "win", "deeper"])
+    deeper_blocks: list[int] = field(default_factory=lambda: [8, 8, 8])
+    share_teacher: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints every ``every`` steps (and at every phase end)."""
+
+    every: int = 200
+
+
+@dataclass
+class Config:
+    """A whole run. ``resume=true`` continues a run directory that a crash left behind.
+
+    eval_every: score the net being trained every N thin-net steps on the first
+    ``eval_samples`` test images (0 = the whole test set), for accuracy-vs-steps curves; 0 turns
+    it off. Every stage's final net is always scored on the whole test set.
+    baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
+    (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
+    threads: torch CPU threads (0 = torch's default).
+    channels_last: keep conv activations in NHWC memory order (measured ~28% faster per
+    training step on 2 CPU cores for the default nets; also what GPU tensor cores prefer).
+    """
+
+    run_dir: str = "runs/fmnist"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+    channels_last: bool = True
+    resume: bool = False
+    progress: bool = True
+    eval_every: int = 0
+    eval_samples: int = 2000
+    baselines: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wide: WideStageConfig = field(default_factory=WideStageConfig)
+    imitate: ImitateStageConfig = field(default_factory=ImitateStageConfig)
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+ARMS = ("scratch", "kd", "win", "deeper")
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in configs")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key {prefix}{k}; allowed here: {', '.join(names)}")
+    default = cls()
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+        else:
+            kwargs[name] = getattr(default, name)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """An override's value is read as YAML, so ``3``, ``0.1``, ``true``, ``[2,2]`` keep their types."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_scalar(text))
+    return tree
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Build and validate a Config from a nested dict (e.g. a parsed YAML file)."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        tree = loaded or {}
+    apply_overrides(tree, list(overrides))
+    return config_from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that span several fields.
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_optim(prefix: str, o: OptimConfig) -> None:
+    _positive(f"{prefix}.lr", o.lr)
+    _positive(f"{prefix}.weight_decay", o.weight_decay, allow_zero=True)
+    _positive(f"{prefix}.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive(f"{prefix}.grad_clip", o.grad_clip, allow_zero=True)
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"{prefix}.momentum: must be in [0, 1), got {o.momentum}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"{prefix}.betas: must be two numbers in [0, 1), got {o.betas}")
+    if any(not 0 < m < 1 for m in o.milestones) or o.milestones != sorted(o.milestones):
+        raise ConfigError(
+            f"{prefix}.milestones: fractions of the phase in (0, 1), ascending; got {o.milestones}"
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    m = cfg.model
+    if not m.blocks or any(b < 1 for b in m.blocks):
+        raise ConfigError(f"model.blocks: one positive block count per stage, got {m.blocks}")
+    if len(m.inner_widths) != len(m.blocks):
+        raise ConfigError(
+            f"model.inner_widths: needs one width per stage ({len(m.blocks)} stages in "
+            f"model.blocks), got {m.inner_widths}"
+        )
+    for key, value in [
+        ("model.inner_widths", min(m.inner_widths)),
+        ("model.stem_width", m.stem_width),
+        ("model.expansion", m.expansion),
+        ("model.in_channels", m.in_channels),
+        ("model.widen.inner_mult", m.widen.inner_mult),
+        ("model.widen.boundary_mult", m.widen.boundary_mult),
+    ]:
+        _positive(key, value)
+    if m.num_classes < 2:
+        raise ConfigError(f"model.num_classes: must be at least 2, got {m.num_classes}")
+    if m.widen.boundary_mult > 1 and m.imitation_points == "blocks":
+        raise ConfigError(
+            "model.imitation_points: 'blocks' cannot be used with model.widen.boundary_mult > 1: "
+            "a linear pair in front of a block with an identity shortcut cannot be merged "
+            "exactly; use 'stages' (pairs sit in front of projection shortcuts or the head)"
+        )
+    d = cfg.data
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.eval_batch_size", d.eval_batch_size)
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
+    _positive("data.train_samples", d.train_samples, allow_zero=True)
+    _positive("data.crop_padding", d.crop_padding, allow_zero=True)
+    _positive("data.std", d.std)
+    _positive("wide.steps", cfg.wide.steps)
+    _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
+    if cfg.imitate.lower_lr_mult < 0:
+        raise ConfigError(f"imitate.lower_lr_mult: must be >= 0, got {cfg.imitate.lower_lr_mult}")
+    f = cfg.finetune
+    _positive("finetune.kd_steps", f.kd_steps, allow_zero=True)
+    _positive("finetune.label_steps", f.label_steps, allow_zero=True)
+    if f.kd_steps + f.label_steps == 0:
+        raise ConfigError("finetune: kd_steps + label_steps must be > 0")
+    if not 0 <= f.distill.alpha <= 1:
+        raise ConfigError(f"finetune.distill.alpha: must be in [0, 1], got {f.distill.alpha}")
+    _positive("finetune.distill.temperature", f.distill.temperature)
+    for prefix, o in [("wide.optim", cfg.wide.optim), ("imitate.optim", cfg.imitate.optim),
+                      ("finetune.optim", cfg.finetune.optim)]:
+        _check_optim(prefix, o)
+    c = cfg.compare
+    if not c.seeds:
+        raise ConfigError("compare.seeds: give at least one seed")
+    for arm in c.arms:
+        if arm not in ARMS:
+            raise ConfigError(f"compare.arms: {arm!r} is not an arm; choose from {', '.join(ARMS)}")
+    if len(c.deeper_blocks) != len(m.blocks) or any(b < 1 for b in c.deeper_blocks):
+        raise ConfigError(
+            f"compare.deeper_blocks: one positive count per stage ({len(m.blocks)}), "
+            f"got {c.deeper_blocks}"
+        )
+    for arm in cfg.baselines:
+        if arm not in ("scratch", "kd", "deeper"):
+            raise ConfigError(f"baselines: {arm!r} is not a baseline; choose from scratch, kd, deeper")
+    _positive("eval_samples", cfg.eval_samples, allow_zero=True)
+    _positive("checkpoint.every", cfg.checkpoint.every)
+    _positive("eval_every", cfg.eval_every, allow_zero=True)
+    _positive("threads", cfg.threads, allow_zero=True)

@@ -1,0 +1,216 @@
+"""Webdataset shards: writing image datasets, and reading them back as batches.
+
+A shard folder holds ``train-%05d.tar`` and ``test-%05d.tar`` plus ``index.json``. Each sample
+is ``{"__key__": "<split>-<index>", "npy": uint8 (H, W) or (H, W, C), "cls": int}``.
+
+Training batches come from an endless, deterministic stream: epoch ``e`` shuffles the shard
+order and a sample buffer with seeds derived from (seed, e), so a position (epoch, batch) is
+enough to resume exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from .fashion_mnist import DataSourceError
+
+log = logging.getLogger("gwtn")
+SHARD_SIZE = 10_000
+
+
+def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                       source: str, classes: list[str], progress: bool = True) -> dict:
+    """Write each split's (images, labels) into ``OUT/<split>-%05d.tar``; returns the index."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict = {"source": source, "classes": classes, "splits": {}}
+    for split, (images, labels) in splits.items():
+        for old in out.glob(f"{split}-*.tar"):
+            old.unlink()
+        pattern = str(out / f"{split}-%05d.tar")
+        with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
+            for i in tqdm(range(len(images)), desc=f"shards {split}", disable=not progress,
+                          unit="img", mininterval=1.0):
+                sink.write({"__key__": f"{split}-{i:07d}", "npy": images[i], "cls": int(labels[i])})
+        shards = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+        counts = [min(SHARD_SIZE, len(images) - i * SHARD_SIZE) for i in range(len(shards))]
+        index["splits"][split] = {
+            "shards": shards, "shard_samples": counts, "samples": int(len(images)),
+            "skipped": 0, "shape": list(images.shape[1:]),
+        }
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(out / "index.json")
+    return index
+
+
+def read_index(shard_dir: Path | str) -> dict:
+    """The index.json of a shard folder, with an error that says how to make one."""
+    path = Path(shard_dir) / "index.json"
+    if not path.is_file():
+        raise DataSourceError(
+            f"{path} not found: write the shards first, e.g. "
+            f"`gwtn shards fashion-mnist {shard_dir}`"
+        )
+    return json.loads(path.read_text())
+
+
+def shard_urls(shard_dir: Path | str, split: str, limit: int = 0) -> list[str]:
+    """Paths of ``split``'s shards; with ``limit``, only those holding the first ``limit`` samples.
+
+    Shards hold consecutive sample indices in order, so the first N samples live in a prefix of
+    the shard list, and reading the other shards would only be filtered away.
+    """
+    index = read_index(shard_dir)
+    if split not in index["splits"]:
+        raise DataSourceError(f"{shard_dir}: no {split!r} split in index.json")
+    info = index["splits"][split]
+    names = info["shards"]
+    if limit and "shard_samples" in info:
+        ends = [sum(info["shard_samples"][: i + 1]) for i in range(len(names))]
+        names = names[: next((i + 1 for i, e in enumerate(ends) if e >= limit), len(names))]
+    urls = [str(Path(shard_dir) / name) for name in names]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise DataSourceError(f"{shard_dir}: shards listed in index.json are missing: {missing}")
+    return urls
+
+
+def _sample_index(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
+
+
+def _below(limit: int, ordered: bool):
+    """Keep samples with index < limit; in file order, stop reading at the first one past it."""
+
+    def stage(samples):
+        for sample in samples:
+            if _sample_index(sample["__key__"]) < limit:
+                yield sample
+            elif ordered:
+                return
+
+    return stage
+
+
+def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = np.stack([s[0] for s in samples])  # (B, H, W) or (B, H, W, C) uint8
+    images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    images = torch.from_numpy(np.ascontiguousarray(images))  # (B, C, H, W) uint8
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)  # (B,)
+    return images, labels
+
+
+def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buffer: int,
+              limit: int, partial: bool) -> wds.DataPipeline:
+    stages: list = [wds.SimpleShardList(urls)]
+    if shuffle_seed is not None:
+        stages.append(wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed))
+    stages += [wds.split_by_node, wds.split_by_worker,
+               wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if limit:
+        stages.append(_below(limit, ordered=shuffle_seed is None))
+    if shuffle_seed is not None:
+        stages.append(wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1))
+    stages += [wds.decode(handler=wds.warn_and_continue),
+               wds.to_tuple("npy", "cls", handler=wds.warn_and_continue),
+               wds.batched(batch_size, collation_fn=_collate, partial=partial)]
+    return wds.DataPipeline(*stages)
+
+
+class TrainStream:
+    """Endless shuffled training batches with a resumable position.
+
+    Yields ``(images, labels)``: uint8 (B, C, H, W) and int64 (B,). ``position`` is
+    ``{"epoch": e, "batch": b}`` — the next batch to be yielded — and ``seek`` restores it by
+    replaying epoch ``e``'s deterministic order up to batch ``b``.
+    """
+
+    def __init__(self, shard_dir: Path | str, batch_size: int, seed: int,
+                 shuffle_buffer: int = 5000, limit: int = 0):
+        self.urls = shard_urls(shard_dir, "train", limit)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.buffer = shuffle_buffer
+        self.limit = limit
+        self.epoch = 0
+        self.batch = 0
+        self._it: Iterator | None = None
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def seek(self, position: dict) -> None:
+        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self._it = None
+
+    def _epoch_iter(self) -> Iterator:
+        # A different, reproducible order every epoch: seeds from (seed, epoch).
+        shuffle_seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
+        it = iter(_pipeline(self.urls, self.batch_size, shuffle_seed=shuffle_seed,
+                            buffer=self.buffer, limit=self.limit, partial=False))
+        for _ in range(self.batch):
+            next(it)
+        return it
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._epoch_iter()
+            try:
+                out = next(self._it)
+            except StopIteration:
+                if self.batch == 0:
+                    break
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+                continue
+            self.batch += 1
+            return out
+        raise DataSourceError(
+            f"the training shards {self.urls[0]}… yield no full batch of {self.batch_size}"
+        )
+
+
+def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
+                 limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of ``split`` exactly once, in file order (the first ``limit`` if set)."""
+    return iter(_pipeline(shard_urls(shard_dir, split, limit), batch_size, shuffle_seed=None,
+                          buffer=0, limit=limit, partial=True))
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int,
+            hflip: bool) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip of a uint8 batch (B, C, H, W), in torch."""
+    b, _, h, w = images.shape
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
+        cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
+        batch_idx = torch.arange(b)[:, None, None]
+        # padded: (B, C, H+2p, W+2p) → gather a (H, W) window per image
+        images = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]
+        images = images.permute(0, 3, 1, 2)
+    if hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def to_model_input(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, C, H, W) → normalised float (B, C, H, W)."""
+    return (images.float() / 255.0 - mean) / std

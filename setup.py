@@ -1,0 +1,42 @@
+"""Packaging for gwtn_dist.
+
+The top-level ``kernels/`` folder is installed as ``gwtn_dist.kernels``: the PyPI name
+``kernels`` belongs to another project, so it must never be importable as a top-level package.
+"""
+
+from setuptools import setup
+
+KERNEL_PACKAGES = ["gwtn_dist.kernels", "gwtn_dist.kernels.imitation"]
+
+setup(
+    name="gwtn_dist",
+    version="0.1.0",
+    description='"Go Wide, Then Narrow": train deep thin networks by imitating a wide twin.',
+    python_requires=">=3.10",
+    packages=[
+        "gwtn_dist",
+        "gwtn_dist.models",
+        "gwtn_dist.data",
+        "gwtn_dist.dist",
+        "gwtn_dist.stages",
+        *KERNEL_PACKAGES,
+    ],
+    package_dir={
+        "gwtn_dist.kernels": "kernels",
+        "gwtn_dist.kernels.imitation": "kernels/imitation",
+    },
+    install_requires=[
+        "torch==2.13.0",
+        "triton",
+        "webdataset>=1.0",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "dev": ["pytest", "ruff"],
+    },
+    entry_points={"console_scripts": ["gwtn = gwtn_dist.cli:main"]},
+)

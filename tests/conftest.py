@@ -1,0 +1,70 @@
+"""Shared fixtures: small MNIST-format idx data written by the tests, and shards made from it."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gwtn_dist.cli import write_fashion_mnist
+from gwtn_dist.data.fashion_mnist import DEBIAN_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped idx file (the MNIST format)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_dataset(folder: Path, train: int, test: int, seed: int = 0) -> Path:
+    """A learnable 28×28, 10-class dataset in Fashion-MNIST's file names.
+
+    Each class is a bright horizontal bar at its own height plus noise, so a small net can
+    learn it in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, stem in [("train", train, "train"), ("test", test, "t10k")]:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c : 4 + 2 * c, 4:24] = 230
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory) -> Path:
+    return make_idx_dataset(tmp_path_factory.mktemp("idx"), train=1200, test=300)
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, idx_dir) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_fashion_mnist(out, idx_dir, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_shard_dir(tmp_path_factory) -> Path:
+    """Shards of the real Fashion-MNIST from Debian's package (skipped where it is absent)."""
+    if not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    out = tmp_path_factory.mktemp("fmnist")
+    write_fashion_mnist(out, None, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    # The suite is sized for 2 cores; more threads only add contention between test workers.
+    torch.set_num_threads(2)
+    yield

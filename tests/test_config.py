@@ -1,0 +1,72 @@
+"""Config loading: YAML + dotted overrides, typed values, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gwtn_dist.config import Config, ConfigError, dump_config, load_config
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_keep_their_types():
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
+        "run_dir=runs/x", "imitate.steps_per_point=200", "imitate.lower_lr_mult=1",
+        "model.blocks=[2,3,4]", "progress=false", "imitate.target_norm=layernorm",
+    ])
+    assert cfg.run_dir == "runs/x"
+    assert cfg.imitate.steps_per_point == 200
+    assert cfg.imitate.lower_lr_mult == 1.0 and isinstance(cfg.imitate.lower_lr_mult, float)
+    assert cfg.model.blocks == [2, 3, 4]
+    assert cfg.progress is False
+    assert cfg.imitate.target_norm == "layernorm"
+
+
+def test_file_values_survive_where_not_overridden():
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["wide.steps=7"])
+    raw = yaml.safe_load((REPO / "configs/tiny_cpu.yaml").read_text())
+    assert cfg.wide.steps == 7
+    assert cfg.imitate.steps_per_point == raw["imitate"]["steps_per_point"]
+    assert cfg.wide.optim.lr == raw["wide"]["optim"]["lr"]
+
+
+@pytest.mark.parametrize("override, words", [
+    (["imitate.step_per_point=3"], ["imitate.step_per_point", "steps_per_point"]),
+    (["nonsense=1"], ["nonsense", "run_dir"]),
+    (["imitate.target_norm=batchnorm"], ["imitate.target_norm", "'layernorm'"]),
+    (["wide.steps=ten"], ["wide.steps", "integer"]),
+    (["wide.steps=0"], ["wide.steps", "> 0"]),
+    (["model.inner_widths=[8,16]"], ["model.inner_widths", "one width per stage"]),
+    (["model.widen.boundary_mult=2", "model.imitation_points=blocks"],
+     ["model.imitation_points", "boundary_mult"]),
+    (["compare.arms=[scratch,magic]"], ["compare.arms", "magic"]),
+    (["finetune.distill.alpha=2"], ["finetune.distill.alpha", "[0, 1]"]),
+    (["wide.optim.milestones=[0.8,0.2]"], ["wide.optim.milestones", "ascending"]),
+    (["progress=maybe"], ["progress", "true or false"]),
+    (["no_equals_sign"], ["key.sub=value"]),
+    (["wide.steps.x=1"], ["wide.steps", "not a section"]),
+])
+def test_bad_input_names_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/tiny_cpu.yaml", override)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    cfg = load_config(REPO / "configs/fmnist_resnet.yaml", ["seed=5", "model.blocks=[2,2,2]"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
