@@ -6,7 +6,7 @@ The top-level ``kernels/`` folder is installed as ``gwtn_dist.kernels``: the PyP
 
 from setuptools import setup
 
-KERNEL_PACKAGES = ["gwtn_dist.kernels", "gwtn_dist.kernels.imitation"]
+KERNEL_PACKAGES = ["gwtn_dist.kernels", "gwtn_dist.kernels.imitation", "gwtn_dist.kernels.bench"]
 
 setup(
     name="gwtn_dist",

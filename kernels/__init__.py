@@ -4,6 +4,11 @@ Importing this package never imports triton (the kernels load on first use), so 
 reference implementations work on machines without triton or a GPU.
 """
 
-from .imitation import ImitationMSE, imitation_mse, imitation_mse_reference, select_imitation_mse
+from .imitation import (
+    ImitationMSE,
+    imitation_mse,
+    imitation_mse_reference,
+    select_imitation_mse,
+)
 
 __all__ = ["ImitationMSE", "imitation_mse", "imitation_mse_reference", "select_imitation_mse"]

@@ -1,0 +1,224 @@
+"""Forward pass of the fused imitation loss: the loss and every requested gradient at once.
+
+Linear case (weight given), rows processed in chunks of ``C`` rows (see :func:`chunk_rows`):
+
+    for each chunk:                                       extra memory
+        kernel (a): g_c = dloss/dy for the chunk          g buffer (C, D_out), reused
+                    (+ loss / d_bias partials, d_residual written in place)
+        dx[c]  = g_c @ W          (cuBLAS, into dx)       dx (M, D_in) is an output anyway
+        dW    += g_c.T @ x[c]     (cuBLAS)                (D_out, D_in), float32 if > 1 chunk
+
+so nothing of size M x D_out outlives a chunk, and y is never written at all. Equal-width case
+(no weight): kernel (b) reads x, residual, target once and writes dx (and d_residual) once.
+
+Gradients come out already multiplied by the loss scale; backward only multiplies them by
+grad_output (see ``op.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernel as K
+from .layout import (
+    ImitationProblem,
+    empty_rows_like,
+    flat_mask,
+    rows2d,
+    rows2d_to_shape,
+    rows3d,
+)
+
+# Budget of the transient gradient chunk g, in elements (8M = 16 MiB in bf16). Chunks are never
+# smaller than a few thousand rows at real widths, which keeps the cuBLAS calls efficient.
+# Tests lower it to exercise the multi-chunk path.
+CHUNK_ELEMENTS = 1 << 23
+_CHUNK_ALIGN = 128  # rows; chunk starts stay tile-aligned on GPU
+
+
+@dataclass
+class FusedGrads:
+    """Gradients of the (unscaled by grad_output) loss; None where not requested."""
+
+    x: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.x, self.weight, self.bias, self.residual) if t is not None]
+
+
+def chunk_rows(rows: int, d_out: int) -> int:
+    """Rows per chunk so that the g buffer (rows x d_out) stays within CHUNK_ELEMENTS."""
+    budget = max(CHUNK_ELEMENTS // max(d_out, 1), 1)
+    if budget >= rows:
+        return max(rows, 1)
+    if budget >= _CHUNK_ALIGN:
+        budget -= budget % _CHUNK_ALIGN
+    return budget
+
+
+def loss_scale(
+    problem: ImitationProblem, reduction: str, mask: torch.Tensor | None
+) -> float | torch.Tensor:
+    """Factor turning the sum of squares into the loss: 1, 1/count, or a device tensor.
+
+    With a mask the count lives on the device (no host sync); an all-False mask gives scale 0,
+    hence loss 0 and zero gradients.
+    """
+    if reduction == "sum":
+        return 1.0
+    if mask is None:
+        count = problem.rows * problem.d_out
+        return 1.0 / count if count else 0.0
+    count = mask.sum(dtype=torch.float64) * problem.d_out
+    scale = torch.where(count > 0, count.clamp_min(1).reciprocal(), 0.0)
+    return scale.to(torch.float32).reshape(1)
+
+
+def fused_forward(
+    problem: ImitationProblem,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    reduction: str,
+    mask: torch.Tensor | None,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor, FusedGrads]:
+    """Loss (float32 scalar) and the gradients flagged in ``needs`` = (x, weight, bias, residual).
+
+    Expects checked arguments with weight, bias and residual in x's dtype.
+    """
+    # The GEMMs below must run in x's dtype: autocast would turn float32 ones into bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        scale = loss_scale(problem, reduction, mask)
+        mask_u8 = flat_mask(mask) if mask is not None else None
+        if problem.rows == 0 or problem.d_out == 0:
+            return _empty_problem(x, weight, bias, residual, needs)
+        if weight is None:
+            return _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs)
+        return _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, needs)
+
+
+def _finish_loss(partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    return (partials.sum() * scale).reshape(())
+
+
+def _empty_problem(x, weight, bias, residual, needs) -> tuple[torch.Tensor, FusedGrads]:
+    # No element counts: loss 0 (as for an all-False mask), zero gradients.
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    inputs = (x, weight, bias, residual)
+    grads = [torch.zeros_like(t) if (need and t is not None) else None for t, need in zip(inputs, needs)]
+    return loss, FusedGrads(*grads)
+
+
+def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
+    need_x, _, _, need_r = needs
+    grads = FusedGrads()
+    dx3 = dr3 = None
+    if need_x:
+        grads.x, dx3 = empty_rows_like(x)
+    if need_r and residual is not None:
+        grads.residual, dr3 = empty_rows_like(residual)
+    partials = K.launch_eltwise_mse(
+        rows3d(x),
+        rows3d(residual) if residual is not None else None,
+        rows3d(target),
+        mask_u8,
+        scale,
+        problem.rows,
+        problem.inner,
+        dx3,
+        dr3,
+    )
+    return _finish_loss(partials, scale), grads
+
+
+def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, needs):
+    need_x, need_w, need_b, need_r = needs
+    need_b = need_b and bias is not None
+    need_r = need_r and residual is not None
+    rows, d_in, d_out = problem.rows, problem.d_in, problem.d_out
+    dev, dtype = x.device, x.dtype
+
+    x2d = rows2d(x)  # (M, D_in): a view, or one copy for channels-first maps
+    t3 = rows3d(target)  # (outer, inner, D_out), read in place
+    r3 = rows3d(residual) if residual is not None else None
+
+    c = chunk_rows(rows, d_out)
+    n_chunks = -(-rows // c)
+    need_g = need_x or need_w
+    g = torch.empty((c, d_out), dtype=dtype, device=dev) if need_g else None  # (C, D_out)
+
+    grads = FusedGrads()
+    dx2d = None
+    if need_x:
+        dx2d = torch.empty((rows, d_in), dtype=dtype, device=dev)  # (M, D_in)
+        grads.x = rows2d_to_shape(dx2d, problem.x_shape)
+    dr3 = None
+    if need_r:
+        grads.residual, dr3 = empty_rows_like(residual)
+    # dW over several chunks accumulates in float32 (one rounding at the end, like one GEMM).
+    dw_acc = None
+
+    loss_shape, db_shape = K.linear_partial_shapes(c, d_out)
+    loss_part = torch.zeros((n_chunks, *loss_shape), dtype=torch.float32, device=dev)
+    db_part = (
+        torch.zeros((n_chunks, *db_shape), dtype=torch.float32, device=dev) if need_b else None
+    )
+
+    for i in range(n_chunks):
+        start = i * c
+        n = min(c, rows - start)
+        K.launch_linear_mse(
+            x2d, weight, bias, r3, t3, mask_u8, scale,
+            row_start=start, n_rows=n, inner=problem.inner,
+            g=g, dr3=dr3,
+            loss_part=loss_part[i],
+            db_part=db_part[i] if db_part is not None else None,
+        )
+        if not need_g:
+            continue
+        g_c = g[:n]  # (n, D_out)
+        if need_x:
+            torch.mm(g_c, weight, out=dx2d[start:start + n])  # (n, D_in)
+        if need_w:
+            x_c = x2d[start:start + n]  # (n, D_in)
+            if n_chunks == 1:
+                grads.weight = torch.mm(g_c.t(), x_c)  # (D_out, D_in)
+            else:
+                dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)
+    if dw_acc is not None:
+        grads.weight = dw_acc.to(dtype)
+    if need_b:
+        grads.bias = db_part.sum(dim=(0, 1)).to(dtype)  # (D_out,)
+    return _finish_loss(loss_part, scale), grads
+
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _accumulate_gemm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc (float32) += a @ b``; allocates acc on first use."""
+    if a.dtype == torch.float32:
+        if acc is None:
+            return torch.mm(a, b)
+        return acc.addmm_(a, b)
+    prod = None
+    dev = a.device.type
+    if _MM_OUT_DTYPE_OK.get(dev, dev == "cuda"):
+        # bf16/fp16 GEMM with a float32 result (no intermediate rounding), where supported.
+        try:
+            prod = torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE_OK[dev] = False
+    if prod is None:
+        prod = torch.mm(a, b).float()  # one rounding per chunk's partial product
+    if acc is None:
+        return prod
+    return acc.add_(prod)

@@ -1,0 +1,131 @@
+"""Autograd wrapper of the fused imitation loss, and its nn.Module.
+
+The forward pass computes the loss *and* the gradients (see ``fused.py``), so that no tensor of
+the prediction's size is kept for backward. Backward multiplies the stored gradients by
+grad_output in place (a no-op on the device when grad_output is 1) and hands them over, so it can
+run once per forward: ``retain_graph=True`` followed by a second backward raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .backend import BACKENDS, require_triton, select_imitation_mse
+from .layout import KERNEL_DTYPES, ImitationProblem, as_weight_matrix, check_arguments
+
+
+class ImitationMSEFunction(torch.autograd.Function):
+    """Loss from the fused forward; gradients precomputed there, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, bias, residual, mask, reduction, problem, needs):
+        from .fused import fused_forward  # imports triton
+
+        loss, grads = fused_forward(problem, x, target, weight, bias, residual, reduction, mask, needs)
+        # Kept as an attribute, not save_for_backward: backward drops the reference before
+        # returning the tensors, so AccumulateGrad can adopt them instead of copying.
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        from .kernel import scale_inplace_
+
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "imitation_mse computes its gradients in the forward pass and hands them over "
+                "in the first backward; a second backward through the same graph "
+                "(retain_graph=True) is not supported - run the forward again"
+            )
+        ctx.grads = None
+        for buf in grads.buffers():
+            scale_inplace_(buf, grad_output)
+        return grads.x, None, grads.weight, grads.bias, grads.residual, None, None, None, None
+
+
+def imitation_mse(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    reduction: str = "mean",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused imitation loss: squared error of ``x @ weight.T + bias + residual`` to ``target``.
+
+    Same semantics as :func:`imitation_mse_reference` (see there for shapes; masks have x's
+    shape without the feature dim, e.g. ``(B, H, W)`` for ``(B, C, H, W)`` maps, and an
+    all-False mask gives loss 0 with zero gradients). Runs the Triton kernels: on CUDA, or on CPU
+    under ``TRITON_INTERPRET=1`` (slow; for tests).
+
+    Differentiable with respect to x, weight, bias and residual; target gets no gradient.
+    Inputs may be float32, bfloat16 or float16 (weight, bias and residual are cast to x's dtype
+    with a differentiable cast when they differ; target may have any float dtype). Sums are
+    accumulated in float32 and the loss is a float32 scalar. Gradients have the input's dtype;
+    for 4-D inputs dx is returned in channels-last memory format.
+
+    Note: autocast is not applied; the computation runs in x's dtype. A second backward through
+    the same graph (``retain_graph=True``) raises RuntimeError.
+    """
+    weight = as_weight_matrix(weight)
+    problem: ImitationProblem = check_arguments(x, target, weight, bias, residual, reduction, mask)
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"imitation_mse supports float32, bfloat16 and float16 x, got {x.dtype}")
+    require_triton(x.device)
+    weight, bias, residual = (
+        t.to(x.dtype) if t is not None and t.dtype != x.dtype else t for t in (weight, bias, residual)
+    )
+    target = target.detach()
+
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(
+        bool(grad_on and t is not None and t.requires_grad) for t in (x, weight, bias, residual)
+    )
+    if not any(needs):  # inference / evaluation: loss only, no gradient writes at all
+        from .fused import fused_forward
+
+        return fused_forward(problem, x, target, weight, bias, residual, reduction, mask, needs)[0]
+    return ImitationMSEFunction.apply(
+        x, target, weight, bias, residual, mask, reduction, problem, needs
+    )
+
+
+class ImitationMSE(nn.Module):
+    """``nn.Module`` form of the imitation loss; the backend is chosen per input device.
+
+    Args:
+        reduction: ``"mean"`` or ``"sum"``.
+        backend: ``"auto"`` (fused kernels on CUDA, reference elsewhere), ``"triton"`` or
+            ``"reference"``; see :func:`select_imitation_mse`.
+
+    The lift (weight, bias) is owned by the caller and passed to :meth:`forward`.
+    """
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown imitation-loss backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fn = select_imitation_mse(self.backend, x.device)
+        return fn(x, target, weight, bias, residual, reduction=self.reduction, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"
