@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(blocks=[2, 1, 2], inner_widths=[4, 8, 8], stem_width=8)
+    base = {"blocks": [2, 1, 2], "inner_widths": [4, 8, 8], "stem_width": 8}
     base.update(kw)
     return ModelConfig(**base)
 

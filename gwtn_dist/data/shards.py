@@ -40,11 +40,11 @@ def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.n
         with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
             for i in tqdm(range(len(images)), desc=f"shards {split}", disable=not progress,
                           unit="img", mininterval=1.0):
-                sink.write({"__key__": f"{split}-{i:07d}", "npy": images[i], "cls": int(labels[i])})
+                sink.write({"__key__": f"{split}-{i:07d}", "npy": images[i], "cls": labels[i].item()})
         shards = sorted(p.name for p in out.glob(f"{split}-*.tar"))
         counts = [min(SHARD_SIZE, len(images) - i * SHARD_SIZE) for i in range(len(shards))]
         index["splits"][split] = {
-            "shards": shards, "shard_samples": counts, "samples": int(len(images)),
+            "shards": shards, "shard_samples": counts, "samples": len(images),
             "skipped": 0, "shape": list(images.shape[1:]),
         }
     tmp = out / "index.json.tmp"

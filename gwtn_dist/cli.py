@@ -1,0 +1,118 @@
+"""The ``gwtn`` command (also ``python -m gwtn_dist``).
+
+    gwtn shards fashion-mnist OUT [--src DIR]      write webdataset shards
+    gwtn run CONFIG [key=value ...]                wide → imitate → finetune (+ baselines)
+    gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
+    gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, dump_config, load_config
+from .data.fashion_mnist import CLASSES, DataSourceError, load_split
+from .data.shards import write_image_shards
+from .stages.common import StageOrderError
+
+log = logging.getLogger("gwtn")
+
+
+def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> dict:
+    splits = {split: load_split(src, split) for split in ("train", "test")}
+    return write_image_shards(out, splits, source="fashion-mnist", classes=CLASSES,
+                              progress=progress)
+
+
+def ensure_shards(cfg: Config) -> None:
+    """Write the Fashion-MNIST shards from Debian's package if the config's folder has none."""
+    shards = Path(cfg.data.shards)
+    if (shards / "index.json").is_file():
+        return
+    log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
+    write_fashion_mnist(shards, None, progress=cfg.progress)
+
+
+def _cmd_shards(args: argparse.Namespace) -> None:
+    index = write_fashion_mnist(Path(args.out), Path(args.src) if args.src else None)
+    for split, info in index["splits"].items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    print(f"wrote {Path(args.out) / 'index.json'}")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    ensure_shards(cfg)
+    return cfg
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run_all
+
+    run_all(_load(args))
+
+
+def _cmd_stage(args: argparse.Namespace) -> None:
+    from .pipeline import apply_runtime
+    from .stages.finetune import finetune
+    from .stages.imitate import imitate
+    from .stages.wide import train_wide
+
+    cfg = _load(args)
+    apply_runtime(cfg)
+    run_dir = Path(cfg.run_dir)
+    (run_dir / args.command).mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / args.command / "config.yaml")
+    stage = {"wide": train_wide, "imitate": imitate, "finetune": finetune}[args.command]
+    record = stage(cfg, run_dir)
+    print(f"{args.command}: test accuracy {record['test_accuracy']:.4f} after "
+          f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
+          f"{run_dir / args.command / 'model.pt'}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare
+
+    compare(_load(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gwtn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("shards", help="write webdataset shards of a dataset")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("out", help="output folder")
+    p.add_argument("--src", help="folder of MNIST-format idx files (default: Debian's package)")
+    p.set_defaults(func=_cmd_shards)
+
+    helps = {
+        "run": ("all three stages, then the configured baselines", _cmd_run),
+        "wide": ("stage 1: train the wide twin", _cmd_stage),
+        "imitate": ("stage 2: layerwise imitation of the wide twin", _cmd_stage),
+        "finetune": ("stage 3: fine-tune the imitated thin net", _cmd_stage),
+        "compare": ("the method against baselines over several seeds", _cmd_compare),
+    }
+    for name, (text, func) in helps.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except (ConfigError, DataSourceError, StageOrderError) as exc:
+        print(f"gwtn: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

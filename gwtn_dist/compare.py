@@ -1,0 +1,73 @@
+"""``gwtn compare``: the method against its baselines over several seeds.
+
+Layout: ``run_dir/compare/seed<S>/{wide,imitate,finetune,scratch,kd,deeper}/`` (with
+``share_teacher`` one wide net in ``run_dir/compare/teacher/``), and the results in
+``run_dir/compare/compare.{md,json,png}``. Every arm is resumable like any stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .config import Config
+from .pipeline import apply_runtime, prepare_run_dir
+from .report import mean_std, read_curve, write_compare
+from .stages.arms import method_budget, train_baseline
+from .stages.finetune import finetune
+from .stages.imitate import imitate
+from .stages.wide import train_wide
+
+log = logging.getLogger("gwtn")
+
+
+def _arm_row(records: dict[int, dict], steps: int) -> dict:
+    accs = [r["test_accuracy"] for r in records.values()]
+    walls = [r["wall_s"] for r in records.values()]
+    mean, std = mean_std(accs)
+    return {"mean": mean, "std": std, "steps": steps,
+            "params": next(iter(records.values()))["params"],
+            "per_seed": {str(s): r["test_accuracy"] for s, r in records.items()},
+            "wall_s_mean": sum(walls) / len(walls)}
+
+
+def compare(cfg: Config) -> dict:
+    """Train every arm of ``cfg.compare`` for every seed; write and return the table."""
+    out_dir = prepare_run_dir(cfg, Path(cfg.run_dir) / "compare")
+    apply_runtime(cfg)
+    c = cfg.compare
+    budget = method_budget(cfg)
+    per_arm: dict[str, dict[int, dict]] = {arm: {} for arm in c.arms}
+    teachers: dict[int, dict] = {}
+    curves: dict[str, list] = {arm: [] for arm in c.arms}
+    for seed in c.seeds:
+        scfg = dataclasses.replace(cfg, seed=seed)
+        seed_dir = out_dir / f"seed{seed}"
+        log.info("compare: seed %d", seed)
+        # One teacher per seed, or one for all seeds (trained with the base seed).
+        teacher_root, tcfg = (out_dir / "shared", cfg) if c.share_teacher else (seed_dir, scfg)
+        teachers[tcfg.seed] = train_wide(tcfg, teacher_root)
+        teacher_dir = teacher_root / "wide"
+        for arm in c.arms:
+            if arm == "win":
+                imit = imitate(scfg, seed_dir, teacher_dir=teacher_dir)
+                fine = finetune(scfg, seed_dir, teacher_dir=teacher_dir)
+                per_arm[arm][seed] = {**fine, "wall_s": imit["wall_s"] + fine["wall_s"]}
+                curves[arm].append(read_curve([seed_dir / "imitate", seed_dir / "finetune"]))
+            else:
+                per_arm[arm][seed] = train_baseline(scfg, seed_dir, arm,
+                                                    teacher=teacher_dir / "model.pt")
+                curves[arm].append(read_curve([seed_dir / arm]))
+    table = {
+        "title": f"{cfg.data.dataset}: thin {cfg.model.blocks} blocks, budget {budget} steps",
+        "budget_steps": budget,
+        "seeds": c.seeds,
+        "arms": {arm: _arm_row(per_arm[arm], budget) for arm in c.arms},
+        "teacher": {**_arm_row(teachers, cfg.wide.steps), "shared": c.share_teacher},
+    }
+    header = (f"# Go Wide, Then Narrow vs baselines — {table['title']}, "
+              f"{len(c.seeds)} seed(s) {c.seeds}")
+    write_compare(out_dir, table, curves, header)
+    print((out_dir / "compare.md").read_text())
+    return table

@@ -1,0 +1,85 @@
+"""``gwtn run``: the three stages in order (plus any baselines), with a run-directory guard.
+
+A run directory holds the resolved ``config.yaml``. Starting again in a directory that already
+holds a run is an error unless ``resume=true``, and resuming with a different config is an error
+that names the keys that differ: a resumed run must be the run that was started.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import Config, ConfigError, dump_config, to_dict
+from .report import format_run_table, plot_curves, read_curve
+from .stages.arms import train_baseline
+from .stages.finetune import finetune
+from .stages.imitate import imitate
+from .stages.wide import train_wide
+
+log = logging.getLogger("gwtn")
+# Keys that may differ between a run and its resumption.
+VOLATILE = {"resume", "progress", "threads"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> Path:
+    """Create ``run_dir`` or check that resuming it is safe; writes the resolved config."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        if not cfg.resume:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass resume=true to continue it, or choose "
+                f"another run_dir"
+            )
+        old = _flatten(yaml.safe_load(saved.read_text()))
+        new = _flatten(to_dict(cfg))
+        changed = sorted(k for k in set(old) | set(new)
+                         if k not in VOLATILE and old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"resume=true but the config differs from the one {run_dir} was started with: "
+                + ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed)
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} exists and is not a gwtn run directory; choose another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, saved)
+    return run_dir
+
+
+def apply_runtime(cfg: Config) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def run_all(cfg: Config) -> dict:
+    """Wide → imitate → finetune in ``cfg.run_dir``, then the configured baselines."""
+    run_dir = prepare_run_dir(cfg, Path(cfg.run_dir))
+    apply_runtime(cfg)
+    records = {"wide": train_wide(cfg, run_dir)}
+    records["imitate"] = imitate(cfg, run_dir)
+    records["finetune"] = finetune(cfg, run_dir)
+    for arm in cfg.baselines:
+        records[arm] = train_baseline(cfg, run_dir, arm, teacher=run_dir / "wide" / "model.pt")
+    table = format_run_table(records)
+    (run_dir / "results.md").write_text(table + "\n")
+    if cfg.eval_every:
+        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"])]}
+        curves.update({arm: [read_curve([run_dir / arm])] for arm in cfg.baselines})
+        plot_curves(run_dir / "curves.png", curves,
+                    {"title": f"thin {cfg.model.blocks}: test accuracy vs thin-net steps"})
+    print(table)
+    return records

@@ -1,0 +1,106 @@
+"""Tables and plots of what a run or a comparison produced."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+ARM_LABELS = {
+    "win": "thin, Go Wide Then Narrow",
+    "scratch": "thin from scratch",
+    "kd": "thin, logit KD only",
+    "deeper": "deeper thin from scratch",
+    "wide": "wide twin (teacher)",
+}
+
+
+def format_run_table(records: dict) -> str:
+    """A markdown table of one run: the teacher, the method's nets, and any baselines."""
+    rows = [("wide twin (teacher)", records["wide"], records["wide"]["steps"])]
+    imit = records["imitate"]
+    rows.append(("thin after imitation", imit, imit["steps"]))
+    rows.append(("thin, Go Wide Then Narrow", records["finetune"],
+                 imit["steps"] + records["finetune"]["steps"]))
+    for arm, rec in records.items():
+        if arm not in ("wide", "imitate", "finetune"):
+            rows.append((ARM_LABELS.get(arm, arm), rec, rec["steps"]))
+    lines = ["| net | params | steps | test accuracy | wall s |", "|---|---:|---:|---:|---:|"]
+    for label, rec, steps in rows:
+        lines.append(f"| {label} | {rec['params']:,} | {steps} | {rec['test_accuracy']:.4f} "
+                     f"| {rec['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def read_curve(stage_dirs: list[Path]) -> list[tuple[int, float]]:
+    """(thin-net step, test accuracy) points logged by the stages in ``stage_dirs``, in order."""
+    points = []
+    for stage_dir in stage_dirs:
+        path = stage_dir / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "test_accuracy" in rec:
+                points.append((rec["global_step"], rec["test_accuracy"]))
+    return points
+
+
+def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[int, float]]]],
+                  header: str) -> None:
+    """Write compare.json, compare.md and compare.png into ``out_dir``."""
+    (out_dir / "compare.json").write_text(json.dumps(table, indent=2))
+    lines = [
+        header,
+        "",
+        "| arm | params | thin-net steps | test accuracy (mean ± std) | seeds | wall s / seed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm, row in table["arms"].items():
+        lines.append(
+            f"| {ARM_LABELS.get(arm, arm)} | {row['params']:,} | {row['steps']} | "
+            f"{row['mean']:.4f} ± {row['std']:.4f} | {len(row['per_seed'])} | "
+            f"{row['wall_s_mean']:.0f} |"
+        )
+    t = table.get("teacher")
+    if t:
+        teacher = (f"Wide teacher (cost not counted in the thin-net budget): "
+                   f"{t['params']:,} params, {t['steps']} steps, test accuracy "
+                   f"{t['mean']:.4f} ± {t['std']:.4f}, {t['wall_s_mean']:.0f} s per teacher.")
+        lines += ["", teacher]
+    (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
+    plot_curves(out_dir / "compare.png", curves, table)
+
+
+def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
+                table: dict) -> None:
+    """Test accuracy against thin-net steps, one line per arm (mean over seeds, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, per_seed in curves.items():
+        per_seed = [c for c in per_seed if c]
+        if not per_seed:
+            continue
+        steps = sorted({s for c in per_seed for s, _ in c})
+        by_step = [[acc for c in per_seed for s2, acc in c if s2 == s] for s in steps]
+        mean = [statistics.fmean(v) for v in by_step]
+        ax.plot(steps, mean, marker=".", label=ARM_LABELS.get(arm, arm))
+        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
+    ax.set_xlabel("thin-net training steps")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(table.get("title", "accuracy vs thin-net steps"))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""The baselines, trained by the same code as the method and at its thin-net step budget.
+
+scratch: the thin net from a fresh init with labels. kd: the thin net from a fresh init with
+logit distillation from the wide net. deeper: a deeper thin net from scratch. All three use the
+from-scratch recipe (``wide.optim``), so only the method differs between arms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .finetune import train_thin
+
+BASELINES = ("scratch", "kd", "deeper")
+
+
+def method_budget(cfg: Config) -> int:
+    """Thin-net steps the method spends: every imitation phase plus fine-tuning."""
+    from ..models.family import build_thin
+    from ..models.resnet import imitation_points
+
+    points = imitation_points(build_thin(cfg.model), cfg.model.imitation_points)
+    f = cfg.finetune
+    return len(points) * cfg.imitate.steps_per_point + f.kd_steps + f.label_steps
+
+
+def train_baseline(cfg: Config, run_dir: Path, arm: str, teacher: Path | None) -> dict:
+    """Train baseline ``arm`` into ``run_dir/<arm>`` for the method's thin-net budget."""
+    budget = method_budget(cfg)
+    if arm == "scratch":
+        return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
+                          label_steps=budget, optim=cfg.wide.optim)
+    if arm == "kd":
+        if teacher is None:
+            raise ValueError("the kd baseline needs a trained wide net")
+        return train_thin(cfg, run_dir, arm, init=None, teacher=teacher, kd_steps=budget,
+                          label_steps=0, optim=cfg.wide.optim)
+    if arm == "deeper":
+        return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
+                          label_steps=budget, optim=cfg.wide.optim,
+                          blocks=cfg.compare.deeper_blocks,
+                          extra={"blocks": cfg.compare.deeper_blocks})
+    raise ValueError(f"unknown baseline {arm!r}; choose from {', '.join(BASELINES)}")

@@ -1,0 +1,104 @@
+"""Stage 3 (and the baselines): train a thin net with logit distillation and/or labels.
+
+``train_thin`` is shared by the fine-tune stage (starting from the imitated net) and by the
+baseline arms of ``gwtn compare`` (starting from scratch, possibly deeper), so every arm is
+trained by the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint
+from ..config import Config, OptimConfig
+from ..models.family import build_thin, build_wide, resnet_shape
+from .common import (
+    finish_stage,
+    loop_context,
+    place,
+    read_stage,
+    require_stage,
+    seed_everything,
+    stage_done,
+)
+from .loop import Phase, run_phases
+from .losses import accuracy, distillation_loss
+
+STAGE = "finetune"
+
+
+def load_teacher(cfg: Config, path: Path, device: torch.device) -> torch.nn.Module:
+    """The trained wide net, frozen: eval mode (BN uses its running statistics), no grads."""
+    wide = build_wide(cfg.model)
+    checkpoint.load_weights(wide, path)
+    place(wide, cfg, device).eval()
+    for p in wide.parameters():
+        p.requires_grad_(False)
+    return wide
+
+
+def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
+               teacher: Path | None, kd_steps: int, label_steps: int, optim: OptimConfig,
+               blocks: list[int] | None = None, step_offset: int = 0,
+               extra: dict | None = None) -> dict:
+    """Train a thin net into ``run_dir/<stage>``: ``kd_steps`` of distillation, then labels.
+
+    init: weights to start from (None: a fresh net seeded by cfg.seed). blocks: depth of the
+    thin net (None: cfg.model.blocks). step_offset: thin-net steps already spent on this net
+    (the imitation steps), for the accuracy-vs-steps curves.
+    """
+    stage_dir = run_dir / stage
+    if stage_done(stage_dir):
+        return read_stage(stage_dir)
+    seed_everything(cfg.seed + 2)
+    ctx = loop_context(cfg, stage_dir, {}, stream_tag=3, step_offset=step_offset)
+    thin = build_thin(cfg.model, blocks=blocks)
+    if init is not None:
+        checkpoint.load_weights(thin, init)
+    place(thin, cfg, ctx.device)
+    ctx.modules = {"thin": thin}
+    wide = load_teacher(cfg, teacher, ctx.device) if kd_steps else None
+    d = cfg.finetune.distill
+
+    def kd_loss(x, y):
+        logits = thin(x)
+        with torch.no_grad():
+            target = wide(x)
+        loss = distillation_loss(logits, target, y, d.alpha, d.temperature)
+        return loss, {"train_accuracy": accuracy(logits, y)}
+
+    def label_loss(x, y):
+        logits = thin(x)
+        return F.cross_entropy(logits, y), {"train_accuracy": accuracy(logits, y)}
+
+    def groups():
+        return [{"params": list(thin.parameters())}]
+
+    phases = []
+    if kd_steps:
+        phases.append(Phase(f"{stage}/distill", kd_steps, optim, groups, kd_loss,
+                            setup=thin.train, eval_model=thin))
+    if label_steps:
+        phases.append(Phase(f"{stage}/labels", label_steps, optim, groups, label_loss,
+                            setup=thin.train, eval_model=thin))
+    results = run_phases(ctx, phases)
+    meta = {"stage": stage, "shape": resnet_shape(cfg.model, wide=False, blocks=blocks).__dict__}
+    return finish_stage(cfg, run_dir, stage, thin, results, meta, extra)
+
+
+def finetune(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
+    """Stage 3: fine-tune the imitated thin net (optionally distilling from the wide net first).
+
+    teacher_dir: the finished wide stage (default ``run_dir/wide``), used when kd_steps > 0.
+    """
+    init = require_stage(run_dir / "imitate", "imitate")
+    teacher = None
+    if cfg.finetune.kd_steps:
+        teacher = require_stage(teacher_dir or run_dir / "wide", "wide")
+    f = cfg.finetune
+    imitate_steps = read_stage(run_dir / "imitate")["steps"]
+    return train_thin(cfg, run_dir, STAGE, init=init, teacher=teacher, kd_steps=f.kd_steps,
+                      label_steps=f.label_steps, optim=f.optim, step_offset=imitate_steps)

@@ -1,0 +1,37 @@
+"""Stage 1: train the wide twin with the ordinary task loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from ..config import Config
+from ..models.family import build_wide, resnet_shape
+from .common import finish_stage, loop_context, place, read_stage, seed_everything, stage_done
+from .loop import Phase, run_phases
+from .losses import accuracy
+
+STAGE = "wide"
+
+
+def train_wide(cfg: Config, run_dir: Path) -> dict:
+    """Train the wide net into ``run_dir/wide``; returns the stage record (skips a DONE stage)."""
+    stage_dir = run_dir / STAGE
+    if stage_done(stage_dir):
+        return read_stage(stage_dir)
+    seed_everything(cfg.seed)
+    ctx = loop_context(cfg, stage_dir, {}, stream_tag=1)
+    wide = place(build_wide(cfg.model), cfg, ctx.device)
+    ctx.modules = {"wide": wide}
+
+    def loss(x, y):
+        logits = wide(x)
+        return F.cross_entropy(logits, y), {"train_accuracy": accuracy(logits, y)}
+
+    phase = Phase(STAGE, cfg.wide.steps, cfg.wide.optim,
+                  groups=lambda: [{"params": list(wide.parameters())}],
+                  loss=loss, setup=wide.train, eval_model=wide)
+    results = run_phases(ctx, [phase])
+    meta = {"stage": STAGE, "shape": resnet_shape(cfg.model, wide=True).__dict__}
+    return finish_stage(cfg, run_dir, STAGE, wide, results, meta)

@@ -1,0 +1,115 @@
+"""Data path: idx files → webdataset shards → deterministic, resumable batches."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from gwtn_dist.data.fashion_mnist import DataSourceError, load_split, read_idx
+from gwtn_dist.data.shards import TrainStream, augment, eval_batches, read_index, shard_urls
+
+
+def test_index_counts_match_the_source(shard_dir, idx_dir):
+    index = json.loads((shard_dir / "index.json").read_text())
+    images, _ = load_split(idx_dir, "train")
+    assert index["splits"]["train"]["samples"] == len(images) == 1200
+    assert index["splits"]["test"]["samples"] == 300
+    assert index["splits"]["train"]["skipped"] == 0
+    assert sum(index["splits"]["train"]["shard_samples"]) == 1200
+    assert all((shard_dir / name).is_file() for name in index["splits"]["train"]["shards"])
+
+
+def test_eval_visits_every_test_sample_once_in_order(shard_dir, idx_dir):
+    images, labels = load_split(idx_dir, "test")
+    seen_x, seen_y = zip(*eval_batches(shard_dir, batch_size=64))
+    x, y = torch.cat(seen_x), torch.cat(seen_y)
+    assert x.shape == (300, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0], torch.from_numpy(images.copy()))
+    assert torch.equal(y, torch.from_numpy(labels.copy()).long())
+    limited = torch.cat([b[1] for b in eval_batches(shard_dir, batch_size=64, limit=100)])
+    assert torch.equal(limited, y[:100])
+
+
+def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
+    a = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
+    b = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
+    c = TrainStream(shard_dir, batch_size=100, seed=4, shuffle_buffer=500)
+    first = [next(a) for _ in range(12)]  # exactly one epoch of 1200
+    assert a.position == {"epoch": 0, "batch": 12}
+    labels = torch.cat([y for _, y in first])
+    assert len(labels) == 1200
+    # Every training image once per epoch: compare sorted pixel sums with the source.
+    sums = torch.cat([x.flatten(1).sum(1) for x, _ in first]).sort().values
+    all_x = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train")])
+    assert torch.equal(sums, all_x.flatten(1).sum(1).sort().values)
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, (next(b) for _ in range(12))))
+    assert not torch.equal(first[0][0], next(c)[0])
+    next_epoch = next(a)
+    assert a.position == {"epoch": 1, "batch": 1}
+    assert not torch.equal(next_epoch[0], first[0][0])  # a new order every epoch
+
+
+def test_seek_resumes_the_exact_batch(shard_dir):
+    a = TrainStream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
+    for _ in range(23):  # crosses an epoch boundary (18 batches per epoch)
+        next(a)
+    pos = a.position
+    expected = next(a)
+    b = TrainStream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
+    b.seek(pos)
+    got = next(b)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_train_samples_limit_uses_only_the_first_samples(shard_dir):
+    s = TrainStream(shard_dir, batch_size=50, seed=0, shuffle_buffer=100, limit=200)
+    batches = [next(s) for _ in range(4)]
+    assert s.position == {"epoch": 0, "batch": 4}
+    first = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train", limit=200)])
+    got = torch.cat([x for x, _ in batches])
+    assert torch.equal(got.flatten(1).sum(1).sort().values, first.flatten(1).sum(1).sort().values)
+
+
+def test_augment_is_a_function_of_the_generator():
+    x = torch.randint(0, 255, (8, 1, 28, 28), dtype=torch.uint8)
+    a = augment(x, torch.Generator().manual_seed(1), padding=2, hflip=True)
+    b = augment(x, torch.Generator().manual_seed(1), padding=2, hflip=True)
+    c = augment(x, torch.Generator().manual_seed(2), padding=2, hflip=True)
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(augment(x, torch.Generator(), padding=0, hflip=False), x)
+
+
+def test_crop_shifts_content_within_the_padding():
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    x[0, 0, 10, 10] = 255
+    for seed in range(10):
+        out = augment(x, torch.Generator().manual_seed(seed), padding=2, hflip=False)
+        (r, c) = (out[0, 0] == 255).nonzero()[0].tolist()
+        assert abs(r - 10) <= 2 and abs(c - 10) <= 2
+
+
+def test_missing_data_names_the_package(tmp_path):
+    with pytest.raises(DataSourceError, match="dataset-fashion-mnist"):
+        load_split(tmp_path, "train")
+    with pytest.raises(DataSourceError, match="gwtn shards fashion-mnist"):
+        read_index(tmp_path)
+
+
+def test_corrupt_idx_is_a_clear_error(tmp_path):
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"\x00" * 10)
+    with pytest.raises(DataSourceError, match="header says"):
+        read_idx(bad)
+
+
+def test_missing_shard_file_is_reported(shard_dir, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "index.json").write_text((shard_dir / "index.json").read_text())
+    with pytest.raises(DataSourceError, match="missing"):
+        shard_urls(copy, "train")

@@ -1,0 +1,190 @@
+"""The three stages end to end: outputs, baselines, exact resume after a kill, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gwtn_dist.cli import main
+from tests.conftest import REPO
+
+# A run that takes seconds on the fixture data: 3 stages of 1 block, a handful of steps each.
+FAST = [
+    "progress=false", "threads=2", "eval_every=10", "eval_samples=100",
+    "model.blocks=[1,1,1]", "model.inner_widths=[4,4,8]", "model.stem_width=8",
+    "data.batch_size=32", "data.shuffle_buffer=200", "wide.steps=30",
+    "imitate.steps_per_point=8", "finetune.kd_steps=6", "finetune.label_steps=16",
+    "checkpoint.every=5",
+]
+
+
+def gwtn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would (``python -m gwtn_dist``)."""
+    proc = subprocess.run([sys.executable, "-m", "gwtn_dist", *args], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gwtn {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def fast_args(run_dir: Path, shard_dir: Path, *extra: str) -> list[str]:
+    return [str(REPO / "configs/tiny_cpu.yaml"), f"run_dir={run_dir}",
+            f"data.shards={shard_dir}", "data.train_samples=0", *FAST, *extra]
+
+
+def test_run_writes_every_stage_and_the_baseline(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    assert main(["-q", "run", *fast_args(run_dir, shard_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["stages"]) == {"wide", "imitate", "finetune", "scratch"}
+    for stage, rec in summary["stages"].items():
+        assert (run_dir / stage / "DONE").is_file()
+        assert (run_dir / stage / "model.pt").is_file()
+        assert rec["steps"] > 0 and rec["wall_s"] > 0 and rec["final_loss"] > 0
+        assert 0.0 <= rec["test_accuracy"] <= 1.0 and rec["test_samples"] == 300
+        lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == rec["steps"]
+    s = summary["stages"]
+    assert s["imitate"]["steps"] == 3 * 8 and s["finetune"]["steps"] == 22
+    assert s["scratch"]["steps"] == 3 * 8 + 22  # the same thin-net budget as the method
+    assert s["imitate"]["points"] == ["layer1", "layer2", "layer3"]
+    # Chance is 0.1: the wide net and the method's thin net learn the fixture.
+    assert s["wide"]["test_accuracy"] > 0.25
+    assert s["finetune"]["test_accuracy"] > 0.2
+    assert (run_dir / "config.yaml").is_file()
+    # The checkpoint of a finished stage points past its last phase.
+    ckpt = torch.load(run_dir / "finetune" / "checkpoint.pt", weights_only=False)
+    assert ckpt["phase_index"] == 2 and ckpt["step"] == 0
+
+
+def test_imitation_lowers_the_imitation_loss(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    assert main(["-q", "run", *fast_args(run_dir, shard_dir, "imitate.steps_per_point=25",
+                                         "baselines=[]")]) == 0
+    recs = [json.loads(line) for line in (run_dir / "imitate" / "metrics.jsonl").open()]
+    for point in ("layer1", "layer2", "layer3"):
+        losses = [r["loss"] for r in recs if r["point"] == point]
+        assert sum(losses[-5:]) < sum(losses[:5]), point
+
+
+def test_boundary_widening_runs_and_merges_back_to_the_thin_shape(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    assert main(["-q", "run", *fast_args(run_dir, shard_dir, "model.widen.boundary_mult=2",
+                                         "imitate.target_norm=layernorm", "baselines=[]")]) == 0
+    from gwtn_dist.config import load_config
+    from gwtn_dist.models.family import build_thin
+
+    thin = build_thin(load_config(run_dir / "config.yaml").model)
+    blob = torch.load(run_dir / "imitate" / "model.pt", weights_only=False)
+    assert {k: v.shape for k, v in blob["state_dict"].items()} == \
+        {k: v.shape for k, v in thin.state_dict().items()}
+    assert json.loads((run_dir / "imitate" / "stage.json").read_text())["bridges"] is True
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
+    # Uninterrupted reference run.
+    ref = tmp_path / "ref"
+    gwtn("run", *fast_args(ref, shard_dir, "baselines=[]"))
+    # Same run, killed with SIGKILL once imitation has written a mid-phase checkpoint.
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gwtn_dist", "run",
+                             *fast_args(run_dir, shard_dir, "baselines=[]")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "imitate" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "finetune" / "DONE").exists(), "the run finished before the kill"
+    again = gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]"), check=False)
+    assert again.returncode == 2 and "resume=true" in again.stderr
+    gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]", "resume=true"))
+    for stage in ("wide", "imitate", "finetune"):
+        a, b = _weights(ref / stage / "model.pt"), _weights(run_dir / stage / "model.pt")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
+    lines = (run_dir / "imitate" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 24  # no step logged twice
+
+
+def test_resume_with_a_changed_config_names_the_keys(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    assert main(["-q", "wide", *fast_args(run_dir, shard_dir)]) == 0
+    (run_dir / "config.yaml").write_text((run_dir / "wide" / "config.yaml").read_text())
+    proc = gwtn("run", *fast_args(run_dir, shard_dir, "resume=true", "wide.steps=31"),
+                check=False)
+    assert proc.returncode == 2
+    assert "wide.steps (30 → 31)" in proc.stderr
+
+
+def test_stage_commands_hand_off_by_path_and_check_order(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    proc = gwtn("imitate", *fast_args(run_dir, shard_dir), check=False)
+    assert proc.returncode == 2 and "run `gwtn wide` first" in proc.stderr
+    for stage in ("wide", "imitate", "finetune"):
+        out = gwtn(stage, *fast_args(run_dir, shard_dir)).stdout
+        assert f"{stage}: test accuracy" in out
+        assert (run_dir / stage / "DONE").is_file()
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, shard_dir):
+    proc = gwtn("run", *fast_args(tmp_path / "r", shard_dir, "imitate.nope=1"), check=False)
+    assert proc.returncode == 2
+    assert "unknown key imitate.nope" in proc.stderr and "Traceback" not in proc.stderr
+    proc = gwtn("shards", "fashion-mnist", str(tmp_path / "s"), "--src", str(tmp_path / "none"),
+                check=False)
+    assert proc.returncode == 2 and "dataset-fashion-mnist" in proc.stderr
+
+
+def test_shards_command_writes_the_index(tmp_path, idx_dir):
+    out = tmp_path / "shards"
+    proc = gwtn("shards", "fashion-mnist", str(out), "--src", str(idx_dir))
+    assert "train: 1200 samples" in proc.stdout
+    index = json.loads((out / "index.json").read_text())
+    assert index["splits"]["test"]["samples"] == 300
+
+
+def test_compare_writes_table_json_and_plot(tmp_path, shard_dir):
+    run_dir = tmp_path / "cmp"
+    assert main(["-q", "compare", *fast_args(run_dir, shard_dir, "compare.seeds=[0,1]",
+                                             "compare.deeper_blocks=[2,2,2]",
+                                             "compare.share_teacher=true")]) == 0
+    out = run_dir / "compare"
+    table = json.loads((out / "compare.json").read_text())
+    assert list(table["arms"]) == ["scratch", "kd", "win", "deeper"]
+    for row in table["arms"].values():
+        assert set(row["per_seed"]) == {"0", "1"}
+        assert row["steps"] == table["budget_steps"] == 3 * 8 + 22
+    md = (out / "compare.md").read_text()
+    assert "thin, Go Wide Then Narrow" in md and "deeper thin from scratch" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One shared teacher, not one per seed.
+    assert (out / "shared" / "wide" / "DONE").is_file()
+    assert not (out / "seed1" / "wide").exists()
+
+
+@pytest.mark.slow_data
+def test_tiny_cpu_config_on_real_fashion_mnist(tmp_path, real_shard_dir):
+    run_dir = tmp_path / "tiny"
+    gwtn("run", str(REPO / "configs/tiny_cpu.yaml"), f"run_dir={run_dir}",
+         f"data.shards={real_shard_dir}", "progress=false")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["stages"]) == {"wide", "imitate", "finetune", "scratch"}
+    # Real learning on real data: far above the 10% of chance after a few dozen steps.
+    assert summary["stages"]["wide"]["test_accuracy"] > 0.4
+    assert summary["stages"]["finetune"]["test_accuracy"] > 0.3
+    assert summary["stages"]["finetune"]["test_samples"] == 10_000
