@@ -212,6 +212,7 @@ class Config:
 
 
 ARMS = ("scratch", "kd", "win", "deeper")
+BASELINES = tuple(arm for arm in ARMS if arm != "win")
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,8 +421,10 @@ def validate(cfg: Config) -> None:
             f"got {c.deeper_blocks}"
         )
     for arm in cfg.baselines:
-        if arm not in ("scratch", "kd", "deeper"):
-            raise ConfigError(f"baselines: {arm!r} is not a baseline; choose from scratch, kd, deeper")
+        if arm not in BASELINES:
+            raise ConfigError(
+                f"baselines: {arm!r} is not a baseline; choose from {', '.join(BASELINES)}"
+            )
     _positive("eval_samples", cfg.eval_samples, allow_zero=True)
     _positive("checkpoint.every", cfg.checkpoint.every)
     _positive("eval_every", cfg.eval_every, allow_zero=True)

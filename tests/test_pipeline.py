@@ -21,7 +21,7 @@ FAST = [
     "progress=false", "threads=2", "eval_every=10", "eval_samples=100",
     "model.blocks=[1,1,1]", "model.inner_widths=[4,4,8]", "model.stem_width=8",
     "data.batch_size=32", "data.shuffle_buffer=200", "wide.steps=30",
-    "imitate.steps_per_point=8", "finetune.kd_steps=6", "finetune.label_steps=16",
+    "imitate.steps_per_point=12", "finetune.kd_steps=6", "finetune.label_steps=16",
     "checkpoint.every=5",
 ]
 
@@ -53,26 +53,21 @@ def test_run_writes_every_stage_and_the_baseline(tmp_path, shard_dir):
         lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == rec["steps"]
     s = summary["stages"]
-    assert s["imitate"]["steps"] == 3 * 8 and s["finetune"]["steps"] == 22
-    assert s["scratch"]["steps"] == 3 * 8 + 22  # the same thin-net budget as the method
+    assert s["imitate"]["steps"] == 3 * 12 and s["finetune"]["steps"] == 22
+    assert s["scratch"]["steps"] == 3 * 12 + 22  # the same thin-net budget as the method
     assert s["imitate"]["points"] == ["layer1", "layer2", "layer3"]
     # Chance is 0.1: the wide net and the method's thin net learn the fixture.
     assert s["wide"]["test_accuracy"] > 0.25
     assert s["finetune"]["test_accuracy"] > 0.2
     assert (run_dir / "config.yaml").is_file()
-    # The checkpoint of a finished stage points past its last phase.
-    ckpt = torch.load(run_dir / "finetune" / "checkpoint.pt", weights_only=False)
-    assert ckpt["phase_index"] == 2 and ckpt["step"] == 0
-
-
-def test_imitation_lowers_the_imitation_loss(tmp_path, shard_dir):
-    run_dir = tmp_path / "run"
-    assert main(["-q", "run", *fast_args(run_dir, shard_dir, "imitate.steps_per_point=25",
-                                         "baselines=[]")]) == 0
+    # Each imitation phase lowers its own loss (the MSE to the wide net at that point).
     recs = [json.loads(line) for line in (run_dir / "imitate" / "metrics.jsonl").open()]
     for point in ("layer1", "layer2", "layer3"):
         losses = [r["loss"] for r in recs if r["point"] == point]
-        assert sum(losses[-5:]) < sum(losses[:5]), point
+        assert sum(losses[-4:]) < sum(losses[:4]), point
+    # The checkpoint of a finished stage points past its last phase.
+    ckpt = torch.load(run_dir / "finetune" / "checkpoint.pt", weights_only=False)
+    assert ckpt["phase_index"] == 2 and ckpt["step"] == 0
 
 
 def test_boundary_widening_runs_and_merges_back_to_the_thin_shape(tmp_path, shard_dir):
@@ -118,7 +113,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
         for k in a:
             assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
     lines = (run_dir / "imitate" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 24  # no step logged twice
+    assert len(lines) == 36  # no step logged twice
 
 
 def test_resume_with_a_changed_config_names_the_keys(tmp_path, shard_dir):
@@ -168,7 +163,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, shard_dir):
     assert list(table["arms"]) == ["scratch", "kd", "win", "deeper"]
     for row in table["arms"].values():
         assert set(row["per_seed"]) == {"0", "1"}
-        assert row["steps"] == table["budget_steps"] == 3 * 8 + 22
+        assert row["steps"] == table["budget_steps"] == 3 * 12 + 22
     md = (out / "compare.md").read_text()
     assert "thin, Go Wide Then Narrow" in md and "deeper thin from scratch" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..config import ModelConfig
 from .resnet import ResNet, ResNetShape
 
@@ -36,7 +34,3 @@ def build_wide(cfg: ModelConfig) -> ResNet:
 def needs_bridges(cfg: ModelConfig) -> bool:
     """Linear pairs are needed only where thin and wide boundary widths differ."""
     return cfg.widen.boundary_mult != 1
-
-
-def with_blocks(cfg: ModelConfig, blocks: list[int]) -> ModelConfig:
-    return dataclasses.replace(cfg, blocks=list(blocks))

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config
+from ..config import BASELINES, Config
+from ..models.family import build_thin
+from ..models.resnet import imitation_points
 from .finetune import train_thin
-
-BASELINES = ("scratch", "kd", "deeper")
 
 
 def method_budget(cfg: Config) -> int:
     """Thin-net steps the method spends: every imitation phase plus fine-tuning."""
-    from ..models.family import build_thin
-    from ..models.resnet import imitation_points
-
     points = imitation_points(build_thin(cfg.model), cfg.model.imitation_points)
     f = cfg.finetune
     return len(points) * cfg.imitate.steps_per_point + f.kd_steps + f.label_steps
