@@ -80,6 +80,7 @@ def run_all(cfg: Config) -> dict:
         curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"])]}
         curves.update({arm: [read_curve([run_dir / arm])] for arm in cfg.baselines})
         plot_curves(run_dir / "curves.png", curves,
-                    {"title": f"thin {cfg.model.blocks}: test accuracy vs thin-net steps"})
+                    {"title": f"thin {cfg.model.blocks}: test accuracy vs thin-net steps"},
+                    teacher_accuracy=records["wide"]["test_accuracy"])
     print(table)
     return records

@@ -39,9 +39,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def read_curve(stage_dirs: list[Path]) -> list[tuple[int, float]]:
-    """(thin-net step, test accuracy) points logged by the stages in ``stage_dirs``, in order."""
+    """(thin-net step, test accuracy) points logged by the stages in ``stage_dirs``, in order.
+
+    An imitation stage logs no accuracy per step; its finished net's score is its one point.
+    """
     points = []
     for stage_dir in stage_dirs:
+        if stage_dir.name == "imitate" and (stage_dir / "stage.json").is_file():
+            rec = json.loads((stage_dir / "stage.json").read_text())
+            points.append((rec["steps"], rec["test_accuracy"]))
+            continue
         path = stage_dir / "metrics.jsonl"
         if not path.is_file():
             continue
@@ -75,12 +82,16 @@ def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[
                    f"{t['mean']:.4f} ± {t['std']:.4f}, {t['wall_s_mean']:.0f} s per teacher.")
         lines += ["", teacher]
     (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
-    plot_curves(out_dir / "compare.png", curves, table)
+    plot_curves(out_dir / "compare.png", curves, table,
+                teacher_accuracy=t["mean"] if t else None)
 
 
 def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
-                table: dict) -> None:
-    """Test accuracy against thin-net steps, one line per arm (mean over seeds, band = min..max)."""
+                table: dict, teacher_accuracy: float | None = None) -> None:
+    """Test accuracy against thin-net steps, one line per arm (mean over seeds, band = min..max).
+
+    The wide teacher's final accuracy, if given, is a dashed line for reference.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +107,9 @@ def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
         mean = [statistics.fmean(v) for v in by_step]
         ax.plot(steps, mean, marker=".", label=ARM_LABELS.get(arm, arm))
         ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
+    if teacher_accuracy is not None:
+        ax.axhline(teacher_accuracy, color="grey", linestyle="--", linewidth=1,
+                   label=f"wide twin (teacher), {teacher_accuracy:.3f}")
     ax.set_xlabel("thin-net training steps")
     ax.set_ylabel("test accuracy")
     ax.set_title(table.get("title", "accuracy vs thin-net steps"))

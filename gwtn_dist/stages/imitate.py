@@ -9,6 +9,7 @@ pairs are merged, so the thin net leaves this stage with exactly its original sh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -118,24 +119,39 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
             h = run_prefix(thin, x, end, bridges, bridged)  # (B, c_thin, H, W)
             if ic.target_norm == "layernorm":
                 lifted = pair.lifted(h) if pair is not None else h
-                value = mse(channel_layernorm(lifted), channel_layernorm(target))
+                target = channel_layernorm(target)
+                value = mse(channel_layernorm(lifted), target)
             else:
                 value = mse(h, target, weight=pair.lift if pair is not None else None)
-            return value, {"point": points[k]}
+            # Relative error: the MSE over the variance of the target (0 = exact imitation,
+            # 1 = no better than predicting the target's mean), comparable across points.
+            rel = value.detach() / target.var().clamp_min(1e-12)
+            return value, {"point": points[k], "rel_error": rel.item()}
 
         return Phase(f"{STAGE}/{points[k]}", ic.steps_per_point, ic.optim, groups, loss,
                      setup=setup)
 
     results = run_phases(ctx, [make_phase(k) for k in range(len(points))])
+    rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
     head = init_head(cfg, thin, wide, bridges, points[-1])
     if bridges is not None:
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
     meta = {"stage": STAGE, "shape": resnet_shape(cfg.model, wide=False).__dict__}
-    extra = {"points": points, "head": head, "bridges": bridges is not None,
+    extra = {"points": points, "relative_error": rel_errors, "head": head,
+             "bridges": bridges is not None,
              "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
                           "steps_per_point": ic.steps_per_point,
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head}}
     return finish_stage(cfg, run_dir, STAGE, thin, results, meta, extra)
+
+
+def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float]:
+    """Mean relative imitation error over the last ``last`` steps of each point's phase."""
+    by_point: dict[str, list[float]] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        by_point.setdefault(rec["point"], []).append(rec["rel_error"])
+    return {p: round(sum(v[-last:]) / len(v[-last:]), 4) for p, v in by_point.items()}
 
 
 @torch.no_grad()
