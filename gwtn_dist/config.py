@@ -152,7 +152,7 @@ class FinetuneStageConfig:
     kd_steps: int = 0
     label_steps: int = 1000
     distill: DistillConfig = field(default_factory=DistillConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.02))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +22,14 @@ print("ok")
 
 
 def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    # Build from a copy of the sources so the build leaves nothing in the checkout.
+    src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("gwtn_dist", "kernels"):
+        shutil.copytree(REPO / folder, src / folder, ignore=skip)
+    shutil.copy(REPO / "setup.py", src / "setup.py")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(REPO)],
+                    "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("gwtn_dist-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",

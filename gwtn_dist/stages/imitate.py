@@ -10,6 +10,7 @@ pairs are merged, so the thin net leaves this stage with exactly its original sh
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from .finetune import load_teacher
 from .loop import Phase, run_phases
 
 STAGE = "imitate"
+log = logging.getLogger("gwtn")
 
 
 def run_prefix(model: ResNet, x: torch.Tensor, last: int, bridges: Bridges | None = None,
@@ -58,6 +60,30 @@ def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
+def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | None,
+                 lower_lr_mult: float) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters phase ``k`` trains at full lr, and those it trains at ``lower_lr_mult``.
+
+    Full lr: the blocks after point k−1 up to point k, the lift P_k that this point's comparison
+    uses, and Q_{k−1}, which feeds those blocks. Lower lr (none if the multiplier is 0): every
+    block before them and the pairs already passed. Blocks above point k are never trained here.
+    """
+    blocks = [module for _, module in thin.blocks()]
+    ends = [point_block_index(thin, p) for p in points]
+    start = ends[k - 1] + 1 if k else 0
+    current, lower = _params(blocks[start : ends[k] + 1]), []
+    if lower_lr_mult > 0:
+        lower = _params(blocks[:start])
+    if bridges is not None:
+        current.append(bridges.pair(points[k]).lift)
+        if k:
+            current.append(bridges.pair(points[k - 1]).back)
+        if lower_lr_mult > 0:
+            lower += [bridges.pair(points[j]).lift for j in range(k)]
+            lower += [bridges.pair(points[j]).back for j in range(k - 1)]
+    return current, lower
+
+
 def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
     """Run stage 2 into ``run_dir/imitate``; needs the wide stage (default ``run_dir/wide``)."""
     stage_dir = run_dir / STAGE
@@ -78,8 +104,8 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     blocks = [module for _, module in thin.blocks()]
 
     def make_phase(k: int) -> Phase:
-        end, start = ends[k], (ends[k - 1] + 1 if k else 0)
-        current_blocks, lower_blocks = blocks[start : end + 1], blocks[:start]
+        end = ends[k]
+        lower_blocks = blocks[: ends[k - 1] + 1 if k else 0]
         pair = bridges.pair(points[k]) if bridges is not None else None
         bridged = {ends[j]: points[j] for j in range(k)}
 
@@ -88,28 +114,15 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
             thin.requires_grad_(False)
             if bridges is not None:
                 bridges.requires_grad_(False)
-            current, lower = groups_params()
+            current, lower = phase_params(thin, points, k, bridges, ic.lower_lr_mult)
             for p in current + lower:
                 p.requires_grad_(True)
             if ic.lower_lr_mult == 0:  # truly frozen: BN statistics of lower blocks stay put too
                 for m in lower_blocks:
                     m.eval()
 
-        def groups_params() -> tuple[list, list]:
-            current, lower = _params(current_blocks), []
-            if ic.lower_lr_mult > 0:
-                lower = _params(lower_blocks)
-            if bridges is not None:
-                current.append(pair.lift)  # P_k: used for this point's comparison
-                if k:
-                    current.append(bridges.pair(points[k - 1]).back)  # Q_{k-1}: feeds block k
-                if ic.lower_lr_mult > 0:
-                    lower += [bridges.pair(points[j]).lift for j in range(k)]
-                    lower += [bridges.pair(points[j]).back for j in range(k - 1)]
-            return current, lower
-
         def groups() -> list[dict]:
-            current, lower = groups_params()
+            current, lower = phase_params(thin, points, k, bridges, ic.lower_lr_mult)
             return [{"params": current, "lr_mult": 1.0},
                     {"params": lower, "lr_mult": ic.lower_lr_mult}]
 
@@ -133,6 +146,8 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
 
     results = run_phases(ctx, [make_phase(k) for k in range(len(points))])
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
+    log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
+             ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items()))
     head = init_head(cfg, thin, wide, bridges, points[-1])
     if bridges is not None:
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +86,6 @@ class LoopContext:
     evaluate: Callable[[nn.Module], dict] | None = None
     eval_every: int = 0
     step_offset: int = 0
-    results: list[PhaseResult] = field(default_factory=list)
 
 
 class MetricsLog:
@@ -202,5 +201,4 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         bar.close()
         log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
                  results[-1].final_loss, results[-1].wall_s)
-    ctx.results = results
     return results
