@@ -77,9 +77,11 @@ def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[
         )
     t = table.get("teacher")
     if t:
+        spread = (f"{t['mean']:.4f} (one teacher shared by all seeds)" if t.get("shared")
+                  else f"{t['mean']:.4f} ± {t['std']:.4f} (one teacher per seed)")
         teacher = (f"Wide teacher (cost not counted in the thin-net budget): "
-                   f"{t['params']:,} params, {t['steps']} steps, test accuracy "
-                   f"{t['mean']:.4f} ± {t['std']:.4f}, {t['wall_s_mean']:.0f} s per teacher.")
+                   f"{t['params']:,} params, {t['steps']} steps, test accuracy {spread}, "
+                   f"{t['wall_s_mean']:.0f} s of training per teacher.")
         lines += ["", teacher]
     (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
     plot_curves(out_dir / "compare.png", curves, table,
