@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run only in Triton's CPU interpreter, and the mode is fixed when
+# triton is first imported: its own standard-library @triton.jit helpers (tl.sum, …) are decorated
+# then. torch imports triton lazily (an optimizer step is enough), so a test that steps an
+# optimizer before the kernel tests would lock triton into compiled mode. Choose the interpreter
+# here, before any test runs. Nothing else in the suite runs Triton kernels on CPU.
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before conftest could pick its mode"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from gwtn_dist.cli import write_fashion_mnist
 from gwtn_dist.data.fashion_mnist import DEBIAN_DIR

@@ -11,11 +11,11 @@ tolerances below measure only the fused path's own rounding:
 Where the Triton kernels run
 ----------------------------
 On CUDA they run natively. Without CUDA they can only run in Triton's CPU interpreter, which
-triton selects when a kernel is *decorated*, i.e. when ``gwtn_dist.kernels.imitation.kernel`` is
-first imported. The module fixture ``triton_kernels`` therefore sets ``TRITON_INTERPRET=1`` only
-while this module's tests run (not at collection time, so other test modules' own @triton.jit
-kernels are unaffected), imports (or, if someone imported it earlier in compiled mode, reloads)
-the kernel module under it, and restores the variable afterwards. A conftest.py is not needed.
+triton selects when it is first imported (its standard-library helpers such as tl.sum are
+@triton.jit functions decorated then). torch imports triton lazily, e.g. on an optimizer step, so
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` for the whole session before any test runs. The
+module fixture ``triton_kernels`` then makes sure our kernel module was built in that mode
+(reloading it if not) and skips with the reason where the kernels cannot run.
 """
 
 from __future__ import annotations
