@@ -28,6 +28,7 @@ setup(
     install_requires=[
         "torch==2.13.0",
         "triton",
+        "deepspeed>=0.19",
         "webdataset>=1.0",
         "numpy",
         "pyyaml",

@@ -4,6 +4,9 @@
     gwtn run CONFIG [key=value ...]                wide → imitate → finetune (+ baselines)
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
+
+Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
+rank layout comes from the launcher's environment (see ``gwtn_dist.dist.env``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from .config import Config, ConfigError, dump_config, load_config
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
+from .dist import runtime
+from .dist.env import LaunchError
 from .stages.common import StageOrderError
 
 log = logging.getLogger("gwtn")
@@ -28,12 +33,13 @@ def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> d
 
 
 def ensure_shards(cfg: Config) -> None:
-    """Write the Fashion-MNIST shards from Debian's package if the config's folder has none."""
+    """Write the Fashion-MNIST shards from Debian's package if the config's folder has none
+    (rank 0 writes them while the other ranks wait)."""
     shards = Path(cfg.data.shards)
-    if (shards / "index.json").is_file():
-        return
-    log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
-    write_fashion_mnist(shards, None, progress=cfg.progress)
+    if runtime.current().is_main and not (shards / "index.json").is_file():
+        log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
+        write_fashion_mnist(shards, None, progress=cfg.progress)
+    runtime.barrier()
 
 
 def _cmd_shards(args: argparse.Namespace) -> None:
@@ -44,7 +50,11 @@ def _cmd_shards(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    """The config, after joining the job's ranks (if launched on several) and making the data."""
     cfg = load_config(args.config, args.overrides)
+    rt = runtime.setup(cfg)
+    if not rt.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     ensure_shards(cfg)
     return cfg
 
@@ -64,10 +74,13 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     cfg = _load(args)
     apply_runtime(cfg)
     run_dir = Path(cfg.run_dir)
-    (run_dir / args.command).mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / args.command / "config.yaml")
+    if runtime.current().is_main:
+        (run_dir / args.command).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / args.command / "config.yaml")
     stage = {"wide": train_wide, "imitate": imitate, "finetune": finetune}[args.command]
     record = stage(cfg, run_dir)
+    if not runtime.current().is_main:
+        return
     print(f"{args.command}: test accuracy {record['test_accuracy']:.4f} after "
           f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
           f"{run_dir / args.command / 'model.pt'}")
@@ -106,13 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the deepspeed launcher appends (LOCAL_RANK carries it too)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         args.func(args)
-    except (ConfigError, DataSourceError, StageOrderError) as exc:
+    except (ConfigError, DataSourceError, StageOrderError, LaunchError) as exc:
         print(f"gwtn: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if runtime.current().distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from .config import Config
+from .dist.runtime import current
 from .pipeline import apply_runtime, prepare_run_dir
 from .report import mean_std, read_curve, write_compare
 from .stages.arms import method_budget, train_baseline
@@ -66,6 +67,8 @@ def compare(cfg: Config) -> dict:
         "arms": {arm: _arm_row(per_arm[arm], budget) for arm in c.arms},
         "teacher": {**_arm_row(teachers, cfg.wide.steps), "shared": c.share_teacher},
     }
+    if not current().is_main:
+        return table
     header = (f"# Go Wide, Then Narrow vs baselines — {table['title']}, "
               f"{len(c.seeds)} seed(s) {c.seeds}")
     write_compare(out_dir, table, curves, header)

@@ -172,6 +172,45 @@ class CompareConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the stages run over ranks (processes) under ``torchrun``, ``deepspeed`` or ``srun``.
+
+    engine: ``auto`` uses DeepSpeed when the launcher started more than one rank and plain torch
+    on a single process; ``deepspeed`` forces DeepSpeed engines on one rank too.
+    backend: the process-group backend; ``auto`` is nccl on CUDA, gloo on CPU.
+    precision: ``auto`` is bf16 on CUDA and fp32 on CPU.
+    wide_zero_stage: ZeRO stage of stage 1 (the wide twin's training); default 2.
+    student_zero_stage: ZeRO stage of the thin net in stages 2 and 3 and in the baselines; the
+    student is data-parallel, so 0, 1 or 2 (its blocks are called one by one, which ZeRO-3's
+    parameter gathering does not allow). Default 0.
+    teacher: the frozen wide net during imitation and distillation: ``shard`` holds it as a
+    ZeRO-3 engine with no optimizer (parameters partitioned over all ranks, gathered block by
+    block just in time), ``replicate`` keeps a full copy on every rank, ``auto`` replicates when
+    the whole teacher takes at most ``teacher_memory_fraction`` of a rank's free memory, and
+    shards otherwise (the choice and its reason are logged and saved in stage.json).
+    sync_batchnorm: with more than one rank, batch-norm statistics are taken over the global
+    batch (an all-reduce per BN layer), so N ranks × b compute what 1 rank × N·b does; false
+    keeps per-rank statistics (cheaper; rank 0's running statistics are saved). Default true.
+    timeout_s: a collective that waits longer than this fails, so a job whose rank died exits
+    instead of hanging (the launchers also stop the other ranks when one fails).
+    deepspeed: DeepSpeed config keys merged last over the generated config (the escape hatch),
+    e.g. ``{zero_optimization: {overlap_comm: true}}``. The optimizer and schedule always come
+    from the phase's ``optim``.
+    """
+
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    wide_zero_stage: Literal[0, 1, 2, 3] = 2
+    student_zero_stage: Literal[0, 1, 2] = 0
+    teacher: Literal["auto", "shard", "replicate"] = "auto"
+    teacher_memory_fraction: float = 0.25
+    sync_batchnorm: bool = True
+    timeout_s: int = 600
+    deepspeed: dict = field(default_factory=dict)
+
+
+@dataclass
 class CheckpointConfig:
     """Atomic checkpoints every ``every`` steps (and at every phase end)."""
 
@@ -209,6 +248,7 @@ class Config:
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 ARMS = ("scratch", "kd", "win", "deeper")
@@ -240,6 +280,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"{key}: union types are not supported in configs")
     if tp is bool:
@@ -429,3 +473,11 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.every", cfg.checkpoint.every)
     _positive("eval_every", cfg.eval_every, allow_zero=True)
     _positive("threads", cfg.threads, allow_zero=True)
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    if not 0 < cfg.dist.teacher_memory_fraction <= 1:
+        raise ConfigError(f"dist.teacher_memory_fraction: must be in (0, 1], got "
+                          f"{cfg.dist.teacher_memory_fraction}")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg.dist.deepspeed:
+            raise ConfigError(f"dist.deepspeed.{key}: the optimizer and its schedule come from "
+                              f"each stage's optim section, not from the DeepSpeed config")

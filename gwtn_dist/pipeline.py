@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, dump_config, to_dict
+from .dist.runtime import barrier, current
 from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
 from .stages.finetune import finetune
@@ -55,8 +56,11 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Path:
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir} exists and is not a gwtn run directory; choose another")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, saved)
+    barrier()  # every rank has checked before rank 0 writes
+    if current().is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, saved)
+    barrier()
     return run_dir
 
 
@@ -75,6 +79,8 @@ def run_all(cfg: Config) -> dict:
     for arm in cfg.baselines:
         records[arm] = train_baseline(cfg, run_dir, arm, teacher=run_dir / "wide" / "model.pt")
     table = format_run_table(records)
+    if not current().is_main:
+        return records
     (run_dir / "results.md").write_text(table + "\n")
     if cfg.eval_every:
         curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"])]}

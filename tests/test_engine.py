@@ -30,7 +30,8 @@ def test_multistep_milestones_are_fractions_of_the_phase():
 def test_groups_get_their_multiplier_and_frozen_groups_are_left_out():
     a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
     o = OptimConfig(lr=0.2, momentum=0.0, weight_decay=0.0, schedule="constant")
-    engine = make_engine([{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 0.5},
+    engine = make_engine(torch.nn.ParameterList([a, b, c]),
+                         [{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 0.5},
                           {"params": [c], "lr_mult": 0.0}], o, total_steps=5)
     engine.step(a.sum() + b.sum() + c.sum())
     assert torch.allclose(a, torch.full((3,), 0.8))
@@ -41,22 +42,23 @@ def test_groups_get_their_multiplier_and_frozen_groups_are_left_out():
 def test_clipping_bounds_the_update():
     p = torch.nn.Parameter(torch.zeros(4))
     o = OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip=1.0)
-    engine = make_engine([{"params": [p]}], o, total_steps=1)
+    engine = make_engine(torch.nn.ParameterList([p]), [{"params": [p]}], o, total_steps=1)
     engine.step((p * 100).sum())
     assert math.isclose(p.norm().item(), 1.0, rel_tol=1e-5)
 
 
-def test_state_round_trip_continues_the_same_trajectory():
+def test_state_round_trip_continues_the_same_trajectory(tmp_path):
     def run(split: bool) -> torch.Tensor:
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(5))
         o = OptimConfig(lr=0.1, schedule="cosine")
-        engine = make_engine([{"params": [p]}], o, total_steps=10)
+        module = torch.nn.ParameterList([p])
+        engine = make_engine(module, [{"params": [p]}], o, total_steps=10)
         for step in range(10):
             if split and step == 4:
-                state = engine.state_dict()
-                engine = make_engine([{"params": [p]}], o, total_steps=10)
-                engine.load_state_dict(state)
+                saved = engine.save(tmp_path, "step4")
+                engine = make_engine(module, [{"params": [p]}], o, total_steps=10)
+                engine.load(tmp_path, saved)
             engine.step((p ** 2).sum())
         return p.detach()
 
@@ -65,4 +67,5 @@ def test_state_round_trip_continues_the_same_trajectory():
 
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
-        make_engine([{"params": [], "lr_mult": 1.0}], OptimConfig(), total_steps=1)
+        make_engine(torch.nn.Linear(1, 1), [{"params": [], "lr_mult": 1.0}], OptimConfig(),
+                    total_steps=1)

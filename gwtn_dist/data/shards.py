@@ -115,8 +115,9 @@ def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buf
     stages: list = [wds.SimpleShardList(urls)]
     if shuffle_seed is not None:
         stages.append(wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed))
-    stages += [wds.split_by_node, wds.split_by_worker,
-               wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    # No split_by_node: every rank reads the whole (global-batch) stream and the training loop
+    # takes its slice, so N ranks see exactly what one rank would; eval strides batches by rank.
+    stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     if limit:
         stages.append(_below(limit, ordered=shuffle_seed is None))
     if shuffle_seed is not None:

@@ -1,19 +1,31 @@
-"""The engine seam: every optimisation step of every stage goes through an Engine.
+"""The engine seam, and the one module that imports DeepSpeed.
 
-A stage hands the engine its parameter groups (each with an ``lr_mult``) and the phase's
-OptimConfig; the engine owns the optimizer and the schedule and does backward + clip + step.
-Today there is one implementation, plain PyTorch on one process; a DeepSpeed engine slots in
-here without touching the stages.
+Every optimisation step of every stage goes through an engine made by ``make_engine``: a stage
+hands it the module being trained, its parameter groups (each with an ``lr_mult``) and the
+phase's OptimConfig; the engine owns the optimizer and the schedule and does backward, gradient
+all-reduce (DeepSpeed), clipping and the step. One process runs ``TorchEngine``; under a
+multi-rank launcher (or ``dist.engine=deepspeed``) ``DeepSpeedEngine`` runs the same optimizer
+and schedule inside DeepSpeed with the phase's ZeRO stage. ``shard_frozen`` turns the frozen
+wide teacher into a ZeRO-3 engine without optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Iterable
+import shutil
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..config import OptimConfig
+from ..config import DistConfig, OptimConfig
+from .ds_config import deepspeed_config
+from .runtime import current
+
+log = logging.getLogger("gwtn")
 
 
 def lr_factor(step: int, total: int, o: OptimConfig) -> float:
@@ -46,13 +58,20 @@ def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer
     raise ValueError(f"unknown optimizer {o.name!r}")
 
 
+def _trainable(groups: list[dict]) -> list[dict]:
+    groups = [g for g in groups if g["params"] and g.get("lr_mult", 1.0) > 0]
+    if not groups:
+        raise ValueError("nothing to train: every parameter group is empty or frozen")
+    return groups
+
+
 class TorchEngine:
     """Optimizer + schedule + gradient clipping for one phase, on one process."""
 
+    partitioned = False
+
     def __init__(self, groups: list[dict], optim: OptimConfig, total_steps: int):
-        groups = [g for g in groups if g["params"] and g.get("lr_mult", 1.0) > 0]
-        if not groups:
-            raise ValueError("nothing to train: every parameter group is empty or frozen")
+        groups = _trainable(groups)
         self.params = [p for g in groups for p in g["params"]]
         self.optim_cfg = optim
         self.optimizer = build_optimizer(groups, optim)
@@ -73,14 +92,148 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
 
-    def state_dict(self) -> dict:
+    def save(self, ckpt_dir: Path, tag: str) -> dict:
+        """The engine's resume state, kept inline in the stage checkpoint."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def load(self, ckpt_dir: Path, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+
+    def close(self) -> None:
+        pass
 
 
-def make_engine(groups: Iterable[dict], optim: OptimConfig, total_steps: int) -> TorchEngine:
+class DeepSpeedEngine:
+    """The phase's optimizer and schedule inside a DeepSpeed engine with ZeRO ``zero_stage``.
+
+    ``module`` is what DeepSpeed wraps (all parameters the phase may touch); its forward is not
+    used: the stages call the modules themselves, and DeepSpeed's hooks (gradient reduction, and
+    under ZeRO-3 parameter gathering) fire on the submodules. Resume state is a DeepSpeed
+    checkpoint (every rank writes its partition) under ``ckpt_dir/<tag>``.
+    """
+
+    def __init__(self, module: nn.Module, groups: list[dict], optim: OptimConfig,
+                 total_steps: int, zero_stage: int, dist_cfg: DistConfig, micro_batch: int):
+        import deepspeed
+
+        groups = _trainable(groups)
+        self.optimizer = build_optimizer(groups, optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total_steps, optim)
+        )
+        rt = current()
+        self.config = deepspeed_config(micro_batch=micro_batch, world_size=rt.world_size,
+                                       zero_stage=zero_stage, grad_clip=optim.grad_clip,
+                                       bf16=rt.dtype == torch.bfloat16,
+                                       overrides=dist_cfg.deepspeed)
+        self.partitioned = zero_stage == 3
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, ckpt_dir: Path, tag: str) -> dict:
+        """Write a DeepSpeed checkpoint (all ranks); drop the older tags once it is complete."""
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        torch.distributed.barrier()
+        if current().is_main:
+            for old in ckpt_dir.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        return {"deepspeed_tag": tag}
+
+    def load(self, ckpt_dir: Path, saved: dict) -> None:
+        tag = saved["deepspeed_tag"]
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir / tag} could not be loaded")
+
+    def close(self) -> None:
+        self.engine.destroy()
+
+
+def make_engine(module: nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int,
+                zero_stage: int = 0, dist_cfg: DistConfig | None = None,
+                micro_batch: int = 1):
     """The engine for one phase; the only place that decides which implementation runs."""
-    return TorchEngine(list(groups), optim, total_steps)
+    if current().engine == "deepspeed":
+        return DeepSpeedEngine(module, groups, optim, total_steps, zero_stage,
+                               dist_cfg or DistConfig(), micro_batch)
+    return TorchEngine(groups, optim, total_steps)
+
+
+def init_distributed(backend: str, timeout_s: int) -> None:
+    """Join the process group through DeepSpeed (it reads the env:// variables)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def _is_partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Inside, every parameter of ``module`` is whole on every rank (ZeRO-3 gathers them)."""
+    if not _is_partitioned(module):
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield module
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """A consolidated CPU copy of ``module``'s state, whatever ZeRO stage holds it (collective)."""
+    with gathered(module):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def unpartition(module: nn.Module, state: dict) -> nn.Module:
+    """After a ZeRO-3 engine is closed, make its module whole again from a consolidated state."""
+    params = dict(module.named_parameters())
+    for name, value in state.items():
+        if name in params:
+            params[name].data = value.to(params[name].device)
+    return module
+
+
+def shard_frozen(module: nn.Module, dist_cfg: DistConfig, micro_batch: int) -> nn.Module:
+    """Partition a frozen module's parameters over all ranks as a ZeRO-3 engine, no optimizer.
+
+    Returns the engine; calling it runs the module's forward, gathering each submodule's
+    parameters just before it runs and releasing them after.
+    """
+    import deepspeed
+
+    rt = current()
+    config = deepspeed_config(micro_batch=micro_batch, world_size=rt.world_size, zero_stage=3,
+                              grad_clip=0.0, bf16=rt.dtype == torch.bfloat16,
+                              overrides=dist_cfg.deepspeed)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
+def held_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of all parameters) of ``module``."""
+    held = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            total += p.ds_numel * p.ds_tensor.element_size()
+        else:
+            held += p.numel() * p.element_size()
+            total += p.numel() * p.element_size()
+    return held, total

@@ -134,9 +134,13 @@ class ResNet(nn.Module):
         """(B, C, H, W) output of the last block → logits (B, num_classes)."""
         return self.fc(torch.flatten(self.pool(features), 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, block in self.blocks():
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """Logits (B, classes) of x (B, C_in, H, W); with ``upto``, the output of block ``upto``
+        of ``blocks()`` instead (blocks after it are not run)."""
+        for i, (_, block) in enumerate(self.blocks()):
             x = block(x)
+            if i == upto:
+                return x
         return self.head(x)
 
 

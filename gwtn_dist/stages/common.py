@@ -2,7 +2,7 @@
 
 A finished stage leaves ``run_dir/<stage>/`` with ``model.pt`` (consolidated weights),
 ``metrics.jsonl``, ``stage.json`` (its summary) and ``DONE``; its summary is also merged into
-``run_dir/summary.json``.
+``run_dir/summary.json``. Every rank runs the stage code; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config
 from ..data.shards import TrainStream, eval_batches, to_model_input
+from ..dist.runtime import all_reduce_sum, barrier, current, device_for
+from ..dist.sync_bn import use_global_batchnorm
 from .loop import LoopContext, PhaseResult
 
 log = logging.getLogger("gwtn")
@@ -29,11 +31,8 @@ class StageOrderError(RuntimeError):
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    """This rank's device: cfg.device, and on several GPUs the one of its local rank."""
+    return device_for(cfg, current().env)
 
 
 def memory_format(cfg: Config) -> torch.memory_format:
@@ -41,7 +40,14 @@ def memory_format(cfg: Config) -> torch.memory_format:
 
 
 def place(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """Move a net to the run's device and memory format."""
+    """Move a net that will train to the run's device and memory format; under DeepSpeed with
+    ``dist.sync_batchnorm``, its batch norms take statistics over the global batch."""
+    if cfg.dist.sync_batchnorm and current().engine == "deepspeed":
+        use_global_batchnorm(model, device)
+    if current().engine == "deepspeed":
+        # DeepSpeed broadcasts and flattens parameters as contiguous storage; the activations
+        # (the inputs) still use channels_last, which is what decides the conv kernels.
+        return model.to(device=device)
     return model.to(device=device, memory_format=memory_format(cfg))
 
 
@@ -52,21 +58,37 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0) -> dict:
-    """Test accuracy and cross-entropy over the test split (its first ``limit`` samples if set)."""
+    """Test accuracy and cross-entropy over the test split (its first ``limit`` samples if set).
+
+    On several ranks, rank r scores batches r, r + N, r + 2N … and the counts are summed, so
+    every sample is scored once. Every rank runs the same number of forwards (a rank out of
+    batches repeats one and does not count it), as a ZeRO-3 net's forward is a collective.
+    """
+    rt = current()
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for images, labels in eval_batches(cfg.data.shards, cfg.data.eval_batch_size, limit=limit):
+    sums = torch.zeros(3, dtype=torch.float64)  # correct, samples, summed loss
+    batches = eval_batches(cfg.data.shards, cfg.data.eval_batch_size, limit=limit)
+    last = None
+    while True:
+        group = [b for _, b in zip(range(rt.world_size), batches)]  # this round's batches
+        if not group:
+            break
+        mine = group[rt.rank] if rt.rank < len(group) else None
+        images, labels = mine if mine is not None else (last or group[0])
         x = to_model_input(images, cfg.data.mean, cfg.data.std)
-        x = x.to(device).contiguous(memory_format=memory_format(cfg))
-        y = labels.to(device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        total += len(y)
+        x = x.to(device, dtype=next(model.parameters()).dtype)
+        logits = model(x.contiguous(memory_format=memory_format(cfg))).float()
+        if mine is not None:
+            y = labels.to(device)
+            sums += torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
+                                  F.cross_entropy(logits, y, reduction="sum").item()],
+                                 dtype=torch.float64)
+            last = mine
+    correct, total, loss_sum = all_reduce_sum(sums).tolist()
     model.train(was_training)
     return {"test_accuracy": correct / max(total, 1), "test_loss": loss_sum / max(total, 1),
-            "test_samples": total}
+            "test_samples": int(total)}
 
 
 def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], stream_tag: int,
@@ -79,7 +101,7 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
         stage_dir=stage_dir, modules=modules, stream=stream, device=device, seed=cfg.seed,
         mean=cfg.data.mean, std=cfg.data.std, crop_padding=cfg.data.crop_padding,
         hflip=cfg.data.hflip, memory_format=memory_format(cfg),
-        checkpoint_every=cfg.checkpoint.every, progress=cfg.progress,
+        checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
         evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples),
         eval_every=cfg.eval_every, step_offset=step_offset,
     )
@@ -110,7 +132,6 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
     stage_dir = run_dir / stage
     device = next(model.parameters()).device
     scores = evaluate(model, cfg, device)
-    checkpoint.save_weights(model, stage_dir / "model.pt", meta)
     record = {
         "stage": stage,
         "steps": sum(r.steps for r in results),
@@ -119,13 +140,17 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         **scores,
         "params": count_params(model),
         "phases": [r.as_dict() for r in results],
+        "world_size": current().world_size,
         **(extra or {}),
     }
-    (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
-    (stage_dir / "DONE").write_text("")
-    update_summary(run_dir, stage, record)
-    log.info("%s done: test accuracy %.4f (%d steps, %.0f s)", stage, scores["test_accuracy"],
-             record["steps"], record["wall_s"])
+    if current().is_main:
+        checkpoint.save_weights(model, stage_dir / "model.pt", meta)
+        (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
+        (stage_dir / "DONE").write_text("")
+        update_summary(run_dir, stage, record)
+        log.info("%s done: test accuracy %.4f (%d steps, %.0f s)", stage,
+                 scores["test_accuracy"], record["steps"], record["wall_s"])
+    barrier()
     return record
 
 

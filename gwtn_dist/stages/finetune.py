@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
 from ..config import Config, OptimConfig
-from ..models.family import build_thin, build_wide, resnet_shape
+from ..dist.teacher import load_teacher
+from ..models.family import build_thin, resnet_shape
 from .common import (
     finish_stage,
     loop_context,
@@ -28,16 +28,6 @@ from .loop import Phase, run_phases
 from .losses import accuracy, distillation_loss
 
 STAGE = "finetune"
-
-
-def load_teacher(cfg: Config, path: Path, device: torch.device) -> torch.nn.Module:
-    """The trained wide net, frozen: eval mode (BN uses its running statistics), no grads."""
-    wide = build_wide(cfg.model)
-    checkpoint.load_weights(wide, path)
-    place(wide, cfg, device).eval()
-    for p in wide.parameters():
-        p.requires_grad_(False)
-    return wide
 
 
 def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
@@ -65,8 +55,7 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
 
     def kd_loss(x, y):
         logits = thin(x)
-        with torch.no_grad():
-            target = wide(x)
+        target = wide(x)  # (b, classes), no grad
         loss = distillation_loss(logits, target, y, d.alpha, d.temperature)
         return loss, {"train_accuracy": accuracy(logits, y)}
 
@@ -77,14 +66,18 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     def groups():
         return [{"params": list(thin.parameters())}]
 
+    zero = cfg.dist.student_zero_stage
+
     phases = []
     if kd_steps:
-        phases.append(Phase(f"{stage}/distill", kd_steps, optim, groups, kd_loss,
-                            setup=thin.train, eval_model=thin))
+        phases.append(Phase(f"{stage}/distill", kd_steps, optim, groups, kd_loss, thin,
+                            setup=thin.train, eval_model=thin, zero_stage=zero))
     if label_steps:
-        phases.append(Phase(f"{stage}/labels", label_steps, optim, groups, label_loss,
-                            setup=thin.train, eval_model=thin))
+        phases.append(Phase(f"{stage}/labels", label_steps, optim, groups, label_loss, thin,
+                            setup=thin.train, eval_model=thin, zero_stage=zero))
     results = run_phases(ctx, phases)
+    if wide is not None:
+        extra = {**(extra or {}), "teacher": wide.record()}
     meta = {"stage": stage, "shape": resnet_shape(cfg.model, wide=False, blocks=blocks).__dict__}
     return finish_stage(cfg, run_dir, stage, thin, results, meta, extra)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
+from ..dist.teacher import Teacher, load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
 from ..models.family import build_thin, needs_bridges, resnet_shape
@@ -31,7 +32,6 @@ from .common import (
     seed_everything,
     stage_done,
 )
-from .finetune import load_teacher
 from .loop import Phase, run_phases
 
 STAGE = "imitate"
@@ -97,11 +97,12 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     thin = place(build_thin(cfg.model), cfg, device)
     points = imitation_points(thin, cfg.model.imitation_points)
     ends = [point_block_index(thin, p) for p in points]  # block index of each point
-    bridges = Bridges(thin, wide, points).to(device) if needs_bridges(cfg.model) else None
+    bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
     ctx.modules = {"thin": thin, **({"bridges": bridges} if bridges is not None else {})}
     mse = select_imitation_mse(cfg.imitate.loss_backend, device)
     ic = cfg.imitate
     blocks = [module for _, module in thin.blocks()]
+    student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
 
     def make_phase(k: int) -> Phase:
         end = ends[k]
@@ -127,9 +128,8 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                     {"params": lower, "lr_mult": ic.lower_lr_mult}]
 
         def loss(x, y):
-            with torch.no_grad():
-                target = run_prefix(wide, x, end)  # (B, C_wide, H, W)
-            h = run_prefix(thin, x, end, bridges, bridged)  # (B, c_thin, H, W)
+            target = wide(x, upto=end)  # (b, C_wide, H, W), no grad
+            h = run_prefix(thin, x, end, bridges, bridged)  # (b, c_thin, H, W)
             if ic.target_norm == "layernorm":
                 lifted = pair.lifted(h) if pair is not None else h
                 target = channel_layernorm(target)
@@ -142,7 +142,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
             return value, {"point": points[k], "rel_error": rel.item()}
 
         return Phase(f"{STAGE}/{points[k]}", ic.steps_per_point, ic.optim, groups, loss,
-                     setup=setup)
+                     student, setup=setup, zero_stage=cfg.dist.student_zero_stage)
 
     results = run_phases(ctx, [make_phase(k) for k in range(len(points))])
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
@@ -153,7 +153,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
     meta = {"stage": STAGE, "shape": resnet_shape(cfg.model, wide=False).__dict__}
     extra = {"points": points, "relative_error": rel_errors, "head": head,
-             "bridges": bridges is not None,
+             "bridges": bridges is not None, "teacher": wide.record(),
              "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
                           "steps_per_point": ic.steps_per_point,
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head}}
@@ -170,7 +170,7 @@ def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float
 
 
 @torch.no_grad()
-def init_head(cfg: Config, thin: ResNet, wide: ResNet, bridges: Bridges | None,
+def init_head(cfg: Config, thin: ResNet, wide: Teacher, bridges: Bridges | None,
               last_point: str) -> str:
     """Give the thin net the wide net's classifier when its last point imitated the wide output.
 
@@ -181,9 +181,10 @@ def init_head(cfg: Config, thin: ResNet, wide: ResNet, bridges: Bridges | None,
     last_block = len(thin.blocks()) - 1
     if cfg.imitate.init_head != "wide" or point_block_index(thin, last_point) != last_block:
         return "random"
-    weight = wide.fc.weight  # (classes, C)
+    weight, bias = wide.head()  # (classes, C), (classes,)
+    weight = weight.to(thin.fc.weight.device)
     if bridges is not None:
         weight = weight @ bridges.pair(last_point).lift  # (classes, C) @ (C, c)
     thin.fc.weight.copy_(weight)
-    thin.fc.bias.copy_(wide.fc.bias)
+    thin.fc.bias.copy_(bias)
     return "wide"

@@ -7,12 +7,21 @@ batch. ``run_phases`` streams batches, augments them, steps the engine, logs to
 steps and at each phase end. A checkpoint holds everything that decides the rest of the run
 (weights, optimizer and schedule, stream position, phase and step), so a resumed run ends with
 the same weights as an uninterrupted one.
+
+On several ranks every rank reads the same global batch and trains on its own slice of it
+(rank r takes samples r·b … (r+1)·b − 1 of the augmented batch), so N ranks × b see exactly
+the samples and augmentations of 1 rank × N·b; the engine averages the gradients. Logged losses
+are averaged over ranks; rank 0 writes the files. Mid-phase, a DeepSpeed engine's state is a
+DeepSpeed checkpoint under ``stage_dir/deepspeed/`` that ``checkpoint.pt`` points to, written
+first, so the pointer never names an incomplete checkpoint. At phase ends ``checkpoint.pt``
+holds consolidated weights, which any world size can resume from.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -24,9 +33,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint
-from ..config import OptimConfig
+from ..config import DistConfig, OptimConfig
 from ..data.shards import TrainStream, augment, to_model_input
-from ..dist.engines import make_engine
+from ..dist.engines import full_state_dict, make_engine, unpartition
+from ..dist.runtime import all_reduce_sum, barrier, current
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -38,7 +48,9 @@ class Phase:
 
     groups() returns the parameter groups to train (``{"params", "lr_mult"}``); it is called when
     the phase starts, after ``setup()`` has put modules in train/eval mode and set requires_grad.
-    loss(x, y) gets a normalised, augmented batch (B, C, H, W) and labels (B,) on the device.
+    loss(x, y) gets a normalised, augmented batch (b, C, H, W) (this rank's slice) and labels
+    (b,) on the device. module: everything the groups' parameters belong to (what a DeepSpeed
+    engine wraps); zero_stage: its ZeRO stage under DeepSpeed.
     """
 
     name: str
@@ -46,8 +58,10 @@ class Phase:
     optim: OptimConfig
     groups: Callable[[], list[dict]]
     loss: LossFn
+    module: nn.Module
     setup: Callable[[], None] = lambda: None
     eval_model: nn.Module | None = None
+    zero_stage: int = 0
 
 
 @dataclass
@@ -82,6 +96,7 @@ class LoopContext:
     hflip: bool
     memory_format: torch.memory_format
     checkpoint_every: int
+    dist: DistConfig
     progress: bool = True
     evaluate: Callable[[nn.Module], dict] | None = None
     eval_every: int = 0
@@ -95,11 +110,13 @@ class MetricsLog:
         self.path = path
 
     def write(self, record: dict) -> None:
+        if not current().is_main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, phase_index: int, step: int) -> None:
-        if not self.path.is_file():
+        if not current().is_main or not self.path.is_file():
             return
         keep = []
         for line in self.path.read_text().splitlines():
@@ -117,60 +134,118 @@ def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
 def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm:
     interactive = sys.stderr.isatty()
     return tqdm(total=phase.steps, initial=start, desc=phase.name, unit="step",
-                disable=not ctx.progress, dynamic_ncols=True, leave=interactive,
+                disable=not (ctx.progress and current().is_main), dynamic_ncols=True,
+                leave=interactive,
                 mininterval=0.5 if interactive else 15.0)
+
+
+def _rank_slice(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch: rows r·b … (r+1)·b − 1."""
+    rt = current()
+    b = batch.shape[0] // rt.world_size
+    return batch[rt.rank * b : (rt.rank + 1) * b]
+
+
+def _averaged(loss: torch.Tensor, extra: dict) -> tuple[float, dict]:
+    """The loss and the numeric extras averaged over ranks (one small all-reduce)."""
+    keys = [k for k, v in extra.items() if isinstance(v, (int, float))]
+    values = torch.tensor([loss.item()] + [float(extra[k]) for k in keys])
+    values = all_reduce_sum(values) / current().world_size
+    return values[0].item(), {**extra, **{k: values[i + 1].item() for i, k in enumerate(keys)}}
+
+
+def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, recent: list,
+          wall: float, results: list[PhaseResult]) -> None:
+    """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically."""
+    state = {
+        "stream": ctx.stream.position,
+        "phase_index": phase_index + 1 if done else phase_index,
+        "step": 0 if done else step,
+        "recent_losses": recent, "phase_wall_s": wall,
+        "results": [r.as_dict() for r in results],
+        "world_size": current().world_size,
+    }
+    if done or not engine.partitioned:
+        state["modules"] = {n: full_state_dict(m) for n, m in ctx.modules.items()}
+    if not done:
+        tag = f"phase{phase_index}-step{step}"
+        state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
+    if current().is_main:
+        checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt")
+    barrier()
+
+
+def _resume_state(ctx: LoopContext) -> dict | None:
+    path = ctx.stage_dir / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    state = checkpoint.load(path)
+    saved_world = state.get("world_size", 1)
+    if "modules" not in state and saved_world != current().world_size:
+        raise RuntimeError(
+            f"{path} stopped mid-phase on {saved_world} ranks with partitioned (ZeRO-3) "
+            f"weights; resume it on {saved_world} ranks (a finished phase resumes on any number)"
+        )
+    return state
 
 
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
     """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists."""
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = ctx.stage_dir / "checkpoint.pt"
+    rt = current()
+    if rt.is_main:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl")
-    state = checkpoint.load(ckpt_path) if ckpt_path.is_file() else None
+    state = _resume_state(ctx)
     results: list[PhaseResult] = []
     first_phase, first_step = 0, 0
     if state is not None:
         for name, module in ctx.modules.items():
-            module.load_state_dict(state["modules"][name])
+            if "modules" in state:
+                module.load_state_dict(state["modules"][name])
         ctx.stream.seek(state["stream"])
         results = [PhaseResult(**r) for r in state["results"]]
         first_phase, first_step = state["phase_index"], state["step"]
         metrics.truncate_after(first_phase, first_step)
-        log.info("resuming %s at phase %d (%s), step %d", ctx.stage_dir.name, first_phase,
-                 phases[first_phase].name if first_phase < len(phases) else "-", first_step)
-    elif (ctx.stage_dir / "metrics.jsonl").exists():
+        if rt.is_main:
+            log.info("resuming %s at phase %d (%s), step %d", ctx.stage_dir.name, first_phase,
+                     phases[first_phase].name if first_phase < len(phases) else "-", first_step)
+    elif rt.is_main and (ctx.stage_dir / "metrics.jsonl").exists():
         (ctx.stage_dir / "metrics.jsonl").unlink()
 
     global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
+    micro_batch = ctx.stream.batch_size // rt.world_size
     for index in range(first_phase, len(phases)):
         phase = phases[index]
         start = first_step if index == first_phase else 0
         phase.setup()
-        engine = make_engine(phase.groups(), phase.optim, phase.steps)
+        engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
+                             zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
+                             micro_batch=micro_batch)
         recent: list[float] = []
         wall = 0.0
         if state is not None and index == first_phase and start > 0:
-            engine.load_state_dict(state["engine"])
+            engine.load(ctx.stage_dir / "deepspeed", state["engine"])
             recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
 
         bar = _progress_bar(ctx, phase, start)
         tick = time.perf_counter()
         for step in range(start, phase.steps):
-            images, labels = next(ctx.stream)
+            images, labels = next(ctx.stream)  # the global batch (B, C, H, W), (B,)
             images = augment(images, _batch_generator(ctx.seed, index, step),
                              ctx.crop_padding, ctx.hflip)
-            x = to_model_input(images, ctx.mean, ctx.std)
+            x = to_model_input(_rank_slice(images), ctx.mean, ctx.std)
             x = x.to(ctx.device).contiguous(memory_format=ctx.memory_format)
-            y = labels.to(ctx.device)
+            y = _rank_slice(labels).to(ctx.device)
             loss, extra = phase.loss(x, y)
-            if not torch.isfinite(loss):
+            value, extra = _averaged(loss, extra)
+            if not math.isfinite(value):
                 raise FloatingPointError(
-                    f"{phase.name}: loss became {loss.item()} at step {step + 1}; "
+                    f"{phase.name}: loss became {value} at step {step + 1}; "
                     f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
                 )
             engine.step(loss)
             global_step += 1
-            value = loss.item()
             recent = (recent + [value])[-50:]
             wall += time.perf_counter() - tick  # training time only: evaluation is not counted
             record = {"phase": phase.name, "phase_index": index, "step": step + 1,
@@ -187,18 +262,17 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
                 if done:
                     results.append(PhaseResult(phase.name, phase.steps,
                                                sum(recent) / len(recent), wall))
-                # At a phase end, point the checkpoint at the start of the next phase.
-                checkpoint.atomic_save({
-                    "modules": {n: m.state_dict() for n, m in ctx.modules.items()},
-                    "engine": engine.state_dict(),
-                    "stream": ctx.stream.position,
-                    "phase_index": index + 1 if done else index,
-                    "step": 0 if done else step + 1,
-                    "recent_losses": recent, "phase_wall_s": wall,
-                    "results": [r.as_dict() for r in results],
-                }, ckpt_path)
+                _save(ctx, engine, index, step + 1, done, recent, wall, results)
             tick = time.perf_counter()
         bar.close()
-        log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
-                 results[-1].final_loss, results[-1].wall_s)
+        if engine.partitioned:  # make the modules whole again for whatever comes next
+            whole = {n: full_state_dict(m) for n, m in ctx.modules.items()}
+            engine.close()
+            for name, module in ctx.modules.items():
+                unpartition(module, whole[name])
+        else:
+            engine.close()
+        if rt.is_main:
+            log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
+                     results[-1].final_loss, results[-1].wall_s)
     return results

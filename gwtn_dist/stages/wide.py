@@ -31,7 +31,8 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
 
     phase = Phase(STAGE, cfg.wide.steps, cfg.wide.optim,
                   groups=lambda: [{"params": list(wide.parameters())}],
-                  loss=loss, setup=wide.train, eval_model=wide)
+                  loss=loss, module=wide, setup=wide.train, eval_model=wide,
+                  zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
     meta = {"stage": STAGE, "shape": resnet_shape(cfg.model, wide=True).__dict__}
     return finish_stage(cfg, run_dir, STAGE, wide, results, meta)

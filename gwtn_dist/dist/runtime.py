@@ -1,0 +1,121 @@
+"""The process's place in the job and the few collectives the stages need.
+
+``setup(cfg)`` is called once by the CLI: it reads the launcher's environment, picks the
+device, the engine kind and the precision, and joins the process group when there is more than
+one rank. Code that runs without it (the tests, a library user) sees one CPU/GPU process with
+plain torch engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+from .env import DistEnv, discover, export
+
+log = logging.getLogger("gwtn")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    env: DistEnv = field(default_factory=DistEnv)
+    engine: str = "torch"  # "torch" or "deepspeed"
+    dtype: torch.dtype = torch.float32  # the training precision (bf16 only with DeepSpeed)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+_current = Runtime()
+
+
+def current() -> Runtime:
+    return _current
+
+
+def device_for(cfg: Config, env: DistEnv) -> torch.device:
+    """cfg.device, with the rank's own GPU (its local rank) when there are several."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+
+
+def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
+    """Join the job: choose engine and precision, init the process group if needed."""
+    global _current
+    env = env or discover()
+    engine = cfg.dist.engine
+    if engine == "auto":
+        engine = "deepspeed" if env.world_size > 1 else "torch"
+    if engine == "torch" and env.world_size > 1:
+        raise ConfigError(f"dist.engine: 'torch' runs one process, but the launcher started "
+                          f"{env.world_size} ranks; use 'auto' or 'deepspeed'")
+    device = device_for(cfg, env)
+    precision = cfg.dist.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and engine == "deepspeed" else "fp32"
+    if precision == "bf16" and engine != "deepspeed":
+        raise ConfigError("dist.precision: bf16 runs through DeepSpeed; set dist.engine to "
+                          "'deepspeed' or 'auto' under a multi-rank launcher")
+    batch = cfg.data.batch_size
+    if batch % env.world_size:
+        raise ConfigError(f"data.batch_size: the global batch {batch} does not split evenly "
+                          f"over {env.world_size} ranks; choose a multiple of {env.world_size}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if engine == "deepspeed" and not dist.is_initialized():
+        from .engines import init_distributed
+
+        # DeepSpeed calls torch collectives that torch 2.13 marks deprecated, once per call.
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r".*is deprecated\. Please use `torch\.distributed")
+
+        export(env)
+        backend = cfg.dist.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        init_distributed(backend, cfg.dist.timeout_s)
+        log.info("rank %d of %d (local %d, launcher %s), backend %s, %s", env.rank,
+                 env.world_size, env.local_rank, env.launcher, backend, precision)
+    _current = Runtime(env=env, engine=engine,
+                       dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    return _current
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (a no-op on one process); returns a CPU float64 tensor."""
+    if not current().distributed:
+        return values.double().cpu()
+    buf = values.double().to(_comm_device())
+    dist.all_reduce(buf)
+    return buf.cpu()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,0 +1,98 @@
+"""The frozen wide teacher of imitation and distillation: sharded over the ranks or replicated.
+
+``shard``: a ZeRO-3 engine without optimizer; each rank holds 1/world of every parameter and
+the forward gathers a block's parameters just before the block runs. ``replicate``: every rank
+holds the whole net. ``auto`` replicates when the whole teacher takes at most
+``dist.teacher_memory_fraction`` of a rank's free memory (GPU memory on CUDA, the machine's
+available memory shared by the node's ranks on CPU), since gathering costs communication on
+every forward; one rank always replicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..config import Config
+from ..models.family import build_wide
+from .engines import full_state_dict, held_bytes, shard_frozen
+from .runtime import current
+
+log = logging.getLogger("gwtn")
+
+
+def free_bytes_per_rank(device: torch.device) -> int:
+    """Memory one rank may use: free GPU memory, or MemAvailable over the node's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    return available // max(1, current().env.local_world_size)
+
+
+def choose_mode(wanted: str, total_bytes: int, free_bytes: int, fraction: float,
+                world_size: int) -> tuple[str, str]:
+    """(``shard`` or ``replicate``, the reason) for a teacher of ``total_bytes``."""
+    if world_size == 1:
+        return "replicate", "one rank: nothing to shard over"
+    if wanted != "auto":
+        return wanted, f"dist.teacher={wanted}"
+    share = total_bytes / max(free_bytes, 1)
+    sizes = f"{total_bytes / 2**20:.1f} MiB teacher, {free_bytes / 2**20:.0f} MiB free per rank"
+    if share <= fraction:
+        return "replicate", f"{sizes}: {share:.1%} <= {fraction:.0%} (dist.teacher_memory_fraction)"
+    return "shard", f"{sizes}: {share:.1%} > {fraction:.0%} (dist.teacher_memory_fraction)"
+
+
+class Teacher:
+    """Callable frozen wide net: ``teacher(x, upto=k)`` → block k's output, else the logits.
+
+    Inputs (B, C, H, W) are cast to the training precision; outputs come back as float32.
+    """
+
+    def __init__(self, module: nn.Module, net, mode: str, reason: str):
+        self.module = module  # the wide ResNet (partitioned when sharded)
+        self.net = net  # what runs the forward: the module itself or its ZeRO-3 engine
+        self.mode, self.reason = mode, reason
+        self.dtype = current().dtype
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        return self.net(x.to(self.dtype), upto=upto).float()
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""
+        state = full_state_dict(self.module.fc)
+        return state["weight"].float(), state["bias"].float()
+
+    def record(self) -> dict:
+        """What summary.json says about the teacher's memory."""
+        held, total = held_bytes(self.module)
+        return {"mode": self.mode, "reason": self.reason, "world_size": current().world_size,
+                "param_bytes_per_rank": held, "param_bytes_total": total}
+
+
+def load_teacher(cfg: Config, path: Path, device: torch.device) -> Teacher:
+    """The trained wide net from ``path``, frozen (eval mode, no grads), sharded or replicated."""
+    wide = build_wide(cfg.model)
+    checkpoint.load_weights(wide, path)
+    wide.eval().requires_grad_(False)
+    rt = current()
+    total = sum(p.numel() for p in wide.parameters()) * torch.finfo(rt.dtype).bits // 8
+    mode, reason = choose_mode(cfg.dist.teacher, total, free_bytes_per_rank(device),
+                               cfg.dist.teacher_memory_fraction, rt.world_size)
+    if rt.is_main:
+        log.info("teacher: %s (%s)", mode, reason)
+    if mode == "shard":
+        wide = wide.to(device)  # ZeRO-3 partitions contiguous parameters
+        net = shard_frozen(wide, cfg.dist, cfg.data.batch_size // rt.world_size)
+    else:
+        net = wide.to(device=device, dtype=rt.dtype, memory_format=torch.channels_last
+                      if cfg.channels_last else torch.contiguous_format)
+    return Teacher(wide, net, mode, reason)
