@@ -32,6 +32,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "pillow",
+        "tokenizers",
         "matplotlib",
     ],
     extras_require={

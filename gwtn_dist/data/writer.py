@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
+from tqdm import tqdm
 
 log = logging.getLogger("gwtn")
 
@@ -69,7 +70,11 @@ def run_workers(job: Callable[..., dict], args: tuple, workers: int) -> list[dic
         return [job(*args, 0, 1)]
     # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy locked.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
+    # One progress-bar lock from the parent: bars of several workers do not garble each other,
+    # and no child leaves a semaphore behind when the pool ends.
+    lock = ctx.RLock()
+    tqdm.set_lock(lock)
+    with ctx.Pool(workers, initializer=tqdm.set_lock, initargs=(lock,)) as pool:
         return pool.starmap(job, [(*args, w, workers) for w in range(workers)])
 
 
