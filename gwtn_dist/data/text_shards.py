@@ -3,7 +3,8 @@
 Each sample is ``{"__key__": …, "ids.npy": (seq_len,) uint16 (int32 for vocabularies over 65535)}``.
 Documents are tokenized without specials and packed back to back, BERT style: every sequence
 starts with ``[CLS]``, every document ends with ``[SEP]``, a long document continues in the next
-sequence, and only the last sequence of a worker is padded with ``[PAD]``. The attention mask is
+sequence, and only the last sequence of a worker is padded with ``[PAD]``. ``tokens`` in the
+index counts text tokens (specials not included). The attention mask is
 ``ids != [PAD]``; ``[SEP]`` marks document boundaries. Every ``val_every``-th document goes to the
 ``val`` split, the rest to ``train``.
 """
@@ -78,6 +79,7 @@ def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, maxc
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     tok = load_tokenizer(Path(out) / TOKENIZER_FILE)
     ids = special_ids(tok)
+    specials = list(ids.values())
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
     splits = ["train", "val"] if val_every else ["train"]
     sinks = {s: ShardSink(Path(out), f"{s}-w{worker:02d}", maxcount) for s in splits}
@@ -100,7 +102,7 @@ def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, maxc
         key = f"{split}-w{worker:02d}-{written[split]:09d}"
         sinks[split].write({"__key__": key, "ids.npy": seq})
         written[split] += 1
-        tokens[split] += int((seq != ids["[PAD]"]).sum())
+        tokens[split] += int((~np.isin(seq, specials)).sum())
 
     doc = -1
     bar = tqdm(desc=f"docs w{worker}", disable=not progress, unit="doc", position=worker,
