@@ -54,21 +54,33 @@ Sample = dict[str, bytes]
 Piece = tuple[int, int, int]  # (shard number, first sample, end sample) inside one shard
 
 
-def count_samples(url: str) -> int:
-    """Samples in a tar shard, from its member names alone (data is seeked over, not read)."""
-    keys = 0
-    last = None
-    with tarfile.open(url, "r:") as tf:
-        for member in tf:
-            key = member.name.split(".", 1)[0]
-            if member.isfile() and key != last:
-                keys, last = keys + 1, key
+def count_samples(url: str, skipped: Counter) -> int:
+    """Samples in a tar shard, from its member names alone (data is seeked over, not read).
+
+    A damaged tar counts only the samples before the damage (the one it cuts is left out), and
+    adds ``unreadable tar`` or ``truncated tar`` to ``skipped``.
+    """
+    keys, last = 0, None
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for member in tf:
+                key = member.name.split(".", 1)[0]
+                if member.isfile() and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        reason = "truncated tar" if keys else "unreadable tar"
+        skipped[reason] += 1
+        log.warning("%s: %s, %d sample(s) before the damage are used (%s)", url, reason,
+                    max(keys - 1, 0), exc)
+        return max(keys - 1, 0)
     return keys
 
 
-def resolve_shards(source: str | Path, split: str) -> tuple[list[str], list[int]]:
+def resolve_shards(source: str | Path, split: str,
+                   skipped: Counter | None = None) -> tuple[list[str], list[int]]:
     """(urls, sample counts) of ``split``: from ``source/index.json`` when ``source`` is a folder,
-    else ``source`` is a glob or brace pattern of tar files (``data/train-{000..099}.tar``)."""
+    else ``source`` is a glob or brace pattern of tar files (``data/train-{000..099}.tar``),
+    counted from their headers (damaged ones are added to ``skipped``)."""
     source = str(source)
     if Path(source).is_dir():
         path = Path(source) / "index.json"
@@ -86,14 +98,8 @@ def resolve_shards(source: str | Path, split: str) -> tuple[list[str], list[int]
     urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
     if not urls:
         raise DataSourceError(f"no shard files match the pattern {source!r}")
-    counts = []
-    for url in urls:
-        try:
-            counts.append(count_samples(url))
-        except (tarfile.TarError, OSError) as exc:
-            log.warning("%s: unreadable tar, left out (%s)", url, exc)
-            counts.append(0)
-    return urls, counts
+    skipped = Counter() if skipped is None else skipped
+    return urls, [count_samples(url, skipped) for url in urls]
 
 
 def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[Piece]:
@@ -169,13 +175,13 @@ class ShardStream(IterableDataset):
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0 … world_size-1 = {world_size - 1}")
-        self.urls, self.counts = resolve_shards(source, split)
+        self.skipped: Counter = Counter()
+        self.urls, self.counts = resolve_shards(source, split, self.skipped)
         self.batch_size, self.decode, self.collate, self.train = batch_size, decode, collate, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch = 0
         self.start_batch = 0  # the rank batch the next iteration starts at (train only)
-        self.skipped: Counter = Counter()
 
     @property
     def samples(self) -> int:
