@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[400, 350], metavar=("W", "H"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--step-s", type=float, default=0.3,
+                   help="an ImageNet training step's seconds per GPU (default 0.3: ResNet50)")
+    p.add_argument("--step-images", type=int, default=256,
+                   help="images per GPU per step (default 256)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         record("Fashion-MNIST TrainStream (default config)", 0, 128 / ms * 1000, "img/s",
                f"{ms:.1f} ms per batch of 128")
 
+    need = args.step_images / args.step_s
+    one = next(r["value"] for r in rows if r["what"].startswith("train images from shards"))
+    print(f"a GPU at {args.step_s} s per {args.step_images} images needs {need:,.0f} img/s: "
+          f"{need / one:.1f} worker(s) at the measured {one:,.0f} img/s per worker")
     with open(out / "bench_data.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
