@@ -98,6 +98,29 @@ def test_json_lines_skip_bad_lines(tmp_path):
         (None, "no text field"), ("Bears sleep.", None)]
 
 
+def test_extractor_files_are_recognised_by_content(tmp_path):
+    (tmp_path / "wiki_00").write_bytes(b'{"id": "1", "text": "Wolves hunt."}\n')
+    (tmp_path / "wiki_01").write_bytes(
+        b'<doc id="1" url="u" title="Wolf">\nWolf\n\nWolves hunt in packs.\n</doc>\n'
+        b'<doc id="2" url="u" title="Bad">\nBad\ncaf\xe9\n</doc>\n')
+    (tmp_path / "dump").write_bytes(make_dump(tmp_path / "d.xml").read_bytes())
+    assert list(read_documents(tmp_path / "wiki_00")) == [("Wolves hunt.", None)]
+    assert list(read_documents(tmp_path / "wiki_01")) == [("Wolves hunt in packs.", None),
+                                                         (None, "non-UTF-8 text")]
+    assert [r for _, r in read_documents(tmp_path / "dump")][:2] == [None, "redirect"]
+
+
+def test_truncated_bz2_text_is_counted_not_fatal(tmp_path):
+    # Random letters do not compress away: the text spans several bz2 blocks.
+    letters = np.random.default_rng(0).integers(97, 105, (30_000, 80), dtype=np.uint8)
+    letters[:, -2:] = ord("\n")
+    data = bz2.compress(b"One paragraph.\n\n" + letters.tobytes())
+    (tmp_path / "t.txt.bz2").write_bytes(data[: len(data) * 3 // 4])
+    items = list(read_documents(tmp_path / "t.txt.bz2"))
+    assert items[0] == ("One paragraph.", None)
+    assert items[-1] == (None, "truncated or malformed input")
+
+
 def test_tokenizer_training_is_deterministic(tmp_path):
     texts = [clean_wikitext(t) for t in (ARTICLE_1, ARTICLE_2, ARTICLE_3)] * 20
     a = train_tokenizer(lambda: texts, 150, tmp_path / "a.json")

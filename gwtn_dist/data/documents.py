@@ -10,7 +10,11 @@ text through ``cleaner(path)``.
   not redirects, their wikitext cleaned by :func:`clean_wikitext`.
 - ``*.jsonl`` / ``*.json`` (optionally ``.bz2``): one JSON object per line with a ``text`` field
   (WikiExtractor ``--json`` and most other extractors write this).
+- WikiExtractor's default output: ``<doc id=… title=…>`` … ``</doc>`` blocks of plain text.
 - anything else: plain UTF-8 text, one document per paragraph (a run of non-blank lines).
+
+Extractors name their files ``wiki_00`` and the like, so a file whose name does not tell is
+recognised by its first bytes (``<mediawiki``, ``{``, ``<doc``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 log = logging.getLogger("gwtn")
 Item = tuple[str | None, str | None]
 NON_UTF8 = "non-UTF-8 text"
+TRUNCATED = "truncated or malformed input"
 CHUNK = 1 << 20
 
 # The link namespaces whose targets are media or page metadata, not prose.
@@ -116,9 +121,9 @@ def wiki_pages(path: Path) -> Iterator[Item]:
                 if not chunk:
                     break
             parser.close()
-    except (ET.ParseError, OSError, EOFError) as exc:
+    except ET.ParseError as exc:
         log.warning("%s: stopped reading at a damaged or truncated part (%s)", path, exc)
-        yield None, "truncated or malformed input"
+        yield None, TRUNCATED
 
 
 def _page(page: ET.Element) -> Item:
@@ -177,18 +182,60 @@ def paragraphs(path: Path) -> Iterator[Item]:
             lines, bad = [], False
 
 
-def read_documents(path: Path | str) -> Iterator[Item]:
-    """The documents of one input file, by its kind (see the module docstring)."""
+def doc_blocks(path: Path) -> Iterator[Item]:
+    """The text of each ``<doc …>`` … ``</doc>`` block (WikiExtractor), without its title line."""
+    lines: list[bytes] | None = None
+    with _open_binary(path) as f:
+        for raw in f:
+            if raw.startswith(b"<doc"):
+                lines = []
+            elif raw.startswith(b"</doc>") and lines is not None:
+                try:
+                    text = b"".join(lines[1:]).decode("utf-8").strip()  # [0]: the title
+                except UnicodeDecodeError:
+                    yield None, NON_UTF8
+                else:
+                    yield (text, None) if text else (None, "empty document")
+                lines = None
+            elif lines is not None:
+                lines.append(raw)
+
+
+def kind(path: Path | str) -> str:
+    """``xml``, ``jsonl``, ``doc`` or ``text``: by the name, else by the first bytes."""
     path = Path(path)
     name = path.name.lower().removesuffix(".bz2")
     if name.endswith(".xml"):
-        return wiki_pages(path)
+        return "xml"
     if name.endswith((".jsonl", ".json")):
-        return json_lines(path)
-    return paragraphs(path)
+        return "jsonl"
+    try:
+        with _open_binary(path) as f:
+            head = f.read(4096).lstrip()
+    except (OSError, EOFError):
+        return "text"  # the reader reports the damage
+    if head.startswith(b"{"):
+        return "jsonl"
+    if head.startswith(b"<doc"):
+        return "doc"
+    return "xml" if b"<mediawiki" in head else "text"
+
+
+def read_documents(path: Path | str) -> Iterator[Item]:
+    """The documents of one input file, by its kind (see the module docstring)."""
+    readers = {"xml": wiki_pages, "jsonl": json_lines, "doc": doc_blocks, "text": paragraphs}
+    return _guarded(readers[kind(path)](Path(path)), path)
+
+
+def _guarded(items: Iterator[Item], path: Path | str) -> Iterator[Item]:
+    # A truncated .bz2 or an unreadable file ends the file, counted, instead of the whole job.
+    try:
+        yield from items
+    except (OSError, EOFError) as exc:
+        log.warning("%s: stopped reading at a damaged or truncated part (%s)", path, exc)
+        yield None, TRUNCATED
 
 
 def cleaner(path: Path | str) -> Callable[[str], str]:
     """What turns a document of ``path`` into plain text: wikitext cleaning for XML dumps."""
-    name = Path(path).name.lower().removesuffix(".bz2")
-    return clean_wikitext if name.endswith(".xml") else str.strip
+    return clean_wikitext if kind(path) == "xml" else str.strip
