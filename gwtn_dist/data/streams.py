@@ -342,7 +342,7 @@ def _image_collate(items: list[tuple[np.ndarray, int]], rng, normalize: bool
 def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 1000, size: int = 224, resize: int = 256,
-                 normalize: bool = True) -> ShardLoader:
+                 normalize: bool = True, pin_memory: bool = False) -> ShardLoader:
     """Image batches ``(x, y)`` from ``gwtn shards imagefolder`` shards.
 
     x: float32 (B, 3, size, size) normalised with ImageNet's mean/std (``normalize=False``: uint8
@@ -356,7 +356,7 @@ def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str
                          collate=partial(_image_collate, normalize=normalize), train=train,
                          rank=rank, world_size=world_size, seed=seed,
                          shuffle_buffer=shuffle_buffer)
-    return ShardLoader(stream, num_workers)
+    return ShardLoader(stream, num_workers, pin_memory)
 
 
 def _token_ids(sample: Sample, rng) -> np.ndarray:
@@ -375,7 +375,8 @@ def _mlm_collate(items: list[np.ndarray], rng, *, vocab_size: int, specials: dic
 
 def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                shuffle_buffer: int = 1000, mlm_probability: float = 0.15) -> ShardLoader:
+                shuffle_buffer: int = 1000, mlm_probability: float = 0.15,
+                pin_memory: bool = False) -> ShardLoader:
     """Masked-LM batches from ``gwtn shards wikipedia|text`` shards (a folder with index.json).
 
     Each batch is ``{"input_ids", "attention_mask", "labels"}``, int64 (B, seq_len): dynamic BERT
@@ -391,4 +392,4 @@ def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str 
     stream = ShardStream(source, split or ("train" if train else "val"), batch_size=batch_size,
                          decode=_token_ids, collate=collate, train=train, rank=rank,
                          world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
-    return ShardLoader(stream, num_workers)
+    return ShardLoader(stream, num_workers, pin_memory)
