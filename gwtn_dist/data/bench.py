@@ -66,7 +66,9 @@ class FolderImages(Dataset):
     """The same training transform, reading one file per image: the baseline to beat."""
 
     def __init__(self, root: Path):
-        self.files = sorted((p, int(p.parent.name[1:])) for p in root.glob("train/*/*.jpg"))
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        self.files = [(p, c) for c, name in enumerate(classes)
+                      for p in sorted((root / "train" / name).iterdir())]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gwtn_dist.data.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-data", help="where bench_data.csv goes")
+    p.add_argument("--folder", help="an image folder with train/<class>/ to read instead of "
+                                    "synthetic photos (e.g. a slice of ImageNet)")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--size", type=int, nargs=2, default=[400, 350], metavar=("W", "H"))
     p.add_argument("--batch-size", type=int, default=64)
@@ -135,12 +139,16 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         w, h = args.size
         print(f"machine: {machine()}")
-        make_photos(tmp / "photos", args.images, w, h)
-        kb = sum(f.stat().st_size for f in tmp.glob("photos/train/*/*.jpg")) / args.images / 1024
-        note = f"{args.images} JPEGs {w}x{h}, {kb:.0f} kB each"
+        photos = Path(args.folder) if args.folder else tmp / "photos"
+        if not args.folder:
+            make_photos(photos, args.images, w, h)
+        files = [f for f in photos.glob("train/*/*") if f.is_file()]
+        kb = sum(f.stat().st_size for f in files) / len(files) / 1024
+        note = (f"{len(files)} files of {photos.name}, {kb:.0f} kB each" if args.folder
+                else f"{len(files)} JPEGs {w}x{h}, {kb:.0f} kB each")
         start = time.perf_counter()
-        write_imagefolder_shards(tmp / "photos", tmp / "img", workers=2, progress=False)
-        record("write imagefolder shards", 2, args.images / (time.perf_counter() - start),
+        write_imagefolder_shards(photos, tmp / "img", workers=2, progress=False)
+        record("write imagefolder shards", 2, len(files) / (time.perf_counter() - start),
                "img/s", note)
         for k in args.workers:
             shards = image_stream(tmp / "img", train=True, batch_size=args.batch_size,
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             epoch = itertools.islice(shards, shards.batches_per_epoch)
             value, _ = rate(epoch, lambda b: len(b[1]))
             record("train images from shards (decode+crop+flip+norm)", k, value, "img/s", note)
-            folder = DataLoader(FolderImages(tmp / "photos"), batch_size=args.batch_size,
+            folder = DataLoader(FolderImages(photos), batch_size=args.batch_size,
                                 shuffle=True, num_workers=k, collate_fn=_folder_collate,
                                 drop_last=True)
             value, _ = rate(folder, lambda b: len(b[1]))
