@@ -41,7 +41,8 @@ def _cmd_text(args: argparse.Namespace) -> None:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> None:
-    tok = train_tokenizer(lambda: iter_texts(args.inputs), args.vocab_size, args.out)
+    tok = train_tokenizer(lambda: iter_texts(args.inputs), args.vocab_size, args.out,
+                          progress=not args.quiet)
     print(f"wrote {args.out} ({tok.get_vocab_size()} tokens)")
 
 

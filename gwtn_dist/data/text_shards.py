@@ -151,7 +151,7 @@ def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int 
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         log.info("training a WordPiece tokenizer (vocab %d) on %d file(s)", vocab_size, len(paths))
-        train_tokenizer(lambda: iter_texts(paths), vocab_size, out / TOKENIZER_FILE)
+        train_tokenizer(lambda: iter_texts(paths), vocab_size, out / TOKENIZER_FILE, progress)
     elif Path(tokenizer).resolve() != (out / TOKENIZER_FILE).resolve():
         load_tokenizer(tokenizer)
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)

@@ -9,11 +9,11 @@ with ids fixed, the tie-breaks and so the whole vocabulary are the same on every
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from .errors import DataSourceError
 
@@ -31,22 +31,23 @@ def _bert_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
 
 
 def train_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int,
-                    out: Path | str | None = None) -> Tokenizer:
+                    out: Path | str | None = None, progress: bool = False) -> Tokenizer:
     """Train a WordPiece vocabulary of ``vocab_size`` on ``texts()`` (called twice: two passes).
 
     The result lowercases, splits like BERT, and has the ids ``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]``
-    2, ``[SEP]`` 3, ``[MASK]`` 4. Saved as JSON at ``out`` when given.
+    2, ``[SEP]`` 3, ``[MASK]`` 4. Saved as JSON at ``out`` when given. Both passes run in this
+    process: for a whole Wikipedia, train on a part of it and pass the result to the writer.
     """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     normalizer = normalizers.BertNormalizer(lowercase=True)
     alphabet: set[str] = set()
-    for text in texts():
+    for text in tqdm(texts(), desc="tokenizer: alphabet", unit="doc", disable=not progress,
+                     mininterval=1.0):
         alphabet.update(normalizer.normalize_str(text))
     alphabet = sorted(c for c in alphabet if not c.isspace())
     if not alphabet:
         raise DataSourceError("no text to train a tokenizer on")
     continuation = ["##" + c for c in alphabet]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=progress,
                                         special_tokens=SPECIALS + continuation,
                                         initial_alphabet=alphabet)
     trained = _bert_tokenizer()
