@@ -16,6 +16,7 @@ from PIL import Image
 
 from gwtn_dist.data.errors import DataSourceError
 from gwtn_dist.data.imagefolder import write_imagefolder_shards
+from gwtn_dist.data.streams import image_stream
 
 CLASSES = ["ant", "bee", "cow"]
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +110,18 @@ def test_one_and_two_workers_write_the_same_samples(folder, shards, tmp_path):
 
     two = json.loads((shards / "index.json").read_text())
     assert content(tmp_path, one) == content(shards, two)
+
+
+def test_two_ranks_of_two_workers_evaluate_every_image_once(folder, shards):
+    _, expected = folder
+    labels, count = Counter(), 0
+    for rank in range(2):
+        for x, y in image_stream(shards, train=False, batch_size=2, rank=rank, world_size=2,
+                                 num_workers=2, size=32, resize=36):
+            assert x.shape[1:] == (3, 32, 32)
+            labels.update(y.tolist())
+            count += len(y)
+    assert count == 9 and labels == expected["val"]
 
 
 def test_a_folder_without_classes_is_an_error(tmp_path):
