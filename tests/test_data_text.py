@@ -65,6 +65,7 @@ def test_clean_wikitext_keeps_prose_and_drops_markup():
         "The fox hunts at night & rests by day.",
     ]
     assert clean_wikitext("a {{x|{{y|{{z}}}}}} b") == "a b"
+    assert clean_wikitext('One<ref name="a/b" /> two<ref>x</ref> three.') == "One two three."
     assert clean_wikitext("[[Image:a.png|caption [[link]] more]]end") == "end"
     assert clean_wikitext("[http://x.org site] and [http://y.org]") == "site and"
 

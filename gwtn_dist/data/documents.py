@@ -43,7 +43,7 @@ _INNER_TABLE = re.compile(r"\{\|(?:(?!\{\|)[\s\S])*?\|\}")
 _INNER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 _EXT_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]*\s*([^\]]*)\]")
 _COMMENT = re.compile(r"<!--[\s\S]*?(-->|$)")
-_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>[\s\S]*?</ref>", re.IGNORECASE)
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>[\s\S]*?</ref>", re.IGNORECASE)
 _DROP_BLOCKS = re.compile(r"<(math|gallery|timeline|score|syntaxhighlight|source)[^>]*>[\s\S]*?</\1>",
                           re.IGNORECASE)
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
