@@ -8,7 +8,6 @@ workers never share a file; the parent merges the per-worker reports into ``OUT/
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
 from collections import Counter
@@ -17,8 +16,6 @@ from pathlib import Path
 
 import webdataset as wds
 from tqdm import tqdm
-
-log = logging.getLogger("gwtn")
 
 
 class ShardSink:
