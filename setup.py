@@ -33,6 +33,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "pillow",
+        "tokenizers",
         "matplotlib",
     ],
     extras_require={

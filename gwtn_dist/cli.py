@@ -1,6 +1,8 @@
 """The ``gwtn`` command (also ``python -m gwtn_dist``).
 
     gwtn shards fashion-mnist OUT [--src DIR]      write webdataset shards
+    gwtn shards imagefolder|wikipedia|text …       shards for ImageNet / BERT pretraining
+    gwtn tokenizer train FILE… --out PATH          a WordPiece tokenizer
     gwtn run CONFIG [key=value ...]                wide → imitate → finetune (+ baselines)
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, ConfigError, dump_config, load_config
+from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
 from .dist import runtime
@@ -98,11 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shards", help="write webdataset shards of a dataset")
-    p.add_argument("dataset", choices=["fashion-mnist"])
+    kinds = sub.add_parser("shards", help="write webdataset shards of a dataset").add_subparsers(
+        dest="dataset", required=True)
+    p = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files → shards")
     p.add_argument("out", help="output folder")
     p.add_argument("--src", help="folder of MNIST-format idx files (default: Debian's package)")
     p.set_defaults(func=_cmd_shards)
+    add_shard_commands(kinds)
+    add_tokenizer_command(sub)
 
     helps = {
         "run": ("all three stages, then the configured baselines", _cmd_run),

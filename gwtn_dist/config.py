@@ -63,6 +63,12 @@ class DataConfig:
     shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
     train_samples: use only the first N training samples of the stream order (0 = all); handy
     for quick runs. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
+
+    For image-folder and token shards (``gwtn_dist.data.streams``): num_workers: DataLoader
+    worker processes per rank (default 0: read in the training process); image_size: side of
+    the random-resized crop and of the eval centre crop (default 224); eval_resize: eval images'
+    shorter side before the centre crop (default 256); mlm_probability: share of tokens chosen
+    for masked-LM (default 0.15, BERT's).
     """
 
     dataset: Literal["fashion-mnist"] = "fashion-mnist"
@@ -75,6 +81,10 @@ class DataConfig:
     hflip: bool = True
     mean: float = 0.2860
     std: float = 0.3530
+    num_workers: int = 0
+    image_size: int = 224
+    eval_resize: int = 256
+    mlm_probability: float = 0.15
 
 
 @dataclass
@@ -438,6 +448,11 @@ def validate(cfg: Config) -> None:
     _positive("data.train_samples", d.train_samples, allow_zero=True)
     _positive("data.crop_padding", d.crop_padding, allow_zero=True)
     _positive("data.std", d.std)
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.image_size", d.image_size)
+    _positive("data.eval_resize", d.eval_resize)
+    if not 0 < d.mlm_probability < 1:
+        raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
     _positive("wide.steps", cfg.wide.steps)
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataSourceError
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -15,10 +17,6 @@ SPLIT_FILES = {
 }
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-class DataSourceError(FileNotFoundError):
-    """Input data that is missing or malformed; the message says what to provide."""
 
 
 def _find(src: Path, stem: str) -> Path:

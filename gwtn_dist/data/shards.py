@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from .fashion_mnist import DataSourceError
+from .errors import DataSourceError
 
 log = logging.getLogger("gwtn")
 SHARD_SIZE = 10_000

@@ -1,0 +1,395 @@
+"""Multi-rank, multi-worker shard readers with exact epochs and exact resume.
+
+A split is a list of shards with known sample counts (from ``index.json``, or counted from the
+tar headers when a glob/brace pattern is given). Reading is planned on *sample positions*:
+
+- **train**, epoch ``e``: the shards are shuffled with a seed from (seed, e) and laid end to end;
+  rank ``r`` of ``W`` gets the contiguous ``r``-th ``1/W`` of the positions, and its logical
+  worker ``j`` of ``K`` the ``j``-th ``1/K`` of that. Ranges may start and end inside shards, so
+  more ranks than shards, or uneven shards, leave no rank dry. A worker shuffles its range through
+  a seeded buffer and yields ``q = N // (W·K) // batch_size`` batches, the same number on every
+  rank and worker (the remainder, < W·K·batch_size samples, changes each epoch). A rank's batches
+  interleave its workers: rank batch ``b`` is worker ``b % K``'s batch ``b // K``, which is the
+  order a torch DataLoader returns them in.
+- **eval**: no shuffling; the positions ``0 … N`` are split into ``W·K`` contiguous slots, so every
+  sample is read exactly once across all ranks and workers; the last batch of a worker may be short.
+
+Resume: a position ``{"epoch", "batch"}`` is the next batch of the rank. Seeking restarts the
+epoch's plan, each worker skips its batches before it by reading raw tar members (no decode), and
+worker ids are rotated so the DataLoader's first worker is the one that owns batch ``b``. Resuming
+needs the same seed, world size, worker count and batch size, and is exact as long as the
+skipped batches held no undecodable sample (the writers check every image). Random augmentation and masking
+draw from a generator seeded by (seed, epoch, rank, worker, batch), so skipped batches cost no
+random state and a resumed batch is bit-identical.
+
+Bad data — an unreadable or truncated tar, a member that does not decode — is skipped, logged and
+counted in ``stream.skipped`` (per process: each DataLoader worker logs its own counts), never a
+crash. A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import image_transforms as T
+from .errors import DataSourceError
+from .mlm import mask_tokens
+
+log = logging.getLogger("gwtn")
+Sample = dict[str, bytes]
+Piece = tuple[int, int, int]  # (shard number, first sample, end sample) inside one shard
+
+
+def count_samples(url: str, skipped: Counter) -> int:
+    """Samples in a tar shard, from its member names alone (data is seeked over, not read).
+
+    A damaged tar counts only the samples before the damage (the one it cuts is left out), and
+    adds ``unreadable tar`` or ``truncated tar`` to ``skipped``.
+    """
+    keys, last = 0, None
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for member in tf:
+                key = member.name.split(".", 1)[0]
+                if member.isfile() and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        reason = "truncated tar" if keys else "unreadable tar"
+        skipped[reason] += 1
+        log.warning("%s: %s, %d sample(s) before the damage are used (%s)", url, reason,
+                    max(keys - 1, 0), exc)
+        return max(keys - 1, 0)
+    return keys
+
+
+def resolve_shards(source: str | Path, split: str,
+                   skipped: Counter | None = None) -> tuple[list[str], list[int]]:
+    """(urls, sample counts) of ``split``: from ``source/index.json`` when ``source`` is a folder,
+    else ``source`` is a glob or brace pattern of tar files (``data/train-{000..099}.tar``),
+    counted from their headers (damaged ones are added to ``skipped``)."""
+    source = str(source)
+    if Path(source).is_dir():
+        path = Path(source) / "index.json"
+        if not path.is_file():
+            raise DataSourceError(f"{path} not found: write shards with `gwtn shards …`")
+        index = json.loads(path.read_text())
+        if split not in index["splits"]:
+            raise DataSourceError(f"{source}: no {split!r} split in index.json")
+        info = index["splits"][split]
+        urls = [str(Path(source) / name) for name in info["shards"]]
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise DataSourceError(f"{source}: shards listed in index.json are missing: {missing}")
+        return urls, list(info["shard_samples"])
+    urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
+    if not urls:
+        raise DataSourceError(f"no shard files match the pattern {source!r}")
+    skipped = Counter() if skipped is None else skipped
+    return urls, [count_samples(url, skipped) for url in urls]
+
+
+def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[Piece]:
+    """The pieces of shards that hold positions ``start … stop`` of the shards laid end to end
+    in ``order``."""
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + counts[shard])
+        if lo < hi:
+            pieces.append((shard, lo - offset, hi - offset))
+        offset += counts[shard]
+    return pieces
+
+
+def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sample]:
+    """Samples ``first … end`` of a tar shard as ``{"__key__": key, ext: bytes}``.
+
+    Members before ``first`` are seeked over. A tar that cannot be opened or ends early is
+    logged and counted; the samples read before the damage are kept.
+    """
+    index, key, sample = -1, None, {}
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name, _, ext = member.name.partition(".")
+                if name != key:
+                    if first <= index < end:
+                        yield sample
+                    index, key, sample = index + 1, name, {"__key__": name}
+                    if index >= end:
+                        return
+                if index >= first:
+                    sample[ext] = tf.extractfile(member).read()
+            if first <= index < end:
+                yield sample
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        reason = "unreadable tar" if index < 0 else "truncated tar"
+        skipped[reason] += 1
+        log.warning("%s: %s, skipped from sample %d on (%s)", url, reason, max(index, 0), exc)
+
+
+def buffer_shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer of ``size`` items (1 = keep the order)."""
+    buf: list = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of a shard split; iterate it through :class:`ShardLoader`.
+
+    ``decode(sample, rng)`` turns a raw sample into an item (raising ``ValueError``/``OSError``/
+    ``KeyError`` on bad data, which is then skipped and counted) and ``collate(items, rng)`` makes
+    a batch; ``rng`` is a numpy Generator seeded by (seed, epoch, rank, worker, batch).
+    """
+
+    def __init__(self, source: str | Path, split: str, *, batch_size: int,
+                 decode: Callable[[Sample, np.random.Generator], object],
+                 collate: Callable[[list, np.random.Generator], object], train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0 … world_size-1 = {world_size - 1}")
+        self.skipped: Counter = Counter()
+        self.urls, self.counts = resolve_shards(source, split, self.skipped)
+        self.batch_size, self.decode, self.collate, self.train = batch_size, decode, collate, train
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.epoch = 0
+        self.start_batch = 0  # the rank batch the next iteration starts at (train only)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    def batches_per_worker(self, workers: int) -> int:
+        """Training batches each worker yields per epoch (the same on every rank)."""
+        return self.samples // (self.world_size * workers) // self.batch_size
+
+    def _slot(self, j: int, workers: int, order: list[int]) -> list[Piece]:
+        n, slots = self.samples, self.world_size * workers
+        if self.train:  # rank's share first, then the worker's share of it
+            lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+            return plan(self.counts, order, lo + j * (hi - lo) // workers,
+                        lo + (j + 1) * (hi - lo) // workers)
+        s = self.rank * workers + j
+        return plan(self.counts, order, s * n // slots, (s + 1) * n // slots)
+
+    def _raw(self, pieces: list[Piece]) -> Iterator[Sample]:
+        for shard, first, end in pieces:
+            yield from read_piece(self.urls[shard], first, end, self.skipped)
+
+    def _decoded(self, raw: Iterator[Sample], rng: np.random.Generator, count: int) -> list:
+        items = []
+        for sample in raw:
+            try:
+                items.append(self.decode(sample, rng))
+            except (ValueError, OSError, KeyError, SyntaxError) as exc:
+                self.skipped["undecodable sample"] += 1
+                log.warning("sample %s: undecodable, skipped (%s); %d skipped so far",
+                            sample.get("__key__"), exc, sum(self.skipped.values()))
+                continue
+            if len(items) == count:
+                break
+        return items
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        k, workers = (info.id, info.num_workers) if info else (0, 1)
+        if not self.train:
+            yield from self._eval(k, workers)
+            return
+        b = self.start_batch
+        j = (k + b) % workers  # rotate: the DataLoader's first worker owns rank batch b
+        first = max(0, -(-(b - j) // workers))  # this worker's batches before rank batch b
+        quota = self.batches_per_worker(workers)
+        order = list(range(len(self.urls)))
+        random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+        pieces = self._slot(j, workers, order)
+        batch, passes = 0, 0
+        while batch < quota:
+            # A second pass over the range only happens when bad samples ate into the quota.
+            rng = random.Random(_seed(self.seed, self.epoch, self.rank, j, passes))
+            raw = buffer_shuffle(self._raw(pieces), self.shuffle_buffer, rng)
+            produced = 0
+            while batch < quota:
+                if batch < first:  # resume: skip raw samples, decode nothing
+                    got = sum(1 for _ in zip(range(self.batch_size), raw))
+                    batch, produced = batch + (got == self.batch_size), produced + got
+                    if got < self.batch_size:
+                        break
+                    continue
+                brng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, j, batch))
+                items = self._decoded(raw, brng, self.batch_size)
+                produced += len(items)
+                if len(items) < self.batch_size:
+                    break
+                yield self.collate(items, brng)
+                batch += 1
+            if produced == 0:
+                raise DataSourceError(f"rank {self.rank} worker {j}: no readable sample in "
+                                      f"{[self.urls[p[0]] for p in pieces]}")
+            passes += 1
+
+    def _eval(self, k: int, workers: int) -> Iterator:
+        raw = self._raw(self._slot(k, workers, list(range(len(self.urls)))))
+        batch = 0
+        while True:
+            rng = np.random.default_rng(_seed(self.seed, self.rank, k, batch))
+            items = self._decoded(raw, rng, self.batch_size)
+            if not items:
+                return
+            yield self.collate(items, rng)
+            batch += 1
+
+
+class ShardLoader:
+    """Batches of a :class:`ShardStream` through a torch DataLoader with ``num_workers``.
+
+    Training streams are endless and resumable (``position``/``seek``); evaluation streams yield
+    every batch of the rank's share once per ``iter()``.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.epoch, self.batch = 0, 0
+        self._it: Iterator | None = None
+        if stream.train and stream.batches_per_worker(max(1, num_workers)) == 0:
+            raise DataSourceError(
+                f"{stream.samples} training samples are too few for {stream.world_size} rank(s) "
+                f"× {max(1, num_workers)} worker(s) × batch {stream.batch_size}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Rank batches per training epoch (the same on every rank)."""
+        workers = max(1, self.num_workers)
+        return workers * self.stream.batches_per_worker(workers)
+
+    @property
+    def position(self) -> dict:
+        """The next batch: ``{"epoch": e, "batch": b}``."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def seek(self, position: dict) -> None:
+        """Continue from a saved ``position``: the next batch is the one that would have come."""
+        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self._it = None
+
+    def _loader(self) -> Iterator:
+        self.stream.epoch, self.stream.start_batch = self.epoch, self.batch
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory))
+
+    def __iter__(self) -> Iterator:
+        if self.stream.train:
+            return self
+        self.stream.epoch, self.stream.start_batch = 0, 0
+        return self._loader()
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._loader()
+        try:
+            out = next(self._it)
+        except StopIteration:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._it = self._loader()
+            out = next(self._it)
+        self.batch += 1
+        return out
+
+
+def _image_item(sample: Sample, rng, transform) -> tuple[np.ndarray, int]:
+    return transform(sample["jpg"], rng), int(sample["cls"])
+
+
+def _eval_image(data: bytes, rng, resize: int, size: int) -> np.ndarray:
+    return T.eval_transform(data, resize, size)
+
+
+def _image_collate(items: list[tuple[np.ndarray, int]], rng, normalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.stack([x for x, _ in items]))  # (B, H, W, 3) uint8
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)  # (B,)
+    return (T.normalize(images) if normalize else images), labels
+
+
+def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 1000, size: int = 224, resize: int = 256,
+                 normalize: bool = True, pin_memory: bool = False) -> ShardLoader:
+    """Image batches ``(x, y)`` from ``gwtn shards imagefolder`` shards.
+
+    x: float32 (B, 3, size, size) normalised with ImageNet's mean/std (``normalize=False``: uint8
+    (B, size, size, 3), to normalise on the accelerator with ``image_transforms.normalize``);
+    y: int64 (B,). Training: random-resized-crop + flip; eval (split ``val``): resize + centre crop.
+    """
+    transform = (partial(T.train_transform, size=size) if train
+                 else partial(_eval_image, resize=resize, size=size))
+    stream = ShardStream(source, split or ("train" if train else "val"), batch_size=batch_size,
+                         decode=partial(_image_item, transform=transform),
+                         collate=partial(_image_collate, normalize=normalize), train=train,
+                         rank=rank, world_size=world_size, seed=seed,
+                         shuffle_buffer=shuffle_buffer)
+    return ShardLoader(stream, num_workers, pin_memory)
+
+
+def _token_ids(sample: Sample, rng) -> np.ndarray:
+    return np.load(io.BytesIO(sample["ids.npy"]))
+
+
+def _mlm_collate(items: list[np.ndarray], rng, *, vocab_size: int, specials: dict[str, int],
+                 probability: float) -> dict[str, torch.Tensor]:
+    ids = np.stack(items)  # (B, L) uint16/int32
+    inputs, labels = mask_tokens(ids, rng, vocab_size=vocab_size, mask_id=specials["[MASK]"],
+                                 special_ids=list(specials.values()), probability=probability)
+    return {"input_ids": torch.from_numpy(inputs),
+            "attention_mask": torch.from_numpy((ids != specials["[PAD]"]).astype(np.int64)),
+            "labels": torch.from_numpy(labels)}
+
+
+def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
+                rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                shuffle_buffer: int = 1000, mlm_probability: float = 0.15,
+                pin_memory: bool = False) -> ShardLoader:
+    """Masked-LM batches from ``gwtn shards wikipedia|text`` shards (a folder with index.json).
+
+    Each batch is ``{"input_ids", "attention_mask", "labels"}``, int64 (B, seq_len): dynamic BERT
+    masking (:func:`mlm.mask_tokens`) drawn fresh per batch; labels are -100 where not masked.
+    """
+    path = Path(source) / "index.json"
+    index = json.loads(path.read_text()) if path.is_file() else {}
+    if index.get("format") != "tokens":
+        raise DataSourceError(f"{source}: not a token shard folder (write one with "
+                              f"`gwtn shards wikipedia|text`)")
+    collate = partial(_mlm_collate, vocab_size=index["vocab_size"],
+                      specials=index["special_ids"], probability=mlm_probability)
+    stream = ShardStream(source, split or ("train" if train else "val"), batch_size=batch_size,
+                         decode=_token_ids, collate=collate, train=train, rank=rank,
+                         world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+    return ShardLoader(stream, num_workers, pin_memory)
