@@ -39,7 +39,8 @@ def ensure_shards(cfg: Config) -> None:
     """Write the Fashion-MNIST shards from Debian's package if the config's folder has none
     (rank 0 writes them while the other ranks wait)."""
     shards = Path(cfg.data.shards)
-    if runtime.current().is_main and not (shards / "index.json").is_file():
+    if cfg.data.dataset == "fashion-mnist" and runtime.current().is_main \
+            and not (shards / "index.json").is_file():
         log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
         write_fashion_mnist(shards, None, progress=cfg.progress)
     runtime.barrier()

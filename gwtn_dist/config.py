@@ -60,7 +60,10 @@ class ModelConfig:
 class DataConfig:
     """Where the shards are and how batches are made.
 
+    dataset: ``fashion-mnist`` (``gwtn shards fashion-mnist``; written on first use) or
+    ``imagefolder`` (``gwtn shards imagefolder``: JPEGs, train/val); see ``data.batches``.
     shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
+    batch_size: the global batch, split evenly over the ranks.
     train_samples: use only the first N training samples of the stream order (0 = all); handy
     for quick runs. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
 
@@ -71,7 +74,7 @@ class DataConfig:
     for masked-LM (default 0.15, BERT's).
     """
 
-    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
     shards: str = "runs/data/fashion-mnist"
     batch_size: int = 128
     eval_batch_size: int = 500

@@ -187,3 +187,26 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_to_the_same_weights(
     reference = checkpoint.load(two_rank_run / "wide" / "model.pt")["state_dict"]
     for name, tensor in reference.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_image_folder_shards_train_all_stages_on_two_ranks(tmp_path):
+    """JPEG class folders → ``gwtn shards imagefolder`` → the three stages on 2 ranks, each rank
+    reading its own share of the epoch; every val image is scored once."""
+    from test_data_imagefolder import make_image_folder
+
+    expected = make_image_folder(tmp_path / "folder", {"train": 8, "val": 3})
+    shards = tmp_path / "shards"
+    run([sys.executable, "-m", "gwtn_dist", "-q", "shards", "imagefolder",
+         str(tmp_path / "folder"), str(shards)])
+    run_dir = tmp_path / "run"
+    run(torchrun(2, ["run", TINY, f"run_dir={run_dir}", f"data.shards={shards}",
+                     "data.dataset=imagefolder", "data.image_size=32", "data.eval_resize=36",
+                     "data.batch_size=8", "data.eval_batch_size=4", "data.shuffle_buffer=16",
+                     "model.in_channels=3", "model.num_classes=3", "progress=false",
+                     "threads=1", "eval_every=0", "wide.steps=6", "imitate.steps_per_point=2",
+                     "finetune.kd_steps=2", "finetune.label_steps=2"]))
+    summary = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert set(summary) == {"wide", "imitate", "finetune", "scratch"}
+    for record in summary.values():
+        assert record["world_size"] == 2
+        assert record["test_samples"] == sum(expected["val"].values())

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import Config
-from ..data.shards import TrainStream, eval_batches, to_model_input
+from ..data.batches import rank_eval_batches, train_batches
 from ..dist.runtime import all_reduce_sum, barrier, current, device_for
 from ..dist.sync_bn import use_global_batchnorm
 from .loop import LoopContext, PhaseResult
@@ -60,31 +60,29 @@ def seed_everything(seed: int) -> None:
 def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0) -> dict:
     """Test accuracy and cross-entropy over the test split (its first ``limit`` samples if set).
 
-    On several ranks, rank r scores batches r, r + N, r + 2N … and the counts are summed, so
-    every sample is scored once. Every rank runs the same number of forwards (a rank out of
-    batches repeats one and does not count it), as a ZeRO-3 net's forward is a collective.
+    Each rank scores its share of the test split and the counts are summed, so every sample is
+    scored once. Every rank runs the same number of forwards (a rank out of batches runs rank
+    0's first one again and does not count it), as a ZeRO-3 net's forward is a collective.
     """
-    rt = current()
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # correct, samples, summed loss
-    batches = eval_batches(cfg.data.shards, cfg.data.eval_batch_size, limit=limit)
-    last = None
+    batches = rank_eval_batches(cfg, limit)
+    filler = None
     while True:
-        group = [b for _, b in zip(range(rt.world_size), batches)]  # this round's batches
-        if not group:
-            break
-        mine = group[rt.rank] if rt.rank < len(group) else None
-        images, labels = mine if mine is not None else (last or group[0])
-        x = to_model_input(images, cfg.data.mean, cfg.data.std)
+        mine = next(batches, None)
+        if all_reduce_sum(torch.tensor([mine is not None])).item() == 0:
+            break  # every rank is done
+        if mine is None and filler is None:
+            filler = next(rank_eval_batches(cfg, limit, rank=0))
+        x, y = mine if mine is not None else filler
         x = x.to(device, dtype=next(model.parameters()).dtype)
         logits = model(x.contiguous(memory_format=memory_format(cfg))).float()
         if mine is not None:
-            y = labels.to(device)
+            y = y.to(device)
             sums += torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
                                   F.cross_entropy(logits, y, reduction="sum").item()],
                                  dtype=torch.float64)
-            last = mine
     correct, total, loss_sum = all_reduce_sum(sums).tolist()
     model.train(was_training)
     return {"test_accuracy": correct / max(total, 1), "test_loss": loss_sum / max(total, 1),
@@ -95,12 +93,11 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
                  step_offset: int = 0) -> LoopContext:
     """The LoopContext of a stage; ``stream_tag`` gives each stage its own data order."""
     device = resolve_device(cfg)
-    stream = TrainStream(cfg.data.shards, cfg.data.batch_size, seed=cfg.seed * 101 + stream_tag,
-                         shuffle_buffer=cfg.data.shuffle_buffer, limit=cfg.data.train_samples)
     return LoopContext(
-        stage_dir=stage_dir, modules=modules, stream=stream, device=device, seed=cfg.seed,
-        mean=cfg.data.mean, std=cfg.data.std, crop_padding=cfg.data.crop_padding,
-        hflip=cfg.data.hflip, memory_format=memory_format(cfg),
+        stage_dir=stage_dir, modules=modules,
+        batches=train_batches(cfg, stream_seed=cfg.seed * 101 + stream_tag), device=device,
+        micro_batch=cfg.data.batch_size // current().world_size,
+        memory_format=memory_format(cfg),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
         evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples),
         eval_every=cfg.eval_every, step_offset=step_offset,

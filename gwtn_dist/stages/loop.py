@@ -8,9 +8,8 @@ steps and at each phase end. A checkpoint holds everything that decides the rest
 (weights, optimizer and schedule, stream position, phase and step), so a resumed run ends with
 the same weights as an uninterrupted one.
 
-On several ranks every rank reads the same global batch and trains on its own slice of it
-(rank r takes samples r·b … (r+1)·b − 1 of the augmented batch), so N ranks × b see exactly
-the samples and augmentations of 1 rank × N·b; the engine averages the gradients. Logged losses
+On several ranks each rank trains on its own batch (``data.batches``: a slice of the global
+batch, or its own share of the epoch), and the engine averages the gradients. Logged losses
 are averaged over ranks; rank 0 writes the files. Mid-phase, a DeepSpeed engine's state is a
 DeepSpeed checkpoint under ``stage_dir/deepspeed/`` that ``checkpoint.pt`` points to, written
 first, so the pointer never names an incomplete checkpoint. At phase ends ``checkpoint.pt``
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from .. import checkpoint
 from ..config import DistConfig, OptimConfig
-from ..data.shards import TrainStream, augment, to_model_input
+from ..data.batches import GlobalBatches, RankBatches
 from ..dist.engines import full_state_dict, make_engine, unpartition
 from ..dist.runtime import all_reduce_sum, barrier, current
 
@@ -87,13 +86,9 @@ class LoopContext:
 
     stage_dir: Path
     modules: dict[str, nn.Module]
-    stream: TrainStream
+    batches: GlobalBatches | RankBatches
     device: torch.device
-    seed: int
-    mean: float
-    std: float
-    crop_padding: int
-    hflip: bool
+    micro_batch: int
     memory_format: torch.memory_format
     checkpoint_every: int
     dist: DistConfig
@@ -126,24 +121,12 @@ class MetricsLog:
         self.path.write_text("".join(k + "\n" for k in keep))
 
 
-def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
-    # Augmentation randomness is a function of (seed, phase, step) alone, so it replays on resume.
-    return torch.Generator().manual_seed(seed * 1_000_003 + phase_index * 100_003 + step)
-
-
 def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm:
     interactive = sys.stderr.isatty()
     return tqdm(total=phase.steps, initial=start, desc=phase.name, unit="step",
                 disable=not (ctx.progress and current().is_main), dynamic_ncols=True,
                 leave=interactive,
                 mininterval=0.5 if interactive else 15.0)
-
-
-def _rank_slice(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a global batch: rows r·b … (r+1)·b − 1."""
-    rt = current()
-    b = batch.shape[0] // rt.world_size
-    return batch[rt.rank * b : (rt.rank + 1) * b]
 
 
 def _averaged(loss: torch.Tensor, extra: dict) -> tuple[float, dict]:
@@ -158,7 +141,7 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
           wall: float, results: list[PhaseResult]) -> None:
     """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically."""
     state = {
-        "stream": ctx.stream.position,
+        "stream": ctx.batches.position,
         "phase_index": phase_index + 1 if done else phase_index,
         "step": 0 if done else step,
         "recent_losses": recent, "phase_wall_s": wall,
@@ -203,7 +186,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         for name, module in ctx.modules.items():
             if "modules" in state:
                 module.load_state_dict(state["modules"][name])
-        ctx.stream.seek(state["stream"])
+        ctx.batches.seek(state["stream"])
         results = [PhaseResult(**r) for r in state["results"]]
         first_phase, first_step = state["phase_index"], state["step"]
         metrics.truncate_after(first_phase, first_step)
@@ -214,14 +197,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         (ctx.stage_dir / "metrics.jsonl").unlink()
 
     global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
-    micro_batch = ctx.stream.batch_size // rt.world_size
     for index in range(first_phase, len(phases)):
         phase = phases[index]
         start = first_step if index == first_phase else 0
         phase.setup()
         engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
                              zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
-                             micro_batch=micro_batch)
+                             micro_batch=ctx.micro_batch)
         recent: list[float] = []
         wall = 0.0
         if state is not None and index == first_phase and start > 0:
@@ -231,12 +213,9 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         bar = _progress_bar(ctx, phase, start)
         tick = time.perf_counter()
         for step in range(start, phase.steps):
-            images, labels = next(ctx.stream)  # the global batch (B, C, H, W), (B,)
-            images = augment(images, _batch_generator(ctx.seed, index, step),
-                             ctx.crop_padding, ctx.hflip)
-            x = to_model_input(_rank_slice(images), ctx.mean, ctx.std)
+            x, y = ctx.batches.next(index, step)  # this rank's (b, C, H, W), (b,)
             x = x.to(ctx.device).contiguous(memory_format=ctx.memory_format)
-            y = _rank_slice(labels).to(ctx.device)
+            y = y.to(ctx.device)
             loss, extra = phase.loss(x, y)
             value, extra = _averaged(loss, extra)
             if not math.isfinite(value):

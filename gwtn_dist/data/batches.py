@@ -1,0 +1,112 @@
+"""What the training loop and evaluation read: this rank's model-ready batches, per data format.
+
+``data.dataset`` picks the format:
+- ``fashion-mnist`` (idx-derived ``npy`` shards): every rank reads the same global batch, which
+  is augmented (crop + flip, seeded by (seed, phase, step)) and normalised, and takes its
+  slice, so N ranks × b see exactly what 1 rank × N·b sees. Evaluation strides the test
+  batches over the ranks.
+- ``imagefolder`` (``gwtn shards imagefolder``, JPEG): each rank (and each DataLoader worker)
+  reads its own share of every epoch (``data.streams.image_stream``), decoded and augmented
+  with random-resized-crop + flip and ImageNet's normalisation; evaluation reads the ``val``
+  split, every image once over all ranks.
+
+Both give x float32 (b, C, H, W) and y int64 (b,), with a resumable ``position``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..config import Config
+from ..dist.runtime import current
+from .shards import TrainStream, augment, eval_batches, to_model_input
+from .streams import image_stream
+
+
+def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
+    # Augmentation randomness is a function of (seed, phase, step) alone, so it replays on resume.
+    return torch.Generator().manual_seed(seed * 1_000_003 + phase_index * 100_003 + step)
+
+
+def _rank_slice(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch: rows r·b … (r+1)·b − 1."""
+    rt = current()
+    b = batch.shape[0] // rt.world_size
+    return batch[rt.rank * b : (rt.rank + 1) * b]
+
+
+class GlobalBatches:
+    """Fashion-MNIST: the global stream, augmented, normalised and sliced for this rank."""
+
+    def __init__(self, cfg: Config, stream_seed: int):
+        d = cfg.data
+        self.cfg, self.seed = cfg, cfg.seed
+        self.stream = TrainStream(d.shards, d.batch_size, seed=stream_seed,
+                                  shuffle_buffer=d.shuffle_buffer, limit=d.train_samples)
+
+    @property
+    def position(self) -> dict:
+        return self.stream.position
+
+    def seek(self, position: dict) -> None:
+        self.stream.seek(position)
+
+    def next(self, phase_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.data
+        images, labels = next(self.stream)  # the global batch: uint8 (B, C, H, W), (B,)
+        images = augment(images, _batch_generator(self.seed, phase_index, step),
+                         d.crop_padding, d.hflip)
+        return to_model_input(_rank_slice(images), d.mean, d.std), _rank_slice(labels)
+
+
+class RankBatches:
+    """Image folders: this rank's own stream (its share of every epoch, already augmented)."""
+
+    def __init__(self, cfg: Config, stream_seed: int):
+        d, rt = cfg.data, current()
+        self.loader = image_stream(d.shards, train=True, batch_size=d.batch_size // rt.world_size,
+                                   rank=rt.rank, world_size=rt.world_size,
+                                   num_workers=d.num_workers, seed=stream_seed,
+                                   shuffle_buffer=d.shuffle_buffer, size=d.image_size,
+                                   resize=d.eval_resize)
+
+    @property
+    def position(self) -> dict:
+        return self.loader.position
+
+    def seek(self, position: dict) -> None:
+        self.loader.seek(position)
+
+    def next(self, phase_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.loader)
+
+
+def train_batches(cfg: Config, stream_seed: int) -> GlobalBatches | RankBatches:
+    """This rank's training batches; ``stream_seed`` gives each stage its own data order."""
+    if cfg.data.dataset == "imagefolder":
+        return RankBatches(cfg, stream_seed)
+    return GlobalBatches(cfg, stream_seed)
+
+
+def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (or ``rank``'s) share of the test split, model-ready; over all ranks every
+    sample once. limit: only about the first ``limit`` samples (0 = all)."""
+    d, rt = cfg.data, current()
+    rank = rt.rank if rank is None else rank
+    if d.dataset == "imagefolder":
+        batch = d.eval_batch_size
+        loader = image_stream(d.shards, train=False, batch_size=batch, rank=rank,
+                              world_size=rt.world_size, num_workers=d.num_workers,
+                              size=d.image_size, resize=d.eval_resize)
+        per_rank = -(-limit // (rt.world_size * batch)) if limit else None
+        for i, (x, y) in enumerate(loader):
+            if per_rank is not None and i == per_rank:
+                return
+            yield x, y
+        return
+    for i, (images, labels) in enumerate(eval_batches(d.shards, d.eval_batch_size, limit=limit)):
+        if i % rt.world_size == rank:
+            yield to_model_input(images, d.mean, d.std), labels
