@@ -9,6 +9,7 @@ plain torch engines.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -84,6 +85,8 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if engine == "deepspeed" and not dist.is_initialized():
+        if device.type == "cpu":  # DeepSpeed's accelerator is chosen when it is first imported
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from .engines import init_distributed
 
         # DeepSpeed calls torch collectives that torch 2.13 marks deprecated, once per call.
