@@ -210,3 +210,19 @@ def test_image_folder_shards_train_all_stages_on_two_ranks(tmp_path):
     for record in summary.values():
         assert record["world_size"] == 2
         assert record["test_samples"] == sum(expected["val"].values())
+
+
+def test_bf16_training_hands_off_fp32_master_weights(tmp_path, shard_dir):
+    """DeepSpeed trains a bf16 copy; model.pt holds the optimizer's fp32 master weights (not
+    bf16-rounded values), and the next stage runs from it with a sharded bf16 teacher."""
+    args = tiny(shard_dir, tmp_path / "run", "wide.steps=4", "imitate.steps_per_point=2",
+                "dist.precision=bf16", "dist.teacher=shard")
+    run(torchrun(2, ["wide", *args]))
+    run(torchrun(2, ["imitate", *args]))
+    state = checkpoint.load(tmp_path / "run" / "wide" / "model.pt")["state_dict"]
+    weights = [v for k, v in state.items() if k.endswith("conv1.weight")]
+    assert weights and all(w.dtype == torch.float32 for w in weights)
+    # fp32 masters after 4 SGD steps are not all representable in bf16.
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)
+    record = json.loads((tmp_path / "run" / "imitate" / "stage.json").read_text())
+    assert record["teacher"]["mode"] == "shard"

@@ -100,7 +100,10 @@ class TorchEngine:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
 
-    def close(self) -> None:
+    def module_state(self, module: nn.Module) -> dict:
+        return full_state_dict(module)
+
+    def release(self, modules: dict[str, nn.Module]) -> None:
         pass
 
 
@@ -128,6 +131,9 @@ class DeepSpeedEngine:
                                        bf16=rt.dtype == torch.bfloat16,
                                        overrides=dist_cfg.deepspeed)
         self.partitioned = zero_stage == 3
+        # DeepSpeed casts a bf16 net in place; parameters outside the optimizer (frozen) keep
+        # their fp32 values here, for the hand-off.
+        self._fp32_start = full_state_dict(module) if self.config["bf16"]["enabled"] else {}
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
         )
@@ -156,8 +162,29 @@ class DeepSpeedEngine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir / tag} could not be loaded")
 
-    def close(self) -> None:
+    def module_state(self, module: nn.Module) -> dict:
+        """A consolidated fp32 CPU state of ``module`` (collective): trained parameters come
+        from the optimizer's fp32 master weights, so bf16 training hands off full precision."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in full_state_dict(module).items()}
+        for name, param in module.named_parameters():
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                state[name] = master.detach().float().cpu().clone()
+            elif name in self._fp32_start:
+                state[name] = self._fp32_start[name]
+        return state
+
+    def release(self, modules: dict[str, nn.Module]) -> None:
+        """Close the engine and leave ``modules`` whole, in fp32, with the trained weights."""
+        states = {name: self.module_state(m) for name, m in modules.items()}
         self.engine.destroy()
+        for name, module in modules.items():
+            for pname, param in module.named_parameters():  # ZeRO-3 left empty tensors here
+                param.data = states[name][pname].to(param.device)
+            module.float().load_state_dict(states[name])
 
 
 def make_engine(module: nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int,
@@ -198,15 +225,6 @@ def full_state_dict(module: nn.Module) -> dict:
     """A consolidated CPU copy of ``module``'s state, whatever ZeRO stage holds it (collective)."""
     with gathered(module):
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def unpartition(module: nn.Module, state: dict) -> nn.Module:
-    """After a ZeRO-3 engine is closed, make its module whole again from a consolidated state."""
-    params = dict(module.named_parameters())
-    for name, value in state.items():
-        if name in params:
-            params[name].data = value.to(params[name].device)
-    return module
 
 
 def shard_frozen(module: nn.Module, dist_cfg: DistConfig, micro_batch: int) -> nn.Module:

@@ -90,7 +90,7 @@ def load_teacher(cfg: Config, path: Path, device: torch.device) -> Teacher:
     if rt.is_main:
         log.info("teacher: %s (%s)", mode, reason)
     if mode == "shard":
-        wide = wide.to(device)  # ZeRO-3 partitions contiguous parameters
+        wide = wide.to(device=device, dtype=rt.dtype)  # contiguous: ZeRO-3 partitions storage
         net = shard_frozen(wide, cfg.dist, cfg.data.batch_size // rt.world_size)
     else:
         net = wide.to(device=device, dtype=rt.dtype, memory_format=torch.channels_last

@@ -54,13 +54,13 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     d = cfg.finetune.distill
 
     def kd_loss(x, y):
-        logits = thin(x)
+        logits = thin(x).float()  # bf16 nets: losses in fp32
         target = wide(x)  # (b, classes), no grad
         loss = distillation_loss(logits, target, y, d.alpha, d.temperature)
         return loss, {"train_accuracy": accuracy(logits, y)}
 
     def label_loss(x, y):
-        logits = thin(x)
+        logits = thin(x).float()  # bf16 nets: losses in fp32
         return F.cross_entropy(logits, y), {"train_accuracy": accuracy(logits, y)}
 
     def groups():

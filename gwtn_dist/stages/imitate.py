@@ -129,7 +129,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
 
         def loss(x, y):
             target = wide(x, upto=end)  # (b, C_wide, H, W), no grad
-            h = run_prefix(thin, x, end, bridges, bridged)  # (b, c_thin, H, W)
+            h = run_prefix(thin, x, end, bridges, bridged).float()  # (b, c_thin, H, W)
             if ic.target_norm == "layernorm":
                 lifted = pair.lifted(h) if pair is not None else h
                 target = channel_layernorm(target)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..config import DistConfig, OptimConfig
 from ..data.batches import GlobalBatches, RankBatches
-from ..dist.engines import full_state_dict, make_engine, unpartition
+from ..dist.engines import make_engine
 from ..dist.runtime import all_reduce_sum, barrier, current
 
 log = logging.getLogger("gwtn")
@@ -149,7 +149,7 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
         "world_size": current().world_size,
     }
     if done or not engine.partitioned:
-        state["modules"] = {n: full_state_dict(m) for n, m in ctx.modules.items()}
+        state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     if not done:
         tag = f"phase{phase_index}-step{step}"
         state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
@@ -214,7 +214,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         tick = time.perf_counter()
         for step in range(start, phase.steps):
             x, y = ctx.batches.next(index, step)  # this rank's (b, C, H, W), (b,)
-            x = x.to(ctx.device).contiguous(memory_format=ctx.memory_format)
+            x = x.to(ctx.device, dtype=rt.dtype).contiguous(memory_format=ctx.memory_format)
             y = y.to(ctx.device)
             loss, extra = phase.loss(x, y)
             value, extra = _averaged(loss, extra)
@@ -244,13 +244,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
                 _save(ctx, engine, index, step + 1, done, recent, wall, results)
             tick = time.perf_counter()
         bar.close()
-        if engine.partitioned:  # make the modules whole again for whatever comes next
-            whole = {n: full_state_dict(m) for n, m in ctx.modules.items()}
-            engine.close()
-            for name, module in ctx.modules.items():
-                unpartition(module, whole[name])
-        else:
-            engine.close()
+        engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
         if rt.is_main:
             log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
                      results[-1].final_loss, results[-1].wall_s)

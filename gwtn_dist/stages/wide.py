@@ -26,7 +26,7 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     ctx.modules = {"wide": wide}
 
     def loss(x, y):
-        logits = wide(x)
+        logits = wide(x).float()  # bf16 nets: losses in fp32
         return F.cross_entropy(logits, y), {"train_accuracy": accuracy(logits, y)}
 
     phase = Phase(STAGE, cfg.wide.steps, cfg.wide.optim,
