@@ -82,6 +82,9 @@ def test_two_ranks_run_all_three_stages_with_a_sharded_teacher(two_rank_run):
         assert record["world_size"] == 2
         assert (two_rank_run / stage / "DONE").is_file()
         assert record["test_samples"] == 300  # every test sample scored once over both ranks
+    configs = json.loads((two_rank_run / "wide" / "deepspeed_config.json").read_text())
+    assert configs["wide"]["zero_optimization"]["stage"] == 3
+    assert configs["wide"]["train_micro_batch_size_per_gpu"] * 2 == 64  # the global batch
     teacher = summary["imitate"]["teacher"]
     assert teacher["mode"] == "shard" and teacher["world_size"] == 2
     assert teacher["param_bytes_per_rank"] <= 0.6 * teacher["param_bytes_total"]
@@ -226,3 +229,27 @@ def test_bf16_training_hands_off_fp32_master_weights(tmp_path, shard_dir):
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights)
     record = json.loads((tmp_path / "run" / "imitate" / "stage.json").read_text())
     assert record["teacher"]["mode"] == "shard"
+
+
+def test_without_a_launcher_the_survivor_of_a_killed_rank_exits(tmp_path, shard_dir):
+    """Ranks started by hand (as plain srun does, one task per rank, no torchrun to reap them):
+    when one dies, the other fails its next collective instead of hanging (dist.timeout_s)."""
+    port = free_port()
+    args = [sys.executable, "-m", "gwtn_dist", "-q", "wide",
+            *tiny(shard_dir, tmp_path / "run", "checkpoint.every=5", "dist.timeout_s=30")]
+    ranks = [subprocess.Popen(args, env={**env(), "RANK": str(r), "LOCAL_RANK": str(r),
+                                         "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    try:
+        _wait_for(tmp_path / "run" / "wide" / "checkpoint.pt", ranks[0])
+        ranks[1].kill()
+        started = time.time()
+        ranks[0].communicate(timeout=90)
+        assert ranks[0].returncode != 0
+        assert time.time() - started < 90
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()

@@ -172,6 +172,14 @@ def _resume_state(ctx: LoopContext) -> dict | None:
     return state
 
 
+def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
+    """Keep the generated DeepSpeed config of each phase in ``deepspeed_config.json``."""
+    path = stage_dir / "deepspeed_config.json"
+    configs = json.loads(path.read_text()) if path.is_file() else {}
+    configs[phase] = config
+    path.write_text(json.dumps(configs, indent=2))
+
+
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
     """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists."""
     rt = current()
@@ -204,6 +212,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
                              zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
                              micro_batch=ctx.micro_batch)
+        if rt.is_main and hasattr(engine, "config"):
+            _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
         recent: list[float] = []
         wall = 0.0
         if state is not None and index == first_phase and start > 0:
