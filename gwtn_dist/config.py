@@ -445,6 +445,9 @@ def validate(cfg: Config) -> None:
             "exactly; use 'stages' (pairs sit in front of projection shortcuts or the head)"
         )
     d = cfg.data
+    if d.dataset == "imagefolder" and m.in_channels != 3:
+        raise ConfigError(f"model.in_channels: image-folder shards hold RGB images (3 channels), "
+                          f"got {m.in_channels}")
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.shuffle_buffer", d.shuffle_buffer)
