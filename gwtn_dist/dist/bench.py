@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import torch
 from .. import checkpoint
 from ..cli import write_fashion_mnist
 from ..config import load_config
+from ..data.bench import machine
 from ..models.family import build_wide, resnet_shape
 
 
@@ -32,17 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def measure(config: str, shards: Path, out: Path, world: int, mode: str, steps: int) -> dict:
@@ -98,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Machine: {_machine()}. Imitation stage ({args.config}), global batch "
+    lines = [f"Machine: {machine()}. Imitation stage ({args.config}), global batch "
              f"{rows[0]['global_batch']}, {args.steps_per_point} steps per point; step time is "
              f"training only.", "",
              "| world size | teacher | teacher bytes per rank | of total | step (ms) |",
