@@ -51,6 +51,7 @@ class Allocation:
     ranks_per_node: int
     job_id: str = ""
     restarts: int = 0  # how often SLURM has requeued the job
+    cpus_per_node: int = 0  # 0 = unknown (outside SLURM)
 
     @property
     def world_size(self) -> int:
@@ -63,16 +64,23 @@ def allocation(environ: Mapping[str, str] = os.environ, nodes: str | None = None
     override them (and stand in for them outside SLURM)."""
     hostlist = nodes or environ.get("SLURM_JOB_NODELIST") or "localhost"
     if ranks_per_node is None:
-        # SLURM_TASKS_PER_NODE looks like "4(x2),3"; ranks must be the same on every node.
-        per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-        counts = {int(c) for c in re.findall(r"(\d+)(?:\(x\d+\))?", per_node or "1")}
-        if len(counts) != 1:
-            raise LaunchError(f"SLURM_TASKS_PER_NODE={per_node!r}: the launch styles need the "
-                              f"same number of tasks on every node (--ntasks-per-node)")
-        ranks_per_node = counts.pop()
+        ranks_per_node = _per_node(environ, "SLURM_TASKS_PER_NODE", "--ntasks-per-node")
     return Allocation(nodes=expand_hostlist(hostlist), ranks_per_node=ranks_per_node,
                       job_id=environ.get("SLURM_JOB_ID", ""),
-                      restarts=int(environ.get("SLURM_RESTART_COUNT", "0") or 0))
+                      restarts=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                      cpus_per_node=_per_node(environ, "SLURM_JOB_CPUS_PER_NODE", "--cpus-per-task",
+                                              default=0))
+
+
+def _per_node(environ: Mapping[str, str], key: str, option: str, default: int = 1) -> int:
+    """A per-node count such as SLURM_TASKS_PER_NODE="4(x2)"; it must be the same everywhere."""
+    if key not in environ:
+        return default
+    counts = {int(c) for c in re.findall(r"(\d+)(?:\(x\d+\))?", environ[key])}
+    if len(counts) != 1:
+        raise LaunchError(f"{key}={environ[key]!r}: the launch styles need the same count on "
+                          f"every node ({option})")
+    return counts.pop()
 
 
 @dataclass
@@ -111,9 +119,12 @@ def build(style: str, gwtn_args: list[str], alloc: Allocation, *, port: int,
     n, p = len(alloc.nodes), alloc.ranks_per_node
     first = alloc.nodes[0]
     gwtn = [python, "-m", "gwtn_dist", *gwtn_args]
-    # One task per node, allowed to fail the whole step if any node fails.
+    # One task per node that holds all the node's CPUs (with cgroups, a task only gets what it
+    # asks for, and its P ranks share them); one failing node ends the step.
     srun_nodes = ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
                   "--kill-on-bad-exit=1"]
+    if alloc.cpus_per_node:
+        srun_nodes.append(f"--cpus-per-task={alloc.cpus_per_node}")
     ds = [python, "-m", "deepspeed.launcher.runner"]
     ds_common = [f"--hostfile={hostfile}", f"--master_addr={first}", f"--master_port={port}"]
     rendezvous = {"MASTER_ADDR": first, "MASTER_PORT": str(port)}
