@@ -154,8 +154,9 @@ def build(style: str, gwtn_args: list[str], alloc: Allocation, *, port: int,
     if style == "deepspeed-slurm":
         # DeepSpeed's slurm runner runs `srun -n N·P python -u SCRIPT ARGS` and has no --module,
         # so the script is "-m" and the module is its first argument ("--" ends the options).
-        cmd = [*ds, *ds_common, "--launcher=slurm", "--force_multi", "--", "-m", "gwtn_dist",
-               *gwtn_args]
+        # --force_multi: use srun even on one node; --no_ssh_check: srun needs no ssh.
+        cmd = [*ds, *ds_common, "--launcher=slurm", "--force_multi", "--no_ssh_check", "--",
+               "-m", "gwtn_dist", *gwtn_args]
         rank_cmd = [python, "-u", "-m", "gwtn_dist", *gwtn_args]
         return Plan(cmd, {node: f"{p} tasks (srun started by deepspeed): {shlex.join(rank_cmd)}"
                           for node in alloc.nodes}, env=rendezvous, hostfile=text)
