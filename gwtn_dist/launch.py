@@ -200,13 +200,14 @@ def launch(args: argparse.Namespace) -> int:
     alloc = allocation(nodes=args.nodes, ranks_per_node=args.nproc_per_node)
     if alloc.restarts and "resume=true" not in gwtn_args:
         gwtn_args.append("resume=true")  # a requeued job continues the run it started
-    hostfile = Path(args.hostfile or run_dir / f"hostfile-{alloc.job_id or 'local'}")
+    # In the working directory (the submit directory, shared by the nodes like the run
+    # directory, which must hold nothing but the run before the run starts).
+    hostfile = Path(args.hostfile or f"gwtn-hostfile-{alloc.job_id or 'local'}")
     plan = build(args.style, gwtn_args, alloc, port=args.port or rendezvous_port(),
                  hostfile=hostfile if args.style in NEEDS_HOSTFILE else None)
     if args.dry_run:
         print(plan.describe(args.style, alloc))
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
     if plan.hostfile is not None:
         hostfile.write_text(plan.hostfile)
     # A stop request left by the previous start of this job must not stop this one.
@@ -215,6 +216,7 @@ def launch(args: argparse.Namespace) -> int:
 
     def on_signal(signum, frame):
         log.info("got %s: asking the ranks to checkpoint and stop", signal.Signals(signum).name)
+        run_dir.mkdir(parents=True, exist_ok=True)
         preempt.stop_file(run_dir).touch()
         requested.append(signum)
 
@@ -240,7 +242,7 @@ def add_launch_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="rendezvous port (default: MASTER_PORT, else "
                    "20000 + job id %% 20000)")
     p.add_argument("--hostfile", help="where the deepspeed styles write their hostfile "
-                   "(default: RUN_DIR/hostfile-JOBID)")
+                   "(default: ./gwtn-hostfile-JOBID)")
     p.add_argument("--signal", default=os.environ.get(preempt.SIGNAL_VARIABLE, "USR1"),
                    help="the warning signal SLURM sends before the end (--signal=B:USR1@N)")
     p.add_argument("--no-requeue", action="store_true",
