@@ -147,11 +147,14 @@ def _alive(pid: int) -> bool:
 def _start(cluster: Cluster, argv: list[str], pid_file: Path) -> None:
     proc = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, check=False)
     deadline = time.time() + 15
-    while not pid_file.is_file() and time.time() < deadline:
+    pid = ""
+    # The daemon writes its pid file after it forks: wait for a whole line.
+    while proc.returncode == 0 and not pid.endswith("\n") and time.time() < deadline:
+        pid = pid_file.read_text() if pid_file.is_file() else ""
         time.sleep(0.1)
-    if proc.returncode != 0 or not pid_file.is_file():
+    if not pid.strip():
         raise Unavailable(f"{Path(argv[0]).name} did not start: {proc.stderr[-500:]}")
-    cluster.pids.append(int(pid_file.read_text().split()[0]))
+    cluster.pids.append(int(pid))
 
 
 def start_cluster(folder: Path) -> Cluster:

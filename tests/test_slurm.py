@@ -117,3 +117,14 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes(
         reference = checkpoint.load(straight_run / stage / "model.pt")["state_dict"]
         for name, tensor in reference.items():
             assert torch.equal(resumed[name], tensor), (stage, name)
+
+
+@pytest.mark.parametrize("style", ["srun", "deepspeed-nossh"])
+def test_the_other_styles_start_two_ranks(cluster, tmp_path, shard_dir, style):
+    run_dir = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, style, "wide", *tiny(shard_dir, run_dir), "wide.steps=4")
+    info = cluster.wait(job)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    record = json.loads((run_dir / "wide" / "stage.json").read_text())
+    assert (record["world_size"], record["steps"]) == (2, 4)
+    assert f"launching ({style})" in log.read_text()
