@@ -224,7 +224,10 @@ def launch(args: argparse.Namespace) -> int:
     log.info("launching (%s): %s", args.style, shlex.join(plan.command))
     env = {**os.environ, **plan.env, preempt.SIGNAL_VARIABLE: args.signal}
     code = subprocess.run(plan.command, env=env, check=False).returncode
-    if code == 0 or not requested:
+    # Ranks that got the signal themselves (--signal=USR1@N without B:, ranks started by srun)
+    # exit with EXIT_CODE, which srun passes on; a stop requested here may come back as any
+    # failure (torchrun reports its ranks' exit as 1).
+    if code == 0 or not (requested or code == preempt.EXIT_CODE):
         return code
     if alloc.job_id and not args.no_requeue:
         _requeue(alloc.job_id)
