@@ -16,7 +16,7 @@
 #                                    # which makes the ranks checkpoint and requeues the job
 #SBATCH --requeue                    # the requeued job resumes where the last one stopped
 #SBATCH --open-mode=append           # and appends to the same log
-#SBATCH --output=gwtn-%x-%j.out
+#SBATCH --output=%x-%j.out           # gwtn-<job id>.out; submit.sh: gwtn-<stage>-<job id>.out
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: sbatch $0 STAGE CONFIG [key=value ...]" >&2
