@@ -227,7 +227,11 @@ def launch(args: argparse.Namespace) -> int:
     # Ranks that got the signal themselves (--signal=USR1@N without B:, ranks started by srun)
     # exit with EXIT_CODE, which srun passes on; a stop requested here may come back as any
     # failure (torchrun reports its ranks' exit as 1).
-    if code == 0 or not (requested or code == preempt.EXIT_CODE):
+    if code == 0:
+        # A request that came after the last step found nobody to consume it.
+        preempt.stop_file(run_dir).unlink(missing_ok=True)
+        return 0
+    if not (requested or code == preempt.EXIT_CODE):
         return code
     if alloc.job_id and not args.no_requeue:
         _requeue(alloc.job_id)
