@@ -223,14 +223,18 @@ def launch(args: argparse.Namespace) -> int:
     signal.signal(preempt.signal_number(args.signal), on_signal)
     log.info("launching (%s): %s", args.style, shlex.join(plan.command))
     env = {**os.environ, **plan.env, preempt.SIGNAL_VARIABLE: args.signal}
-    code = subprocess.run(plan.command, env=env, check=False).returncode
-    # Ranks that got the signal themselves (--signal=USR1@N without B:, ranks started by srun)
-    # exit with EXIT_CODE, which srun passes on; a stop requested here may come back as any
-    # failure (torchrun reports its ranks' exit as 1).
+    try:
+        code = subprocess.run(plan.command, env=env, check=False).returncode
+    except FileNotFoundError as exc:
+        raise LaunchError(f"{exc.filename} not found: style {args.style} runs inside a SLURM "
+                          f"job; on one machine use --style local") from exc
     if code == 0:
         # A request that came after the last step found nobody to consume it.
         preempt.stop_file(run_dir).unlink(missing_ok=True)
         return 0
+    # Ranks that got the signal themselves (--signal=USR1@N without B:, ranks started by srun)
+    # exit with EXIT_CODE, which srun passes on; a stop requested here may come back as any
+    # failure (torchrun reports its ranks' exit as 1).
     if not (requested or code == preempt.EXIT_CODE):
         return code
     if alloc.job_id and not args.no_requeue:
@@ -245,7 +249,8 @@ def add_launch_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", choices=STYLES, default="srun-torchrun")
     p.add_argument("--nproc-per-node", type=int,
                    help="ranks per node (default: the job's tasks per node; 1 outside SLURM)")
-    p.add_argument("--nodes", help="SLURM host list, e.g. 'gpu[01-04]' (default: the job's)")
+    p.add_argument("--nodes", help="SLURM host list, e.g. 'gpu[01-04]' (default: the job's; "
+                   "outside a job, for --dry-run)")
     p.add_argument("--port", type=int, help="rendezvous port (default: MASTER_PORT, else "
                    "20000 + job id %% 20000)")
     p.add_argument("--hostfile", help="where the deepspeed styles write their hostfile "

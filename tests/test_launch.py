@@ -179,3 +179,10 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_di
     straight = checkpoint.load(tmp_path / "straight" / "wide" / "model.pt")["state_dict"]
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_slurm_style_outside_slurm_says_what_to_use(tmp_path):
+    proc = gwtn("launch", "--style", "srun", "--", "wide", TINY, f"run_dir={tmp_path / 'run'}",
+                env={"PATH": str(Path(sys.executable).parent)})
+    assert proc.returncode == 2
+    assert "srun not found" in proc.stderr and "--style local" in proc.stderr
