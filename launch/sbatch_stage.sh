@@ -32,10 +32,12 @@ environment=(
   # "NCCL_DEBUG=WARN"
   # "DS_ACCELERATOR=cpu"             # DeepSpeed on CPU-only nodes
 )
-# --- the Python that has gwtn_dist installed (activate your venv or module here)
+# --- the Python that has gwtn_dist installed: activate your venv or `module load` above
+#     these lines, or name it, e.g. python=("$HOME/venvs/gwtn/bin/python")
 python=(python3)
 
-export "${environment[@]}"
+# (the length check: "${a[@]}" of an empty array fails under set -u on bash < 4.4)
+[ ${#environment[@]} -eq 0 ] || export "${environment[@]}"
 echo "job ${SLURM_JOB_ID:-} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST:-?}: $*"
 # exec: the launcher replaces this shell, so SLURM's USR1 for the batch shell reaches it.
 exec "${python[@]}" -m gwtn_dist launch "${launcher[@]}" -- "$@"

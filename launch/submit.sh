@@ -19,10 +19,10 @@ preemption=(--signal=B:USR1@300 --requeue --open-mode=append)
 # --- launcher: exported to the jobs (sbatch passes the environment on)
 export GWTN_STYLE=${GWTN_STYLE:-srun-torchrun}
 
-dependency=()
+dependency=()  # ${a[@]+"${a[@]}"}: an empty array is an error under set -u on bash < 4.4
 for stage in wide imitate finetune; do
   id=$(sbatch --parsable --job-name="gwtn-$stage" --time="${time[$stage]}" "${resources[@]}" \
-    "${preemption[@]}" --kill-on-invalid-dep=yes "${dependency[@]}" \
+    "${preemption[@]}" --kill-on-invalid-dep=yes ${dependency[@]+"${dependency[@]}"} \
     "$here/sbatch_stage.sh" "$stage" "$@")
   echo "$stage: job ${id%%;*}"
   dependency=(--dependency="afterok:${id%%;*}")
