@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -117,6 +118,29 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes(
         reference = checkpoint.load(straight_run / stage / "model.pt")["state_dict"]
         for name, tensor in reference.items():
             assert torch.equal(resumed[name], tensor), (stage, name)
+
+
+def test_submit_chains_the_stages_and_they_end_like_one_run(cluster, straight_run, tmp_path,
+                                                           shard_dir):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--ntasks-per-node=2",
+                          "--cpus-per-task=1", f"--chdir={tmp_path}", *tiny(shard_dir, run_dir)],
+                         env=cluster.env, capture_output=True, text=True, check=True).stdout
+    ids = dict(line.split(": job ") for line in out.splitlines())
+    assert list(ids) == list(STAGES)
+    # Each later stage waits for the one before it to succeed.
+    assert cluster.job(ids["imitate"])["Dependency"].startswith(f"afterok:{ids['wide']}")
+    assert cluster.job(ids["finetune"])["Dependency"].startswith(f"afterok:{ids['imitate']}")
+    for stage in STAGES:
+        info = cluster.wait(ids[stage])
+        log = tmp_path / f"gwtn-{stage}-{ids[stage]}.out"
+        assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert_complete(run_dir)
+    for stage in STAGES:  # three jobs hand off by path and end where one `run` job ends
+        chained = checkpoint.load(run_dir / stage / "model.pt")["state_dict"]
+        reference = checkpoint.load(straight_run / stage / "model.pt")["state_dict"]
+        for name, tensor in reference.items():
+            assert torch.equal(chained[name], tensor), (stage, name)
 
 
 @pytest.mark.parametrize("style", ["srun", "deepspeed-nossh"])
