@@ -1,9 +1,11 @@
-"""The sbatch script on a real SLURM (one node, started by the tests; see slurm_cluster.py).
+"""The batch scripts on a real SLURM (one node, started by the tests; see slurm_cluster.py).
 
-The tiny config runs with 2 tasks through ``launch/sbatch_stage.sh``, as a user submits it:
-once straight through (launch style deepspeed-slurm), once with SLURM's warning signal sent to the
-batch shell in the middle of the wide stage (style srun-torchrun), after which the job must
-checkpoint, requeue itself, resume and end with the same weights.
+The tiny config runs with 2 tasks through ``launch/sbatch_stage.sh``, as a user submits it: once
+straight through (launch style deepspeed-slurm); once with SLURM's warning signal sent to the
+batch shell in the middle of the wide stage (srun-torchrun), after which the job must checkpoint,
+requeue itself, resume and end with the same weights; as three chained jobs from
+``launch/submit.sh``, which must end there too; and one stage with the srun and deepspeed-nossh
+styles.
 """
 
 from __future__ import annotations
