@@ -22,8 +22,9 @@ from .config import Config, ConfigError, dump_config, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
-from .dist import runtime
+from .dist import preempt, runtime
 from .dist.env import LaunchError
+from .launch import add_launch_command
 from .stages.common import StageOrderError
 
 log = logging.getLogger("gwtn")
@@ -59,6 +60,7 @@ def _load(args: argparse.Namespace) -> Config:
     rt = runtime.setup(cfg)
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    preempt.install(Path(cfg.run_dir))
     ensure_shards(cfg)
     return cfg
 
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shards)
     add_shard_commands(kinds)
     add_tokenizer_command(sub)
+    add_launch_command(sub)
 
     helps = {
         "run": ("all three stages, then the configured baselines", _cmd_run),
@@ -144,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, DataSourceError, StageOrderError, LaunchError) as exc:
         print(f"gwtn: error: {exc}", file=sys.stderr)
         return 2
+    except preempt.Preempted as exc:
+        print(f"gwtn: {exc}", file=sys.stderr)
+        return preempt.EXIT_CODE
     finally:
         if runtime.current().distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return 0
+    return code or 0

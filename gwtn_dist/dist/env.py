@@ -54,6 +54,14 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
+def rendezvous_port(environ: Mapping[str, str] = os.environ) -> int:
+    """MASTER_PORT if set, else a port derived from the SLURM job id, so every node of the job
+    (and a launcher that starts them) picks the same one without talking to the others."""
+    if "MASTER_PORT" in environ:
+        return _int(environ, "MASTER_PORT")
+    return 20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000
+
+
 def _int(environ: Mapping[str, str], key: str) -> int:
     try:
         return int(environ[key])
@@ -78,8 +86,7 @@ def discover(environ: Mapping[str, str] = os.environ) -> DistEnv:
         nodes = expand_hostlist(environ.get("SLURM_STEP_NODELIST")
                                 or environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         world = _int(environ, "SLURM_NTASKS")
-        port = _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else \
-            20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000
+        port = rendezvous_port(environ)
         per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get(
             "SLURM_TASKS_PER_NODE", str(world))
         env = DistEnv(rank=_int(environ, "SLURM_PROCID"),

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..config import DistConfig, OptimConfig
 from ..data.batches import GlobalBatches, RankBatches
+from ..dist import preempt
 from ..dist.engines import make_engine
 from ..dist.runtime import all_reduce_sum, barrier, current
 
@@ -252,6 +253,9 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
                     results.append(PhaseResult(phase.name, phase.steps,
                                                sum(recent) / len(recent), wall))
                 _save(ctx, engine, index, step + 1, done, recent, wall, results)
+            elif preempt.stop_requested():  # collective: every rank asks at every such step
+                _save(ctx, engine, index, step + 1, False, recent, wall, results)
+                raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
             tick = time.perf_counter()
         bar.close()
         engine.release(ctx.modules)  # whole fp32 modules for whatever comes next

@@ -1,0 +1,86 @@
+"""Stop cleanly when the scheduler asks: checkpoint at a step every rank agrees on, then exit.
+
+SLURM warns a job before its time limit (or a preemption) with a signal, ``#SBATCH
+--signal=[B:]USR1@SECONDS``. A rank learns of the request in one of two ways:
+
+- the signal itself (``GWTN_PREEMPT_SIGNAL``, default ``USR1``), when SLURM sends it to every task
+  of the job step (``--signal=USR1@N``, ranks started by plain ``srun``);
+- a file named ``PREEMPT`` in the run directory. ``gwtn launch`` writes it when the batch shell gets
+  the signal (``--signal=B:USR1@N``): launchers between the batch shell and the ranks (torchrun,
+  the deepspeed launcher) would die of a signal they do not handle, and a file on the shared run
+  directory reaches every node. ``touch RUN_DIR/PREEMPT`` stops a run by hand the same way.
+
+The training loop calls :func:`stop_requested` once per step on every rank: the ranks' requests are
+summed in one all-reduce, so all of them stop after the same step. The loop then writes its
+checkpoint and raises :class:`Preempted`; the CLI exits with :data:`EXIT_CODE`, and
+``resume=true`` continues from that step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .runtime import all_reduce_sum, current
+
+EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeued job does
+SIGNAL_VARIABLE = "GWTN_PREEMPT_SIGNAL"
+
+
+class Preempted(Exception):
+    """A stop was requested; the stage checkpointed at ``step`` of its phase ``phase``."""
+
+    def __init__(self, stage_dir: Path, phase: str, step: int):
+        super().__init__(f"stopped on request after step {step} of {phase} and checkpointed "
+                         f"{stage_dir / 'checkpoint.pt'}; run again with resume=true to continue")
+        self.stage_dir, self.phase, self.step = stage_dir, phase, step
+
+
+_run_dir: Path | None = None
+_signalled = False
+
+
+def stop_file(run_dir: Path) -> Path:
+    """The file whose existence asks every rank of a run to checkpoint and stop."""
+    return Path(run_dir) / "PREEMPT"
+
+
+def signal_number(name: str | None = None) -> signal.Signals:
+    """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` → the signal (default: ``GWTN_PREEMPT_SIGNAL`` or USR1)."""
+    name = (name or os.environ.get(SIGNAL_VARIABLE) or "USR1").upper()
+    if name.isdigit():
+        return signal.Signals(int(name))
+    return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+
+
+def _on_signal(signum, frame) -> None:
+    global _signalled
+    _signalled = True
+
+
+def install(run_dir: Path) -> None:
+    """Watch for stop requests for the run in ``run_dir`` (the signal and the file)."""
+    global _run_dir, _signalled
+    _run_dir, _signalled = Path(run_dir), False
+    signal.signal(signal_number(), _on_signal)
+
+
+def stop_requested() -> bool:
+    """Whether any rank was asked to stop. Collective: every rank must call it at the same step.
+
+    A positive answer is consumed: the flag is reset and rank 0 removes the stop file, so the
+    resumed run does not stop again at once.
+    """
+    global _signalled
+    if _run_dir is None:
+        return False
+    mine = _signalled or stop_file(_run_dir).exists()
+    if all_reduce_sum(torch.tensor([float(mine)])).item() == 0:
+        return False
+    _signalled = False
+    if current().is_main:
+        stop_file(_run_dir).unlink(missing_ok=True)
+    return True
