@@ -75,6 +75,7 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from .pipeline import apply_runtime
     from .stages.finetune import finetune
     from .stages.imitate import imitate
+    from .stages.tasks import task_for
     from .stages.wide import train_wide
 
     cfg = _load(args)
@@ -87,7 +88,8 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     record = stage(cfg, run_dir)
     if not runtime.current().is_main:
         return
-    print(f"{args.command}: test accuracy {record['test_accuracy']:.4f} after "
+    task = task_for(cfg)
+    print(f"{args.command}: {task.metric_label} {record[task.metric]:.4f} after "
           f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
           f"{run_dir / args.command / 'model.pt'}")
 
