@@ -139,3 +139,29 @@ def test_two_ranks_pretrain_bert_with_a_sharded_teacher(tmp_path, text_shards):
     assert teacher["mode"] == "shard" and teacher["world_size"] == 2
     assert teacher["param_bytes_per_rank"] * 2 == teacher["param_bytes_total"]
     assert all(rec["perplexity"] > 1 and rec["eval_tokens"] > 0 for rec in summary.values())
+
+
+def test_a_crashed_bert_stage_resumes_to_the_same_weights(tmp_path, text_shards, monkeypatch):
+    from gwtn_dist.stages import loop
+
+    args = ["wide.steps=30", "checkpoint.every=10", "eval_every=0"]
+    ref, run_dir = tmp_path / "ref", tmp_path / "crashed"
+    assert main(["-q", "wide", *run_args(ref, text_shards, *args)]) == 0
+    write, calls = loop.MetricsLog.write, []
+
+    def crash_at_step_15(self, record):
+        calls.append(record)
+        if len(calls) == 15:
+            raise RuntimeError("simulated crash")
+        write(self, record)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", crash_at_step_15)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["-q", "wide", *run_args(run_dir, text_shards, *args)])
+    monkeypatch.undo()
+    # The stage continues from its step-10 checkpoint, token stream position included.
+    assert main(["-q", "wide", *run_args(run_dir, text_shards, *args)]) == 0
+    a = torch.load(ref / "wide" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(run_dir / "wide" / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run_dir / "wide" / "metrics.jsonl").read_text().splitlines()) == 30
