@@ -268,8 +268,9 @@ class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
     eval_every: score the net being trained every N thin-net steps on the first
-    ``eval_samples`` test images (0 = the whole test set), for accuracy-vs-steps curves; 0 turns
-    it off. Every stage's final net is always scored on the whole test set.
+    ``eval_samples`` test images (text: val sequences; 0 = the whole split), for
+    accuracy-vs-steps curves; 0 turns it off. Every stage's final net is always scored on the
+    whole test (text: val) split.
     baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
     (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
     threads: torch CPU threads (0 = torch's default).
