@@ -38,8 +38,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
-        "dev": ["pytest", "ruff"],
+        # transformers only checks the BERT export round trip (it does not pull torch in).
+        "hf": ["transformers"],
+        "test": ["pytest", "transformers"],
+        "dev": ["pytest", "ruff", "transformers"],
     },
     entry_points={"console_scripts": ["gwtn = gwtn_dist.cli:main"]},
 )

@@ -6,6 +6,7 @@
     gwtn run CONFIG [key=value ...]                wide → imitate → finetune (+ baselines)
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
+    gwtn export WEIGHTS OUT [--tokenizer T]        a thin BERT → Hugging Face BertForMaskedLM
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
 rank layout comes from the launcher's environment (see ``gwtn_dist.dist.env``).
@@ -24,6 +25,7 @@ from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
 from .dist import preempt, runtime
 from .dist.env import LaunchError
+from .export_hf import ExportError
 from .launch import add_launch_command
 from .stages.common import StageOrderError
 
@@ -75,6 +77,7 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from .pipeline import apply_runtime
     from .stages.finetune import finetune
     from .stages.imitate import imitate
+    from .stages.tasks import task_for
     from .stages.wide import train_wide
 
     cfg = _load(args)
@@ -87,7 +90,8 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     record = stage(cfg, run_dir)
     if not runtime.current().is_main:
         return
-    print(f"{args.command}: test accuracy {record['test_accuracy']:.4f} after "
+    task = task_for(cfg)
+    print(f"{args.command}: {task.metric_label} {record[task.metric]:.4f} after "
           f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
           f"{run_dir / args.command / 'model.pt'}")
 
@@ -96,6 +100,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
     compare(_load(args))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export_hf import export_weights
+
+    out = export_weights(Path(args.weights), Path(args.out),
+                         Path(args.tokenizer) if args.tokenizer else None)
+    print(f"wrote {out / 'config.json'} and {out / 'pytorch_model.bin'}; load them with "
+          f"transformers.BertForMaskedLM.from_pretrained({str(out)!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
         p.set_defaults(func=func)
+    p = sub.add_parser("export", help="a thin BERT's weights → a Hugging Face BertForMaskedLM")
+    p.add_argument("weights", help="a BERT stage's model.pt, e.g. runs/kjv/finetune/model.pt")
+    p.add_argument("out", help="output folder (config.json, pytorch_model.bin)")
+    p.add_argument("--tokenizer", help="a tokenizer.json to copy along (e.g. the shards' one)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -148,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         code = args.func(args)
-    except (ConfigError, DataSourceError, StageOrderError, LaunchError) as exc:
+    except (ConfigError, DataSourceError, StageOrderError, LaunchError, ExportError) as exc:
         print(f"gwtn: error: {exc}", file=sys.stderr)
         return 2
     except preempt.Preempted as exc:

@@ -28,23 +28,38 @@ class WideningConfig:
 
     inner_mult: multiplier of every bottleneck's inner 3×3 width (paper's ResNet reading: 4).
     boundary_mult: multiplier of the block-boundary widths; 1 keeps them equal so no linear pairs
-    are needed. Above 1, linear pairs are trained during imitation and merged afterwards.
+    are needed. Above 1, linear pairs are trained during imitation and merged afterwards
+    (ResNet only; a BERT twin keeps the hidden size).
+
+    BERT (the paper does not say how it widened BERT; inner widening at the same hidden size is
+    MobileBERT's choice): attention_mult multiplies each head's width, so the attention inner
+    width heads × head_dim grows while the number of heads stays, and attention maps correspond
+    head by head (default 4); ffn_mult multiplies the feed-forward width (default 4).
     """
 
     inner_mult: int = 4
     boundary_mult: int = 1
+    attention_mult: int = 4
+    ffn_mult: int = 4
 
 
 @dataclass
 class ModelConfig:
-    """The thin ResNet; the wide twin follows from ``widen``.
+    """The thin net (a ResNet or a BERT, by ``family``); the wide twin follows from ``widen``.
 
-    inner_widths are the bottleneck 3×3 widths per stage; a stage outputs inner × expansion
-    channels. imitation_points: ``stages`` (the outputs of each stage, the reproduction's reading)
-    or ``blocks`` (every bottleneck).
+    ResNet: inner_widths are the bottleneck 3×3 widths per stage; a stage outputs
+    inner × expansion channels. imitation_points: ``stages`` (the outputs of each stage, the
+    reproduction's reading) or ``blocks`` (every bottleneck).
+
+    BERT (``family: bert``, trained on ``data.dataset: text``): hidden size ``hidden`` (768),
+    ``layers`` (12), ``heads`` (12) of width ``head_dim`` (64), feed-forward width ``ffn``
+    (3072), ``vocab_size`` (30522; at least the token shards' vocabulary), ``max_len`` positions
+    (512), ``dropout`` (0.1) — BERT_BASE's values. Every layer output is an imitation point
+    (``imitation_points`` is a ResNet knob). heads × head_dim must equal hidden for the thin net
+    to load in Hugging Face's BertModel.
     """
 
-    family: Literal["resnet"] = "resnet"
+    family: Literal["resnet", "bert"] = "resnet"
     geometry: Literal["small", "imagenet"] = "small"
     in_channels: int = 1
     num_classes: int = 10
@@ -54,14 +69,23 @@ class ModelConfig:
     expansion: int = 4
     widen: WideningConfig = field(default_factory=WideningConfig)
     imitation_points: Literal["stages", "blocks"] = "stages"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    head_dim: int = 64
+    ffn: int = 3072
+    vocab_size: int = 30522
+    max_len: int = 512
+    dropout: float = 0.1
 
 
 @dataclass
 class DataConfig:
     """Where the shards are and how batches are made.
 
-    dataset: ``fashion-mnist`` (``gwtn shards fashion-mnist``; written on first use) or
-    ``imagefolder`` (``gwtn shards imagefolder``: JPEGs, train/val); see ``data.batches``.
+    dataset: ``fashion-mnist`` (``gwtn shards fashion-mnist``; written on first use),
+    ``imagefolder`` (``gwtn shards imagefolder``: JPEGs, train/val) or ``text`` (``gwtn shards
+    text|wikipedia``: token sequences, train/val, masked-LM batches); see ``data.batches``.
     shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
     batch_size: the global batch, split evenly over the ranks.
     train_samples: use only the first N training samples of the stream order (0 = all); handy
@@ -74,7 +98,7 @@ class DataConfig:
     for masked-LM (default 0.15, BERT's).
     """
 
-    dataset: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "imagefolder", "text"] = "fashion-mnist"
     shards: str = "runs/data/fashion-mnist"
     batch_size: int = 128
     eval_batch_size: int = 500
@@ -134,6 +158,12 @@ class ImitateStageConfig:
     init_head: ``wide`` starts the thin classifier from the wide one (composed with the last
     lift) when the last point is the last block, since the thin features imitate the wide
     ones there; ``random`` keeps the fresh head. The paper does not say; default ``wide``.
+    For BERT, ``wide`` copies the wide masked-LM head's transform and bias (the decoder is tied
+    to the thin net's own word embeddings).
+    attention_weight: BERT only; weight of the attention-map transfer added to each phase's
+    MSE: KL(wide ‖ thin) of the attention probabilities of the phase's layer, per head (the
+    twins have the same heads), averaged over heads and unpadded query positions. MobileBERT
+    uses it; default 0 (off).
     """
 
     steps_per_point: int = 150
@@ -141,6 +171,7 @@ class ImitateStageConfig:
     target_norm: Literal["none", "layernorm"] = "none"
     loss_backend: Literal["auto", "triton", "reference"] = "auto"
     init_head: Literal["wide", "random"] = "wide"
+    attention_weight: float = 0.0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0)
     )
@@ -174,13 +205,15 @@ class CompareConfig:
 
     The budget is imitate steps + finetune steps of the method. ``scratch``, ``kd`` and
     ``deeper`` train with ``wide.optim`` (the from-scratch recipe) for that many steps; ``deeper``
-    uses ``deeper_blocks``. ``share_teacher`` trains one wide net for all seeds instead of one
+    uses ``deeper_blocks`` (ResNet) or ``deeper_layers`` (BERT; 0 = twice ``model.layers``).
+    ``share_teacher`` trains one wide net for all seeds instead of one
     per seed. Outputs go to ``run_dir/compare/``.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: ["scratch", "kd", "win", "deeper"])
     deeper_blocks: list[int] = field(default_factory=lambda: [8, 8, 8])
+    deeper_layers: int = 0
     share_teacher: bool = False
 
 
@@ -235,8 +268,9 @@ class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
     eval_every: score the net being trained every N thin-net steps on the first
-    ``eval_samples`` test images (0 = the whole test set), for accuracy-vs-steps curves; 0 turns
-    it off. Every stage's final net is always scored on the whole test set.
+    ``eval_samples`` test images (text: val sequences; 0 = the whole split), for
+    accuracy-vs-steps curves; 0 turns it off. Every stage's final net is always scored on the
+    whole test (text: val) split.
     baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
     (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
     threads: torch CPU threads (0 = torch's default).
@@ -417,6 +451,35 @@ def _check_optim(prefix: str, o: OptimConfig) -> None:
         )
 
 
+def _check_bert(cfg: Config) -> None:
+    """The BERT family's fields, and that model family and data format go together."""
+    m = cfg.model
+    text = cfg.data.dataset == "text"
+    if (m.family == "bert") != text:
+        raise ConfigError(
+            f"data.dataset: {cfg.data.dataset!r} does not fit model.family {m.family!r}; BERT "
+            f"trains on 'text' (token shards) and a ResNet on images"
+        )
+    if m.family != "bert":
+        if cfg.imitate.attention_weight:
+            raise ConfigError("imitate.attention_weight: attention-map transfer is for BERT only")
+        return
+    for key in ("hidden", "layers", "heads", "head_dim", "ffn", "max_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("attention_mult", "ffn_mult"):
+        _positive(f"model.widen.{key}", getattr(m.widen, key))
+    if m.vocab_size < 8:
+        raise ConfigError(f"model.vocab_size: must be at least 8, got {m.vocab_size}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.widen.boundary_mult != 1:
+        raise ConfigError("model.widen.boundary_mult: a BERT twin keeps the hidden size; widen "
+                          "it inside with model.widen.attention_mult and ffn_mult")
+    if cfg.compare.deeper_layers < 0:
+        raise ConfigError(f"compare.deeper_layers: must be >= 0, got {cfg.compare.deeper_layers}")
+    _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     m = cfg.model
@@ -444,6 +507,7 @@ def validate(cfg: Config) -> None:
             "a linear pair in front of a block with an identity shortcut cannot be merged "
             "exactly; use 'stages' (pairs sit in front of projection shortcuts or the head)"
         )
+    _check_bert(cfg)
     d = cfg.data
     if d.dataset == "imagefolder" and m.in_channels != 3:
         raise ConfigError(f"model.in_channels: image-folder shards hold RGB images (3 channels), "

@@ -19,6 +19,7 @@ from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
 from .stages.finetune import finetune
 from .stages.imitate import imitate
+from .stages.tasks import task_for
 from .stages.wide import train_wide
 
 log = logging.getLogger("gwtn")
@@ -78,15 +79,17 @@ def run_all(cfg: Config) -> dict:
     records["finetune"] = finetune(cfg, run_dir)
     for arm in cfg.baselines:
         records[arm] = train_baseline(cfg, run_dir, arm, teacher=run_dir / "wide" / "model.pt")
-    table = format_run_table(records)
+    task = task_for(cfg)
+    table = format_run_table(records, task.metric, task.metric_label)
     if not current().is_main:
         return records
     (run_dir / "results.md").write_text(table + "\n")
     if cfg.eval_every:
-        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"])]}
-        curves.update({arm: [read_curve([run_dir / arm])] for arm in cfg.baselines})
+        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], task.metric)]}
+        curves.update({arm: [read_curve([run_dir / arm], task.metric)]
+                       for arm in cfg.baselines})
         plot_curves(run_dir / "curves.png", curves,
-                    {"title": f"thin {cfg.model.blocks}: test accuracy vs thin-net steps"},
-                    teacher_accuracy=records["wide"]["test_accuracy"])
+                    {"title": f"thin net: {task.metric_label} vs thin-net steps"},
+                    teacher_accuracy=records["wide"][task.metric], label=task.metric_label)
     print(table)
     return records

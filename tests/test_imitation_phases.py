@@ -9,7 +9,8 @@ from gwtn_dist.config import ModelConfig, WideningConfig
 from gwtn_dist.models.bridge import Bridges
 from gwtn_dist.models.family import build_thin, build_wide
 from gwtn_dist.models.resnet import imitation_points
-from gwtn_dist.stages.imitate import phase_params, run_prefix
+from gwtn_dist.stages.imitate import phase_params
+from gwtn_dist.stages.tasks import run_prefix
 
 
 def ids(params) -> set[int]:

@@ -9,20 +9,28 @@
   reads its own share of every epoch (``data.streams.image_stream``), decoded and augmented
   with random-resized-crop + flip and ImageNet's normalisation; evaluation reads the ``val``
   split, every image once over all ranks.
+- ``text`` (``gwtn shards text|wikipedia``, token sequences): like ``imagefolder``, each rank
+  reads its own share (``data.streams.text_stream``) with BERT's dynamic masking; evaluation
+  reads the ``val`` split, every sequence once over all ranks.
 
-Both give x float32 (b, C, H, W) and y int64 (b,), with a resumable ``position``.
+Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids",
+"attention_mask"} and y = the masked-LM labels (-100 where no loss is taken), all int64
+(b, seq_len). Training batches have a resumable ``position``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..dist.runtime import current
+from .errors import DataSourceError
 from .shards import TrainStream, augment, eval_batches, to_model_input
-from .streams import image_stream
+from .streams import image_stream, text_stream
 
 
 def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
@@ -83,19 +91,70 @@ class RankBatches:
         return next(self.loader)
 
 
-def train_batches(cfg: Config, stream_seed: int) -> GlobalBatches | RankBatches:
+def _split_mlm(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A text_stream batch → (model input, labels)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, \
+        batch["labels"]
+
+
+def _text_stream(cfg: Config, train: bool, batch_size: int, rank: int, seed: int = 0):
+    d, rt = cfg.data, current()
+    loader = text_stream(d.shards, train=train, batch_size=batch_size, rank=rank,
+                         world_size=rt.world_size, num_workers=d.num_workers, seed=seed,
+                         shuffle_buffer=d.shuffle_buffer, mlm_probability=d.mlm_probability)
+    index = json.loads((Path(d.shards) / "index.json").read_text())  # text_stream checked it
+    if index["vocab_size"] > cfg.model.vocab_size or index["seq_len"] > cfg.model.max_len:
+        raise DataSourceError(
+            f"{d.shards}: vocabulary {index['vocab_size']} and sequences of {index['seq_len']} "
+            f"tokens do not fit model.vocab_size {cfg.model.vocab_size} and model.max_len "
+            f"{cfg.model.max_len}"
+        )
+    return loader
+
+
+class TextBatches:
+    """Token shards: this rank's own stream of masked-LM batches."""
+
+    def __init__(self, cfg: Config, stream_seed: int):
+        rt = current()
+        self.loader = _text_stream(cfg, True, cfg.data.batch_size // rt.world_size, rt.rank,
+                                   seed=stream_seed)
+
+    @property
+    def position(self) -> dict:
+        return self.loader.position
+
+    def seek(self, position: dict) -> None:
+        self.loader.seek(position)
+
+    def next(self, phase_index: int, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return _split_mlm(next(self.loader))
+
+
+def train_batches(cfg: Config, stream_seed: int) -> GlobalBatches | RankBatches | TextBatches:
     """This rank's training batches; ``stream_seed`` gives each stage its own data order."""
+    if cfg.data.dataset == "text":
+        return TextBatches(cfg, stream_seed)
     if cfg.data.dataset == "imagefolder":
         return RankBatches(cfg, stream_seed)
     return GlobalBatches(cfg, stream_seed)
 
 
-def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's (or ``rank``'s) share of the test split, model-ready; over all ranks every
-    sample once. limit: only about the first ``limit`` samples (0 = all)."""
+def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None) -> Iterator[tuple]:
+    """This rank's (or ``rank``'s) share of the test split (``val`` for image folders and
+    text), model-ready; over all ranks every sample once. limit: only about the first
+    ``limit`` samples (0 = all). Text masking is drawn from a fixed seed, so every evaluation
+    of a run scores the same masked tokens."""
     d, rt = cfg.data, current()
     rank = rt.rank if rank is None else rank
+    if d.dataset == "text":
+        loader = _text_stream(cfg, False, d.eval_batch_size, rank)
+        per_rank = -(-limit // (rt.world_size * d.eval_batch_size)) if limit else None
+        for i, batch in enumerate(loader):
+            if per_rank is not None and i == per_rank:
+                return
+            yield _split_mlm(batch)
+        return
     if d.dataset == "imagefolder":
         batch = d.eval_batch_size
         loader = image_stream(d.shards, train=False, batch_size=batch, rank=rank,

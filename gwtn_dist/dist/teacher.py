@@ -53,7 +53,9 @@ def choose_mode(wanted: str, total_bytes: int, free_bytes: int, fraction: float,
 class Teacher:
     """Callable frozen wide net: ``teacher(x, upto=k)`` → block k's output, else the logits.
 
-    Inputs (B, C, H, W) are cast to the training precision; outputs come back as float32.
+    Image inputs (B, C, H, W) are cast to the training precision (token ids stay integers);
+    other keywords go to the net's forward (a BERT's ``select``, ``attention``); outputs, or
+    each output of a tuple, come back as float32.
     """
 
     def __init__(self, module: nn.Module, net, mode: str, reason: str):
@@ -63,13 +65,21 @@ class Teacher:
         self.dtype = current().dtype
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        return self.net(x.to(self.dtype), upto=upto).float()
+    def __call__(self, x, upto: int | None = None, **kwargs):
+        if torch.is_tensor(x):
+            x = x.to(self.dtype)
+        out = self.net(x, upto=upto, **kwargs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""
         state = full_state_dict(self.module.fc)
         return state["weight"].float(), state["bias"].float()
+
+    def state_of(self, name: str) -> dict:
+        """The whole state of submodule ``name`` (e.g. a BERT's ``mlm`` head), in float32."""
+        state = full_state_dict(self.module.get_submodule(name))
+        return {k: v.float() for k, v in state.items()}
 
     def record(self) -> dict:
         """What summary.json says about the teacher's memory."""

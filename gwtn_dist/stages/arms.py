@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import BASELINES, Config
-from ..models.family import build_thin
-from ..models.resnet import imitation_points
+from ..models.family import build_thin, deeper_depth, imitation_points
 from .finetune import train_thin
 
 
 def method_budget(cfg: Config) -> int:
     """Thin-net steps the method spends: every imitation phase plus fine-tuning."""
-    points = imitation_points(build_thin(cfg.model), cfg.model.imitation_points)
+    points = imitation_points(build_thin(cfg.model), cfg.model)
     f = cfg.finetune
     return len(points) * cfg.imitate.steps_per_point + f.kd_steps + f.label_steps
 
@@ -34,8 +33,9 @@ def train_baseline(cfg: Config, run_dir: Path, arm: str, teacher: Path | None) -
         return train_thin(cfg, run_dir, arm, init=None, teacher=teacher, kd_steps=budget,
                           label_steps=0, optim=cfg.wide.optim)
     if arm == "deeper":
+        c = cfg.compare
+        depth = deeper_depth(cfg.model, c.deeper_blocks, c.deeper_layers)
         return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
-                          label_steps=budget, optim=cfg.wide.optim,
-                          blocks=cfg.compare.deeper_blocks,
-                          extra={"blocks": cfg.compare.deeper_blocks})
+                          label_steps=budget, optim=cfg.wide.optim, blocks=depth,
+                          extra={"layers" if cfg.model.family == "bert" else "blocks": depth})
     raise ValueError(f"unknown baseline {arm!r}; choose from {', '.join(BASELINES)}")

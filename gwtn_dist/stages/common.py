@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint
 from ..config import Config
-from ..data.batches import rank_eval_batches, train_batches
+from ..data.batches import train_batches
 from ..dist.runtime import all_reduce_sum, barrier, current, device_for
 from ..dist.sync_bn import use_global_batchnorm
 from .loop import LoopContext, PhaseResult
+from .tasks import task_for
 
 log = logging.getLogger("gwtn")
 
@@ -58,35 +59,33 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0) -> dict:
-    """Test accuracy and cross-entropy over the test split (its first ``limit`` samples if set).
+    """The task's metrics over the held-out split (its first ``limit`` samples if set): test
+    accuracy and cross-entropy for images, masked-LM accuracy and perplexity for text.
 
-    Each rank scores its share of the test split and the counts are summed, so every sample is
+    Each rank scores its share of the split and the counts are summed, so every sample is
     scored once. Every rank runs the same number of forwards (a rank out of batches runs rank
     0's first one again and does not count it), as a ZeRO-3 net's forward is a collective.
     """
+    task = task_for(cfg)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # correct, samples, summed loss
-    batches = rank_eval_batches(cfg, limit)
+    sums = torch.zeros(3, dtype=torch.float64)  # the task's counts (correct, samples, loss)
+    batches = task.eval_batches(limit)
     filler = None
     while True:
         mine = next(batches, None)
         if all_reduce_sum(torch.tensor([mine is not None])).item() == 0:
             break  # every rank is done
         if mine is None and filler is None:
-            filler = next(rank_eval_batches(cfg, limit, rank=0))
-        x, y = mine if mine is not None else filler
-        x = x.to(device, dtype=next(model.parameters()).dtype)
-        logits = model(x.contiguous(memory_format=memory_format(cfg))).float()
+            filler = next(task.eval_batches(limit, rank=0))
+        x, y = task.prepare(*(mine if mine is not None else filler), device,
+                            dtype=next(model.parameters()).dtype)
+        logits, targets = task.scored(model, x, y)
         if mine is not None:
-            y = y.to(device)
-            sums += torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
-                                  F.cross_entropy(logits, y, reduction="sum").item()],
-                                 dtype=torch.float64)
-    correct, total, loss_sum = all_reduce_sum(sums).tolist()
+            sums += task.eval_sums(logits.float(), targets)
+    scores = task.eval_metrics(all_reduce_sum(sums).tolist())
     model.train(was_training)
-    return {"test_accuracy": correct / max(total, 1), "test_loss": loss_sum / max(total, 1),
-            "test_samples": int(total)}
+    return scores
 
 
 def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], stream_tag: int,
@@ -97,7 +96,7 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
         stage_dir=stage_dir, modules=modules,
         batches=train_batches(cfg, stream_seed=cfg.seed * 101 + stream_tag), device=device,
         micro_batch=cfg.data.batch_size // current().world_size,
-        memory_format=memory_format(cfg),
+        prepare=partial(task_for(cfg).prepare, device=device, dtype=current().dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
         evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples),
         eval_every=cfg.eval_every, step_offset=step_offset,
@@ -145,8 +144,9 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
         (stage_dir / "DONE").write_text("")
         update_summary(run_dir, stage, record)
-        log.info("%s done: test accuracy %.4f (%d steps, %.0f s)", stage,
-                 scores["test_accuracy"], record["steps"], record["wall_s"])
+        task = task_for(cfg)
+        log.info("%s done: %s %.4f (%d steps, %.0f s)", stage, task.metric_label,
+                 scores[task.metric], record["steps"], record["wall_s"])
     barrier()
     return record
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import checkpoint
 from ..config import Config, OptimConfig
 from ..dist.teacher import load_teacher
-from ..models.family import build_thin, resnet_shape
+from ..models.family import Depth, build_thin, shape_meta
 from .common import (
     finish_stage,
     loop_context,
@@ -26,18 +26,19 @@ from .common import (
 )
 from .loop import Phase, run_phases
 from .losses import accuracy, distillation_loss
+from .tasks import task_for
 
 STAGE = "finetune"
 
 
 def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
                teacher: Path | None, kd_steps: int, label_steps: int, optim: OptimConfig,
-               blocks: list[int] | None = None, step_offset: int = 0,
+               blocks: Depth | None = None, step_offset: int = 0,
                extra: dict | None = None) -> dict:
     """Train a thin net into ``run_dir/<stage>``: ``kd_steps`` of distillation, then labels.
 
     init: weights to start from (None: a fresh net seeded by cfg.seed). blocks: depth of the
-    thin net (None: cfg.model.blocks). step_offset: thin-net steps already spent on this net
+    thin net (None: the config's; blocks per stage for a ResNet, layers for a BERT). step_offset: thin-net steps already spent on this net
     (the imitation steps), for the accuracy-vs-steps curves.
     """
     stage_dir = run_dir / stage
@@ -52,16 +53,18 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     ctx.modules = {"thin": thin}
     wide = load_teacher(cfg, teacher, ctx.device) if kd_steps else None
     d = cfg.finetune.distill
+    task = task_for(cfg)
 
     def kd_loss(x, y):
-        logits = thin(x).float()  # bf16 nets: losses in fp32
-        target = wide(x)  # (b, classes), no grad
-        loss = distillation_loss(logits, target, y, d.alpha, d.temperature)
-        return loss, {"train_accuracy": accuracy(logits, y)}
+        # Images: every sample; text: the masked tokens. (N, classes), (N,).
+        logits, targets = task.scored(thin, x, y)
+        teacher, _ = task.scored(wide, x, y)  # (N, classes), no grad
+        loss = distillation_loss(logits, teacher, targets, d.alpha, d.temperature)
+        return loss, {"train_accuracy": accuracy(logits, targets)}
 
     def label_loss(x, y):
-        logits = thin(x).float()  # bf16 nets: losses in fp32
-        return F.cross_entropy(logits, y), {"train_accuracy": accuracy(logits, y)}
+        logits, targets = task.scored(thin, x, y)
+        return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
 
     def groups():
         return [{"params": list(thin.parameters())}]
@@ -78,7 +81,7 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     results = run_phases(ctx, phases)
     if wide is not None:
         extra = {**(extra or {}), "teacher": wide.record()}
-    meta = {"stage": stage, "shape": resnet_shape(cfg.model, wide=False, blocks=blocks).__dict__}
+    meta = {"stage": stage, **shape_meta(cfg.model, wide=False, depth=blocks)}
     return finish_stage(cfg, run_dir, stage, thin, results, meta, extra)
 
 

@@ -5,6 +5,11 @@ MSE(P_k(S_≤k(x)), stopgrad(B_≤k(x))), where B is the frozen wide net and P_k
 linear pair at point k (identity when boundary widths match). Blocks below point k−1 train at
 ``lower_lr_mult`` × lr (soft freeze), blocks above point k are not run. After the last phase the
 pairs are merged, so the thin net leaves this stage with exactly its original shape.
+
+The family's task (``stages/tasks.py``) says what a point's output is and which positions
+count: a BERT's points are its layer outputs (b, T, D), compared at unpadded tokens only, and
+with ``imitate.attention_weight`` the KL between the two nets' attention maps of the phase's
+layer is added.
 """
 
 from __future__ import annotations
@@ -14,15 +19,14 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
 from ..dist.teacher import Teacher, load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
-from ..models.family import build_thin, needs_bridges, resnet_shape
-from ..models.resnet import ResNet, imitation_points, point_block_index
+from ..models.family import build_thin, imitation_points, needs_bridges, shape_meta
+from ..models.resnet import ResNet, point_block_index
 from .common import (
     finish_stage,
     loop_context,
@@ -33,27 +37,10 @@ from .common import (
     stage_done,
 )
 from .loop import Phase, run_phases
+from .tasks import ImageTask, attention_kl, task_for
 
 STAGE = "imitate"
 log = logging.getLogger("gwtn")
-
-
-def run_prefix(model: ResNet, x: torch.Tensor, last: int, bridges: Bridges | None = None,
-               bridged: dict[int, str] | None = None) -> torch.Tensor:
-    """Run blocks 0..last of ``model`` on x (B, C_in, H, W); returns block ``last``'s output.
-
-    ``bridged`` maps a block index to the point whose pair (Q P) follows that block.
-    """
-    for i, (_, block) in enumerate(model.blocks()[: last + 1]):
-        x = block(x)
-        if bridges is not None and bridged and i in bridged and i != last:
-            x = bridges.pair(bridged[i])(x)
-    return x
-
-
-def channel_layernorm(t: torch.Tensor) -> torch.Tensor:
-    """Normalise (B, C, H, W) over C at each position, no affine (MobileBERT-style targets)."""
-    return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2)
 
 
 def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -95,7 +82,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     device = ctx.device
     wide = load_teacher(cfg, teacher_path, device)
     thin = place(build_thin(cfg.model), cfg, device)
-    points = imitation_points(thin, cfg.model.imitation_points)
+    points = imitation_points(thin, cfg.model)
     ends = [point_block_index(thin, p) for p in points]  # block index of each point
     bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
     ctx.modules = {"thin": thin, **({"bridges": bridges} if bridges is not None else {})}
@@ -103,6 +90,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     ic = cfg.imitate
     blocks = [module for _, module in thin.blocks()]
     student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
+    task = task_for(cfg)
 
     def make_phase(k: int) -> Phase:
         end = ends[k]
@@ -128,18 +116,31 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                     {"params": lower, "lr_mult": ic.lower_lr_mult}]
 
         def loss(x, y):
-            target = wide(x, upto=end)  # (b, C_wide, H, W), no grad
-            h = run_prefix(thin, x, end, bridges, bridged).float()  # (b, c_thin, H, W)
+            mask = task.feature_mask(x)  # None (images) or (b, T): unpadded tokens count
+            extra = {}
+            if ic.attention_weight:
+                # Layer outputs (b, T, D) and attention maps (b, H, T, T) of the point's layer.
+                target, wide_maps = wide(x, upto=end, attention=True)
+                h, thin_maps = (t.float() for t in thin(x, upto=end, attention=True))
+                kl = attention_kl(wide_maps, thin_maps, mask)
+                extra["attention_kl"] = kl.item()
+            else:
+                # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
+                target = wide(x, upto=end)  # no grad
+                h = task.features(thin, x, end, bridges, bridged)
             if ic.target_norm == "layernorm":
                 lifted = pair.lifted(h) if pair is not None else h
-                target = channel_layernorm(target)
-                value = mse(channel_layernorm(lifted), target)
+                target = task.normalize(target)
+                value = mse(task.normalize(lifted), target, mask=mask)
             else:
-                value = mse(h, target, weight=pair.lift if pair is not None else None)
+                value = mse(h, target, weight=pair.lift if pair is not None else None, mask=mask)
             # Relative error: the MSE over the variance of the target (0 = exact imitation,
             # 1 = no better than predicting the target's mean), comparable across points.
-            rel = value.detach() / target.var().clamp_min(1e-12)
-            return value, {"point": points[k], "rel_error": rel.item()}
+            counted = target if mask is None else target[mask]
+            rel = value.detach() / counted.var().clamp_min(1e-12)
+            if ic.attention_weight:
+                value = value + ic.attention_weight * kl
+            return value, {"point": points[k], "rel_error": rel.item(), **extra}
 
         return Phase(f"{STAGE}/{points[k]}", ic.steps_per_point, ic.optim, groups, loss,
                      student, setup=setup, zero_stage=cfg.dist.student_zero_stage)
@@ -148,15 +149,19 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
     log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
              ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items()))
-    head = init_head(cfg, thin, wide, bridges, points[-1])
+    if isinstance(task, ImageTask):
+        head = init_head(cfg, thin, wide, bridges, points[-1])
+    else:
+        head = init_mlm_head(cfg, thin, wide)
     if bridges is not None:
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
-    meta = {"stage": STAGE, "shape": resnet_shape(cfg.model, wide=False).__dict__}
+    meta = {"stage": STAGE, **shape_meta(cfg.model, wide=False)}
     extra = {"points": points, "relative_error": rel_errors, "head": head,
              "bridges": bridges is not None, "teacher": wide.record(),
              "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
                           "steps_per_point": ic.steps_per_point,
-                          "loss_backend": ic.loss_backend, "init_head": ic.init_head}}
+                          "loss_backend": ic.loss_backend, "init_head": ic.init_head,
+                          "attention_weight": ic.attention_weight}}
     return finish_stage(cfg, run_dir, STAGE, thin, results, meta, extra)
 
 
@@ -187,4 +192,18 @@ def init_head(cfg: Config, thin: ResNet, wide: Teacher, bridges: Bridges | None,
         weight = weight @ bridges.pair(last_point).lift  # (classes, C) @ (C, c)
     thin.fc.weight.copy_(weight)
     thin.fc.bias.copy_(bias)
+    return "wide"
+
+
+@torch.no_grad()
+def init_mlm_head(cfg: Config, thin: nn.Module, wide: Teacher) -> str:
+    """Give a thin BERT the wide net's masked-LM head (transform and output bias).
+
+    The twins have the same hidden size and the thin layer outputs imitated the wide ones, so
+    the wide head reads them directly; its decoder is tied to the word embeddings, which stay
+    the thin net's own.
+    """
+    if cfg.imitate.init_head != "wide":
+        return "random"
+    thin.mlm.load_state_dict(wide.state_of("mlm"))
     return "wide"

@@ -39,7 +39,7 @@ from ..dist.engines import make_engine
 from ..dist.runtime import all_reduce_sum, barrier, current
 
 log = logging.getLogger("gwtn")
-LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 @dataclass
@@ -48,8 +48,9 @@ class Phase:
 
     groups() returns the parameter groups to train (``{"params", "lr_mult"}``); it is called when
     the phase starts, after ``setup()`` has put modules in train/eval mode and set requires_grad.
-    loss(x, y) gets a normalised, augmented batch (b, C, H, W) (this rank's slice) and labels
-    (b,) on the device. module: everything the groups' parameters belong to (what a DeepSpeed
+    loss(x, y) gets this rank's batch on the device: a normalised, augmented batch
+    (b, C, H, W) and labels (b,), or for text {"input_ids", "attention_mask"} and masked-LM
+    labels, (b, T) each. module: everything the groups' parameters belong to (what a DeepSpeed
     engine wraps); zero_stage: its ZeRO stage under DeepSpeed.
     """
 
@@ -81,6 +82,7 @@ class LoopContext:
     """What a stage's phases share: where to write, what to save, where batches come from.
 
     modules: every module whose state must survive a crash (the students, bridges), by name.
+    prepare(x, y) → the loaded batch on the device, as the phases' losses take it.
     evaluate(model) → metrics dict (test accuracy …), called every ``eval_every`` global steps.
     step_offset: thin-net steps already taken before this stage (for accuracy-vs-steps curves).
     """
@@ -90,7 +92,7 @@ class LoopContext:
     batches: GlobalBatches | RankBatches
     device: torch.device
     micro_batch: int
-    memory_format: torch.memory_format
+    prepare: Callable[[object, torch.Tensor], tuple]
     checkpoint_every: int
     dist: DistConfig
     progress: bool = True
@@ -224,9 +226,9 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         bar = _progress_bar(ctx, phase, start)
         tick = time.perf_counter()
         for step in range(start, phase.steps):
-            x, y = ctx.batches.next(index, step)  # this rank's (b, C, H, W), (b,)
-            x = x.to(ctx.device, dtype=rt.dtype).contiguous(memory_format=ctx.memory_format)
-            y = y.to(ctx.device)
+            # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
+            # ids and attention mask (b, T) and masked-LM labels (b, T).
+            x, y = ctx.prepare(*ctx.batches.next(index, step))
             loss, extra = phase.loss(x, y)
             value, extra = _averaged(loss, extra)
             if not math.isfinite(value):

@@ -1,0 +1,153 @@
+"""What a model family's task decides for the stages: batches on the device, scored outputs,
+evaluation metrics, and the features that imitation compares.
+
+``task_for(cfg)`` gives an ``ImageTask`` (ResNet, classification) or a ``TextTask`` (BERT,
+masked-LM). The stages are written once against this interface:
+
+- ``prepare(x, y, device, dtype)``: a loaded batch moved to the device (images cast to the
+  net's dtype and memory format);
+- ``scored(model, x, y)`` → (logits (N, classes), targets (N,)): where the task loss is taken
+  (every image; the masked tokens of a text batch), also used for logit distillation;
+- ``eval_sums`` / ``eval_metrics``: counts summed over batches and ranks, then the metrics;
+  ``metric`` names the headline one (higher is better), ``secondary`` others that
+  comparisons report;
+- ``features(model, x, end, …)``, ``feature_mask(x)``, ``normalize(t)``: the output of block
+  ``end`` that imitation compares, which positions count, and layer-normalised targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..data.batches import rank_eval_batches
+from ..data.mlm import IGNORE
+from ..models.bridge import Bridges
+
+
+def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None,
+               bridged: dict[int, str] | None = None) -> torch.Tensor:
+    """Run blocks 0..last of a ResNet on x (B, C_in, H, W); returns block ``last``'s output.
+
+    ``bridged`` maps a block index to the point whose pair (Q P) follows that block.
+    """
+    for i, (_, block) in enumerate(model.blocks()[: last + 1]):
+        x = block(x)
+        if bridges is not None and bridged and i in bridged and i != last:
+            x = bridges.pair(bridged[i])(x)
+    return x
+
+
+class ImageTask:
+    """Image classification with a ResNet: test accuracy and cross-entropy."""
+
+    metric = "test_accuracy"
+    metric_label = "test accuracy"
+    secondary: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, C, H, W), (b,) → on the device, (b, C, H, W) in the run's memory format."""
+        x = x.to(device, dtype=dtype).contiguous(memory_format=self.memory_format)
+        return x, y.to(device)
+
+    def scored(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(x).float(), y  # (b, classes), (b,); fp32 losses for bf16 nets
+
+    def eval_batches(self, limit: int, rank: int | None = None):
+        return rank_eval_batches(self.cfg, limit, rank=rank)
+
+    def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[correct, samples, summed cross-entropy] of one batch, float64."""
+        return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
+                             F.cross_entropy(logits, y, reduction="sum").item()],
+                            dtype=torch.float64)
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        correct, total, loss_sum = sums
+        return {"test_accuracy": correct / max(total, 1), "test_loss": loss_sum / max(total, 1),
+                "test_samples": int(total)}
+
+    def features(self, model, x: torch.Tensor, end: int, bridges: Bridges | None,
+                 bridged: dict[int, str]) -> torch.Tensor:
+        """Block ``end``'s output (b, c, H', W'), through the pairs already passed."""
+        return run_prefix(model, x, end, bridges, bridged).float()
+
+    def feature_mask(self, x: torch.Tensor) -> None:
+        return None  # every position of an image counts
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, C, H, W) over C at each position, no affine (MobileBERT-style)."""
+        return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2)
+
+
+class TextTask:
+    """Masked-LM with a BERT: accuracy and perplexity over the masked tokens of ``val``."""
+
+    metric = "mlm_accuracy"
+    metric_label = "held-out MLM accuracy"
+    secondary = ("perplexity",)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids, attention mask and labels (b, T) to the device (integers stay integers)."""
+        return {k: v.to(device) for k, v in x.items()}, y.to(device)
+
+    def scored(self, model, x: dict[str, torch.Tensor], y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) and original ids (N,) of the N masked tokens (the decoder runs there
+        only)."""
+        chosen = y != IGNORE  # (b, T)
+        return model(x, select=chosen).float(), y[chosen]
+
+    def eval_batches(self, limit: int, rank: int | None = None):
+        return rank_eval_batches(self.cfg, limit, rank=rank)
+
+    def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[correct, masked tokens, summed cross-entropy] of one batch, float64."""
+        return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
+                             F.cross_entropy(logits, y, reduction="sum").item()],
+                            dtype=torch.float64)
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        correct, tokens, loss_sum = sums
+        loss = loss_sum / max(tokens, 1)
+        return {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,
+                "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens)}
+
+    def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: None,
+                 bridged: dict[int, str]) -> torch.Tensor:
+        """Block ``end``'s output (b, T, D) (a BERT twin needs no linear pairs)."""
+        return model(x, upto=end).float()
+
+    def feature_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x["attention_mask"].bool()  # (b, T): padded positions are left out of the loss
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, T, D) over D, no affine (MobileBERT's layer-normalised targets)."""
+        return F.layer_norm(t, t.shape[-1:])
+
+
+def attention_kl(wide: torch.Tensor, thin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(wide ‖ thin) of attention probabilities (B, H, T, T), summed over keys, averaged over
+    heads and unpadded query positions (mask (B, T)). Padded keys have probability exactly 0 in
+    both nets (see ``models.bert.attention_bias``), so they add nothing."""
+    eps = torch.finfo(thin.dtype).tiny
+    per_query = (wide * (wide.clamp_min(eps).log() - thin.clamp_min(eps).log())).sum(-1)
+    per_query = per_query.mean(1)  # (B, T): the average over heads
+    return (per_query * mask).sum() / mask.sum().clamp_min(1)
+
+
+def task_for(cfg: Config) -> ImageTask | TextTask:
+    """The task of ``cfg``'s model family."""
+    return TextTask(cfg) if cfg.model.family == "bert" else ImageTask(cfg)
