@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:
         code = args.func(args)
+        runtime.barrier()  # no rank tears the process group down while another still uses it
     except (ConfigError, DataSourceError, StageOrderError, LaunchError, ExportError) as exc:
         print(f"gwtn: error: {exc}", file=sys.stderr)
         return 2
