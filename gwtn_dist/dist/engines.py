@@ -68,7 +68,7 @@ def _trainable(groups: list[dict]) -> list[dict]:
 class TorchEngine:
     """Optimizer + schedule + gradient clipping for one phase, on one process."""
 
-    partitioned = False
+    saves_modules = False  # its resume state is the optimizer's; the loop saves the weights
 
     def __init__(self, groups: list[dict], optim: OptimConfig, total_steps: int):
         groups = _trainable(groups)
@@ -130,7 +130,6 @@ class DeepSpeedEngine:
                                        zero_stage=zero_stage, grad_clip=optim.grad_clip,
                                        bf16=rt.dtype == torch.bfloat16,
                                        overrides=dist_cfg.deepspeed)
-        self.partitioned = zero_stage == 3
         # DeepSpeed casts a bf16 net in place; parameters outside the optimizer (frozen) keep
         # their fp32 values here, for the hand-off.
         self._fp32_start = full_state_dict(module) if self.config["bf16"]["enabled"] else {}
@@ -146,14 +145,12 @@ class DeepSpeedEngine:
         self.engine.backward(loss)
         self.engine.step()
 
+    saves_modules = True  # a DeepSpeed checkpoint holds the module weights (partitioned or not)
+
     def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """Write a DeepSpeed checkpoint (all ranks); drop the older tags once it is complete."""
+        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part)."""
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         torch.distributed.barrier()
-        if current().is_main:
-            for old in ckpt_dir.iterdir():
-                if old.is_dir() and old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
         return {"deepspeed_tag": tag}
 
     def load(self, ckpt_dir: Path, saved: dict) -> None:

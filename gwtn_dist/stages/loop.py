@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -151,14 +152,24 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
         "results": [r.as_dict() for r in results],
         "world_size": current().world_size,
     }
-    if done or not engine.partitioned:
-        state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
+    tag = None
     if not done:
         tag = f"phase{phase_index}-step{step}"
         state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
+    if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
+        state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     if current().is_main:
         checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt")
+        # Only now that checkpoint.pt no longer names them may older DeepSpeed tags go.
+        _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=tag)
     barrier()
+
+
+def _prune_deepspeed_tags(folder: Path, keep: str | None) -> None:
+    if folder.is_dir():
+        for old in folder.iterdir():
+            if old.is_dir() and old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume_state(ctx: LoopContext) -> dict | None:
@@ -167,10 +178,11 @@ def _resume_state(ctx: LoopContext) -> dict | None:
         return None
     state = checkpoint.load(path)
     saved_world = state.get("world_size", 1)
-    if "modules" not in state and saved_world != current().world_size:
+    if "deepspeed_tag" in state.get("engine", {}) and saved_world != current().world_size:
         raise RuntimeError(
-            f"{path} stopped mid-phase on {saved_world} ranks with partitioned (ZeRO-3) "
-            f"weights; resume it on {saved_world} ranks (a finished phase resumes on any number)"
+            f"{path} stopped mid-phase on {saved_world} ranks with a DeepSpeed checkpoint, whose "
+            f"optimizer (and, under ZeRO-3, weight) partitions are bound to that world size; "
+            f"resume it on {saved_world} ranks (a finished phase resumes on any number)"
         )
     return state
 
@@ -194,8 +206,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
     results: list[PhaseResult] = []
     first_phase, first_step = 0, 0
     if state is not None:
-        for name, module in ctx.modules.items():
-            if "modules" in state:
+        if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
+            for name, module in ctx.modules.items():
                 module.load_state_dict(state["modules"][name])
         ctx.batches.seek(state["stream"])
         results = [PhaseResult(**r) for r in state["results"]]
