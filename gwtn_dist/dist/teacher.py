@@ -73,8 +73,8 @@ class Teacher:
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""
-        state = full_state_dict(self.module.fc)
-        return state["weight"].float(), state["bias"].float()
+        state = self.state_of("fc")
+        return state["weight"], state["bias"]
 
     def state_of(self, name: str) -> dict:
         """The whole state of submodule ``name`` (e.g. a BERT's ``mlm`` head), in float32."""

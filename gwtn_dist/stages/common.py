@@ -44,7 +44,7 @@ def place(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """Move a net that will train to the run's device and memory format; under DeepSpeed with
     ``dist.sync_batchnorm``, its batch norms take statistics over the global batch."""
     if cfg.dist.sync_batchnorm and current().engine == "deepspeed":
-        use_global_batchnorm(model, device)
+        model = use_global_batchnorm(model, device)  # on CUDA, a net whose BNs are replaced
     if current().engine == "deepspeed":
         # DeepSpeed broadcasts and flattens parameters as contiguous storage; the activations
         # (the inputs) still use channels_last, which is what decides the conv kernels.

@@ -41,7 +41,24 @@ def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None
     return x
 
 
-class ImageTask:
+class _ScoredTask:
+    """What both tasks evaluate the same way: this rank's share of the held-out split, and
+    [correct, scored items, summed cross-entropy] of a batch's scored outputs."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def eval_batches(self, limit: int, rank: int | None = None):
+        return rank_eval_batches(self.cfg, limit, rank=rank)
+
+    def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N, classes) logits and (N,) targets → [correct, N, summed cross-entropy], float64."""
+        return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
+                             F.cross_entropy(logits, y, reduction="sum").item()],
+                            dtype=torch.float64)
+
+
+class ImageTask(_ScoredTask):
     """Image classification with a ResNet: test accuracy and cross-entropy."""
 
     metric = "test_accuracy"
@@ -49,7 +66,7 @@ class ImageTask:
     secondary: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -60,15 +77,6 @@ class ImageTask:
 
     def scored(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model(x).float(), y  # (b, classes), (b,); fp32 losses for bf16 nets
-
-    def eval_batches(self, limit: int, rank: int | None = None):
-        return rank_eval_batches(self.cfg, limit, rank=rank)
-
-    def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[correct, samples, summed cross-entropy] of one batch, float64."""
-        return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
-                             F.cross_entropy(logits, y, reduction="sum").item()],
-                            dtype=torch.float64)
 
     def eval_metrics(self, sums: list[float]) -> dict:
         correct, total, loss_sum = sums
@@ -88,15 +96,12 @@ class ImageTask:
         return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2)
 
 
-class TextTask:
+class TextTask(_ScoredTask):
     """Masked-LM with a BERT: accuracy and perplexity over the masked tokens of ``val``."""
 
     metric = "mlm_accuracy"
     metric_label = "held-out MLM accuracy"
     secondary = ("perplexity",)
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
 
     def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -109,15 +114,6 @@ class TextTask:
         only)."""
         chosen = y != IGNORE  # (b, T)
         return model(x, select=chosen).float(), y[chosen]
-
-    def eval_batches(self, limit: int, rank: int | None = None):
-        return rank_eval_batches(self.cfg, limit, rank=rank)
-
-    def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[correct, masked tokens, summed cross-entropy] of one batch, float64."""
-        return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
-                             F.cross_entropy(logits, y, reduction="sum").item()],
-                            dtype=torch.float64)
 
     def eval_metrics(self, sums: list[float]) -> dict:
         correct, tokens, loss_sum = sums
