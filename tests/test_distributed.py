@@ -184,6 +184,8 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_to_the_same_weights(
     assert time.time() - started < 120
     saved = checkpoint.load(run_dir / "wide" / "checkpoint.pt")
     assert "deepspeed_tag" in saved["engine"] and "modules" not in saved  # partitioned, mid-phase
+    tags = [p.name for p in (run_dir / "wide" / "deepspeed").iterdir()]
+    assert saved["engine"]["deepspeed_tag"] in tags  # older tags go only after the pointer moves
 
     run(torchrun(2, [*args, "resume=true"]))
     resumed = checkpoint.load(run_dir / "wide" / "model.pt")["state_dict"]
