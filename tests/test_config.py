@@ -30,6 +30,12 @@ def test_overrides_keep_their_types():
     assert cfg.imitate.target_norm == "layernorm"
 
 
+def test_exponent_numbers_are_numbers():
+    # PyYAML reads "1e-3" (no dot) as a string; a user writing it means the number.
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["wide.optim.lr=1e-3", "imitate.optim.lr=5E-4"])
+    assert cfg.wide.optim.lr == 1e-3 and cfg.imitate.optim.lr == 5e-4
+
+
 def test_file_values_survive_where_not_overridden():
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["wide.steps=7"])
     raw = yaml.safe_load((REPO / "configs/tiny_cpu.yaml").read_text())
@@ -43,6 +49,7 @@ def test_file_values_survive_where_not_overridden():
     (["nonsense=1"], ["nonsense", "run_dir"]),
     (["imitate.target_norm=batchnorm"], ["imitate.target_norm", "'layernorm'"]),
     (["wide.steps=ten"], ["wide.steps", "integer"]),
+    (["wide.optim.lr=fast"], ["wide.optim.lr", "number"]),
     (["wide.steps=0"], ["wide.steps", "> 0"]),
     (["model.inner_widths=[8,16]"], ["model.inner_widths", "one width per stage"]),
     (["model.widen.boundary_mult=2", "model.imitation_points=blocks"],
