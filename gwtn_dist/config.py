@@ -27,14 +27,15 @@ class WideningConfig:
     """How the wide twin is made from the thin net.
 
     inner_mult: multiplier of every bottleneck's inner 3×3 width (paper's ResNet reading: 4).
-    boundary_mult: multiplier of the block-boundary widths; 1 keeps them equal so no linear pairs
-    are needed. Above 1, linear pairs are trained during imitation and merged afterwards
-    (ResNet only; a BERT twin keeps the hidden size).
+    boundary_mult: multiplier of the block-boundary widths (a BERT's hidden size); 1 keeps them
+    equal so no linear pairs are needed. Above 1, linear pairs are trained during imitation
+    and merged afterwards; a BERT gets lifts only (see ``models/bridge.py``).
 
     BERT (the paper does not say how it widened BERT; inner widening at the same hidden size is
-    MobileBERT's choice): attention_mult multiplies each head's width, so the attention inner
-    width heads × head_dim grows while the number of heads stays, and attention maps correspond
-    head by head (default 4); ffn_mult multiplies the feed-forward width (default 4).
+    MobileBERT's choice, so boundary_mult defaults to 1): attention_mult multiplies each head's
+    width, so the attention inner width heads × head_dim grows while the number of heads stays,
+    and attention maps correspond head by head (default 4); ffn_mult multiplies the
+    feed-forward width (default 4).
     """
 
     inner_mult: int = 4
@@ -477,9 +478,6 @@ def _check_bert(cfg: Config) -> None:
         raise ConfigError(f"model.vocab_size: must be at least 8, got {m.vocab_size}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.widen.boundary_mult != 1:
-        raise ConfigError("model.widen.boundary_mult: a BERT twin keeps the hidden size; widen "
-                          "it inside with model.widen.attention_mult and ffn_mult")
     if cfg.compare.deeper_layers < 0:
         raise ConfigError(f"compare.deeper_layers: must be >= 0, got {cfg.compare.deeper_layers}")
     _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)

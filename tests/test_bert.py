@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from gwtn_dist.config import ConfigError, ModelConfig, WideningConfig, load_config
 from gwtn_dist.models.bert import Bert
+from gwtn_dist.models.bridge import Bridges, merge_bridges
 from gwtn_dist.models.family import build_thin, build_wide, imitation_points
 from tests.conftest import REPO
 
@@ -40,6 +41,31 @@ def test_wide_twin_widens_inside_and_keeps_every_layer_output_shape():
     for k in range(4):
         assert thin(x, upto=k).shape == wide(x, upto=k).shape == (2, 12, 32)
     assert thin(x).shape == (2, 12, 50)
+
+
+def test_a_wider_hidden_twin_is_compared_through_lifts_that_leave_the_thin_net_alone():
+    cfg = tiny()
+    cfg.widen.boundary_mult = 2
+    thin, wide = build_thin(cfg).eval(), build_wide(cfg).eval()
+    assert wide.shape.hidden == 64 and thin.shape.hidden == 32
+    points = imitation_points(thin, cfg)
+    bridges = Bridges(thin, wide, points)
+    assert bridges.lift_only
+    x = batch([12, 7])
+    for k, point in enumerate(points, start=1):
+        pair = bridges.pair(point)
+        assert pair.lift.shape == (64, 32) and pair.back is None
+        assert torch.equal(pair.product(), torch.eye(32))
+        h = thin(x, upto=k)  # (2, 12, 32)
+        lifted = pair.lifted(h)
+        assert lifted.shape == wide(x, upto=k).shape == (2, 12, 64)
+        # P has orthonormal columns at the start, so lifting keeps each token's norm.
+        torch.testing.assert_close(lifted.norm(dim=-1), h.norm(dim=-1), rtol=1e-4, atol=1e-5)
+    before = {k: v.clone() for k, v in thin.state_dict().items()}
+    with torch.no_grad():
+        bridges.pair(points[0]).lift.mul_(3.0)  # a trained lift: still nothing to fold
+    merge_bridges(thin, bridges)
+    assert all(torch.equal(before[k], v) for k, v in thin.state_dict().items())
 
 
 def test_padding_is_masked_and_the_prefix_is_the_full_forward():
@@ -88,7 +114,7 @@ def test_a_training_step_lowers_the_masked_lm_loss():
 @pytest.mark.parametrize("overrides, names", [
     (["model.family=bert"], ["data.dataset", "text"]),
     (["model.family=bert", "data.dataset=text", "model.heads=0"], ["model.heads"]),
-    (["model.family=bert", "data.dataset=text", "model.widen.boundary_mult=2"],
+    (["model.family=bert", "data.dataset=text", "model.widen.boundary_mult=0"],
      ["model.widen.boundary_mult"]),
     (["imitate.attention_weight=1"], ["imitate.attention_weight", "BERT"]),
 ])

@@ -82,6 +82,26 @@ def test_tiny_bert_pretrains_through_all_stages(tmp_path, text_shards):
     assert "held-out MLM accuracy" in table and "thin from scratch" in table
 
 
+def test_a_twin_with_a_wider_hidden_size_warms_up_the_thin_bert(tmp_path, text_shards):
+    run_dir = tmp_path / "wider"
+    assert main(["-q", "run", *run_args(run_dir, text_shards, "model.widen.boundary_mult=2",
+                                        "imitate.target_norm=none", "baselines=[]",
+                                        "eval_every=0")]) == 0
+    imit = json.loads((run_dir / "imitate" / "stage.json").read_text())
+    assert imit["bridges"] is True and imit["head"] == "random"
+    recs = [json.loads(line) for line in (run_dir / "imitate" / "metrics.jsonl").open()]
+    for point in imit["points"]:  # the lifted thin output approaches the 2×-wide output
+        losses = [r["loss"] for r in recs if r["point"] == point]
+        assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), point
+    wide = torch.load(run_dir / "wide" / "model.pt", weights_only=False)
+    thin = torch.load(run_dir / "finetune" / "model.pt", weights_only=False)
+    assert wide["meta"]["shape"]["hidden"] == 64 and thin["meta"]["shape"]["hidden"] == 32
+    # The thin net leaves imitation with exactly its own shape: nothing of the lifts is kept.
+    reference = build_thin(load_config(REPO / "configs/bert_tiny_cpu.yaml").model).state_dict()
+    assert {k: tuple(v.shape) for k, v in thin["state_dict"].items()} == {
+        k: tuple(v.shape) for k, v in reference.items()}
+
+
 def test_attention_transfer_and_compare_for_the_bert_family(tmp_path, text_shards):
     run_dir = tmp_path / "cmp"
     assert main(["-q", "compare", *run_args(
@@ -131,10 +151,12 @@ def test_two_ranks_pretrain_bert_with_a_sharded_teacher(tmp_path, text_shards):
     run(torchrun(2, ["run", *run_args(
         run_dir, text_shards, "threads=1", "eval_every=0", "wide.steps=10",
         "imitate.steps_per_point=3", "finetune.kd_steps=2", "finetune.label_steps=4",
-        "dist.wide_zero_stage=3", "dist.teacher=shard",
+        "dist.wide_zero_stage=3", "dist.teacher=shard", "dist.student_zero_stage=2",
+        "model.widen.boundary_mult=2",  # the lifts train inside the thin net's ZeRO-2 engine
         "dist.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}")]))
     summary = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert set(summary) == {"wide", "imitate", "finetune", "scratch"}
+    assert summary["imitate"]["bridges"] is True
     teacher = summary["imitate"]["teacher"]
     assert teacher["mode"] == "shard" and teacher["world_size"] == 2
     assert teacher["param_bytes_per_rank"] * 2 == teacher["param_bytes_total"]

@@ -93,6 +93,8 @@ def test_fresh_pair_is_the_identity():
     thin, wide = build_thin(small_cfg()), build_wide(small_cfg(widen=WideningConfig(1, 4)))
     pair = Bridges(thin, wide, ["layer1"]).pair("layer1")
     assert torch.allclose(pair.product(), torch.eye(pair.product().shape[0]), atol=1e-5)
+    # Row-major: DeepSpeed broadcasts each parameter as a byte view, which needs stride 1 last.
+    assert pair.lift.is_contiguous() and pair.back.is_contiguous()
 
 
 def test_merge_refuses_identity_shortcuts():

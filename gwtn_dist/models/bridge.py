@@ -6,6 +6,14 @@ block. Both are plain linear maps (1×1 convs without bias), so after imitation 
 M_k = Q_k P_k (c × c) can be folded into the layers that consume h: the first 1×1 conv and the
 projection shortcut of the next block, or the classifier (average pooling is linear). The merged
 thin net then has exactly its original shape and computes the same function.
+
+A BERT twin with a wider hidden size (``widen.boundary_mult`` > 1) gets lifts only: P_k maps a
+thin layer output (B, T, D) to the wide width D' for the comparison, and nothing is inserted
+into the thin net's forward path (Q_k is P_k's left inverse, so Q_k P_k = I and the merge is
+exact and empty). A pair with a trained back map could not be folded there: every layer's
+consumer of h is ``LayerNorm(h + attention(h))``, and an identity residual followed by a
+LayerNorm does not absorb a c × c matrix. (The same holds for a ResNet block with an identity
+shortcut, which is why ResNet pairs only sit in front of projection shortcuts or the head.)
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bert import Bert
 from .resnet import Bottleneck, ResNet, point_block_index
 
 
@@ -20,41 +29,53 @@ class LinearPair(nn.Module):
     """P: c → C (lift, for the comparison) and Q: C → c (back into the thin net).
 
     Initialised with P's columns orthonormal and Q = Pᵀ, so Q P = I and inserting the pair does
-    not change the thin net's function at the start of imitation.
+    not change the thin net's function at the start of imitation. With ``back=False`` there is
+    no trained Q (``back`` is None): the pair is a lift only and Q P = I stays exact.
     """
 
-    def __init__(self, thin_width: int, wide_width: int):
+    def __init__(self, thin_width: int, wide_width: int, back: bool = True):
         super().__init__()
         if wide_width < thin_width:
             raise ValueError(f"wide width {wide_width} is smaller than thin width {thin_width}")
         basis = torch.linalg.qr(torch.randn(wide_width, thin_width)).Q  # (C, c), orthonormal columns
-        self.lift = nn.Parameter(basis.clone())  # P: (C, c)
-        self.back = nn.Parameter(basis.t().clone())  # Q: (c, C)
+        # Row-major copies: QR returns Q column-major, and DeepSpeed broadcasts and flattens
+        # parameters through views that need a contiguous last dim.
+        self.lift = nn.Parameter(basis.contiguous().clone())  # P: (C, c)
+        self.back = nn.Parameter(basis.t().contiguous().clone()) if back else None  # Q: (c, C)
 
     def lifted(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, c, H, W) → (B, C, H, W)."""
-        return torch.einsum("oc,bchw->bohw", self.lift, h)
+        """P h: (B, c, H, W) → (B, C, H, W) for feature maps, (..., c) → (..., C) for tokens."""
+        if h.dim() == 4:
+            return torch.einsum("oc,bchw->bohw", self.lift, h)
+        return h @ self.lift.t()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Q P h: (B, c, H, W) → (B, c, H, W)."""
-        return torch.einsum("oc,bchw->bohw", self.back @ self.lift, h)
+        return torch.einsum("oc,bchw->bohw", self.product(), h)
 
     def product(self) -> torch.Tensor:
-        """M = Q P, (c, c)."""
+        """M = Q P, (c, c) (the identity for a lift only)."""
+        if self.back is None:
+            return torch.eye(self.lift.shape[1], device=self.lift.device, dtype=self.lift.dtype)
         return self.back @ self.lift
 
 
 class Bridges(nn.Module):
-    """One LinearPair per imitation point, keyed by point name (dots replaced for ModuleDict)."""
+    """One LinearPair per imitation point, keyed by point name (dots replaced for ModuleDict).
 
-    def __init__(self, thin: ResNet, wide: ResNet, points: list[str]):
+    ResNet points get full pairs (P and Q); BERT points get lifts only (see the module's
+    docstring).
+    """
+
+    def __init__(self, thin: ResNet | Bert, wide: ResNet | Bert, points: list[str]):
         super().__init__()
         self.points = list(points)
+        self.lift_only = isinstance(thin, Bert)
         self.pairs = nn.ModuleDict()
         for point in points:
             c = _out_width(thin, point)
             big = _out_width(wide, point)
-            self.pairs[_key(point)] = LinearPair(c, big)
+            self.pairs[_key(point)] = LinearPair(c, big, back=not self.lift_only)
 
     def pair(self, point: str) -> LinearPair:
         return self.pairs[_key(point)]
@@ -64,7 +85,9 @@ def _key(point: str) -> str:
     return point.replace(".", "_")
 
 
-def _out_width(model: ResNet, point: str) -> int:
+def _out_width(model: ResNet | Bert, point: str) -> int:
+    if isinstance(model, Bert):
+        return model.shape.hidden  # every BERT point is a layer output (B, T, hidden)
     block = model.blocks()[point_block_index(model, point)][1]
     if isinstance(block, Bottleneck):
         return block.conv3.out_channels
@@ -78,8 +101,10 @@ def merge_bridges(thin: ResNet, bridges: Bridges, skip: list[str] = ()) -> ResNe
     The consumer of a point is the next block (whose first 1×1 conv and projection shortcut are
     both linear in the input: W ← W M) or, after the last block, the classifier (W_fc ← W_fc M).
     Points in ``skip`` are left out (the last one, when its head was already set from the wide
-    net through P).
+    net through P). Lifts only (BERT) have nothing to merge.
     """
+    if bridges.lift_only:
+        return thin
     blocks = thin.blocks()
     for point in bridges.points:
         if point in skip:

@@ -35,9 +35,11 @@ def resnet_shape(cfg: ModelConfig, wide: bool, blocks: list[int] | None = None) 
 
 
 def bert_shape(cfg: ModelConfig, wide: bool, layers: int | None = None) -> BertShape:
-    """The thin BERT or its twin (each head and the feed-forward widened, hidden size kept)."""
+    """The thin BERT or its twin (each head and the feed-forward widened; the hidden size kept
+    unless ``widen.boundary_mult`` > 1)."""
     w = cfg.widen
-    return BertShape(vocab_size=cfg.vocab_size, hidden=cfg.hidden, layers=layers or cfg.layers,
+    hidden = cfg.hidden * (w.boundary_mult if wide else 1)
+    return BertShape(vocab_size=cfg.vocab_size, hidden=hidden, layers=layers or cfg.layers,
                      heads=cfg.heads, head_dim=cfg.head_dim * (w.attention_mult if wide else 1),
                      ffn=cfg.ffn * (w.ffn_mult if wide else 1), max_len=cfg.max_len,
                      dropout=cfg.dropout)

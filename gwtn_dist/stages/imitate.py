@@ -2,7 +2,8 @@
 
 Phase k trains the thin blocks between imitation points k−1 and k to minimise
 MSE(P_k(S_≤k(x)), stopgrad(B_≤k(x))), where B is the frozen wide net and P_k is the lift of the
-linear pair at point k (identity when boundary widths match). Blocks below point k−1 train at
+linear pair at point k (identity when boundary widths match; for a BERT twin with a wider
+hidden size, a lift of each layer output, see ``models/bridge.py``). Blocks below point k−1 train at
 ``lower_lr_mult`` × lr (soft freeze), blocks above point k are not run. After the last phase the
 pairs are merged, so the thin net leaves this stage with exactly its original shape.
 
@@ -52,7 +53,7 @@ def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | Non
     """The parameters phase ``k`` trains at full lr, and those it trains at ``lower_lr_mult``.
 
     Full lr: the blocks after point k−1 up to point k, the lift P_k that this point's comparison
-    uses, and Q_{k−1}, which feeds those blocks. Lower lr (none if the multiplier is 0): every
+    uses, and Q_{k−1}, which feeds those blocks (lifts only: no Q). Lower lr (none if the multiplier is 0): every
     block before them and the pairs already passed. Blocks above point k are never trained here.
     """
     blocks = [module for _, module in thin.blocks()]
@@ -63,11 +64,12 @@ def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | Non
         lower = _params(blocks[:start])
     if bridges is not None:
         current.append(bridges.pair(points[k]).lift)
-        if k:
+        if k and not bridges.lift_only:
             current.append(bridges.pair(points[k - 1]).back)
         if lower_lr_mult > 0:
             lower += [bridges.pair(points[j]).lift for j in range(k)]
-            lower += [bridges.pair(points[j]).back for j in range(k - 1)]
+            if not bridges.lift_only:
+                lower += [bridges.pair(points[j]).back for j in range(k - 1)]
     return current, lower
 
 
@@ -199,11 +201,16 @@ def init_head(cfg: Config, thin: ResNet, wide: Teacher, bridges: Bridges | None,
 def init_mlm_head(cfg: Config, thin: nn.Module, wide: Teacher) -> str:
     """Give a thin BERT the wide net's masked-LM head (transform and output bias).
 
-    The twins have the same hidden size and the thin layer outputs imitated the wide ones, so
-    the wide head reads them directly; its decoder is tied to the word embeddings, which stay
-    the thin net's own.
+    With the same hidden size the thin layer outputs imitated the wide ones, so the wide head
+    reads them directly; its decoder is tied to the word embeddings, which stay the thin net's
+    own. A wider twin's head (dense D' × D', LayerNorm over D') cannot read D-wide outputs, so
+    the thin head stays its own there.
     """
     if cfg.imitate.init_head != "wide":
+        return "random"
+    if cfg.model.widen.boundary_mult != 1:
+        log.info("imitate.init_head=wide: the wide twin's hidden size differs, so the thin "
+                 "masked-LM head keeps its own initialisation")
         return "random"
     thin.mlm.load_state_dict(wide.state_of("mlm"))
     return "wide"

@@ -121,9 +121,10 @@ class TextTask(_ScoredTask):
         return {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,
                 "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens)}
 
-    def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: None,
+    def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: Bridges | None,
                  bridged: dict[int, str]) -> torch.Tensor:
-        """Block ``end``'s output (b, T, D) (a BERT twin needs no linear pairs)."""
+        """Block ``end``'s output (b, T, D) (BERT pairs are lifts only: nothing is inserted
+        between layers)."""
         return model(x, upto=end).float()
 
     def feature_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
