@@ -10,8 +10,9 @@ SLURM warns a job before its time limit (or a preemption) with a signal, ``#SBAT
   the deepspeed launcher) would die of a signal they do not handle, and a file on the shared run
   directory reaches every node. ``touch RUN_DIR/PREEMPT`` stops a run by hand the same way.
 
-The training loop calls :func:`stop_requested` once per step on every rank: the ranks' requests are
-summed in one all-reduce, so all of them stop after the same step. The loop then writes its
+The training loop reads :func:`asked_here` once per step on every rank and sums the answers in the
+all-reduce that averages the step's loss (no collective of its own), so all ranks stop after the
+same step and :func:`acknowledge` the request. The loop then writes its
 checkpoint and raises :class:`Preempted`; the CLI exits with :data:`EXIT_CODE`, and
 ``resume=true`` continues from that step.
 """
@@ -68,19 +69,26 @@ def install(run_dir: Path) -> None:
     signal.signal(signal_number(), _on_signal)
 
 
-def stop_requested() -> bool:
-    """Whether any rank was asked to stop. Collective: every rank must call it at the same step.
-
-    A positive answer is consumed: the flag is reset and rank 0 removes the stop file, so the
-    resumed run does not stop again at once.
-    """
-    global _signalled
+def asked_here() -> bool:
+    """Whether this rank was asked to stop (its signal or the stop file); not collective."""
     if _run_dir is None:
         return False
-    mine = _signalled or stop_file(_run_dir).exists()
-    if all_reduce_sum(torch.tensor([float(mine)])).item() == 0:
-        return False
+    return _signalled or stop_file(_run_dir).exists()
+
+
+def acknowledge() -> None:
+    """Consume a request every rank agreed on: the flag is reset and rank 0 removes the stop
+    file, so the resumed run does not stop again at once."""
+    global _signalled
     _signalled = False
-    if current().is_main:
+    if _run_dir is not None and current().is_main:
         stop_file(_run_dir).unlink(missing_ok=True)
+
+
+def stop_requested() -> bool:
+    """Whether any rank was asked to stop, consumed if so. Collective: every rank must call it
+    at the same step (the loop folds the same question into its loss all-reduce instead)."""
+    if all_reduce_sum(torch.tensor([float(asked_here())])).item() == 0:
+        return False
+    acknowledge()
     return True

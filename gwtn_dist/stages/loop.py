@@ -133,12 +133,16 @@ def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm:
                 mininterval=0.5 if interactive else 15.0)
 
 
-def _averaged(loss: torch.Tensor, extra: dict) -> tuple[float, dict]:
-    """The loss and the numeric extras averaged over ranks (one small all-reduce)."""
+def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict, bool]:
+    """The loss and the numeric extras averaged over ranks, and whether any rank was asked to
+    stop (``stop`` is this rank's answer), in one small all-reduce."""
     keys = [k for k, v in extra.items() if isinstance(v, (int, float))]
-    values = torch.tensor([loss.item()] + [float(extra[k]) for k in keys])
-    values = all_reduce_sum(values) / current().world_size
-    return values[0].item(), {**extra, **{k: values[i + 1].item() for i, k in enumerate(keys)}}
+    values = torch.tensor([float(stop), loss.item()] + [float(extra[k]) for k in keys],
+                          dtype=torch.float64)
+    values = all_reduce_sum(values)
+    mean = values[1:] / current().world_size
+    return (mean[0].item(), {**extra, **{k: mean[i + 1].item() for i, k in enumerate(keys)}},
+            values[0].item() > 0)
 
 
 def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, recent: list,
@@ -242,7 +246,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
             # ids and attention mask (b, T) and masked-LM labels (b, T).
             x, y = ctx.prepare(*ctx.batches.next(index, step))
             loss, extra = phase.loss(x, y)
-            value, extra = _averaged(loss, extra)
+            value, extra, stop = _averaged(loss, extra, preempt.asked_here())
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"{phase.name}: loss became {value} at step {step + 1}; "
@@ -267,7 +271,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
                     results.append(PhaseResult(phase.name, phase.steps,
                                                sum(recent) / len(recent), wall))
                 _save(ctx, engine, index, step + 1, done, recent, wall, results)
-            elif preempt.stop_requested():  # collective: every rank asks at every such step
+            elif stop:  # every rank saw the same sum, so every rank stops here
+                preempt.acknowledge()
                 _save(ctx, engine, index, step + 1, False, recent, wall, results)
                 raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
             tick = time.perf_counter()
