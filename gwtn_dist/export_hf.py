@@ -102,9 +102,12 @@ def export_model(model: Bert, out: Path, tokenizer: Path | None = None) -> Path:
 
 def export_weights(weights: Path, out: Path, tokenizer: Path | None = None) -> Path:
     """Export a BERT stage's ``model.pt`` (its meta records the shape) to ``out``."""
-    meta = checkpoint.load(weights)["meta"]
+    if not Path(weights).is_file():
+        raise ExportError(f"{weights} not found")
+    blob = checkpoint.load(weights)  # {"state_dict", "meta"}, read once
+    meta = blob["meta"]
     if meta.get("family") != "bert":
         raise ExportError(f"{weights} holds a {meta.get('family', 'resnet')} net, not a BERT")
     model = Bert(BertShape(**meta["shape"]))
-    checkpoint.load_weights(model, weights)
+    model.load_state_dict(blob["state_dict"])
     return export_model(model, out, tokenizer)

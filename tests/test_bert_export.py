@@ -57,3 +57,5 @@ def test_gwtn_export_reads_a_stage_and_refuses_a_wide_twin(tmp_path):
         assert torch.allclose(net(x), hf(**x).logits, atol=1e-4)
     with pytest.raises(ExportError, match="heads × head_dim"):
         export_model(build_wide(cfg), tmp_path / "wide")
+    # A wrong path is a one-line CLI error (exit 2), not a traceback.
+    assert main(["-q", "export", str(tmp_path / "missing.pt"), str(tmp_path / "x")]) == 2

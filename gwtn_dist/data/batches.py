@@ -20,6 +20,7 @@ Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids"
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..config import Config
 from ..dist.runtime import current
 from .errors import DataSourceError
 from .shards import TrainStream, augment, eval_batches, to_model_input
-from .streams import image_stream, text_stream
+from .streams import ShardLoader, image_stream, text_stream
 
 
 def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
@@ -45,50 +46,53 @@ def _rank_slice(batch: torch.Tensor) -> torch.Tensor:
     return batch[rt.rank * b : (rt.rank + 1) * b]
 
 
-class GlobalBatches:
+class TrainBatches:
+    """A resumable source of this rank's training batches: ``next(phase_index, step)``, and
+    ``position`` / ``seek`` delegated to the underlying stream (``self.source``)."""
+
+    source: TrainStream | ShardLoader
+
+    @property
+    def position(self) -> dict:
+        return self.source.position
+
+    def seek(self, position: dict) -> None:
+        self.source.seek(position)
+
+    def next(self, phase_index: int, step: int) -> tuple:
+        raise NotImplementedError
+
+
+class GlobalBatches(TrainBatches):
     """Fashion-MNIST: the global stream, augmented, normalised and sliced for this rank."""
 
     def __init__(self, cfg: Config, stream_seed: int):
         d = cfg.data
         self.cfg, self.seed = cfg, cfg.seed
-        self.stream = TrainStream(d.shards, d.batch_size, seed=stream_seed,
+        self.source = TrainStream(d.shards, d.batch_size, seed=stream_seed,
                                   shuffle_buffer=d.shuffle_buffer, limit=d.train_samples)
-
-    @property
-    def position(self) -> dict:
-        return self.stream.position
-
-    def seek(self, position: dict) -> None:
-        self.stream.seek(position)
 
     def next(self, phase_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.cfg.data
-        images, labels = next(self.stream)  # the global batch: uint8 (B, C, H, W), (B,)
+        images, labels = next(self.source)  # the global batch: uint8 (B, C, H, W), (B,)
         images = augment(images, _batch_generator(self.seed, phase_index, step),
                          d.crop_padding, d.hflip)
         return to_model_input(_rank_slice(images), d.mean, d.std), _rank_slice(labels)
 
 
-class RankBatches:
+class RankBatches(TrainBatches):
     """Image folders: this rank's own stream (its share of every epoch, already augmented)."""
 
     def __init__(self, cfg: Config, stream_seed: int):
         d, rt = cfg.data, current()
-        self.loader = image_stream(d.shards, train=True, batch_size=d.batch_size // rt.world_size,
+        self.source = image_stream(d.shards, train=True, batch_size=d.batch_size // rt.world_size,
                                    rank=rt.rank, world_size=rt.world_size,
                                    num_workers=d.num_workers, seed=stream_seed,
                                    shuffle_buffer=d.shuffle_buffer, size=d.image_size,
                                    resize=d.eval_resize)
 
-    @property
-    def position(self) -> dict:
-        return self.loader.position
-
-    def seek(self, position: dict) -> None:
-        self.loader.seek(position)
-
     def next(self, phase_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.loader)
+        return next(self.source)
 
 
 def _split_mlm(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -112,26 +116,19 @@ def _text_stream(cfg: Config, train: bool, batch_size: int, rank: int, seed: int
     return loader
 
 
-class TextBatches:
+class TextBatches(TrainBatches):
     """Token shards: this rank's own stream of masked-LM batches."""
 
     def __init__(self, cfg: Config, stream_seed: int):
         rt = current()
-        self.loader = _text_stream(cfg, True, cfg.data.batch_size // rt.world_size, rt.rank,
+        self.source = _text_stream(cfg, True, cfg.data.batch_size // rt.world_size, rt.rank,
                                    seed=stream_seed)
 
-    @property
-    def position(self) -> dict:
-        return self.loader.position
-
-    def seek(self, position: dict) -> None:
-        self.loader.seek(position)
-
     def next(self, phase_index: int, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return _split_mlm(next(self.loader))
+        return _split_mlm(next(self.source))
 
 
-def train_batches(cfg: Config, stream_seed: int) -> GlobalBatches | RankBatches | TextBatches:
+def train_batches(cfg: Config, stream_seed: int) -> TrainBatches:
     """This rank's training batches; ``stream_seed`` gives each stage its own data order."""
     if cfg.data.dataset == "text":
         return TextBatches(cfg, stream_seed)
@@ -147,24 +144,16 @@ def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None) -> I
     of a run scores the same masked tokens."""
     d, rt = cfg.data, current()
     rank = rt.rank if rank is None else rank
-    if d.dataset == "text":
-        loader = _text_stream(cfg, False, d.eval_batch_size, rank)
+    if d.dataset in ("text", "imagefolder"):  # a per-rank stream of the val split
+        if d.dataset == "text":
+            loader = map(_split_mlm, _text_stream(cfg, False, d.eval_batch_size, rank))
+        else:
+            loader = image_stream(d.shards, train=False, batch_size=d.eval_batch_size,
+                                  rank=rank, world_size=rt.world_size,
+                                  num_workers=d.num_workers, size=d.image_size,
+                                  resize=d.eval_resize)
         per_rank = -(-limit // (rt.world_size * d.eval_batch_size)) if limit else None
-        for i, batch in enumerate(loader):
-            if per_rank is not None and i == per_rank:
-                return
-            yield _split_mlm(batch)
-        return
-    if d.dataset == "imagefolder":
-        batch = d.eval_batch_size
-        loader = image_stream(d.shards, train=False, batch_size=batch, rank=rank,
-                              world_size=rt.world_size, num_workers=d.num_workers,
-                              size=d.image_size, resize=d.eval_resize)
-        per_rank = -(-limit // (rt.world_size * batch)) if limit else None
-        for i, (x, y) in enumerate(loader):
-            if per_rank is not None and i == per_rank:
-                return
-            yield x, y
+        yield from itertools.islice(loader, per_rank)
         return
     for i, (images, labels) in enumerate(eval_batches(d.shards, d.eval_batch_size, limit=limit)):
         if i % rt.world_size == rank:

@@ -69,6 +69,7 @@ class TorchEngine:
     """Optimizer + schedule + gradient clipping for one phase, on one process."""
 
     saves_modules = False  # its resume state is the optimizer's; the loop saves the weights
+    config = None  # no DeepSpeed config to record
 
     def __init__(self, groups: list[dict], optim: OptimConfig, total_steps: int):
         groups = _trainable(groups)

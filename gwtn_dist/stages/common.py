@@ -82,7 +82,7 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0
                             dtype=next(model.parameters()).dtype)
         logits, targets = task.scored(model, x, y)
         if mine is not None:
-            sums += task.eval_sums(logits.float(), targets)
+            sums += task.eval_sums(logits, targets)
     scores = task.eval_metrics(all_reduce_sum(sums).tolist())
     model.train(was_training)
     return scores

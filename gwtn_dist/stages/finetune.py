@@ -7,9 +7,8 @@ trained by the same code.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-
-import torch.nn.functional as F
 
 from .. import checkpoint
 from ..config import Config, OptimConfig
@@ -38,8 +37,9 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     """Train a thin net into ``run_dir/<stage>``: ``kd_steps`` of distillation, then labels.
 
     init: weights to start from (None: a fresh net seeded by cfg.seed). blocks: depth of the
-    thin net (None: the config's; blocks per stage for a ResNet, layers for a BERT). step_offset: thin-net steps already spent on this net
-    (the imitation steps), for the accuracy-vs-steps curves.
+    thin net (None: the config's; blocks per stage for a ResNet, layers for a BERT).
+    step_offset: thin-net steps already spent on this net (the imitation steps), for the
+    accuracy-vs-steps curves.
     """
     stage_dir = run_dir / stage
     if stage_done(stage_dir):
@@ -49,7 +49,7 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     thin = build_thin(cfg.model, blocks=blocks)
     if init is not None:
         checkpoint.load_weights(thin, init)
-    place(thin, cfg, ctx.device)
+    thin = place(thin, cfg, ctx.device)
     ctx.modules = {"thin": thin}
     wide = load_teacher(cfg, teacher, ctx.device) if kd_steps else None
     d = cfg.finetune.distill
@@ -62,10 +62,6 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
         loss = distillation_loss(logits, teacher, targets, d.alpha, d.temperature)
         return loss, {"train_accuracy": accuracy(logits, targets)}
 
-    def label_loss(x, y):
-        logits, targets = task.scored(thin, x, y)
-        return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
-
     def groups():
         return [{"params": list(thin.parameters())}]
 
@@ -76,7 +72,8 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
         phases.append(Phase(f"{stage}/distill", kd_steps, optim, groups, kd_loss, thin,
                             setup=thin.train, eval_model=thin, zero_stage=zero))
     if label_steps:
-        phases.append(Phase(f"{stage}/labels", label_steps, optim, groups, label_loss, thin,
+        phases.append(Phase(f"{stage}/labels", label_steps, optim, groups,
+                            partial(task.label_loss, thin), thin,
                             setup=thin.train, eval_model=thin, zero_stage=zero))
     results = run_phases(ctx, phases)
     if wide is not None:

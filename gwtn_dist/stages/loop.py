@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .. import checkpoint
 from ..config import DistConfig, OptimConfig
-from ..data.batches import GlobalBatches, RankBatches
+from ..data.batches import TrainBatches
 from ..dist import preempt
 from ..dist.engines import make_engine
 from ..dist.runtime import all_reduce_sum, barrier, current
@@ -90,7 +90,7 @@ class LoopContext:
 
     stage_dir: Path
     modules: dict[str, nn.Module]
-    batches: GlobalBatches | RankBatches
+    batches: TrainBatches
     device: torch.device
     micro_batch: int
     prepare: Callable[[object, torch.Tensor], tuple]
@@ -231,7 +231,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
         engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
                              zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
                              micro_batch=ctx.micro_batch)
-        if rt.is_main and hasattr(engine, "config"):
+        if rt.is_main and engine.config is not None:
             _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
         recent: list[float] = []
         wall = 0.0

@@ -26,6 +26,7 @@ from ..config import Config
 from ..data.batches import rank_eval_batches
 from ..data.mlm import IGNORE
 from ..models.bridge import Bridges
+from .losses import accuracy
 
 
 def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None,
@@ -50,6 +51,12 @@ class _ScoredTask:
 
     def eval_batches(self, limit: int, rank: int | None = None):
         return rank_eval_batches(self.cfg, limit, rank=rank)
+
+    def label_loss(self, model, x, y) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of ``model``'s scored outputs against the labels, and the batch's
+        training accuracy (the loss of the wide stage, fine-tuning and the baselines)."""
+        logits, targets = self.scored(model, x, y)  # (N, classes), (N,)
+        return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
 
     def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, classes) logits and (N,) targets → [correct, N, summed cross-entropy], float64."""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-
-import torch.nn.functional as F
 
 from ..config import Config
 from ..models.family import build_wide, shape_meta
 from .common import finish_stage, loop_context, place, read_stage, seed_everything, stage_done
 from .loop import Phase, run_phases
-from .losses import accuracy
 from .tasks import task_for
 
 STAGE = "wide"
@@ -27,14 +25,10 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     ctx.modules = {"wide": wide}
     task = task_for(cfg)
 
-    def loss(x, y):
-        logits, targets = task.scored(wide, x, y)  # (N, classes), (N,)
-        return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
-
     phase = Phase(STAGE, cfg.wide.steps, cfg.wide.optim,
                   groups=lambda: [{"params": list(wide.parameters())}],
-                  loss=loss, module=wide, setup=wide.train, eval_model=wide,
-                  zero_stage=cfg.dist.wide_zero_stage)
+                  loss=partial(task.label_loss, wide), module=wide, setup=wide.train,
+                  eval_model=wide, zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
     meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
     return finish_stage(cfg, run_dir, STAGE, wide, results, meta)
