@@ -17,7 +17,7 @@ setup(
         "gwtn_dist",
         "gwtn_dist.models",
         "gwtn_dist.data",
-        "gwtn_dist.dist",
+        "gwtn_dist.distributed",
         "gwtn_dist.stages",
         *KERNEL_PACKAGES,
     ],
@@ -40,7 +40,7 @@ setup(
     extras_require={
         # transformers only checks the BERT export round trip (it does not pull torch in).
         "hf": ["transformers"],
-        "test": ["pytest", "transformers"],
+        "test": ["pytest", "ruff", "transformers"],
         "dev": ["pytest", "ruff", "transformers"],
     },
     entry_points={"console_scripts": ["gwtn = gwtn_dist.cli:main"]},

@@ -9,7 +9,7 @@
     gwtn export WEIGHTS OUT [--tokenizer T]        a thin BERT → Hugging Face BertForMaskedLM
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
-rank layout comes from the launcher's environment (see ``gwtn_dist.dist.env``).
+rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .config import Config, ConfigError, dump_config, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
-from .dist import preempt, runtime
-from .dist.env import LaunchError
+from .distributed import preempt, runtime
+from .distributed.env import LaunchError
 from .export_hf import ExportError
 from .launch import add_launch_command
 from .stages.common import StageOrderError

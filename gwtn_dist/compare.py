@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from .config import Config
-from .dist.runtime import current
+from .distributed.runtime import current
 from .pipeline import apply_runtime, prepare_run_dir
 from .report import mean_std, read_curve, write_compare
 from .stages.arms import method_budget, train_baseline

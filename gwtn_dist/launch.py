@@ -3,7 +3,7 @@
 The batch script runs ``gwtn launch --style STYLE -- COMMAND CONFIG [key=value …]`` once, in the
 batch step. It reads the allocation from SLURM's variables, builds the command each node runs,
 starts them (one job step), and handles preemption: on the warning signal it asks the ranks to
-checkpoint and stop (``gwtn_dist.dist.preempt``), then requeues the job, whose next start adds
+checkpoint and stop (``gwtn_dist.distributed.preempt``), then requeues the job, whose next start adds
 ``resume=true``. ``--dry-run`` prints the commands instead of running them.
 
 Styles (N nodes × P ranks per node; the rendezvous is on the first node):
@@ -34,8 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dist import preempt
-from .dist.env import LaunchError, expand_hostlist, rendezvous_port
+from .distributed import preempt
+from .distributed.env import LaunchError, expand_hostlist, rendezvous_port
 
 log = logging.getLogger("gwtn")
 STYLES = ("srun", "srun-torchrun", "deepspeed-slurm", "deepspeed-nossh", "deepspeed-hostfile",

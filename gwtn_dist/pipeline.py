@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, dump_config, to_dict
-from .dist.runtime import barrier, current
+from .distributed.runtime import barrier, current
 from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
 from .stages.finetune import finetune

@@ -14,11 +14,11 @@ from torch import nn
 
 from gwtn_dist.cli import _without_local_rank
 from gwtn_dist.config import ConfigError, load_config
-from gwtn_dist.dist import runtime
-from gwtn_dist.dist.ds_config import deepspeed_config
-from gwtn_dist.dist.env import DistEnv, LaunchError, discover, expand_hostlist
-from gwtn_dist.dist.sync_bn import GlobalBatchNorm2d, use_global_batchnorm
-from gwtn_dist.dist.teacher import choose_mode
+from gwtn_dist.distributed import runtime
+from gwtn_dist.distributed.ds_config import deepspeed_config
+from gwtn_dist.distributed.env import DistEnv, LaunchError, discover, expand_hostlist
+from gwtn_dist.distributed.sync_bn import GlobalBatchNorm2d, use_global_batchnorm
+from gwtn_dist.distributed.teacher import choose_mode
 from gwtn_dist.models.family import build_wide
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gwtn_dist.config import OptimConfig
-from gwtn_dist.dist.engines import lr_factor, make_engine
+from gwtn_dist.distributed.engines import lr_factor, make_engine
 
 
 def test_cosine_with_warmup():

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from gwtn_dist import checkpoint
-from gwtn_dist.dist import preempt
-from gwtn_dist.dist.env import LaunchError
+from gwtn_dist.distributed import preempt
+from gwtn_dist.distributed.env import LaunchError
 from gwtn_dist.launch import Allocation, allocation, build, hostfile_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..dist.runtime import current
+from ..distributed.runtime import current
 from .errors import DataSourceError
 from .shards import TrainStream, augment, eval_batches, to_model_input
 from .streams import ShardLoader, image_stream, text_stream

@@ -19,8 +19,8 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config
 from ..data.batches import train_batches
-from ..dist.runtime import all_reduce_sum, barrier, current, device_for
-from ..dist.sync_bn import use_global_batchnorm
+from ..distributed.runtime import all_reduce_sum, barrier, current, device_for
+from ..distributed.sync_bn import use_global_batchnorm
 from .loop import LoopContext, PhaseResult
 from .tasks import task_for
 

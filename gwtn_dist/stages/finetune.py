@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import Config, OptimConfig
-from ..dist.teacher import load_teacher
+from ..distributed.teacher import load_teacher
 from ..models.family import Depth, build_thin, shape_meta
 from .common import (
     finish_stage,

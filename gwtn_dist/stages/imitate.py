@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..dist.teacher import Teacher, load_teacher
+from ..distributed.teacher import Teacher, load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
 from ..models.family import build_thin, imitation_points, needs_bridges, shape_meta

@@ -35,9 +35,9 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..config import DistConfig, OptimConfig
 from ..data.batches import TrainBatches
-from ..dist import preempt
-from ..dist.engines import make_engine
-from ..dist.runtime import all_reduce_sum, barrier, current
+from ..distributed import preempt
+from ..distributed.engines import make_engine
+from ..distributed.runtime import all_reduce_sum, barrier, current
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]

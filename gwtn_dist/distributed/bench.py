@@ -1,6 +1,6 @@
 """Teacher memory per rank and imitation step time at several world sizes, sharded vs replicated.
 
-    python -m gwtn_dist.dist.bench --out runs/bench-dist [--config C] [--world-sizes 1 2 4]
+    python -m gwtn_dist.distributed.bench --out runs/bench-dist [--config C] [--world-sizes 1 2 4]
 
 For each world size and teacher placement it launches ``gwtn imitate`` under torchrun against
 one saved wide net (random weights: the timing does not depend on them), with the global batch
@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 from .. import checkpoint
 from ..cli import write_fashion_mnist
@@ -87,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Machine: {machine()}. Imitation stage ({args.config}), global batch "
-             f"{rows[0]['global_batch']}, {args.steps_per_point} steps per point; step time is "
-             f"training only.", "",
+    lines = [(f"Machine: {machine()}. Imitation stage ({args.config}), global batch "
+              f"{rows[0]['global_batch']}, {args.steps_per_point} steps per point; step time "
+              f"is training only."), "",
              "| world size | teacher | teacher bytes per rank | of total | step (ms) |",
              "|---:|---|---:|---:|---:|"]
     lines += [f"| {r['world_size']} | {r['teacher']} | {r['teacher_bytes_per_rank']:,} | "

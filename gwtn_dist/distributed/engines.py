@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 from datetime import timedelta
 from pathlib import Path
 
