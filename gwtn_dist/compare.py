@@ -1,8 +1,17 @@
-"""``gwtn compare``: the method against its baselines over several seeds.
+"""``gwtn compare``: the method against its baselines over paired seeds, under a protocol a
+reviewer can check (``docs/protocol.md``): choices on a validation split, equal tuning effort
+per arm on seeds that are never reported, the test split read once for the report, paired
+differences and a verdict against a criterion fixed before the numbers.
 
-Layout: ``run_dir/compare/seed<S>/{wide,imitate,finetune,scratch,kd,deeper}/`` (with
-``share_teacher`` one wide net in ``run_dir/compare/teacher/``), and the results in
-``run_dir/compare/compare.{md,json,png}``. Every arm is resumable like any stage.
+Layout under ``run_dir/compare/``:
+
+- ``shared/wide/``: the teacher (``share_teacher``), else ``seed<S>/wide/`` per seed;
+- ``tune/<arm>/p<i>/seed<S>/``: tuning point ``i`` of an arm on a tuning seed (validation only);
+- ``seed<S>/``: every arm of a reported seed at the method's budget (``x<m>/seed<S>/`` at m×);
+- ``compare.md``, ``compare.json``, ``compare.png``: the report.
+
+Every training is a unit of ``workers.run_units``: resumable, and shared between processes,
+so a second ``gwtn compare`` of the same config with ``resume=true`` works beside the first.
 """
 
 from __future__ import annotations
@@ -11,78 +20,239 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from .config import Config
+from .config import Config, tune_points, with_overrides
 from .distributed.runtime import current
 from .pipeline import apply_runtime, prepare_run_dir
-from .report import mean_std, read_curve, write_compare
+from .report import read_curve, write_compare
 from .stages.arms import method_budget, train_baseline
+from .stages.common import read_stage, stage_done
 from .stages.finetune import finetune
 from .stages.imitate import imitate
-from .stages.tasks import ImageTask, TextTask, task_for
+from .stages.tasks import task_for
 from .stages.wide import train_wide
+from .stats import CRITERION, mean_sd, paired, pays
+from .workers import Unit, run_units
 
 log = logging.getLogger("gwtn")
+NEEDS_TEACHER = ("win", "kd")
 
 
-def _arm_row(records: dict[int, dict], steps: int, task: ImageTask | TextTask) -> dict:
-    """Mean ± std over seeds of the task's metric (and of its secondary metrics)."""
+def final_stage(arm: str) -> str:
+    """The stage folder whose DONE marks an arm finished."""
+    return "finetune" if arm == "win" else arm
+
+
+def run_arm(cfg: Config, seed_dir: Path, arm: str, teacher_dir: Path) -> None:
+    """Train one arm into ``seed_dir`` (the method: imitate then finetune)."""
+    if arm == "win":
+        imitate(cfg, seed_dir, teacher_dir=teacher_dir)
+        finetune(cfg, seed_dir, teacher_dir=teacher_dir)
+    else:
+        train_baseline(cfg, seed_dir, arm, teacher=teacher_dir / "model.pt")
+
+
+def arm_record(seed_dir: Path, arm: str) -> dict:
+    """A finished arm's record; the method's adds its imitation time and the net straight
+    after imitation (its scores and relative errors per point)."""
+    if arm != "win":
+        return read_stage(seed_dir / arm)
+    imit, fine = read_stage(seed_dir / "imitate"), read_stage(seed_dir / "finetune")
+    after = {k: v for k, v in imit.items()
+             if k.endswith(("_accuracy", "perplexity")) or k == "relative_error"}
+    return {**fine, "wall_s": imit["wall_s"] + fine["wall_s"], "after_imitation": after}
+
+
+def scaled(cfg: Config, mult: float) -> Config:
+    """``cfg`` with the method's thin-net budget (so the baselines' too) times ``mult``."""
+    if mult == 1:
+        return cfg
+    i, f = cfg.imitate, cfg.finetune
+    return with_overrides(cfg, {
+        "imitate.steps_per_point": max(1, round(i.steps_per_point * mult)),
+        "finetune.kd_steps": round(f.kd_steps * mult),
+        "finetune.label_steps": round(f.label_steps * mult)})
+
+
+class ComparePlan:
+    """Every unit of a comparison and where it writes, from one config."""
+
+    def __init__(self, cfg: Config, out: Path):
+        self.cfg, self.out, self.c = cfg, out, cfg.compare
+        self.task = task_for(cfg)
+
+    # -- where things live
+    def teacher_root(self, seed: int) -> Path:
+        return self.out / "shared" if self.c.share_teacher else self.out / f"seed{seed}"
+
+    def tune_dir(self, arm: str, point: int, seed: int) -> Path:
+        return self.out / "tune" / arm / f"p{point}" / f"seed{seed}"
+
+    def seed_dir(self, mult: float, seed: int) -> Path:
+        return self.out / (f"seed{seed}" if mult == 1 else f"x{mult:g}" / Path(f"seed{seed}"))
+
+    def teacher_cfg(self, seed: int) -> Config:
+        return self.cfg if self.c.share_teacher else dataclasses.replace(self.cfg, seed=seed)
+
+    # -- the units
+    def units(self) -> list[Unit]:
+        c, units = self.c, []
+        teacher_seeds = [self.cfg.seed] if c.share_teacher else [*c.tune_seeds, *c.seeds]
+        if not c.tune:
+            teacher_seeds = [self.cfg.seed] if c.share_teacher else list(c.seeds)
+        for s in dict.fromkeys(teacher_seeds):
+            root = self.teacher_root(s)
+            units.append(Unit(self._teacher_name(s), root / ".lock-wide",
+                              run=lambda s=s, root=root: train_wide(self.teacher_cfg(s), root),
+                              done=lambda root=root: stage_done(root / "wide")))
+        for arm in c.arms:
+            for i, point in enumerate(tune_points(c.tune.get(arm, {})) if c.tune else []):
+                for s in c.tune_seeds:
+                    folder = self.tune_dir(arm, i, s)
+                    units.append(Unit(
+                        f"tune/{arm}/p{i}/seed{s}", folder / f".lock-{arm}",
+                        run=lambda arm=arm, point=point, s=s, folder=folder: run_arm(
+                            with_overrides(dataclasses.replace(self.cfg, seed=s, eval_test=False),
+                                           point), folder, arm, self.teacher_root(s) / "wide"),
+                        done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
+                        needs=self._teacher_needs(arm, s)))
+        for mult in c.budget_mults:
+            for s in c.seeds:
+                for arm in c.arms:
+                    folder = self.seed_dir(mult, s)
+                    tuned = [f"tune/{arm}/p{i}/seed{t}"
+                             for i in range(len(tune_points(c.tune[arm])) if c.tune else 0)
+                             for t in c.tune_seeds]
+                    units.append(Unit(
+                        f"x{mult:g}/seed{s}/{arm}", folder / f".lock-{arm}",
+                        run=lambda arm=arm, s=s, mult=mult, folder=folder: run_arm(
+                            self.reported_cfg(arm, s, mult), folder, arm,
+                            self.teacher_root(s) / "wide"),
+                        done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
+                        needs=tuned + self._teacher_needs(arm, s)))
+        return units
+
+    def _teacher_name(self, seed: int) -> str:
+        return "teacher" if self.c.share_teacher else f"teacher/seed{seed}"
+
+    def _teacher_needs(self, arm: str, seed: int) -> list[str]:
+        return [self._teacher_name(self.cfg.seed if self.c.share_teacher else seed)] \
+            if arm in NEEDS_TEACHER else []
+
+    # -- choices
+    def tuning(self, arm: str) -> dict:
+        """The arm's grid: every point's validation score (mean over tuning seeds) and the
+        chosen point (the best; ties go to the first)."""
+        if not self.c.tune:
+            return {"points": [], "chosen": {}}
+        metric = self.task.select_metric
+        rows = []
+        for i, point in enumerate(tune_points(self.c.tune[arm])):
+            scores = {str(s): arm_record(self.tune_dir(arm, i, s), arm)[metric]
+                      for s in self.c.tune_seeds}
+            rows.append({"point": point, "per_seed": scores,
+                         "score": mean_sd(list(scores.values()))[0]})
+        best = max(range(len(rows)), key=lambda i: (rows[i]["score"], -i))
+        for i, row in enumerate(rows):
+            row["chosen"] = i == best
+        return {"metric": metric, "points": rows, "chosen": rows[best]["point"]}
+
+    def reported_cfg(self, arm: str, seed: int, mult: float) -> Config:
+        chosen = self.tuning(arm)["chosen"]
+        return scaled(with_overrides(dataclasses.replace(self.cfg, seed=seed), chosen), mult)
+
+
+def _arm_row(records: dict[int, dict], steps: int, metrics: list[str], secondary) -> dict:
+    """Per-seed values, mean and sd of each metric; params, steps, wall time."""
     walls = [r["wall_s"] for r in records.values()]
-    mean, std = mean_std([r[task.metric] for r in records.values()])
-    row = {"mean": mean, "std": std, "steps": steps,
-           "params": next(iter(records.values()))["params"],
-           "per_seed": {str(s): r[task.metric] for s, r in records.items()},
+    row = {"steps": steps, "params": next(iter(records.values()))["params"],
            "wall_s_mean": sum(walls) / len(walls)}
-    for name in task.secondary:
-        m, sd = mean_std([r[name] for r in records.values()])
-        row[name] = {"mean": m, "std": sd,
-                     "per_seed": {str(s): r[name] for s, r in records.items()}}
+    for name in dict.fromkeys([*metrics, *secondary]):
+        values = {str(s): r[name] for s, r in records.items() if name in r}
+        m, sd = mean_sd(list(values.values()))
+        row[name] = {"mean": m, "std": sd, "per_seed": values}
+    head = row[metrics[-1]]
+    row.update(mean=head["mean"], std=head["std"], per_seed=head["per_seed"])
+    return row
+
+
+def _after_imitation(records: dict[int, dict]) -> dict:
+    """The method's net straight after imitation, per seed (scores, relative errors)."""
+    return {str(s): r["after_imitation"] for s, r in records.items() if "after_imitation" in r}
+
+
+def _budget_table(plan: ComparePlan, mult: float) -> dict:
+    c, task = plan.c, plan.task
+    budget = method_budget(scaled(plan.cfg, mult))
+    metrics = [task.select_metric, task.metric]
+    records = {arm: {s: arm_record(plan.seed_dir(mult, s), arm) for s in c.seeds}
+               for arm in c.arms}
+    rows = {arm: _arm_row(records[arm], budget, metrics, task.secondary) for arm in c.arms}
+    table = {"budget_mult": mult, "budget_steps": budget, "arms": rows, "paired": {},
+             "verdicts": {}}
+    if "win" in records:
+        table["after_imitation"] = _after_imitation(records["win"])
+    kd_mean = rows["kd"]["mean"] if "kd" in rows else None
+    references = [("scratch", arm) for arm in c.arms if arm != "scratch" and "scratch" in rows]
+    if "win" in rows and "deeper" in rows:
+        references.append(("deeper", "win"))  # the paper's headline: thin WIN vs deeper scratch
+    for ref, arm in references:
+        diff = paired(rows[arm]["per_seed"], rows[ref]["per_seed"])
+        use_kd = arm == "win" and ref == "scratch"
+        ok = pays(diff, rows[arm]["mean"], kd_mean if use_kd else None)
+        table["paired"][f"{arm}-{ref}"] = diff
+        table["verdicts"][f"{arm}-{ref}"] = ok
+    return table
+
+
+def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
+    c, task = plan.c, plan.task
+    seeds = [plan.cfg.seed] if c.share_teacher else c.seeds
+    records = {s: read_stage(plan.teacher_root(s) / "wide") for s in seeds}
+    row = _arm_row(records, plan.cfg.wide.steps, [task.select_metric, task.metric],
+                   task.secondary)
+    row["shared"] = c.share_teacher
+    row["from_cache"] = sorted({r["from_cache"] for r in records.values() if "from_cache" in r})
+    if scratch is not None:
+        # The teacher's cost in thin-net steps: its wall time over scratch's time per step.
+        per_step = scratch["wall_s_mean"] / scratch["steps"]
+        row["thin_step_equivalents"] = round(row["wall_s_mean"] / per_step)
+        headroom = row[task.select_metric]["mean"] - scratch[task.select_metric]["mean"]
+        needed = max(c.headroom_min, 2 * scratch[task.select_metric]["std"])
+        row["headroom"] = {"value": headroom, "needed": needed, "clear": headroom >= needed,
+                           "metric": task.select_metric}
     return row
 
 
 def compare(cfg: Config) -> dict:
-    """Train every arm of ``cfg.compare`` for every seed; write and return the table."""
+    """Train every unit of ``cfg.compare`` (with any other worker on the same folder), then
+    write and return the report."""
     out_dir = prepare_run_dir(cfg, Path(cfg.run_dir) / "compare")
     apply_runtime(cfg)
-    c = cfg.compare
-    task = task_for(cfg)
-    budget = method_budget(cfg)
-    per_arm: dict[str, dict[int, dict]] = {arm: {} for arm in c.arms}
-    teachers: dict[int, dict] = {}
-    curves: dict[str, list] = {arm: [] for arm in c.arms}
-    for seed in c.seeds:
-        scfg = dataclasses.replace(cfg, seed=seed)
-        seed_dir = out_dir / f"seed{seed}"
-        log.info("compare: seed %d", seed)
-        # One teacher per seed, or one for all seeds (trained with the base seed).
-        teacher_root, tcfg = (out_dir / "shared", cfg) if c.share_teacher else (seed_dir, scfg)
-        teachers[tcfg.seed] = train_wide(tcfg, teacher_root)
-        teacher_dir = teacher_root / "wide"
-        for arm in c.arms:
-            if arm == "win":
-                imit = imitate(scfg, seed_dir, teacher_dir=teacher_dir)
-                fine = finetune(scfg, seed_dir, teacher_dir=teacher_dir)
-                per_arm[arm][seed] = {**fine, "wall_s": imit["wall_s"] + fine["wall_s"]}
-                curves[arm].append(read_curve([seed_dir / "imitate", seed_dir / "finetune"],
-                                              task.metric))
-            else:
-                per_arm[arm][seed] = train_baseline(scfg, seed_dir, arm,
-                                                    teacher=teacher_dir / "model.pt")
-                curves[arm].append(read_curve([seed_dir / arm], task.metric))
+    plan = ComparePlan(cfg, out_dir)
+    run_units(plan.units())
+    c, task = plan.c, plan.task
     depth = (f"{cfg.model.layers} layers" if cfg.model.family == "bert"
              else f"{cfg.model.blocks} blocks")
+    budgets = [_budget_table(plan, m) for m in c.budget_mults]
+    first = budgets[0]
     table = {
-        "title": f"{cfg.data.dataset}: thin {depth}, budget {budget} steps",
+        "title": f"{cfg.data.dataset}: thin {depth}, budget {first['budget_steps']} steps",
         "metric": task.metric, "metric_label": task.metric_label,
-        "secondary": list(task.secondary),
-        "budget_steps": budget,
-        "seeds": c.seeds,
-        "arms": {arm: _arm_row(per_arm[arm], budget, task) for arm in c.arms},
-        "teacher": {**_arm_row(teachers, cfg.wide.steps, task), "shared": c.share_teacher},
+        "select_metric": task.select_metric, "secondary": list(task.secondary),
+        "criterion": CRITERION,
+        "seeds": c.seeds, "tune_seeds": c.tune_seeds if c.tune else [],
+        "val_samples": cfg.data.val_samples if cfg.data.dataset == "fashion-mnist" else None,
+        "tuning": {arm: plan.tuning(arm) for arm in c.arms},
+        "budget_steps": first["budget_steps"], "arms": first["arms"],
+        "budgets": budgets,
+        "teacher": _teacher(plan, first["arms"].get("scratch")),
     }
     if not current().is_main:
         return table
-    header = (f"# Go Wide, Then Narrow vs baselines — {table['title']}, "
-              f"{len(c.seeds)} seed(s) {c.seeds}")
-    write_compare(out_dir, table, curves, header)
+    curves = {arm: [read_curve(
+        [plan.seed_dir(c.budget_mults[0], s) / st for st in
+         (["imitate", "finetune"] if arm == "win" else [arm])], task.select_metric)
+        for s in c.seeds] for arm in c.arms}
+    write_compare(out_dir, table, curves)
     print((out_dir / "compare.md").read_text())
     return table

@@ -89,8 +89,14 @@ class DataConfig:
     text|wikipedia``: token sequences, train/val, masked-LM batches); see ``data.batches``.
     shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
     batch_size: the global batch, split evenly over the ranks.
-    train_samples: use only the first N training samples of the stream order (0 = all); handy
-    for quick runs. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
+    train_samples: use only the first N training samples (by index, the validation split left
+    out; 0 = all); handy for quick runs and for the data-size axis of a regime study.
+    val_samples: Fashion-MNIST's validation split, carved out of the training data (seeded by
+    ``val_seed``, stratified by class) and never trained on: evaluation curves
+    (``eval_every``) and every choice ``gwtn compare`` makes (its tuning grid) read it, and the
+    test split is read only for the report. Default 5000 (of 60,000); 0 = none (curves then
+    read the test split). Image-folder and token shards have no separate test split: their
+    ``val`` split (written by ``gwtn shards``) is both. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
 
     For image-folder and token shards (``gwtn_dist.data.streams``): num_workers: DataLoader
     worker processes per rank (default 0: read in the training process); image_size: side of
@@ -105,6 +111,8 @@ class DataConfig:
     eval_batch_size: int = 500
     shuffle_buffer: int = 5000
     train_samples: int = 0
+    val_samples: int = 5000
+    val_seed: int = 0
     crop_padding: int = 2
     hflip: bool = True
     mean: float = 0.2860
@@ -139,10 +147,18 @@ class OptimConfig:
 
 @dataclass
 class WideStageConfig:
-    """Stage 1: train the wide twin with the task loss."""
+    """Stage 1: train the wide twin with the task loss (to convergence: its cost is reported
+    apart from the thin-net budget).
+
+    cache: a folder of finished teachers, keyed by everything that decides the teacher
+    (model, data, this section, seed; see ``stages/teacher_cache.py``). A wide stage whose
+    teacher is there copies it instead of training; one that trains puts its result there.
+    Empty (the default) turns the cache off.
+    """
 
     steps: int = 1000
     optim: OptimConfig = field(default_factory=OptimConfig)
+    cache: str = ""
 
 
 @dataclass
@@ -201,14 +217,38 @@ class FinetuneStageConfig:
 
 
 @dataclass
-class CompareConfig:
-    """``gwtn compare``: baselines at the same thin-net step budget, over several seeds.
+class BaselineConfig:
+    """The recipe of the baseline arms (``scratch``, ``kd``, ``deeper``): how a thin net is
+    trained from a fresh init. kd distils with ``distill`` for the whole budget. Kept apart
+    from ``wide.optim`` so that tuning a baseline never changes the teacher.
+    """
 
-    The budget is imitate steps + finetune steps of the method. ``scratch``, ``kd`` and
-    ``deeper`` train with ``wide.optim`` (the from-scratch recipe) for that many steps; ``deeper``
-    uses ``deeper_blocks`` (ResNet) or ``deeper_layers`` (BERT; 0 = twice ``model.layers``).
-    ``share_teacher`` trains one wide net for all seeds instead of one
-    per seed. Outputs go to ``run_dir/compare/``.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class CompareConfig:
+    """``gwtn compare``: the method against baselines at the same thin-net step budget, over
+    paired seeds (every arm runs every seed; see ``docs/protocol.md``).
+
+    The budget is imitate steps + finetune steps of the method; ``scratch``, ``kd`` and
+    ``deeper`` train with ``baseline`` (the from-scratch recipe) for that many steps;
+    ``deeper`` uses ``deeper_blocks`` (ResNet) or ``deeper_layers`` (BERT; 0 = twice
+    ``model.layers``). ``share_teacher`` trains one wide net (with ``seed``) for all seeds
+    instead of one per seed. Outputs go to ``run_dir/compare/``.
+
+    tune: a small grid per arm, ``{arm: {dotted.key: [values, …]}}`` (the product of an arm's
+    lists). Each point runs on ``tune_seeds``, which are never reported seeds, and is scored
+    on the validation split only (no tuning run reads the test split); the best point per arm
+    (mean over tuning seeds; ties go to the first) is what the reported seeds run with. Every
+    arm of ``arms`` gets a grid of the same size (equal tuning effort). Keys an arm may tune:
+    ``imitate.*`` and ``finetune.*`` for ``win``, ``baseline.*`` for the baselines.
+    budget_mults: thin-net budgets to report, as multiples of the method's (e.g. [1, 2]: does
+    a gain last or is it a head start); each runs every arm and seed with the tuned choice.
+    headroom_min: the teacher must beat the thin net from scratch by at least this much on the
+    validation metric (and by 2 sd of scratch over seeds) or ``compare.md`` warns that there
+    is little to transfer.
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -216,6 +256,10 @@ class CompareConfig:
     deeper_blocks: list[int] = field(default_factory=lambda: [8, 8, 8])
     deeper_layers: int = 0
     share_teacher: bool = False
+    tune: dict = field(default_factory=dict)
+    tune_seeds: list[int] = field(default_factory=lambda: [100])
+    budget_mults: list[float] = field(default_factory=lambda: [1.0])
+    headroom_min: float = 0.005
 
 
 @dataclass
@@ -269,9 +313,11 @@ class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
     eval_every: score the net being trained every N thin-net steps on the first
-    ``eval_samples`` test images (text: val sequences; 0 = the whole split), for
-    accuracy-vs-steps curves; 0 turns it off. Every stage's final net is always scored on the
-    whole test (text: val) split.
+    ``eval_samples`` validation images (``data.val_samples``; text: val sequences; 0 = the
+    whole split), for accuracy-vs-steps curves; 0 turns it off. Every stage's final net is
+    scored on the whole validation and test splits (text: the val split).
+    eval_test: score finished nets on the test split too (default true); ``gwtn compare``'s
+    tuning runs set it false, so that no choice can read the test split.
     baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
     (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
     threads: torch CPU threads (0 = torch's default).
@@ -288,12 +334,14 @@ class Config:
     progress: bool = True
     eval_every: int = 0
     eval_samples: int = 2000
+    eval_test: bool = True
     baselines: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wide: WideStageConfig = field(default_factory=WideStageConfig)
     imitate: ImitateStageConfig = field(default_factory=ImitateStageConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -426,6 +474,14 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set to values (checked like a loaded config)."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -483,6 +539,76 @@ def _check_bert(cfg: Config) -> None:
     _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
 
 
+# What each arm may tune: the method its own stages, the baselines their recipe.
+TUNABLE = {"win": ("imitate.", "finetune."), "scratch": ("baseline.optim.",),
+           "deeper": ("baseline.optim.",), "kd": ("baseline.",)}
+
+
+BUDGET_KEYS = ("imitate.steps_per_point", "finetune.kd_steps", "finetune.label_steps")
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            keys |= _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(prefix + k)
+    return keys
+
+
+def tune_points(grid: dict) -> list[dict]:
+    """The points of one arm's grid ``{key: [values]}``: every combination, in order."""
+    points: list[dict] = [{}]
+    for key, values in grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _check_compare(cfg: Config) -> None:
+    c = cfg.compare
+    if len(set(c.seeds)) != len(c.seeds):
+        raise ConfigError(f"compare.seeds: seeds must differ, got {c.seeds}")
+    if not c.budget_mults or any(not 0 < b < 100 for b in c.budget_mults):
+        raise ConfigError(f"compare.budget_mults: positive multiples of the budget, got "
+                          f"{c.budget_mults}")
+    _positive("compare.headroom_min", c.headroom_min, allow_zero=True)
+    if not c.tune:
+        return
+    if not c.tune_seeds or set(c.tune_seeds) & set(c.seeds):
+        raise ConfigError(f"compare.tune_seeds: tuning seeds are never reported seeds; got "
+                          f"{c.tune_seeds} against compare.seeds {c.seeds}")
+    if cfg.data.dataset == "fashion-mnist" and not cfg.data.val_samples:
+        raise ConfigError("compare.tune: choices are made on the validation split; set "
+                          "data.val_samples > 0")
+    known = _leaf_keys(to_dict(cfg))
+    sizes = {}
+    for arm in c.arms:
+        if arm not in c.tune:
+            raise ConfigError(f"compare.tune: every arm gets the same tuning effort; give "
+                              f"{arm!r} a grid too (or drop it from compare.arms)")
+    for arm, grid in c.tune.items():
+        if arm not in c.arms:
+            raise ConfigError(f"compare.tune.{arm}: not one of compare.arms {c.arms}")
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"compare.tune.{arm}: expected a mapping of dotted keys to lists "
+                              f"of values, got {grid!r}")
+        for key, values in grid.items():
+            if key in BUDGET_KEYS:
+                raise ConfigError(f"compare.tune.{arm}: {key} sets the thin-net budget, which "
+                                  f"every arm shares; it cannot be tuned per arm")
+            if key not in known or not key.startswith(TUNABLE[arm]):
+                raise ConfigError(f"compare.tune.{arm}: {key!r} is not a key {arm} may tune; "
+                                  f"use one under {', '.join(TUNABLE[arm])}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"compare.tune.{arm}.{key}: expected a list of values, got "
+                                  f"{values!r}")
+        sizes[arm] = len(tune_points(grid))
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"compare.tune: every arm gets the same tuning effort, but the grids "
+                          f"have {sizes} points")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     m = cfg.model
@@ -519,6 +645,7 @@ def validate(cfg: Config) -> None:
     _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.train_samples", d.train_samples, allow_zero=True)
+    _positive("data.val_samples", d.val_samples, allow_zero=True)
     _positive("data.crop_padding", d.crop_padding, allow_zero=True)
     _positive("data.std", d.std)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
@@ -539,14 +666,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.distill.alpha: must be in [0, 1], got {f.distill.alpha}")
     _positive("finetune.distill.temperature", f.distill.temperature)
     for prefix, o in [("wide.optim", cfg.wide.optim), ("imitate.optim", cfg.imitate.optim),
-                      ("finetune.optim", cfg.finetune.optim)]:
+                      ("finetune.optim", cfg.finetune.optim),
+                      ("baseline.optim", cfg.baseline.optim)]:
         _check_optim(prefix, o)
+    if not 0 <= cfg.baseline.distill.alpha <= 1:
+        raise ConfigError(f"baseline.distill.alpha: must be in [0, 1], got "
+                          f"{cfg.baseline.distill.alpha}")
+    _positive("baseline.distill.temperature", cfg.baseline.distill.temperature)
     c = cfg.compare
     if not c.seeds:
         raise ConfigError("compare.seeds: give at least one seed")
     for arm in c.arms:
         if arm not in ARMS:
             raise ConfigError(f"compare.arms: {arm!r} is not an arm; choose from {', '.join(ARMS)}")
+    _check_compare(cfg)
     if len(c.deeper_blocks) != len(m.blocks) or any(b < 1 for b in c.deeper_blocks):
         raise ConfigError(
             f"compare.deeper_blocks: one positive count per stage ({len(m.blocks)}), "

@@ -80,16 +80,18 @@ def run_all(cfg: Config) -> dict:
     for arm in cfg.baselines:
         records[arm] = train_baseline(cfg, run_dir, arm, teacher=run_dir / "wide" / "model.pt")
     task = task_for(cfg)
-    table = format_run_table(records, task.metric, task.metric_label)
+    table = format_run_table(records, task.metric, task.metric_label,
+                             select=task.select_metric)
     if not current().is_main:
         return records
     (run_dir / "results.md").write_text(table + "\n")
     if cfg.eval_every:
-        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], task.metric)]}
-        curves.update({arm: [read_curve([run_dir / arm], task.metric)]
-                       for arm in cfg.baselines})
-        plot_curves(run_dir / "curves.png", curves,
-                    {"title": f"thin net: {task.metric_label} vs thin-net steps"},
-                    teacher_accuracy=records["wide"][task.metric], label=task.metric_label)
+        # Curves read the validation split (the test split is for the table only).
+        metric = task.select_metric
+        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], metric)]}
+        curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in cfg.baselines})
+        label = metric.replace("_", " ")
+        plot_curves(run_dir / "curves.png", curves, {"title": f"thin net: {label} vs thin-net steps"},
+                    teacher_accuracy=records["wide"][metric], label=label)
     print(table)
     return records

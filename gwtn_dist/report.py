@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -16,9 +17,10 @@ ARM_LABELS = {
 
 
 def format_run_table(records: dict, metric: str = "test_accuracy",
-                     label: str = "test accuracy") -> str:
+                     label: str = "test accuracy", select: str | None = None) -> str:
     """A markdown table of one run: the teacher, the method's nets, and any baselines, scored
-    by ``metric`` (a key of each stage record), headed ``label``."""
+    by ``metric`` (a key of each stage record), headed ``label``; with ``select`` (the
+    validation metric) a column of it first."""
     rows = [("wide twin (teacher)", records["wide"], records["wide"]["steps"])]
     imit = records["imitate"]
     rows.append(("thin after imitation", imit, imit["steps"]))
@@ -27,17 +29,15 @@ def format_run_table(records: dict, metric: str = "test_accuracy",
     for arm, rec in records.items():
         if arm not in ("wide", "imitate", "finetune"):
             rows.append((ARM_LABELS.get(arm, arm), rec, rec["steps"]))
-    lines = [f"| net | params | steps | {label} | wall s |", "|---|---:|---:|---:|---:|"]
+    val = select if select and select != metric else None
+    val_head = f" {val.replace('_', ' ')} |" if val else ""
+    lines = [f"| net | params | steps |{val_head} {label} | wall s |",
+             "|---|---:|---:|" + ("---:|" if val else "") + "---:|---:|"]
     for name, rec, steps in rows:
-        lines.append(f"| {name} | {rec['params']:,} | {steps} | {rec[metric]:.4f} "
+        val_cell = f" {rec[val]:.4f} |" if val else ""
+        lines.append(f"| {name} | {rec['params']:,} | {steps} |{val_cell} {rec[metric]:.4f} "
                      f"| {rec['wall_s']:.0f} |")
     return "\n".join(lines)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def read_curve(stage_dirs: list[Path], metric: str = "test_accuracy"
@@ -62,39 +62,165 @@ def read_curve(stage_dirs: list[Path], metric: str = "test_accuracy"
     return points
 
 
-def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[int, float]]]],
-                  header: str) -> None:
-    """Write compare.json, compare.md and compare.png into ``out_dir``."""
-    (out_dir / "compare.json").write_text(json.dumps(table, indent=2))
-    label = table.get("metric_label", "test accuracy")
-    secondary = table.get("secondary", [])
-    extra_cols = "".join(f" {name} (mean ± std) |" for name in secondary)
-    lines = [
-        header,
-        "",
-        (f"| arm | params | thin-net steps | {label} (mean ± std) |{extra_cols} seeds "
-        f"| wall s / seed |"),
-        "|---|---:|---:|---:|" + "---:|" * len(secondary) + "---:|---:|",
-    ]
-    for arm, row in table["arms"].items():
-        extra = "".join(f" {row[n]['mean']:.2f} ± {row[n]['std']:.2f} |" for n in secondary)
-        lines.append(
-            f"| {ARM_LABELS.get(arm, arm)} | {row['params']:,} | {row['steps']} | "
-            f"{row['mean']:.4f} ± {row['std']:.4f} |{extra} {len(row['per_seed'])} | "
-            f"{row['wall_s_mean']:.0f} |"
-        )
-    t = table.get("teacher")
-    if t:
-        spread = (f"{t['mean']:.4f} (one teacher shared by all seeds)" if t.get("shared")
-                  else f"{t['mean']:.4f} ± {t['std']:.4f} (one teacher per seed)")
-        extra = "".join(f", {n} {t[n]['mean']:.2f}" for n in secondary)
-        teacher = (f"Wide teacher (cost not counted in the thin-net budget): "
-                   f"{t['params']:,} params, {t['steps']} steps, {label} {spread}{extra}, "
-                   f"{t['wall_s_mean']:.0f} s of training per teacher.")
-        lines += ["", teacher]
-    (out_dir / "compare.md").write_text("\n".join(lines) + "\n")
-    plot_curves(out_dir / "compare.png", curves, table,
-                teacher_accuracy=t["mean"] if t else None, label=label)
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader (or a second worker) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _ms(cell: dict, digits: int = 4) -> str:
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def _label(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
+def _tuning_lines(table: dict) -> list[str]:
+    tuning = table["tuning"]
+    if not any(t["points"] for t in tuning.values()):
+        return ["No tuning grid (`compare.tune`): every arm ran its configured recipe."]
+    lines = [(f"Tuning (seeds {table['tune_seeds']}, never reported; scored on "
+             f"{_label(next(t['metric'] for t in tuning.values() if t['points']))}):"), "",
+             "| arm | point | validation score | chosen |", "|---|---|---:|:---:|"]
+    for arm, t in tuning.items():
+        for row in t["points"]:
+            point = ", ".join(f"{k}={v}" for k, v in row["point"].items())
+            lines.append(f"| {ARM_LABELS.get(arm, arm)} | {point} | {row['score']:.4f} | "
+                         f"{'✓' if row['chosen'] else ''} |")
+    return lines
+
+
+def _results_lines(table: dict, budget: dict) -> list[str]:
+    sel, metric = table["select_metric"], table["metric"]
+    cols = [sel] if sel == metric else [sel, metric]
+    cols += table.get("secondary", [])
+    head = "".join(f" {_label(c)} (mean ± sd) |" for c in cols)
+    lines = [f"| arm | params | thin-net steps |{head} {_label(metric)} per seed | wall s / seed |",
+             "|---|---:|---:|" + "---:|" * len(cols) + "---|---:|"]
+    for arm, row in budget["arms"].items():
+        cells = "".join(f" {_ms(row[c], 2 if c == 'perplexity' else 4)} |" for c in cols)
+        seeds = ", ".join(f"{v:.4f}" for v in row["per_seed"].values())
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {row['params']:,} | {row['steps']} |"
+                     f"{cells} {seeds} | {row['wall_s_mean']:.0f} |")
+    return lines
+
+
+def _paired_lines(table: dict, budget: dict) -> list[str]:
+    if not budget["paired"]:
+        return []
+    lines = [f"Paired differences of {_label(table['metric'])} (arm − reference, per seed):", "",
+             "| arm − reference | per seed | mean ± sd | ahead on | verdict |",
+             "|---|---|---:|---:|---|"]
+    for key, diff in budget["paired"].items():
+        arm, ref = key.split("-")
+        seeds = ", ".join(f"{d:+.4f}" for d in diff["per_seed"].values())
+        verdict = "**pays**" if budget["verdicts"][key] else "does not pay"
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} − {ARM_LABELS.get(ref, ref)} | {seeds} | "
+                     f"{diff['mean']:+.4f} ± {diff['sd']:.4f} | {diff['wins']}/{diff['seeds']} "
+                     f"| {verdict} |")
+    return lines
+
+
+def _verdict_lines(budget: dict) -> list[str]:
+    lines = []
+    for key, ok in budget["verdicts"].items():
+        arm, ref = key.split("-")
+        d = budget["paired"][key]
+        lines.append(f"- **Verdict, {ARM_LABELS.get(arm, arm)} vs {ARM_LABELS.get(ref, ref)}** "
+                     f"(×{budget['budget_mult']:g} budget): {d['mean']:+.4f} ± {d['sd']:.4f}, "
+                     f"ahead on {d['wins']}/{d['seeds']} seeds — "
+                     f"{'PAYS' if ok else 'does NOT pay'}.")
+    return lines
+
+
+def _after_imitation_lines(table: dict, budget: dict) -> list[str]:
+    after = budget.get("after_imitation")
+    if not after:
+        return []
+    sel = table["select_metric"]
+    lines = ["The method's thin net straight after imitation (before fine-tuning):", "",
+             f"| seed | {_label(sel)} | relative imitation error per point |", "|---|---:|---|"]
+    for seed, rec in after.items():
+        errors = ", ".join(f"{p} {e:.3f}" for p, e in rec.get("relative_error", {}).items())
+        lines.append(f"| {seed} | {rec.get(sel, float('nan')):.4f} | {errors} |")
+    return lines
+
+
+def _teacher_lines(table: dict) -> list[str]:
+    t = table["teacher"]
+    sel = table["select_metric"]
+    spread = (f"{t[sel]['mean']:.4f} (one teacher shared by all seeds)" if t.get("shared")
+              else f"{_ms(t[sel])} (one teacher per seed)")
+    cost = (f", about {t['thin_step_equivalents']:,} thin-net steps' worth of time"
+            if "thin_step_equivalents" in t else "")
+    cached = (f" It was copied from the teacher cache ({', '.join(t['from_cache'])}); its "
+              f"training time is the cached run's.") if t.get("from_cache") else ""
+    lines = [(f"Wide teacher (its cost is apart from the thin-net budget): {t['params']:,} "
+             f"params, {t['steps']} steps, {_label(sel)} {spread}, {_label(table['metric'])} "
+             f"{t['mean']:.4f}; {t['wall_s_mean']:.0f} s of training per teacher{cost}.{cached}")]
+    head = t.get("headroom")
+    if head and not head["clear"]:
+        lines += ["", (f"**Warning: the teacher is not clearly better than the thin net from "
+                      f"scratch** ({_label(head['metric'])} {head['value']:+.4f}, less than the "
+                      f"{head['needed']:.4f} asked for): there is little for imitation or "
+                      f"distillation to transfer, so a loss or a tie here says little about the "
+                      f"method.")]
+    elif head:
+        lines += ["", (f"Teacher headroom over the thin net from scratch: {head['value']:+.4f} "
+                      f"{_label(head['metric'])} (at least {head['needed']:.4f} asked for).")]
+    return lines
+
+
+def _budgets_side_by_side(table: dict) -> list[str]:
+    budgets = table["budgets"]
+    if len(budgets) < 2:
+        return []
+    heads = "".join(f" ×{b['budget_mult']:g} ({b['budget_steps']} steps) |" for b in budgets)
+    lines = [f"Head start or lasting gain: {_label(table['metric'])} (mean ± sd) at each budget",
+             "", f"| arm |{heads}", "|---|" + "---:|" * len(budgets)]
+    for arm in budgets[0]["arms"]:
+        cells = "".join(f" {_ms(b['arms'][arm])} |" for b in budgets)
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} |{cells}")
+    return lines
+
+
+def compare_markdown(table: dict) -> str:
+    """compare.md: the protocol and criterion first, then tuning, results, paired
+    differences, verdicts, the net after imitation, the teacher and budgets side by side."""
+    seeds = table["seeds"]
+    val = (f"a validation split of {table['val_samples']:,} training images (never trained "
+           f"on)" if table.get("val_samples") else "the held-out split")
+    lines = [(f"# Go Wide, Then Narrow vs baselines — {table['title']}, {len(seeds)} "
+             f"reported seed(s) {seeds}"), "",
+             (f"Protocol: every choice is made on {val}; the test split is read only for this "
+             f"report. Seeds are paired (every arm runs every seed). Criterion, fixed before "
+             f"the numbers: {table['criterion']}"), ""]
+    lines += _tuning_lines(table) + [""]
+    for budget in table["budgets"]:
+        lines += [(f"## Thin-net budget ×{budget['budget_mult']:g}: {budget['budget_steps']} "
+                  f"steps"), ""]
+        lines += _results_lines(table, budget) + [""]
+        lines += _paired_lines(table, budget) + [""]
+        lines += _verdict_lines(budget) + [""]
+        lines += _after_imitation_lines(table, budget) + [""]
+    lines += _teacher_lines(table) + [""]
+    lines += _budgets_side_by_side(table)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[int, float]]]]
+                  ) -> None:
+    """Write compare.json, compare.md and compare.png into ``out_dir`` (atomically, so two
+    workers finishing together leave whole files)."""
+    atomic_write(out_dir / "compare.json", json.dumps(table, indent=2))
+    atomic_write(out_dir / "compare.md", compare_markdown(table))
+    t = table["teacher"]
+    sel = table["select_metric"]
+    tmp = out_dir / f".compare.{os.getpid()}.png"
+    plot_curves(tmp, curves, table, teacher_accuracy=t[sel]["mean"], label=_label(sel))
+    tmp.replace(out_dir / "compare.png")
 
 
 def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],

@@ -60,6 +60,19 @@ def test_file_values_survive_where_not_overridden():
     (["progress=maybe"], ["progress", "true or false"]),
     (["no_equals_sign"], ["key.sub=value"]),
     (["wide.steps.x=1"], ["wide.steps", "not a section"]),
+    (["compare.arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}"],
+     ["compare.tune", "'win'", "same tuning effort"]),
+    (["compare.arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}, "
+      "win: {finetune.optim.lr: [0.01, 0.02]}}"], ["compare.tune", "'scratch': 1", "'win': 2"]),
+    (["compare.arms=[scratch]", "compare.tune={scratch: {wide.optim.lr: [0.1]}}"],
+     ["compare.tune.scratch", "wide.optim.lr", "baseline.optim."]),
+    (["compare.arms=[win]", "compare.tune={win: {finetune.label_steps: [10, 20]}}"],
+     ["finetune.label_steps", "budget"]),
+    (["compare.arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
+      "compare.tune_seeds=[1]", "compare.seeds=[0,1]"], ["compare.tune_seeds", "never reported"]),
+    (["compare.arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
+      "data.val_samples=0"], ["data.val_samples", "validation"]),
+    (["compare.budget_mults=[0]"], ["compare.budget_mults"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as info:

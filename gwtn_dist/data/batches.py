@@ -3,7 +3,8 @@
 ``data.dataset`` picks the format:
 - ``fashion-mnist`` (idx-derived ``npy`` shards): every rank reads the same global batch, which
   is augmented (crop + flip, seeded by (seed, phase, step)) and normalised, and takes its
-  slice, so N ranks × b see exactly what 1 rank × N·b sees. Evaluation strides the test
+  slice, so N ranks × b see exactly what 1 rank × N·b sees. ``data.val_samples`` training
+  images are held out as the validation split. Evaluation strides the test (or validation)
   batches over the ranks.
 - ``imagefolder`` (``gwtn shards imagefolder``, JPEG): each rank (and each DataLoader worker)
   reads its own share of every epoch (``data.streams.image_stream``), decoded and augmented
@@ -20,6 +21,7 @@ Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids"
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ import torch
 from ..config import Config
 from ..distributed.runtime import current
 from .errors import DataSourceError
-from .shards import TrainStream, augment, eval_batches, to_model_input
+from .shards import TrainStream, augment, eval_batches, to_model_input, validation_indices
 from .streams import ShardLoader, image_stream, text_stream
 
 
@@ -44,6 +46,17 @@ def _rank_slice(batch: torch.Tensor) -> torch.Tensor:
     rt = current()
     b = batch.shape[0] // rt.world_size
     return batch[rt.rank * b : (rt.rank + 1) * b]
+
+
+@functools.lru_cache(maxsize=8)
+def _validation_of(shards: str, samples: int, seed: int) -> frozenset[int]:
+    return validation_indices(shards, samples, seed)
+
+
+def _validation(cfg: Config) -> frozenset[int]:
+    """The training indices held out as the validation split (Fashion-MNIST shards)."""
+    d = cfg.data
+    return _validation_of(str(d.shards), d.val_samples, d.val_seed)
 
 
 class TrainBatches:
@@ -70,7 +83,8 @@ class GlobalBatches(TrainBatches):
         d = cfg.data
         self.cfg, self.seed = cfg, cfg.seed
         self.source = TrainStream(d.shards, d.batch_size, seed=stream_seed,
-                                  shuffle_buffer=d.shuffle_buffer, limit=d.train_samples)
+                                  shuffle_buffer=d.shuffle_buffer, limit=d.train_samples,
+                                  exclude=_validation(cfg))
 
     def next(self, phase_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.cfg.data
@@ -137,11 +151,13 @@ def train_batches(cfg: Config, stream_seed: int) -> TrainBatches:
     return GlobalBatches(cfg, stream_seed)
 
 
-def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None) -> Iterator[tuple]:
-    """This rank's (or ``rank``'s) share of the test split (``val`` for image folders and
-    text), model-ready; over all ranks every sample once. limit: only about the first
-    ``limit`` samples (0 = all). Text masking is drawn from a fixed seed, so every evaluation
-    of a run scores the same masked tokens."""
+def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None,
+                      split: str = "test") -> Iterator[tuple]:
+    """This rank's (or ``rank``'s) share of the held-out ``split`` (``test``, or ``val``: the
+    validation split carved out of Fashion-MNIST's training data; image folders and text have
+    one held-out split, ``val``, read for both), model-ready; over all ranks every sample once.
+    limit: only about the first ``limit`` samples (0 = all). Text masking is drawn from a fixed
+    seed, so every evaluation of a run scores the same masked tokens."""
     d, rt = cfg.data, current()
     rank = rt.rank if rank is None else rank
     if d.dataset in ("text", "imagefolder"):  # a per-rank stream of the val split
@@ -155,6 +171,11 @@ def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None) -> I
         per_rank = -(-limit // (rt.world_size * d.eval_batch_size)) if limit else None
         yield from itertools.islice(loader, per_rank)
         return
-    for i, (images, labels) in enumerate(eval_batches(d.shards, d.eval_batch_size, limit=limit)):
+    if split == "val":
+        batches = eval_batches(d.shards, d.eval_batch_size, split="train", limit=limit,
+                               only=_validation(cfg))
+    else:
+        batches = eval_batches(d.shards, d.eval_batch_size, limit=limit)
+    for i, (images, labels) in enumerate(batches):
         if i % rt.world_size == rank:
             yield to_model_input(images, d.mean, d.std), labels

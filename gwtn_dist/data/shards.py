@@ -1,7 +1,12 @@
 """Webdataset shards: writing image datasets, and reading them back as batches.
 
-A shard folder holds ``train-%05d.tar`` and ``test-%05d.tar`` plus ``index.json``. Each sample
-is ``{"__key__": "<split>-<index>", "npy": uint8 (H, W) or (H, W, C), "cls": int}``.
+A shard folder holds ``train-%05d.tar`` and ``test-%05d.tar`` plus ``index.json`` (which also
+lists every split's labels, so a validation split can be carved out of ``train`` without reading
+it). Each sample is ``{"__key__": "<split>-<index>", "npy": uint8 (H, W) or (H, W, C), "cls": int}``.
+
+The validation split (``validation_indices``) is a seeded, class-stratified set of training
+indices: training streams skip it, and ``eval_batches(..., only=indices)`` reads just it, so
+choices (lr, steps, …) are made on data that is neither trained on nor the test split.
 
 Training batches come from an endless, deterministic stream: epoch ``e`` shuffles the shard
 order and a sample buffer with seeds derived from (seed, e), so a position (epoch, batch) is
@@ -46,6 +51,7 @@ def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.n
         index["splits"][split] = {
             "shards": shards, "shard_samples": counts, "samples": len(images),
             "skipped": 0, "shape": list(images.shape[1:]),
+            "labels": [int(v) for v in labels],
         }
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2))
@@ -89,17 +95,66 @@ def _sample_index(key: str) -> int:
     return int(key.rsplit("-", 1)[1])
 
 
-def _below(limit: int, ordered: bool):
-    """Keep samples with index < limit; in file order, stop reading at the first one past it."""
+def _select(bound: int, exclude: frozenset[int], include: frozenset[int] | None,
+            ordered: bool):
+    """Keep samples with index < bound that are not in ``exclude`` (and, if given, are in
+    ``include``); in file order, stop reading at the first index past the bound."""
 
     def stage(samples):
         for sample in samples:
-            if _sample_index(sample["__key__"]) < limit:
-                yield sample
-            elif ordered:
-                return
+            i = _sample_index(sample["__key__"])
+            if i >= bound:
+                if ordered:
+                    return
+                continue
+            if i in exclude or (include is not None and i not in include):
+                continue
+            yield sample
 
     return stage
+
+
+def validation_indices(shard_dir: Path | str, samples: int, seed: int = 0) -> frozenset[int]:
+    """``samples`` training indices, stratified by class and drawn with ``seed``: the
+    validation split. Each class gets its share of ``samples`` (largest remainders round)."""
+    if samples == 0:
+        return frozenset()
+    info = read_index(shard_dir)["splits"]["train"]
+    if "labels" not in info:
+        raise DataSourceError(f"{shard_dir}: index.json lists no training labels, so no validation "
+                              f"split can be carved; rewrite the shards with `gwtn shards "
+                              f"fashion-mnist {shard_dir}`")
+    labels = np.asarray(info["labels"])
+    if samples > len(labels) // 4:
+        raise DataSourceError(f"data.val_samples: {samples} is more than a quarter of the "
+                              f"{len(labels)} training samples in {shard_dir}")
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * samples / len(labels)
+    take = np.floor(share).astype(int)
+    for c in np.argsort(-(share - take), kind="stable")[: samples - take.sum()]:
+        take[c] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]
+    return frozenset(int(i) for i in np.concatenate(chosen))
+
+
+NO_BOUND = 1 << 62
+
+
+def _bound_after(count: int, exclude: frozenset[int], include: frozenset[int] | None) -> int:
+    """The smallest index bound below which ``count`` samples are kept (count 0: all of them;
+    ``NO_BOUND`` when that means every index)."""
+    if include is not None:
+        kept = sorted(include)
+        n = min(count, len(kept)) if count else len(kept)
+        return kept[n - 1] + 1 if n else 0
+    if not count:
+        return NO_BOUND
+    bound, kept = 0, 0
+    while kept < count:  # walk indices, skipping the excluded ones
+        kept += bound not in exclude
+        bound += 1
+    return bound
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,15 +166,16 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 
 
 def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buffer: int,
-              limit: int, partial: bool) -> wds.DataPipeline:
+              bound: int, exclude: frozenset[int], include: frozenset[int] | None,
+              partial: bool) -> wds.DataPipeline:
     stages: list = [wds.SimpleShardList(urls)]
     if shuffle_seed is not None:
         stages.append(wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed))
     # No split_by_node: every rank reads the whole (global-batch) stream and the training loop
     # takes its slice, so N ranks see exactly what one rank would; eval strides batches by rank.
     stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
-    if limit:
-        stages.append(_below(limit, ordered=shuffle_seed is None))
+    if bound < NO_BOUND or exclude or include is not None:
+        stages.append(_select(bound, exclude, include, ordered=shuffle_seed is None))
     if shuffle_seed is not None:
         stages.append(wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1))
     stages += [wds.decode(handler=wds.warn_and_continue),
@@ -133,16 +189,20 @@ class TrainStream:
 
     Yields ``(images, labels)``: uint8 (B, C, H, W) and int64 (B,). ``position`` is
     ``{"epoch": e, "batch": b}`` — the next batch to be yielded — and ``seek`` restores it by
-    replaying epoch ``e``'s deterministic order up to batch ``b``.
+    replaying epoch ``e``'s deterministic order up to batch ``b``. ``exclude``: training
+    indices never yielded (the validation split); ``limit``: only the first ``limit`` of the
+    remaining samples, in index order.
     """
 
     def __init__(self, shard_dir: Path | str, batch_size: int, seed: int,
-                 shuffle_buffer: int = 5000, limit: int = 0):
-        self.urls = shard_urls(shard_dir, "train", limit)
+                 shuffle_buffer: int = 5000, limit: int = 0,
+                 exclude: frozenset[int] = frozenset()):
+        self.bound = _bound_after(limit, exclude, None)
+        self.urls = shard_urls(shard_dir, "train", self.bound if self.bound < NO_BOUND else 0)
         self.batch_size = batch_size
         self.seed = seed
         self.buffer = shuffle_buffer
-        self.limit = limit
+        self.exclude = exclude
         self.epoch = 0
         self.batch = 0
         self._it: Iterator | None = None
@@ -159,7 +219,8 @@ class TrainStream:
         # A different, reproducible order every epoch: seeds from (seed, epoch).
         shuffle_seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
         it = iter(_pipeline(self.urls, self.batch_size, shuffle_seed=shuffle_seed,
-                            buffer=self.buffer, limit=self.limit, partial=False))
+                            buffer=self.buffer, bound=self.bound, exclude=self.exclude,
+                            include=None, partial=False))
         for _ in range(self.batch):
             next(it)
         return it
@@ -186,10 +247,16 @@ class TrainStream:
 
 
 def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
-                 limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of ``split`` exactly once, in file order (the first ``limit`` if set)."""
-    return iter(_pipeline(shard_urls(shard_dir, split, limit), batch_size, shuffle_seed=None,
-                          buffer=0, limit=limit, partial=True))
+                 limit: int = 0, only: frozenset[int] | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of ``split`` exactly once, in file order (the first ``limit`` if set).
+
+    only: read just these indices of ``split`` (the validation split, out of ``train``).
+    """
+    bound = _bound_after(limit, frozenset(), only)
+    urls = shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0)
+    return iter(_pipeline(urls, batch_size, shuffle_seed=None, buffer=0, bound=bound,
+                          exclude=frozenset(), include=only, partial=True))
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int,

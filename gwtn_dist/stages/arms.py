@@ -1,8 +1,9 @@
 """The baselines, trained by the same code as the method and at its thin-net step budget.
 
 scratch: the thin net from a fresh init with labels. kd: the thin net from a fresh init with
-logit distillation from the wide net. deeper: a deeper thin net from scratch. All three use the
-from-scratch recipe (``wide.optim``), so only the method differs between arms.
+logit distillation from the wide net (``baseline.distill``). deeper: a deeper thin net from
+scratch. All three use the from-scratch recipe (``baseline.optim``), so only the method differs
+between arms; ``gwtn compare`` tunes each arm's recipe with the same effort.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ def train_baseline(cfg: Config, run_dir: Path, arm: str, teacher: Path | None) -
     budget = method_budget(cfg)
     if arm == "scratch":
         return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
-                          label_steps=budget, optim=cfg.wide.optim)
+                          label_steps=budget, optim=cfg.baseline.optim)
     if arm == "kd":
         if teacher is None:
             raise ValueError("the kd baseline needs a trained wide net")
         return train_thin(cfg, run_dir, arm, init=None, teacher=teacher, kd_steps=budget,
-                          label_steps=0, optim=cfg.wide.optim)
+                          label_steps=0, optim=cfg.baseline.optim, distill=cfg.baseline.distill)
     if arm == "deeper":
         c = cfg.compare
         depth = deeper_depth(cfg.model, c.deeper_blocks, c.deeper_layers)
         return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
-                          label_steps=budget, optim=cfg.wide.optim, blocks=depth,
+                          label_steps=budget, optim=cfg.baseline.optim, blocks=depth,
                           extra={"layers" if cfg.model.family == "bert" else "blocks": depth})
     raise ValueError(f"unknown baseline {arm!r}; choose from {', '.join(BASELINES)}")

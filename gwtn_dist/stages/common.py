@@ -58,9 +58,11 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0) -> dict:
-    """The task's metrics over the held-out split (its first ``limit`` samples if set): test
-    accuracy and cross-entropy for images, masked-LM accuracy and perplexity for text.
+def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0,
+             split: str = "test") -> dict:
+    """The task's metrics over the held-out ``split`` (its first ``limit`` samples if set):
+    ``test``/``val`` accuracy and cross-entropy for images, masked-LM accuracy and perplexity
+    for text.
 
     Each rank scores its share of the split and the counts are summed, so every sample is
     scored once. Every rank runs the same number of forwards (a rank out of batches runs rank
@@ -70,20 +72,20 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # the task's counts (correct, samples, loss)
-    batches = task.eval_batches(limit)
+    batches = task.eval_batches(limit, split=split)
     filler = None
     while True:
         mine = next(batches, None)
         if all_reduce_sum(torch.tensor([mine is not None])).item() == 0:
             break  # every rank is done
         if mine is None and filler is None:
-            filler = next(task.eval_batches(limit, rank=0))
+            filler = next(task.eval_batches(limit, rank=0, split=split))
         x, y = task.prepare(*(mine if mine is not None else filler), device,
                             dtype=next(model.parameters()).dtype)
         logits, targets = task.scored(model, x, y)
         if mine is not None:
             sums += task.eval_sums(logits, targets)
-    scores = task.eval_metrics(all_reduce_sum(sums).tolist())
+    scores = task.eval_metrics(all_reduce_sum(sums).tolist(), split)
     model.train(was_training)
     return scores
 
@@ -98,7 +100,8 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
         micro_batch=cfg.data.batch_size // current().world_size,
         prepare=partial(task_for(cfg).prepare, device=device, dtype=current().dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
-        evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples),
+        evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples,
+                                    split=task_for(cfg).curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset,
     )
 
@@ -124,10 +127,13 @@ def count_params(model: nn.Module) -> int:
 
 def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
                  results: list[PhaseResult], meta: dict, extra: dict | None = None) -> dict:
-    """Save the stage's net, score it on the test set, write stage.json + DONE, update summary."""
+    """Save the stage's net, score it on the validation and test splits (the task's
+    ``score_splits``), write stage.json + DONE, update summary."""
     stage_dir = run_dir / stage
     device = next(model.parameters()).device
-    scores = evaluate(model, cfg, device)
+    scores = {}
+    for split in task_for(cfg).score_splits:
+        scores.update(evaluate(model, cfg, device, split=split))
     record = {
         "stage": stage,
         "steps": sum(r.steps for r in results),
@@ -145,8 +151,9 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         (stage_dir / "DONE").write_text("")
         update_summary(run_dir, stage, record)
         task = task_for(cfg)
-        log.info("%s done: %s %.4f (%d steps, %.0f s)", stage, task.metric_label,
-                 scores[task.metric], record["steps"], record["wall_s"])
+        shown = task.metric if task.metric in scores else task.select_metric
+        log.info("%s done: %s %.4f (%d steps, %.0f s)", stage, shown.replace("_", " "),
+                 scores[shown], record["steps"], record["wall_s"])
     barrier()
     return record
 

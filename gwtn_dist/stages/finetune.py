@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import checkpoint
-from ..config import Config, OptimConfig
+from ..config import Config, DistillConfig, OptimConfig
 from ..distributed.teacher import load_teacher
 from ..models.family import Depth, build_thin, shape_meta
 from .common import (
@@ -33,13 +33,14 @@ STAGE = "finetune"
 def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
                teacher: Path | None, kd_steps: int, label_steps: int, optim: OptimConfig,
                blocks: Depth | None = None, step_offset: int = 0,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, distill: DistillConfig | None = None) -> dict:
     """Train a thin net into ``run_dir/<stage>``: ``kd_steps`` of distillation, then labels.
 
     init: weights to start from (None: a fresh net seeded by cfg.seed). blocks: depth of the
     thin net (None: the config's; blocks per stage for a ResNet, layers for a BERT).
     step_offset: thin-net steps already spent on this net (the imitation steps), for the
-    accuracy-vs-steps curves.
+    accuracy-vs-steps curves. distill: the distillation's α and T (default
+    ``finetune.distill``).
     """
     stage_dir = run_dir / stage
     if stage_done(stage_dir):
@@ -52,7 +53,7 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     thin = place(thin, cfg, ctx.device)
     ctx.modules = {"thin": thin}
     wide = load_teacher(cfg, teacher, ctx.device) if kd_steps else None
-    d = cfg.finetune.distill
+    d = distill or cfg.finetune.distill
     task = task_for(cfg)
 
     def kd_loss(x, y):

@@ -9,8 +9,10 @@ masked-LM). The stages are written once against this interface:
 - ``scored(model, x, y)`` → (logits (N, classes), targets (N,)): where the task loss is taken
   (every image; the masked tokens of a text batch), also used for logit distillation;
 - ``eval_sums`` / ``eval_metrics``: counts summed over batches and ranks, then the metrics;
-  ``metric`` names the headline one (higher is better), ``secondary`` others that
-  comparisons report;
+  ``metric`` names the headline one that reports give (higher is better), ``select_metric``
+  the one that choices are made on (the validation split's), ``curve_split`` the split that
+  ``eval_every`` curves read, ``score_splits`` the splits a finished stage is scored on, and
+  ``secondary`` other metrics that comparisons report;
 - ``features(model, x, end, …)``, ``feature_mask(x)``, ``normalize(t)``: the output of block
   ``end`` that imitation compares, which positions count, and layer-normalised targets.
 """
@@ -49,8 +51,8 @@ class _ScoredTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def eval_batches(self, limit: int, rank: int | None = None):
-        return rank_eval_batches(self.cfg, limit, rank=rank)
+    def eval_batches(self, limit: int, rank: int | None = None, split: str = "test"):
+        return rank_eval_batches(self.cfg, limit, rank=rank, split=split)
 
     def label_loss(self, model, x, y) -> tuple[torch.Tensor, dict]:
         """Cross-entropy of ``model``'s scored outputs against the labels, and the batch's
@@ -75,6 +77,11 @@ class ImageTask(_ScoredTask):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        has_val = cfg.data.dataset == "fashion-mnist" and cfg.data.val_samples > 0
+        self.curve_split = "val" if has_val else "test"
+        self.select_metric = f"{self.curve_split}_accuracy"
+        # A tuning run (eval_test false) never reads the test split.
+        self.score_splits = (("val",) if has_val else ()) + (("test",) if cfg.eval_test else ())
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +92,10 @@ class ImageTask(_ScoredTask):
     def scored(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model(x).float(), y  # (b, classes), (b,); fp32 losses for bf16 nets
 
-    def eval_metrics(self, sums: list[float]) -> dict:
+    def eval_metrics(self, sums: list[float], split: str = "test") -> dict:
         correct, total, loss_sum = sums
-        return {"test_accuracy": correct / max(total, 1), "test_loss": loss_sum / max(total, 1),
-                "test_samples": int(total)}
+        return {f"{split}_accuracy": correct / max(total, 1),
+                f"{split}_loss": loss_sum / max(total, 1), f"{split}_samples": int(total)}
 
     def features(self, model, x: torch.Tensor, end: int, bridges: Bridges | None,
                  bridged: dict[int, str]) -> torch.Tensor:
@@ -109,6 +116,10 @@ class TextTask(_ScoredTask):
     metric = "mlm_accuracy"
     metric_label = "held-out MLM accuracy"
     secondary = ("perplexity",)
+    # Token shards hold one held-out split (val): it is read for curves, choices and reports.
+    select_metric = "mlm_accuracy"
+    curve_split = "test"
+    score_splits = ("test",)
 
     def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -122,7 +133,7 @@ class TextTask(_ScoredTask):
         chosen = y != IGNORE  # (b, T)
         return model(x, select=chosen).float(), y[chosen]
 
-    def eval_metrics(self, sums: list[float]) -> dict:
+    def eval_metrics(self, sums: list[float], split: str = "test") -> dict:
         correct, tokens, loss_sum = sums
         loss = loss_sum / max(tokens, 1)
         return {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 from ..config import Config
+from ..distributed.runtime import barrier, current
 from ..models.family import build_wide, shape_meta
-from .common import finish_stage, loop_context, place, read_stage, seed_everything, stage_done
+from . import teacher_cache
+from .common import (
+    finish_stage,
+    loop_context,
+    place,
+    read_stage,
+    seed_everything,
+    stage_done,
+    update_summary,
+)
 from .loop import Phase, run_phases
 from .tasks import task_for
 
@@ -15,8 +26,16 @@ STAGE = "wide"
 
 
 def train_wide(cfg: Config, run_dir: Path) -> dict:
-    """Train the wide net into ``run_dir/wide``; returns the stage record (skips a DONE stage)."""
+    """Train the wide net into ``run_dir/wide``; returns the stage record (skips a DONE stage,
+    and copies the teacher from ``wide.cache`` when it is there)."""
     stage_dir = run_dir / STAGE
+    if stage_done(stage_dir):
+        return read_stage(stage_dir)
+    if current().is_main and teacher_cache.fetch(cfg, stage_dir):
+        record = {**read_stage(stage_dir), "from_cache": str(teacher_cache.cache_dir(cfg))}
+        (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
+        update_summary(run_dir, STAGE, record)
+    barrier()
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     seed_everything(cfg.seed)
@@ -31,4 +50,7 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
                   eval_model=wide, zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
     meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
-    return finish_stage(cfg, run_dir, STAGE, wide, results, meta)
+    record = finish_stage(cfg, run_dir, STAGE, wide, results, meta)
+    if current().is_main:
+        teacher_cache.store(cfg, stage_dir)
+    return record

@@ -1,0 +1,71 @@
+"""A folder of finished wide teachers (``wide.cache``), so a teacher trained to convergence
+is paid for once: later runs with the same teacher settings copy it instead of training.
+
+The key is a hash of everything that decides the teacher's weights: the model section, the
+data section (less how it is read: workers, eval batch), the wide section (less the cache
+path), the seed, the memory format and the precision. ``CACHE/<key>/`` holds the finished
+stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
+hash was taken of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from ..config import Config, to_dict
+
+log = logging.getLogger("gwtn")
+FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
+
+
+def teacher_settings(cfg: Config) -> dict:
+    """What decides a wide teacher's weights (the cache key is its hash)."""
+    tree = to_dict(cfg)
+    data = {k: v for k, v in tree["data"].items() if k not in ("num_workers", "eval_batch_size")}
+    wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
+    return {"model": tree["model"], "data": data, "wide": wide, "seed": cfg.seed,
+            "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
+
+
+def cache_dir(cfg: Config) -> Path | None:
+    """This config's folder in the cache (None when ``wide.cache`` is off)."""
+    if not cfg.wide.cache:
+        return None
+    text = json.dumps(teacher_settings(cfg), sort_keys=True)
+    return Path(cfg.wide.cache) / hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fetch(cfg: Config, stage_dir: Path) -> bool:
+    """Copy a cached teacher into ``stage_dir`` (rank 0's job); False when there is none."""
+    source = cache_dir(cfg)
+    if source is None or not (source / "DONE").is_file():
+        return False
+    tmp = stage_dir.with_name(stage_dir.name + ".from-cache")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FILES:
+        shutil.copy2(source / name, tmp / name)
+    shutil.rmtree(stage_dir, ignore_errors=True)  # an unfinished stage, superseded
+    tmp.replace(stage_dir)
+    log.info("wide: the teacher comes from the cache %s (not trained again)", source)
+    return True
+
+
+def store(cfg: Config, stage_dir: Path) -> None:
+    """Put a finished wide stage into the cache (atomically: a whole folder or none)."""
+    target = cache_dir(cfg)
+    if target is None or (target / "DONE").is_file():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in FILES:
+        shutil.copy2(stage_dir / name, tmp / name)
+    (tmp / "key.json").write_text(json.dumps(teacher_settings(cfg), indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    log.info("wide: teacher stored in the cache %s", target)

@@ -1,0 +1,160 @@
+"""The measuring protocol of `gwtn compare`: a validation split carved out of the training data,
+tuning that chooses on it and never reads the test split, paired statistics and verdicts, two
+workers sharing one comparison, and the teacher cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import gwtn_dist.compare as compare_module
+import gwtn_dist.stages.tasks as tasks_module
+from gwtn_dist.cli import main
+from gwtn_dist.data.shards import TrainStream, eval_batches, read_index, validation_indices
+from gwtn_dist.stats import paired, pays
+from tests.conftest import REPO
+from tests.test_pipeline import fast_args
+
+
+def test_paired_statistics_on_known_inputs():
+    ref = {"0": 0.80, "1": 0.82, "2": 0.81}
+    steady = paired({"0": 0.85, "1": 0.86, "2": 0.87}, ref)  # +0.05, +0.04, +0.06
+    assert steady["per_seed"] == pytest.approx({"0": 0.05, "1": 0.04, "2": 0.06})
+    assert steady["mean"] == pytest.approx(0.05) and steady["sd"] == pytest.approx(0.01)
+    assert steady["wins"] == 3 and steady["seeds"] == 3
+    assert pays(steady)
+    assert pays(steady, arm_mean=0.86, kd_mean=0.85)
+    assert not pays(steady, arm_mean=0.86, kd_mean=0.87)  # below logit KD's mean
+    noisy = paired({"0": 0.85, "1": 0.84, "2": 0.80}, ref)  # +0.05, +0.02, -0.01
+    assert noisy["mean"] == pytest.approx(0.02) and noisy["sd"] == pytest.approx(0.03)
+    assert noisy["wins"] == 2 and not pays(noisy)
+    wide_spread = paired({"0": 0.90, "1": 0.83, "2": 0.82}, ref)  # +0.10, +0.01, +0.01
+    assert wide_spread["wins"] == 3 and not pays(wide_spread)  # mean 0.04 < 2 sd (0.104)
+    assert paired({"7": 0.5}, ref)["seeds"] == 0 and not pays(paired({"7": 0.5}, ref))
+
+
+def test_validation_split_is_stratified_seeded_and_never_trained_on(shard_dir):
+    labels = read_index(shard_dir)["splits"]["train"]["labels"]
+    val = validation_indices(shard_dir, 200, seed=0)
+    assert len(val) == 200 and val == validation_indices(shard_dir, 200, seed=0)
+    assert val != validation_indices(shard_dir, 200, seed=1)
+    per_class, everywhere = Counter(labels[i] for i in val), Counter(labels)
+    for c, n in everywhere.items():  # each class's share, to within one image
+        assert abs(per_class[c] - n * 200 / len(labels)) <= 1
+    # One epoch of the training stream is exactly the training images outside the split.
+    stream = TrainStream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, exclude=val)
+    trained = torch.cat([next(stream)[0] for _ in range(10)]).flatten(1).sum(1).sort().values
+    every = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train")]).flatten(1)
+    keep = torch.tensor([i not in val for i in range(len(labels))])
+    assert torch.equal(trained, every[keep].sum(1).sort().values)
+    # The validation batches are exactly the held-out images, in index order.
+    held = torch.cat([x for x, _ in eval_batches(shard_dir, 64, split="train", only=val)])
+    assert torch.equal(held.flatten(1), every[sorted(val)])
+    # train_samples counts training images after the split is taken out.
+    limited = TrainStream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, limit=300,
+                          exclude=val)
+    assert sum(len(next(limited)[1]) for _ in range(3)) == 300
+    assert limited.position == {"epoch": 0, "batch": 3}
+    next(limited)
+    assert limited.position == {"epoch": 1, "batch": 1}  # 300 images make one epoch
+
+
+TUNE = ("compare.tune={scratch: {baseline.optim.lr: [0.1, 0.00001]}, "
+        "win: {finetune.optim.lr: [0.00001, 0.05]}}")
+
+
+def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, monkeypatch):
+    reads: list[tuple[str, str]] = []  # (unit folder, split) of every evaluation
+    unit = {"dir": "?"}
+    real_run_arm, real_reader = compare_module.run_arm, tasks_module.rank_eval_batches
+
+    def run_arm(cfg, seed_dir, arm, teacher_dir):
+        unit["dir"] = str(seed_dir)
+        return real_run_arm(cfg, seed_dir, arm, teacher_dir)
+
+    def reader(cfg, limit=0, rank=None, split="test"):
+        reads.append((unit["dir"], split))
+        return real_reader(cfg, limit, rank=rank, split=split)
+
+    monkeypatch.setattr(compare_module, "run_arm", run_arm)
+    monkeypatch.setattr(tasks_module, "rank_eval_batches", reader)
+    run_dir = tmp_path / "cmp"
+    assert main(["-q", "compare", *fast_args(
+        run_dir, shard_dir, "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        "compare.tune_seeds=[5]", "compare.share_teacher=true", "finetune.kd_steps=0",
+        "data.val_samples=200", TUNE)]) == 0
+    out = run_dir / "compare"
+    tuning_reads = [split for folder, split in reads if "/tune/" in folder]
+    assert tuning_reads and set(tuning_reads) == {"val"}
+    assert {split for folder, split in reads if "/tune/" not in folder} == {"val", "test"}
+    table = json.loads((out / "compare.json").read_text())
+    for arm, stage in [("scratch", "scratch"), ("win", "finetune")]:
+        rows = table["tuning"][arm]["points"]
+        scores = [json.loads((out / "tune" / arm / f"p{i}" / "seed5" / stage / "stage.json")
+                             .read_text()) for i in range(2)]
+        assert all("test_accuracy" not in s for s in scores)  # the test split was never read
+        assert [r["score"] for r in rows] == [s["val_accuracy"] for s in scores]
+        best = max(range(2), key=lambda i: (scores[i]["val_accuracy"], -i))
+        assert [r["chosen"] for r in rows] == [i == best for i in range(2)]
+        assert table["tuning"][arm]["chosen"] == rows[best]["point"]
+        # The reported seed trained with the chosen lr (the schedule's peak is the lr).
+        (lr,) = rows[best]["point"].values()
+        logged = [json.loads(line)["lr"]
+                  for line in (out / "seed0" / stage / "metrics.jsonl").open()]
+        assert max(logged) == pytest.approx(lr, rel=0.02)
+    md = (out / "compare.md").read_text()
+    assert md.index("Criterion") < md.index("| thin from scratch |")  # criterion first
+    assert "Verdict, thin, Go Wide Then Narrow vs thin from scratch" in md
+
+
+def test_two_workers_share_one_comparison(tmp_path, shard_dir):
+    run_dir = tmp_path / "cmp"
+    args = [sys.executable, "-m", "gwtn_dist", "compare", *fast_args(
+        run_dir, shard_dir, "compare.arms=[scratch,kd,win]", "compare.seeds=[0,1]",
+        "compare.share_teacher=false", "threads=1", "eval_every=0")]
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    # The second worker joins once the first has set up the folder.
+    for _ in range(600):
+        if (run_dir / "compare" / "config.yaml").is_file() or first.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.1"], check=True)
+    second = subprocess.run([*args, "resume=true"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, check=False)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    compare_dir = run_dir / "compare"
+    table = json.loads((compare_dir / "compare.json").read_text())
+    assert set(table["arms"]["win"]["per_seed"]) == {"0", "1"}
+    # Every stage ran once: its metrics hold exactly its steps, and no lock is left behind.
+    for stage_json in compare_dir.rglob("stage.json"):
+        rec = json.loads(stage_json.read_text())
+        lines = (stage_json.parent / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == rec["steps"], stage_json
+    assert not list(compare_dir.rglob(".lock-*"))
+    # Both workers did some of the work (each logs the units it runs).
+    assert "unit " in err and "unit " in second.stderr
+
+
+def test_the_teacher_cache_trains_a_teacher_once(tmp_path, shard_dir):
+    cache = tmp_path / "teachers"
+    for name in ("a", "b"):
+        assert main(["-q", "wide", *fast_args(tmp_path / name, shard_dir,
+                                               f"wide.cache={cache}")]) == 0
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    a = json.loads((tmp_path / "a" / "wide" / "stage.json").read_text())
+    b = json.loads((tmp_path / "b" / "wide" / "stage.json").read_text())
+    assert "from_cache" not in a and b["from_cache"] == str(entry)
+    assert (tmp_path / "a" / "wide" / "model.pt").read_bytes() == \
+        (tmp_path / "b" / "wide" / "model.pt").read_bytes()
+    assert json.loads((entry / "key.json").read_text())["wide"]["steps"] == 30
+    # Another teacher setting is another entry, trained anew.
+    assert main(["-q", "wide", *fast_args(tmp_path / "c", shard_dir, f"wide.cache={cache}",
+                                           "wide.steps=31")]) == 0
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
