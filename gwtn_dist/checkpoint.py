@@ -1,18 +1,41 @@
-"""Atomic checkpoints and the consolidated weights handed from one stage to the next."""
+"""Atomic checkpoints and the consolidated weights handed from one stage to the next.
+
+Every file we write is plain dicts, lists, numbers and tensors, so every file we read is read
+with ``weights_only=True``: a crafted file cannot run code, it is refused with a clear error.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger("gwtn")
 
-def atomic_save(obj: Any, path: Path | str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be read safely (torn, corrupt or foreign)."""
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the folder entry, not just the file's bytes)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path | str, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``
+    (and fsync the folder).
 
     A crash at any moment leaves either the old file or the new one, never a torn file.
+    keep_previous: first move the current file to ``previous_path(path)``, so the last two
+    stay on disk (a resume falls back to the older one if the newer cannot be read).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,11 +44,42 @@ def atomic_save(obj: Any, path: Path | str) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous and path.is_file():
+        os.replace(path, previous_path(path))
     os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def previous_path(path: Path | str) -> Path:
+    """Where ``atomic_save(..., keep_previous=True)`` keeps the file it replaced."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
 
 
 def load(path: Path | str) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Read one of our files safely (``weights_only=True``); anything unreadable or not ours
+    is a ``CheckpointError`` that names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # any failure to unpickle means "not readable"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read safely ({first[:200]}); it is torn, "
+                              f"corrupt, or not a file written by gwtn") from exc
+
+
+def load_with_fallback(path: Path | str) -> Any:
+    """``load(path)``, or, when it is unreadable, the previous copy kept beside it (with a
+    warning). Raises ``CheckpointError`` when neither can be read."""
+    try:
+        return load(path)
+    except CheckpointError as exc:
+        older = previous_path(path)
+        if not older.is_file():
+            raise
+        log.warning("%s; resuming from the previous checkpoint %s", exc, older)
+        return load(older)
 
 
 def save_weights(model: torch.nn.Module, path: Path | str, meta: dict) -> None:

@@ -10,6 +10,11 @@
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
+
+Exit codes: 0 done; 2 a bad config, command line, data source or stage order; 3 training
+diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable checkpoint or
+weights file; 74 an I/O error (an unwritable or full run folder); 75 stopped on request
+(preemption: resume later). Each prints one line naming the problem, never a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, dump_config, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
@@ -30,6 +36,7 @@ from .launch import add_launch_command
 from .stages.common import StageOrderError
 
 log = logging.getLogger("gwtn")
+EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_IO = 3, 4, 74
 
 
 def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> dict:
@@ -62,9 +69,22 @@ def _load(args: argparse.Namespace) -> Config:
     rt = runtime.setup(cfg)
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    check_loss_backend(cfg, runtime.device_for(cfg, rt.env))
     preempt.install(Path(cfg.run_dir))
     ensure_shards(cfg)
     return cfg
+
+
+def check_loss_backend(cfg: Config, device) -> None:
+    """Refuse an imitation-loss backend that cannot run here before any stage starts."""
+    if cfg.imitate.loss_backend != "triton":
+        return
+    from .kernels import select_imitation_mse
+
+    try:
+        select_imitation_mse("triton", device)
+    except RuntimeError as exc:
+        raise ConfigError(f"imitate.loss_backend: {exc}") from None
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -173,6 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     except preempt.Preempted as exc:
         print(f"gwtn: {exc}", file=sys.stderr)
         return preempt.EXIT_CODE
+    except FloatingPointError as exc:
+        print(f"gwtn: error: training diverged: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except CheckpointError as exc:
+        print(f"gwtn: error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except OSError as exc:  # after the data errors above (DataSourceError is an OSError too)
+        print(f"gwtn: error: {exc.strerror or exc}"
+              f"{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return EXIT_IO
     finally:
         if runtime.current().distributed:
             import torch.distributed as dist

@@ -9,6 +9,7 @@ Every setting the paper leaves open is a field here with its default stated in t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -393,11 +394,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string, not a float
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `<` check, so refuse it here
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -422,9 +425,18 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def _yaml(text: str, where: str) -> Any:
+    """Parse YAML; a syntax error is a ConfigError naming ``where`` and the parser's reason."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{where}: not valid YAML ({reason})") from None
+
+
+def _parse_scalar(text: str, key: str = "override") -> Any:
     """An override's value is read as YAML, so ``3``, ``0.1``, ``true``, ``[2,2]`` keep their types."""
-    return yaml.safe_load(text) if text != "" else ""
+    return _yaml(text, key) if text != "" else ""
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -444,7 +456,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_scalar(text))
+        _set_dotted(tree, key.strip(), _parse_scalar(text, f"override {item!r}"))
     return tree
 
 
@@ -462,7 +474,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _yaml(path.read_text(), str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         tree = loaded or {}

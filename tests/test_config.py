@@ -62,8 +62,8 @@ def test_file_values_survive_where_not_overridden():
     (["wide.steps.x=1"], ["wide.steps", "not a section"]),
     (["compare.arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}"],
      ["compare.tune", "'win'", "same tuning effort"]),
-    (["compare.arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}, "
-      "win: {finetune.optim.lr: [0.01, 0.02]}}"], ["compare.tune", "'scratch': 1", "'win': 2"]),
+    (["compare.arms=[scratch,win]", ("compare.tune={scratch: {baseline.optim.lr: [0.1]}, "
+      "win: {finetune.optim.lr: [0.01, 0.02]}}")], ["compare.tune", "'scratch': 1", "'win': 2"]),
     (["compare.arms=[scratch]", "compare.tune={scratch: {wide.optim.lr: [0.1]}}"],
      ["compare.tune.scratch", "wide.optim.lr", "baseline.optim."]),
     (["compare.arms=[win]", "compare.tune={win: {finetune.label_steps: [10, 20]}}"],
@@ -73,12 +73,23 @@ def test_file_values_survive_where_not_overridden():
     (["compare.arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
       "data.val_samples=0"], ["data.val_samples", "validation"]),
     (["compare.budget_mults=[0]"], ["compare.budget_mults"]),
+    (["wide.optim.lr=.nan"], ["wide.optim.lr", "finite"]),
+    (["wide.optim.lr=.inf"], ["wide.optim.lr", "finite"]),
+    (["wide.optim.grad_clip=.nan"], ["wide.optim.grad_clip", "finite"]),
+    (["model.blocks=[1,2"], ["model.blocks=[1,2", "not valid YAML"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as info:
         load_config(REPO / "configs/tiny_cpu.yaml", override)
     for word in words:
         assert word in str(info.value)
+
+
+def test_malformed_yaml_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wide:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
 
 
 def test_missing_file_is_a_config_error(tmp_path):

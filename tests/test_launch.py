@@ -138,6 +138,21 @@ def test_stop_requests_by_file_or_signal_are_consumed(tmp_path):
     assert preempt.signal_number("usr2") == preempt.signal_number("SIGUSR2") == signal.SIGUSR2
 
 
+def test_a_stop_file_older_than_the_run_is_ignored(tmp_path):
+    stale = preempt.stop_file(tmp_path)
+    stale.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    preempt.install(tmp_path)
+    try:
+        assert not preempt.asked_here()  # left by an earlier run: ignored
+        stale.touch()  # written now: a real request
+        assert preempt.asked_here()
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        preempt._run_dir = None
+
+
 def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_dir):
     """USR1 to ``gwtn launch --style local``: the run stops at a step, checkpoints, exits 75;
     the same command continues to the weights of a run that was never stopped. (One rank keeps

@@ -126,7 +126,7 @@ def test_two_workers_share_one_comparison(tmp_path, shard_dir):
         subprocess.run(["sleep", "0.1"], check=True)
     second = subprocess.run([*args, "resume=true"], cwd=REPO, capture_output=True, text=True,
                             timeout=600, check=False)
-    out, err = first.communicate(timeout=600)
+    _out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 0, second.stderr[-2000:]
     compare_dir = run_dir / "compare"

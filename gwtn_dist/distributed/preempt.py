@@ -19,8 +19,10 @@ checkpoint and raises :class:`Preempted`; the CLI exits with :data:`EXIT_CODE`, 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +42,13 @@ class Preempted(Exception):
         self.stage_dir, self.phase, self.step = stage_dir, phase, step
 
 
+log = logging.getLogger("gwtn")
 _run_dir: Path | None = None
 _signalled = False
+_started = 0.0
+# A stop file older than this process (by more than the clock skew between nodes allowed here)
+# was left by an earlier run: it does not stop this one.
+STALE_SLACK_S = 5.0
 
 
 def stop_file(run_dir: Path) -> Path:
@@ -63,17 +70,30 @@ def _on_signal(signum, frame) -> None:
 
 
 def install(run_dir: Path) -> None:
-    """Watch for stop requests for the run in ``run_dir`` (the signal and the file)."""
-    global _run_dir, _signalled
-    _run_dir, _signalled = Path(run_dir), False
+    """Watch for stop requests for the run in ``run_dir`` (the signal and the file). A stop
+    file older than this process is stale (an earlier run's) and is ignored with a warning."""
+    global _run_dir, _signalled, _started
+    _run_dir, _signalled, _started = Path(run_dir), False, time.time()
     signal.signal(signal_number(), _on_signal)
+    if _file_age_ok() is False and current().is_main:
+        log.warning("ignoring %s: it is older than this run (left by an earlier one)",
+                    stop_file(_run_dir))
+
+
+def _file_age_ok() -> bool | None:
+    """None: no stop file; True: one written since this process started; False: a stale one."""
+    try:
+        written = stop_file(_run_dir).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return written >= _started - STALE_SLACK_S
 
 
 def asked_here() -> bool:
-    """Whether this rank was asked to stop (its signal or the stop file); not collective."""
+    """Whether this rank was asked to stop (its signal or a fresh stop file); not collective."""
     if _run_dir is None:
         return False
-    return _signalled or stop_file(_run_dir).exists()
+    return _signalled or bool(_file_age_ok())
 
 
 def acknowledge() -> None:

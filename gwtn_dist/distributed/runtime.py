@@ -55,7 +55,8 @@ def current() -> Runtime:
 def device_for(cfg: Config, env: DistEnv) -> torch.device:
     """cfg.device, with the rank's own GPU (its local rank) when there are several."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use "
+                          "device=cpu (or auto)")
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", env.local_rank % torch.cuda.device_count())

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint
-from ..config import DistConfig, OptimConfig
+from ..config import ConfigError, DistConfig, OptimConfig
 from ..data.batches import TrainBatches
 from ..distributed import preempt
 from ..distributed.engines import make_engine
@@ -103,7 +103,9 @@ class LoopContext:
 
 
 class MetricsLog:
-    """Append-only JSON lines; on resume, lines past the checkpoint are dropped."""
+    """Append-only JSON lines; on resume, lines past the checkpoint are dropped (the file is
+    rewritten atomically), and a torn line (a kill or a full disk mid-write) is dropped with a
+    warning instead of stopping the resume."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -117,12 +119,21 @@ class MetricsLog:
     def truncate_after(self, phase_index: int, step: int) -> None:
         if not current().is_main or not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
-            if (rec["phase_index"], rec["step"]) <= (phase_index, step):
+        keep, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                position = (rec["phase_index"], rec["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if position <= (phase_index, step):
                 keep.append(line)
-        self.path.write_text("".join(k + "\n" for k in keep))
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s)", self.path, torn)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
 
 
 def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm:
@@ -163,30 +174,39 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
     if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
         state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     if current().is_main:
-        checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt")
-        # Only now that checkpoint.pt no longer names them may older DeepSpeed tags go.
-        _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=tag)
+        checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
+        # Only now that neither checkpoint.pt nor the previous one names them may older
+        # DeepSpeed tags go.
+        _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=2 if tag else 1)
     barrier()
 
 
-def _prune_deepspeed_tags(folder: Path, keep: str | None) -> None:
+def _tag_order(name: str) -> tuple[int, int]:
+    """``phase3-step200`` → (3, 200): the order in which tags were written."""
+    phase, step = name.split("-")
+    return int(phase.removeprefix("phase")), int(step.removeprefix("step"))
+
+
+def _prune_deepspeed_tags(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest DeepSpeed tags (those the two checkpoints name)."""
     if folder.is_dir():
-        for old in folder.iterdir():
-            if old.is_dir() and old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+        tags = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.startswith("phase")),
+                      key=lambda d: _tag_order(d.name))
+        for old in tags[:-keep] if keep else tags:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume_state(ctx: LoopContext) -> dict | None:
     path = ctx.stage_dir / "checkpoint.pt"
     if not path.is_file():
         return None
-    state = checkpoint.load(path)
+    state = checkpoint.load_with_fallback(path)
     saved_world = state.get("world_size", 1)
-    if "deepspeed_tag" in state.get("engine", {}) and saved_world != current().world_size:
-        raise RuntimeError(
-            f"{path} stopped mid-phase on {saved_world} ranks with a DeepSpeed checkpoint, whose "
-            f"optimizer (and, under ZeRO-3, weight) partitions are bound to that world size; "
-            f"resume it on {saved_world} ranks (a finished phase resumes on any number)"
+    if "engine" in state and saved_world != current().world_size:
+        raise ConfigError(
+            f"{path} stopped mid-phase on {saved_world} rank(s); its optimizer state (under "
+            f"DeepSpeed, its partitions) is bound to that world size, so resume it on "
+            f"{saved_world} rank(s); a checkpoint at a phase end resumes on any number"
         )
     return state
 

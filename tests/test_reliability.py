@@ -1,0 +1,98 @@
+"""Nothing lost, nothing silent: safe loading, a torn checkpoint or metrics line, and one clear
+line with a documented exit code for inputs that cannot work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gwtn_dist import checkpoint
+from gwtn_dist.cli import EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_IO, main
+from gwtn_dist.stages.loop import MetricsLog
+from tests.conftest import REPO
+from tests.test_pipeline import fast_args
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+def test_files_that_are_not_plain_tensors_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {}, "meta": Exploit()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read safely"):
+        checkpoint.load(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.atomic_save({"step": 1}, path, keep_previous=True)
+    checkpoint.atomic_save({"step": 2}, path, keep_previous=True)
+    assert checkpoint.load(checkpoint.previous_path(path)) == {"step": 1}
+    path.write_bytes(path.read_bytes()[:20])  # torn
+    assert checkpoint.load_with_fallback(path) == {"step": 1}
+    checkpoint.previous_path(path).unlink()
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_with_fallback(path)
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"phase_index": 0, "step": i}) for i in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"phase_index": 0, "st')  # killed mid-write
+    MetricsLog(path).truncate_after(0, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_new_checkpoint(tmp_path, shard_dir, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["-q", "wide", *fast_args(run_dir, shard_dir, "wide.optim.lr=1e30",
+                                           "wide.optim.momentum=0")])
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED and err.startswith("gwtn: error: training diverged")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    saved = torch.load(run_dir / "wide" / "checkpoint.pt", weights_only=True) \
+        if (run_dir / "wide" / "checkpoint.pt").is_file() else None
+    assert saved is None or all(torch.isfinite(v).all()
+                                for v in saved["modules"]["wide"].values() if v.is_floating_point())
+
+
+def test_an_unreadable_checkpoint_and_an_unwritable_run_dir_are_one_line(tmp_path, shard_dir,
+                                                                          capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "wide").mkdir(parents=True)
+    (run_dir / "wide" / "checkpoint.pt").write_bytes(b"torn")
+    assert main(["-q", "wide", *fast_args(run_dir, shard_dir)]) == EXIT_CHECKPOINT
+    assert "checkpoint.pt cannot be read safely" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["-q", "wide", *fast_args(blocker / "run", shard_dir)]) == EXIT_IO
+    err = capsys.readouterr().err
+    assert err.startswith("gwtn: error:") and "a-file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, words", [
+    ("device=cuda", ["device", "no CUDA device"]),
+    ("imitate.loss_backend=triton", ["imitate.loss_backend", "CUDA"]),
+])
+def test_a_device_or_backend_that_is_not_here_is_a_config_error(tmp_path, override, words):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    # A fresh process without the suite's TRITON_INTERPRET, as a user would run it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "gwtn_dist", "-q", "wide",
+                           str(REPO / "configs/tiny_cpu.yaml"), f"run_dir={tmp_path}/r",
+                           override], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert all(w in proc.stderr for w in words) and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "wide").exists()  # refused before any training
