@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, dump_config, load_config
+from .config import Config, ConfigError, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
@@ -94,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
-    from .pipeline import apply_runtime
+    from .pipeline import apply_runtime, prepare_run_dir
     from .stages.finetune import finetune
     from .stages.imitate import imitate
     from .stages.tasks import task_for
@@ -102,10 +102,7 @@ def _cmd_stage(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     apply_runtime(cfg)
-    run_dir = Path(cfg.run_dir)
-    if runtime.current().is_main:
-        (run_dir / args.command).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / args.command / "config.yaml")
+    run_dir = prepare_run_dir(cfg, Path(cfg.run_dir), continuing=True)
     stage = {"wide": train_wide, "imitate": imitate, "finetune": finetune}[args.command]
     record = stage(cfg, run_dir)
     if not runtime.current().is_main:
@@ -204,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
         return EXIT_IO
     finally:
+        from .pipeline import release_locks
+
+        release_locks()
         if runtime.current().distributed:
             import torch.distributed as dist
 

@@ -226,7 +226,7 @@ def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
 def compare(cfg: Config) -> dict:
     """Train every unit of ``cfg.compare`` (with any other worker on the same folder), then
     write and return the report."""
-    out_dir = prepare_run_dir(cfg, Path(cfg.run_dir) / "compare")
+    out_dir = prepare_run_dir(cfg, Path(cfg.run_dir) / "compare", exclusive=False)
     apply_runtime(cfg)
     plan = ComparePlan(cfg, out_dir)
     run_units(plan.units())

@@ -2,11 +2,15 @@
 
 A run directory holds the resolved ``config.yaml``. Starting again in a directory that already
 holds a run is an error unless ``resume=true``, and resuming with a different config is an error
-that names the keys that differ: a resumed run must be the run that was started.
+that names the keys that differ: a resumed run must be the run that was started. A stage
+command (``gwtn wide|imitate|finetune``) continues a run directory without ``resume=true`` but
+under the same check. While a run or stage command works in a directory it holds
+``RUN_DIR/.lock`` (host and pid), so a second one there fails at once naming the holder.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 
@@ -14,13 +18,14 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, dump_config, to_dict
-from .distributed.runtime import barrier, current
+from .distributed.runtime import barrier, current, rank0_says
 from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
 from .stages.finetune import finetune
 from .stages.imitate import imitate
 from .stages.tasks import task_for
 from .stages.wide import train_wide
+from .workers import FileLock
 
 log = logging.getLogger("gwtn")
 # Keys that may differ between a run and its resumption.
@@ -37,11 +42,43 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path) -> Path:
-    """Create ``run_dir`` or check that resuming it is safe; writes the resolved config."""
+_held: list[FileLock] = []
+
+
+def _lock(run_dir: Path) -> None:
+    """Hold ``run_dir/.lock`` for the rest of this process (rank 0 takes it for the job)."""
+    lock = FileLock(run_dir / ".lock")
+    if not rank0_says(current().is_main and lock.acquire()):
+        held = lock.holder() or {}
+        raise ConfigError(
+            f"{run_dir} is in use by process {held.get('pid', '?')} on {held.get('host', '?')}; "
+            f"wait for it, or remove {lock.path} if that process is gone")
+    if lock.held:
+        _held.append(lock)
+        atexit.register(lock.release)
+
+
+def release_locks() -> None:
+    """Give up the run folders this process holds (the CLI calls it when a command ends)."""
+    while _held:
+        _held.pop().release()
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
+                    exclusive: bool = True) -> Path:
+    """Create ``run_dir`` or check that resuming it is safe; writes the resolved config.
+
+    continuing: a stage command, which may add a stage to an existing run without
+    ``resume=true`` but not change its config. exclusive: hold the run folder's lock (``gwtn
+    compare`` shares its folder between workers and locks each unit instead).
+    """
     saved = run_dir / "config.yaml"
+    foreign = run_dir.exists() and not saved.is_file() and any(
+        p.name != ".lock" for p in run_dir.iterdir())
+    if exclusive and not foreign:
+        _lock(run_dir)
     if saved.is_file():
-        if not cfg.resume:
+        if not (cfg.resume or continuing):
             raise ConfigError(
                 f"{run_dir} already holds a run; pass resume=true to continue it, or choose "
                 f"another run_dir"
@@ -55,7 +92,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> Path:
                 f"resume=true but the config differs from the one {run_dir} was started with: "
                 + ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed)
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif foreign:
         raise ConfigError(f"{run_dir} exists and is not a gwtn run directory; choose another")
     barrier()  # every rank has checked before rank 0 writes
     if current().is_main:

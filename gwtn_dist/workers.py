@@ -19,9 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .distributed.runtime import all_reduce_sum, current
+from .distributed.runtime import current, rank0_says
 
 log = logging.getLogger("gwtn")
 
@@ -90,14 +88,6 @@ class Unit:
     needs: list[str] = field(default_factory=list)
 
 
-def _agree(flag: bool) -> bool:
-    """Rank 0's answer, on every rank (one small all-reduce when there are several)."""
-    rt = current()
-    if rt.world_size == 1:
-        return flag
-    return all_reduce_sum(torch.tensor([float(flag and rt.is_main)])).item() > 0
-
-
 def run_units(units: list[Unit], poll_s: float = 5.0) -> None:
     """Run every unit that is not done, in order where dependencies allow, skipping units held
     by another process; returns when every unit is done (waiting for other workers' units)."""
@@ -112,7 +102,7 @@ def run_units(units: list[Unit], poll_s: float = 5.0) -> None:
             if not all(by_name[n].done() for n in unit.needs):
                 continue
             lock = FileLock(unit.lock)
-            if not _agree(current().is_main and lock.acquire()):
+            if not rank0_says(current().is_main and lock.acquire()):
                 continue
             try:
                 if not unit.done():  # another worker may have finished it meanwhile

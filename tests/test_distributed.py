@@ -22,8 +22,6 @@ from gwtn_dist import checkpoint
 from gwtn_dist.config import load_config
 from gwtn_dist.models.family import build_thin
 
-pytest.importorskip("deepspeed")
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,11 +120,33 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
 def test_resume_with_a_changed_config_names_the_keys(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     assert main(["-q", "wide", *fast_args(run_dir, shard_dir)]) == 0
-    (run_dir / "config.yaml").write_text((run_dir / "wide" / "config.yaml").read_text())
     proc = gwtn("run", *fast_args(run_dir, shard_dir, "resume=true", "wide.steps=31"),
                 check=False)
     assert proc.returncode == 2
     assert "wide.steps (30 → 31)" in proc.stderr
+    # A stage command continues the run without resume=true, but not under another config.
+    proc = gwtn("imitate", *fast_args(run_dir, shard_dir, "imitate.steps_per_point=13"),
+                check=False)
+    assert proc.returncode == 2 and "imitate.steps_per_point (12 → 13)" in proc.stderr
+    assert not (run_dir / "imitate").exists()
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (run_dir / ".lock").write_text(json.dumps({"host": socket.gethostname(),
+                                                   "pid": holder.pid}))
+        proc = gwtn("wide", *fast_args(run_dir, shard_dir), check=False)
+        assert proc.returncode == 2 and f"in use by process {holder.pid}" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and taken over.
+    proc = gwtn("wide", *fast_args(run_dir, shard_dir, "wide.steps=3"), check=False)
+    assert proc.returncode == 0 and "stale lock" in proc.stderr
+    assert not (run_dir / ".lock").exists()
 
 
 def test_stage_commands_hand_off_by_path_and_check_order(tmp_path, shard_dir):

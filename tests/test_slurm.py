@@ -23,7 +23,6 @@ from slurm_cluster import Unavailable, start_cluster
 from gwtn_dist import checkpoint
 
 pytestmark = pytest.mark.slurm
-pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "launch" / "sbatch_stage.sh")

@@ -123,3 +123,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def rank0_says(flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank (one small all-reduce when there are several)."""
+    rt = current()
+    if rt.world_size == 1:
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag and rt.is_main)])).item() > 0
