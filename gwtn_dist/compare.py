@@ -211,6 +211,11 @@ def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
     row = _arm_row(records, plan.cfg.wide.steps, [task.select_metric, task.metric],
                    task.secondary)
     row["shared"] = c.share_teacher
+    # Every teacher this comparison trained (tuning seeds' too when not shared), and their time.
+    trained = [read_stage(plan.teacher_root(s) / "wide") for s in dict.fromkeys(
+        [plan.cfg.seed] if c.share_teacher else [*(c.tune_seeds if c.tune else []), *c.seeds])]
+    row["teachers_trained"] = len(trained)
+    row["teacher_wall_s_total"] = round(sum(r["wall_s"] for r in trained), 1)
     row["from_cache"] = sorted({r["from_cache"] for r in records.values() if "from_cache" in r})
     if scratch is not None:
         # The teacher's cost in thin-net steps: its wall time over scratch's time per step.

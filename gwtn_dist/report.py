@@ -139,12 +139,16 @@ def _after_imitation_lines(table: dict, budget: dict) -> list[str]:
     after = budget.get("after_imitation")
     if not after:
         return []
-    sel = table["select_metric"]
+    sel, metric = table["select_metric"], table["metric"]
+    cols = [sel] if sel == metric else [sel, metric]
+    heads = "".join(f" {_label(c)} |" for c in cols)
     lines = ["The method's thin net straight after imitation (before fine-tuning):", "",
-             f"| seed | {_label(sel)} | relative imitation error per point |", "|---|---:|---|"]
+             f"| seed |{heads} relative imitation error per point |",
+             "|---|" + "---:|" * len(cols) + "---|"]
     for seed, rec in after.items():
         errors = ", ".join(f"{p} {e:.3f}" for p, e in rec.get("relative_error", {}).items())
-        lines.append(f"| {seed} | {rec.get(sel, float('nan')):.4f} | {errors} |")
+        cells = "".join(f" {rec.get(c, float('nan')):.4f} |" for c in cols)
+        lines.append(f"| {seed} |{cells} {errors} |")
     return lines
 
 
@@ -157,9 +161,12 @@ def _teacher_lines(table: dict) -> list[str]:
             if "thin_step_equivalents" in t else "")
     cached = (f" It was copied from the teacher cache ({', '.join(t['from_cache'])}); its "
               f"training time is the cached run's.") if t.get("from_cache") else ""
+    total = (f" {t['teachers_trained']} teachers, {t['teacher_wall_s_total']:.0f} s in all."
+             if t.get("teachers_trained", 1) > 1 else "")
     lines = [(f"Wide teacher (its cost is apart from the thin-net budget): {t['params']:,} "
              f"params, {t['steps']} steps, {_label(sel)} {spread}, {_label(table['metric'])} "
-             f"{t['mean']:.4f}; {t['wall_s_mean']:.0f} s of training per teacher{cost}.{cached}")]
+             f"{t['mean']:.4f}; {t['wall_s_mean']:.0f} s of training per teacher{cost}.{cached}"
+              f"{total}")]
     head = t.get("headroom")
     if head and not head["clear"]:
         lines += ["", (f"**Warning: the teacher is not clearly better than the thin net from "

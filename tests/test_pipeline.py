@@ -105,9 +105,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "finetune" / "DONE").exists(), "the run finished before the kill"
+    killed_at = torch.load(ckpt, weights_only=True)  # where the resume must pick up
+    finished = {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in (run_dir / "wide").iterdir() if p.is_file()}
     again = gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]"), check=False)
     assert again.returncode == 2 and "resume=true" in again.stderr
     gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]", "resume=true"))
+    # The finished wide stage was left alone (same bytes, same mtime) ...
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in (run_dir / "wide").iterdir() if p.is_file()} == finished
+    # ... and imitation continued from its checkpoint instead of starting over.
+    (resume,) = json.loads((run_dir / "imitate" / "stage.json").read_text())["resumes"]
+    assert (resume["phase_index"], resume["step"]) == (killed_at["phase_index"],
+                                                      killed_at["step"])
+    assert resume["phase_index"] > 0 or resume["step"] >= 1
+    assert json.loads((run_dir / "finetune" / "stage.json").read_text())["resumes"] == []
     for stage in ("wide", "imitate", "finetune"):
         a, b = _weights(ref / stage / "model.pt"), _weights(run_dir / stage / "model.pt")
         assert a.keys() == b.keys()

@@ -142,6 +142,8 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         **scores,
         "params": count_params(model),
         "phases": [r.as_dict() for r in results],
+        # Where each resume picked up (empty for a stage that ran straight through).
+        "resumes": list(getattr(results, "resumes", [])),
         "world_size": current().world_size,
         **(extra or {}),
     }

@@ -78,6 +78,13 @@ class PhaseResult:
                 "wall_s": round(self.wall_s, 2)}
 
 
+class PhaseResults(list):
+    """The finished phases' results, and ``resumes``: where each resume of this stage picked
+    up (phase index and name, step), so a stage's record proves it continued, not restarted."""
+
+    resumes: list[dict]
+
+
 @dataclass
 class LoopContext:
     """What a stage's phases share: where to write, what to save, where batches come from.
@@ -157,7 +164,7 @@ def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict,
 
 
 def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, recent: list,
-          wall: float, results: list[PhaseResult]) -> None:
+          wall: float, results: PhaseResults) -> None:
     """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically."""
     state = {
         "stream": ctx.batches.position,
@@ -165,6 +172,7 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
         "step": 0 if done else step,
         "recent_losses": recent, "phase_wall_s": wall,
         "results": [r.as_dict() for r in results],
+        "resumes": results.resumes,
         "world_size": current().world_size,
     }
     tag = None
@@ -219,23 +227,28 @@ def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
     path.write_text(json.dumps(configs, indent=2))
 
 
-def run_phases(ctx: LoopContext, phases: list[Phase]) -> list[PhaseResult]:
-    """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists."""
+def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
+    """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists; the
+    results carry where every resume picked up (``resumes``)."""
     rt = current()
     if rt.is_main:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl")
     state = _resume_state(ctx)
-    results: list[PhaseResult] = []
+    results = PhaseResults()
+    results.resumes = []
     first_phase, first_step = 0, 0
     if state is not None:
         if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
             for name, module in ctx.modules.items():
                 module.load_state_dict(state["modules"][name])
         ctx.batches.seek(state["stream"])
-        results = [PhaseResult(**r) for r in state["results"]]
+        results.extend(PhaseResult(**r) for r in state["results"])
         first_phase, first_step = state["phase_index"], state["step"]
+        results.resumes = [*state.get("resumes", []), {
+            "phase_index": first_phase, "step": first_step, "world_size": rt.world_size,
+            "phase": phases[first_phase].name if first_phase < len(phases) else None}]
         metrics.truncate_after(first_phase, first_step)
         if rt.is_main:
             log.info("resuming %s at phase %d (%s), step %d", ctx.stage_dir.name, first_phase,
