@@ -24,6 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import __version__
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gwtn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--version", action="version", version=f"gwtn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     kinds = sub.add_parser("shards", help="write webdataset shards of a dataset").add_subparsers(
@@ -177,8 +179,17 @@ def _without_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _quiet_first(argv: list[str]) -> list[str]:
+    """``-q`` may stand anywhere before a ``--`` (``gwtn run CONFIG -q``): move it to the front,
+    where the parser reads it. After ``--`` it belongs to the command ``gwtn launch`` starts."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a not in ("-q", "--quiet")]
+    return (["-q"] if len(head) < end else []) + head + argv[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))
+    argv = _quiet_first(_without_local_rank(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     try:

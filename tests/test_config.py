@@ -101,3 +101,16 @@ def test_dumped_config_loads_back_identically(tmp_path):
     cfg = load_config(REPO / "configs/fmnist_resnet.yaml", ["seed=5", "model.blocks=[2,2,2]"])
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_quiet_goes_anywhere_before_a_double_dash():
+    from gwtn_dist.cli import _quiet_first, build_parser
+
+    for argv in (["run", "c.yaml", "-q", "x=1"], ["-q", "run", "c.yaml", "x=1"],
+                 ["run", "c.yaml", "x=1", "--quiet"]):
+        args = build_parser().parse_args(_quiet_first(argv))
+        assert args.quiet and args.config == "c.yaml" and args.overrides == ["x=1"]
+    assert not build_parser().parse_args(_quiet_first(["run", "c.yaml"])).quiet
+    # After `--`, -q belongs to the command gwtn launch starts.
+    assert _quiet_first(["launch", "--", "run", "c.yaml", "-q"]) == [
+        "launch", "--", "run", "c.yaml", "-q"]
