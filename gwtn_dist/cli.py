@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -46,14 +47,20 @@ def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> d
                               progress=progress)
 
 
-def ensure_shards(cfg: Config) -> None:
+def ensure_shards(cfg: Config, wait_s: float = 600.0) -> None:
     """Write the Fashion-MNIST shards from Debian's package if the config's folder has none
-    (rank 0 writes them while the other ranks wait)."""
+    (rank 0 writes them while the other ranks wait; a process that finds another writing them,
+    e.g. a second compare worker, waits for it)."""
+    from .workers import FileLock
+
     shards = Path(cfg.data.shards)
-    if cfg.data.dataset == "fashion-mnist" and runtime.current().is_main \
-            and not (shards / "index.json").is_file():
-        log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
-        write_fashion_mnist(shards, None, progress=cfg.progress)
+    if cfg.data.dataset == "fashion-mnist" and runtime.current().is_main:
+        deadline = time.monotonic() + wait_s
+        while FileLock(shards / ".lock").busy() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if not (shards / "index.json").is_file():
+            log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
+            write_fashion_mnist(shards, None, progress=cfg.progress)
     runtime.barrier()
 
 

@@ -49,6 +49,13 @@ class FileLock:
         except (FileNotFoundError, ValueError):
             return None
 
+    def busy(self) -> bool:
+        """Whether a live process (or one on another host, which cannot be checked) holds it."""
+        held = self.holder()
+        if held is None:
+            return False
+        return held.get("host") != socket.gethostname() or _alive(int(held.get("pid", -1)))
+
     def acquire(self) -> bool:
         """Take the lock if it is free (or stale); False if a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,42 @@ def test_missing_shard_file_is_reported(shard_dir, tmp_path):
     (copy / "index.json").write_text((shard_dir / "index.json").read_text())
     with pytest.raises(DataSourceError, match="missing"):
         shard_urls(copy, "train")
+
+
+def test_a_shard_folder_being_written_is_refused_and_a_killed_rewrite_lists_nothing(
+        tmp_path, idx_dir):
+    import socket
+    import subprocess
+
+    from gwtn_dist.cli import write_fashion_mnist
+
+    out = tmp_path / "shards"
+    write_fashion_mnist(out, idx_dir, progress=False)
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(DataSourceError, match=f"being written by process {holder.pid}"):
+            write_fashion_mnist(out, idx_dir, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_index(out)["splits"]["train"]["samples"] == 1200  # left alone
+    # A rewrite killed mid-way: the old index is gone first, so no reader trusts torn tars.
+    from gwtn_dist.data import shards
+
+    class Killed(Exception):
+        pass
+
+    def dies(*args, **kwargs):
+        raise Killed
+
+    original = shards.ShardSink.close
+    shards.ShardSink.close = dies
+    try:
+        with pytest.raises(Killed):
+            write_fashion_mnist(out, idx_dir, progress=False)
+    finally:
+        shards.ShardSink.close = original
+    assert not (out / "index.json").exists() and not (out / ".lock").exists()
+    with pytest.raises(DataSourceError, match="write the shards first"):
+        TrainStream(out, batch_size=10, seed=0)

@@ -27,6 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .errors import DataSourceError
+from .writer import ShardSink
 
 log = logging.getLogger("gwtn")
 SHARD_SIZE = 10_000
@@ -34,28 +35,45 @@ SHARD_SIZE = 10_000
 
 def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                        source: str, classes: list[str], progress: bool = True) -> dict:
-    """Write each split's (images, labels) into ``OUT/<split>-%05d.tar``; returns the index."""
+    """Write each split's (images, labels) into ``OUT/<split>-%05d.tar``; returns the index.
+
+    Safe against a kill and against a second writer: the folder is locked while it is written
+    (a second writer fails at once naming the holder), the old index goes first, every tar is
+    written under a temporary name and renamed when complete, and the new index comes last, so
+    a folder with an index.json never lists a torn or missing tar.
+    """
+    from ..workers import FileLock
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    index: dict = {"source": source, "classes": classes, "splits": {}}
-    for split, (images, labels) in splits.items():
-        for old in out.glob(f"{split}-*.tar"):
-            old.unlink()
-        pattern = str(out / f"{split}-%05d.tar")
-        with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
+    lock = FileLock(out / ".lock")
+    if not lock.acquire():
+        held = lock.holder() or {}
+        raise DataSourceError(f"{out} is being written by process {held.get('pid', '?')} on "
+                              f"{held.get('host', '?')}; wait for it, or remove {lock.path} if "
+                              f"that process is gone")
+    try:
+        (out / "index.json").unlink(missing_ok=True)
+        index: dict = {"source": source, "classes": classes, "splits": {}}
+        for split, (images, labels) in splits.items():
+            for old in out.glob(f"{split}-*.tar"):
+                old.unlink()
+            sink = ShardSink(out, split, SHARD_SIZE)
             for i in tqdm(range(len(images)), desc=f"shards {split}", disable=not progress,
                           unit="img", mininterval=1.0):
-                sink.write({"__key__": f"{split}-{i:07d}", "npy": images[i], "cls": labels[i].item()})
-        shards = sorted(p.name for p in out.glob(f"{split}-*.tar"))
-        counts = [min(SHARD_SIZE, len(images) - i * SHARD_SIZE) for i in range(len(shards))]
-        index["splits"][split] = {
-            "shards": shards, "shard_samples": counts, "samples": len(images),
-            "skipped": 0, "shape": list(images.shape[1:]),
-            "labels": [int(v) for v in labels],
-        }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(out / "index.json")
+                sink.write({"__key__": f"{split}-{i:07d}", "npy": images[i],
+                            "cls": labels[i].item()})
+            sink.close()
+            index["splits"][split] = {
+                "shards": sink.shards, "shard_samples": sink.counts, "samples": len(images),
+                "skipped": 0, "shape": list(images.shape[1:]),
+                "labels": [int(v) for v in labels],
+            }
+        tmp = out / "index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(out / "index.json")
+    finally:
+        lock.release()
     return index
 
 
