@@ -6,6 +6,7 @@
     gwtn run CONFIG [key=value ...]                wide → imitate → finetune (+ baselines)
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
+    gwtn regime CONFIG [key=value ...]             one comparison per cell of a grid
     gwtn export WEIGHTS OUT [--tokenizer T]        a thin BERT → Hugging Face BertForMaskedLM
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
@@ -127,6 +128,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     compare(_load(args))
 
 
+def _cmd_regime(args: argparse.Namespace) -> None:
+    from .config import ConfigError as _ConfigError
+    from .regime import regime
+
+    cfg = _load(args)
+    if not cfg.regime.axes:
+        raise _ConfigError("regime.axes: give one or two axes of cells to compare")
+    regime(cfg)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export_hf import export_weights
 
@@ -159,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "imitate": ("stage 2: layerwise imitation of the wide twin", _cmd_stage),
         "finetune": ("stage 3: fine-tune the imitated thin net", _cmd_stage),
         "compare": ("the method against baselines over several seeds", _cmd_compare),
+        "regime": ("one comparison per cell of a grid (regime.axes), and a heat map",
+                   _cmd_regime),
     }
     for name, (text, func) in helps.items():
         p = sub.add_parser(name, help=text)

@@ -264,6 +264,21 @@ class CompareConfig:
 
 
 @dataclass
+class RegimeConfig:
+    """``gwtn regime``: where the method pays — one ``gwtn compare`` per cell of a grid.
+
+    axes: one or two axes, ``{name: [values]}``. A dotted key's values set that key
+    (``data.train_samples: [5000, 20000, 0]``); any other name's values are mappings of
+    overrides applied together (``depth: [{model.blocks: [2,2,2], compare.deeper_blocks:
+    [3,3,3]}, …]``, with an optional ``label`` naming the value in tables), so the deeper
+    baseline can follow the thin net's depth. Each cell is a
+    complete comparison (its own teacher, tuning, seeds) under ``run_dir/regime/<cell>/``.
+    """
+
+    axes: dict = field(default_factory=dict)
+
+
+@dataclass
 class DistConfig:
     """How the stages run over ranks (processes) under ``torchrun``, ``deepspeed`` or ``srun``.
 
@@ -344,6 +359,7 @@ class Config:
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -577,7 +593,45 @@ def tune_points(grid: dict) -> list[dict]:
     return points
 
 
+def regime_cells(cfg: Config) -> list[tuple[list[str], dict]]:
+    """The cells of ``cfg.regime``: (a label per axis, the cell's overrides), in grid order."""
+    cells: list[tuple[list[str], dict]] = [([], {})]
+    for name, values in cfg.regime.axes.items():
+        grown = []
+        for labels, overrides in cells:
+            for value in values:
+                if isinstance(value, dict):
+                    extra = {k: v for k, v in value.items() if k != "label"}
+                    label = str(value.get("label", ",".join(str(v) for v in extra.values())))
+                else:
+                    label, extra = str(value), {name: value}
+                grown.append(([*labels, label], {**overrides, **extra}))
+        cells = grown
+    return cells if cfg.regime.axes else []
+
+
+def _check_regime(cfg: Config) -> None:
+    axes = cfg.regime.axes
+    if not axes:
+        return
+    if len(axes) > 2:
+        raise ConfigError(f"regime.axes: one or two axes (a table and a heat map), got "
+                          f"{len(axes)}")
+    known = _leaf_keys(to_dict(cfg))
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"regime.axes.{name}: expected a list of values, got {values!r}")
+        for value in values:
+            keys = [k for k in value if k != "label"] if isinstance(value, dict) else [name]
+            for key in keys:
+                if key not in known or key.startswith(("regime.", "run_dir", "compare.seeds")):
+                    raise ConfigError(f"regime.axes.{name}: {key!r} is not a key a cell may set")
+    for _, overrides in regime_cells(cfg):
+        with_overrides(dataclasses.replace(cfg, regime=RegimeConfig()), overrides)
+
+
 def _check_compare(cfg: Config) -> None:
+    _check_regime(cfg)
     c = cfg.compare
     if len(set(c.seeds)) != len(c.seeds):
         raise ConfigError(f"compare.seeds: seeds must differ, got {c.seeds}")

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+import yaml
 
 import gwtn_dist.compare as compare_module
 import gwtn_dist.stages.tasks as tasks_module
@@ -158,3 +159,23 @@ def test_the_teacher_cache_trains_a_teacher_once(tmp_path, shard_dir):
     assert main(["-q", "wide", *fast_args(tmp_path / "c", shard_dir, f"wide.cache={cache}",
                                            "wide.steps=31")]) == 0
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_dir):
+    run_dir = tmp_path / "reg"
+    axes = ("regime.axes={depth: [{label: shallow, model.blocks: [1,1,1]}, "
+            "{label: deep, model.blocks: [2,1,1]}]}")
+    assert main(["-q", "regime", *fast_args(
+        run_dir, shard_dir, "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        "compare.share_teacher=true", "eval_every=0", "wide.steps=10",
+        "imitate.steps_per_point=4", "finetune.kd_steps=0", "finetune.label_steps=6", axes)]) == 0
+    out = run_dir / "regime"
+    summary = json.loads((out / "regime.json").read_text())
+    assert [c["labels"] for c in summary["cells"]] == [["shallow"], ["deep"]]
+    for cell in summary["cells"]:
+        table = json.loads((out / cell["cell"] / "compare" / "compare.json").read_text())
+        assert cell["paired"]["win-scratch"] == table["budgets"][0]["paired"]["win-scratch"]
+    assert "| shallow |" in (out / "regime.md").read_text()
+    assert (out / "regime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((out / "deep" / "compare" / "config.yaml").read_text())
+    assert saved["model"]["blocks"] == [2, 1, 1] and saved["regime"]["axes"] == {}

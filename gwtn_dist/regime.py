@@ -1,0 +1,123 @@
+"""``gwtn regime``: where the method pays — a grid of complete comparisons, and a heat map of
+the method's paired gain over the thin net from scratch.
+
+Each cell of ``regime.axes`` (e.g. thin depth × training-set size) is one ``gwtn compare`` with
+the cell's overrides, under ``run_dir/regime/<cell>/compare/``: its own teacher, tuning grid and
+seeds, so every cell is judged by the same protocol. Cells run in order and each is resumable
+and shareable between workers like any comparison (``resume=true``), so a long grid can be run
+in chunks. The summary is ``run_dir/regime/regime.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from .compare import compare
+from .config import Config, RegimeConfig, regime_cells, with_overrides
+from .distributed.runtime import current
+from .pipeline import prepare_run_dir
+from .report import ARM_LABELS, atomic_write
+
+log = logging.getLogger("gwtn")
+
+
+def cell_name(labels: list[str]) -> str:
+    """A folder name for a cell: its labels, filesystem-safe."""
+    safe = ["".join(c if c.isalnum() or c in "._-" else "_" for c in label) for label in labels]
+    return "__".join(safe)
+
+
+def regime(cfg: Config) -> dict:
+    """Run every cell's comparison, then write the regime table, JSON and heat map."""
+    out = prepare_run_dir(cfg, Path(cfg.run_dir) / "regime", exclusive=False)
+    base = dataclasses.replace(cfg, regime=RegimeConfig())
+    rows = []
+    for labels, overrides in regime_cells(cfg):
+        name = cell_name(labels)
+        log.info("regime: cell %s (%s)", name, overrides)
+        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name)})
+        table = compare(ccfg)
+        budget = table["budgets"][0]
+        rows.append({"labels": labels, "overrides": overrides, "cell": name,
+                     "arms": {a: {"mean": r["mean"], "std": r["std"]}
+                              for a, r in table["arms"].items()},
+                     "paired": budget["paired"], "verdicts": budget["verdicts"],
+                     "teacher": {"mean": table["teacher"]["mean"],
+                                 "headroom": table["teacher"].get("headroom")}})
+    summary = {"axes": list(cfg.regime.axes), "metric": table["metric"], "cells": rows}
+    if current().is_main:
+        atomic_write(out / "regime.json", json.dumps(summary, indent=2))
+        atomic_write(out / "regime.md", regime_markdown(summary))
+        plot_regime(out / "regime.png", summary)
+        print((out / "regime.md").read_text())
+    return summary
+
+
+def regime_markdown(summary: dict) -> str:
+    """One row per cell: every arm's mean, the method's paired gain over scratch (and over the
+    deeper net) with its verdict, and the teacher's headroom."""
+    axes, cells = summary["axes"], summary["cells"]
+    arms = list(cells[0]["arms"])
+    head = " | ".join(axes + [ARM_LABELS.get(a, a) for a in arms])
+    lines = [f"# Where the method pays — {summary['metric'].replace('_', ' ')}", "",
+             f"| {head} | WIN − scratch (mean ± sd, wins) | WIN − deeper | teacher headroom |",
+             "|" + "---|" * len(axes) + "---:|" * len(arms) + "---|---|---:|"]
+    for cell in cells:
+        values = " | ".join(f"{cell['arms'][a]['mean']:.4f}" for a in arms)
+        head = cell["teacher"].get("headroom") or {}
+        lines.append(f"| {' | '.join(cell['labels'])} | {values} | "
+                     f"{_gain(cell, 'win-scratch')} | {_gain(cell, 'win-deeper')} | "
+                     f"{head.get('value', float('nan')):+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _gain(cell: dict, key: str) -> str:
+    d = cell["paired"].get(key)
+    if d is None:
+        return "—"
+    verdict = "pays" if cell["verdicts"][key] else "does not pay"
+    return f"{d['mean']:+.4f} ± {d['sd']:.4f}, {d['wins']}/{d['seeds']}: {verdict}"
+
+
+def plot_regime(path: Path, summary: dict) -> None:
+    """A heat map of the method's mean paired gain over scratch per cell (one axis: a row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells, axes = summary["cells"], summary["axes"]
+    rows = list(dict.fromkeys(c["labels"][0] for c in cells))
+    cols = list(dict.fromkeys(c["labels"][1] for c in cells)) if len(axes) > 1 else [""]
+    gain = np.full((len(rows), len(cols)), np.nan)
+    for c in cells:
+        d = c["paired"].get("win-scratch")
+        if d is not None:
+            j = cols.index(c["labels"][1]) if len(axes) > 1 else 0
+            gain[rows.index(c["labels"][0]), j] = d["mean"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 3, 0.8 * len(rows) + 2))
+    bound = np.nanmax(np.abs(gain)) if np.isfinite(gain).any() else 1.0
+    image = ax.imshow(gain, cmap="RdBu", vmin=-bound, vmax=bound)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(gain[i, j]):
+                dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours
+                ax.text(j, i, f"{gain[i, j]:+.4f}", ha="center", va="center", fontsize=9,
+                        color="white" if dark else "black")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylabel(axes[0])
+    if len(axes) > 1:
+        ax.set_xlabel(axes[1])
+    ax.set_title(f"method − scratch, {summary['metric'].replace('_', ' ')} (paired mean)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
