@@ -73,7 +73,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
     compare`` shares its folder between workers and locks each unit instead).
     """
     saved = run_dir / "config.yaml"
-    foreign = run_dir.exists() and not saved.is_file() and any(
+    # A folder with files but no saved config: not ours for gwtn run; a stage command may
+    # continue it (stages handed over by path, e.g. a teacher copied into run_dir/wide).
+    foreign = not continuing and run_dir.exists() and not saved.is_file() and any(
         p.name != ".lock" for p in run_dir.iterdir())
     if exclusive and not foreign:
         _lock(run_dir)

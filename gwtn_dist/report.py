@@ -73,8 +73,12 @@ def _ms(cell: dict, digits: int = 4) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
+METRIC_LABELS = {"mlm_accuracy": "held-out MLM accuracy", "val_accuracy": "val accuracy",
+                 "test_accuracy": "test accuracy"}
+
+
 def _label(metric: str) -> str:
-    return metric.replace("_", " ")
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
 def _tuning_lines(table: dict) -> list[str]:

@@ -115,7 +115,7 @@ def test_attention_transfer_and_compare_for_the_bert_family(tmp_path, text_shard
         assert row["steps"] == 2 * 4 + 2 + 6 and row["perplexity"]["mean"] > 1
     assert table["arms"]["deeper"]["params"] > table["arms"]["scratch"]["params"]
     md = (run_dir / "compare" / "compare.md").read_text()
-    assert "held-out MLM accuracy (mean ± std)" in md and "perplexity (mean ± std)" in md
+    assert "held-out MLM accuracy (mean ± sd)" in md and "perplexity (mean ± sd)" in md
     recs = [json.loads(line)
             for line in (run_dir / "compare" / "seed0" / "imitate" / "metrics.jsonl").open()]
     assert all(r["attention_kl"] >= 0 for r in recs)
