@@ -117,7 +117,10 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     if not runtime.current().is_main:
         return
     task = task_for(cfg)
-    print(f"{args.command}: {task.metric_label} {record[task.metric]:.4f} after "
+    # The test split's score, or the validation one when the test split is not read.
+    metric = task.metric if task.metric in record else task.select_metric
+    label = task.metric_label if metric == task.metric else metric.replace("_", " ")
+    print(f"{args.command}: {label} {record[metric]:.4f} after "
           f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
           f"{run_dir / args.command / 'model.pt'}")
 

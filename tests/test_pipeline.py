@@ -169,6 +169,10 @@ def test_stage_commands_hand_off_by_path_and_check_order(tmp_path, shard_dir):
         out = gwtn(stage, *fast_args(run_dir, shard_dir)).stdout
         assert f"{stage}: test accuracy" in out
         assert (run_dir / stage / "DONE").is_file()
+    # A stage that never reads the test split reports its validation score.
+    other = tmp_path / "val-only"
+    out = gwtn("wide", *fast_args(other, shard_dir, "eval_test=false", "wide.steps=3")).stdout
+    assert "wide: val accuracy" in out
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, shard_dir):
