@@ -132,12 +132,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_regime(args: argparse.Namespace) -> None:
-    from .config import ConfigError as _ConfigError
     from .regime import regime
 
     cfg = _load(args)
     if not cfg.regime.axes:
-        raise _ConfigError("regime.axes: give one or two axes of cells to compare")
+        raise ConfigError("regime.axes: give one or two axes of cells to compare")
     regime(cfg)
 
 

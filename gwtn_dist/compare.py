@@ -96,10 +96,7 @@ class ComparePlan:
     # -- the units
     def units(self) -> list[Unit]:
         c, units = self.c, []
-        teacher_seeds = [self.cfg.seed] if c.share_teacher else [*c.tune_seeds, *c.seeds]
-        if not c.tune:
-            teacher_seeds = [self.cfg.seed] if c.share_teacher else list(c.seeds)
-        for s in dict.fromkeys(teacher_seeds):
+        for s in self.teacher_seeds():
             root = self.teacher_root(s)
             units.append(Unit(self._teacher_name(s), root / ".lock-wide",
                               run=lambda s=s, root=root: train_wide(self.teacher_cfg(s), root),
@@ -130,6 +127,14 @@ class ComparePlan:
                         done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
                         needs=tuned + self._teacher_needs(arm, s)))
         return units
+
+    def teacher_seeds(self) -> list[int]:
+        """The seeds a teacher is trained with: the base seed when shared, else every tuning
+        and reported seed."""
+        c = self.c
+        if c.share_teacher:
+            return [self.cfg.seed]
+        return list(dict.fromkeys([*(c.tune_seeds if c.tune else []), *c.seeds]))
 
     def _teacher_name(self, seed: int) -> str:
         return "teacher" if self.c.share_teacher else f"teacher/seed{seed}"
@@ -207,15 +212,14 @@ def _budget_table(plan: ComparePlan, mult: float) -> dict:
 def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
     c, task = plan.c, plan.task
     seeds = [plan.cfg.seed] if c.share_teacher else c.seeds
-    records = {s: read_stage(plan.teacher_root(s) / "wide") for s in seeds}
+    every = {s: read_stage(plan.teacher_root(s) / "wide") for s in plan.teacher_seeds()}
+    records = {s: every[s] for s in seeds}
     row = _arm_row(records, plan.cfg.wide.steps, [task.select_metric, task.metric],
                    task.secondary)
     row["shared"] = c.share_teacher
     # Every teacher this comparison trained (tuning seeds' too when not shared), and their time.
-    trained = [read_stage(plan.teacher_root(s) / "wide") for s in dict.fromkeys(
-        [plan.cfg.seed] if c.share_teacher else [*(c.tune_seeds if c.tune else []), *c.seeds])]
-    row["teachers_trained"] = len(trained)
-    row["teacher_wall_s_total"] = round(sum(r["wall_s"] for r in trained), 1)
+    row["teachers_trained"] = len(every)
+    row["teacher_wall_s_total"] = round(sum(r["wall_s"] for r in every.values()), 1)
     row["from_cache"] = sorted({r["from_cache"] for r in records.values() if "from_cache" in r})
     if scratch is not None:
         # The teacher's cost in thin-net steps: its wall time over scratch's time per step.
