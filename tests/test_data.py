@@ -38,7 +38,7 @@ def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
     b = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
     c = TrainStream(shard_dir, batch_size=100, seed=4, shuffle_buffer=500)
     first = [next(a) for _ in range(12)]  # exactly one epoch of 1200
-    assert a.position == {"epoch": 0, "batch": 12}
+    assert a.position == {"epoch": 0, "batch": 12, "skipped": {}}
     labels = torch.cat([y for _, y in first])
     assert len(labels) == 1200
     # Every training image once per epoch: compare sorted pixel sums with the source.
@@ -48,7 +48,7 @@ def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, (next(b) for _ in range(12))))
     assert not torch.equal(first[0][0], next(c)[0])
     next_epoch = next(a)
-    assert a.position == {"epoch": 1, "batch": 1}
+    assert a.position == {"epoch": 1, "batch": 1, "skipped": {}}
     assert not torch.equal(next_epoch[0], first[0][0])  # a new order every epoch
 
 
@@ -67,7 +67,7 @@ def test_seek_resumes_the_exact_batch(shard_dir):
 def test_train_samples_limit_uses_only_the_first_samples(shard_dir):
     s = TrainStream(shard_dir, batch_size=50, seed=0, shuffle_buffer=100, limit=200)
     batches = [next(s) for _ in range(4)]
-    assert s.position == {"epoch": 0, "batch": 4}
+    assert s.position == {"epoch": 0, "batch": 4, "skipped": {}}
     first = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train", limit=200)])
     got = torch.cat([x for x, _ in batches])
     assert torch.equal(got.flatten(1).sum(1).sort().values, first.flatten(1).sum(1).sort().values)
@@ -152,3 +152,38 @@ def test_a_shard_folder_being_written_is_refused_and_a_killed_rewrite_lists_noth
     assert not (out / "index.json").exists() and not (out / ".lock").exists()
     with pytest.raises(DataSourceError, match="write the shards first"):
         TrainStream(out, batch_size=10, seed=0)
+
+
+def _with_undecodable_samples(shard_dir, out, count: int):
+    """A copy of ``shard_dir`` whose first training tar has ``count`` .npy members garbled."""
+    import io
+    import shutil
+    import tarfile
+
+    shutil.copytree(shard_dir, out)
+    first = out / read_index(out)["splits"]["train"]["shards"][0]
+    members = []
+    with tarfile.open(first) as tf:
+        for m in tf:
+            members.append((m, tf.extractfile(m).read()))
+    garbled = 0
+    with tarfile.open(first, "w") as tf:
+        for m, data in members:
+            if m.name.endswith(".npy") and garbled < count:
+                data, garbled = b"not an array", garbled + 1
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    return out
+
+
+def test_the_training_reader_counts_undecodable_samples_once_across_a_resume(shard_dir, tmp_path):
+    bad = _with_undecodable_samples(shard_dir, tmp_path / "bad", count=3)
+    stream = TrainStream(bad, batch_size=100, seed=0, shuffle_buffer=500)
+    for _ in range(11):  # 1197 good samples → 11 full batches: one whole epoch
+        next(stream)
+    assert stream.skipped == {"undecodable sample": 3}
+    assert stream.position["skipped"] == {"undecodable sample": 3}
+    resumed = TrainStream(bad, batch_size=100, seed=0, shuffle_buffer=500)
+    resumed.seek({"epoch": 0, "batch": 6, "skipped": {"undecodable sample": 2}})
+    next(resumed)  # the replay of batches 0…5 counts nothing again
+    assert resumed.skipped["undecodable sample"] <= 3

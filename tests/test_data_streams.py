@@ -76,12 +76,12 @@ def test_training_epoch_is_balanced_and_disjoint_across_ranks(uneven):
     epochs = []
     for ld in loaders:
         batches = [next(ld) for _ in range(12)]
-        assert ld.position == {"epoch": 0, "batch": 12}
+        assert ld.position == {"epoch": 0, "batch": 12, "skipped": {}}
         epochs.append([k for b in batches for k in b])
     assert all(len(e) == len(set(e)) == 48 for e in epochs)
     assert not set(epochs[0]) & set(epochs[1])  # no sample on two ranks within an epoch
     second = [k for _ in range(12) for k in next(loaders[0])]
-    assert loaders[0].position == {"epoch": 1, "batch": 12}
+    assert loaders[0].position == {"epoch": 1, "batch": 12, "skipped": {}}
     assert second != epochs[0]  # a new order every epoch
     again = key_stream(uneven, train=True, rank=0, world_size=2, num_workers=2, seed=5)
     assert [k for _ in range(12) for k in next(again)] == epochs[0]  # same seed, same order
@@ -93,7 +93,7 @@ def test_more_ranks_than_shards_leaves_no_rank_dry(uneven):
         assert ld.batches_per_epoch == 4
         keys = [k for _ in range(9) for k in next(ld)]  # past the end of the first epoch
         assert len(keys) == 45 and len(set(keys[:20])) == 20
-        assert ld.position == {"epoch": 2, "batch": 1}
+        assert ld.position == {"epoch": 2, "batch": 1, "skipped": {}}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -171,6 +171,27 @@ def test_image_streams_give_model_ready_batches(image_shards):
     raw = image_stream(image_shards, train=True, batch_size=4, size=32, normalize=False)
     x, _ = next(raw)
     assert x.dtype == torch.uint8 and x.shape == (4, 32, 32, 3)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skips_made_in_workers_reach_the_loader_and_its_position(image_shards, workers):
+    """The undecodable training image is counted once per epoch, whichever process decoded
+    it; the count is part of the position a checkpoint saves."""
+    tr = image_stream(image_shards, train=True, batch_size=4, size=32, seed=1,
+                      shuffle_buffer=5, num_workers=workers)
+    for _ in range(2 * tr.batches_per_epoch):  # two epochs
+        next(tr)
+    assert tr.skipped == Counter({"undecodable sample": 2})
+    assert tr.position["skipped"] == {"undecodable sample": 2}
+    ev = image_stream(image_shards, train=False, batch_size=4, num_workers=workers, size=32,
+                      resize=40)
+    list(ev)
+    assert ev.skipped == Counter()  # the val split has no bad image
+    resumed = image_stream(image_shards, train=True, batch_size=4, size=32, seed=1,
+                           shuffle_buffer=5, num_workers=workers)
+    resumed.seek(tr.position)
+    next(resumed)
+    assert resumed.skipped["undecodable sample"] >= 2
 
 
 def test_resumed_image_batches_are_bit_identical(image_shards):

@@ -60,9 +60,9 @@ def test_validation_split_is_stratified_seeded_and_never_trained_on(shard_dir):
     limited = TrainStream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, limit=300,
                           exclude=val)
     assert sum(len(next(limited)[1]) for _ in range(3)) == 300
-    assert limited.position == {"epoch": 0, "batch": 3}
+    assert limited.position == {"epoch": 0, "batch": 3, "skipped": {}}
     next(limited)
-    assert limited.position == {"epoch": 1, "batch": 1}  # 300 images make one epoch
+    assert limited.position == {"epoch": 1, "batch": 1, "skipped": {}}  # 300 images make one epoch
 
 
 TUNE = ("compare.tune={scratch: {baseline.optim.lr: [0.1, 0.00001]}, "

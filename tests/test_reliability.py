@@ -96,3 +96,46 @@ def test_a_device_or_backend_that_is_not_here_is_a_config_error(tmp_path, overri
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert all(w in proc.stderr for w in words) and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "wide").exists()  # refused before any training
+
+
+def test_skipped_bad_samples_reach_stage_json_and_summary(tmp_path, shard_dir):
+    from tests.test_data import _with_undecodable_samples
+
+    bad = _with_undecodable_samples(shard_dir, tmp_path / "bad", count=2)
+    run_dir = tmp_path / "run"
+    # 1200 − 2 good images at batch 32 are 37 full batches: one epoch reads every sample once.
+    assert main(["-q", "wide", *fast_args(run_dir, bad, "wide.steps=37",
+                                          "data.val_samples=0")]) == 0
+    record = json.loads((run_dir / "wide" / "stage.json").read_text())
+    assert record["skipped_samples"] == {"undecodable sample": 2}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_samples"] == {"undecodable sample": 2}
+
+
+def _sum_counts_worker(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from gwtn_dist.distributed import runtime
+    from gwtn_dist.distributed.env import DistEnv
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    runtime._current = runtime.Runtime(env=DistEnv(rank=rank, world_size=2))
+    mine = {"undecodable sample": 1, "truncated tar": 2} if rank == 0 else {"truncated tar": 3}
+    total = runtime.sum_counts(mine)
+    queue.put((rank, total))
+    dist.destroy_process_group()
+
+
+def test_per_rank_skip_counts_are_summed_over_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    mp.spawn(_sum_counts_worker, args=(port, queue), nprocs=2)
+    totals = dict(queue.get(timeout=10) for _ in range(2))
+    assert totals[0] == totals[1] == {"undecodable sample": 1, "truncated tar": 5}

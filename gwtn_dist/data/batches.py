@@ -64,6 +64,14 @@ class TrainBatches:
     ``position`` / ``seek`` delegated to the underlying stream (``self.source``)."""
 
     source: TrainStream | ShardLoader
+    # True when each rank reads its own stream (its skips are its own, summed over ranks);
+    # False when every rank reads the one global stream (every rank sees the same skips).
+    per_rank: bool = True
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad data this rank's reader (and its workers) skipped so far, by reason."""
+        return dict(self.source.skipped)
 
     @property
     def position(self) -> dict:
@@ -78,6 +86,8 @@ class TrainBatches:
 
 class GlobalBatches(TrainBatches):
     """Fashion-MNIST: the global stream, augmented, normalised and sliced for this rank."""
+
+    per_rank = False
 
     def __init__(self, cfg: Config, stream_seed: int):
         d = cfg.data

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -185,19 +187,20 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 
 def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buffer: int,
               bound: int, exclude: frozenset[int], include: frozenset[int] | None,
-              partial: bool) -> wds.DataPipeline:
+              partial: bool, handler: Callable[[Exception], bool] = wds.warn_and_continue
+              ) -> wds.DataPipeline:
+    """handler(exc) → True: bad data (a damaged tar, an undecodable member) is skipped."""
     stages: list = [wds.SimpleShardList(urls)]
     if shuffle_seed is not None:
         stages.append(wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed))
     # No split_by_node: every rank reads the whole (global-batch) stream and the training loop
     # takes its slice, so N ranks see exactly what one rank would; eval strides batches by rank.
-    stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
     if bound < NO_BOUND or exclude or include is not None:
         stages.append(_select(bound, exclude, include, ordered=shuffle_seed is None))
     if shuffle_seed is not None:
         stages.append(wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1))
-    stages += [wds.decode(handler=wds.warn_and_continue),
-               wds.to_tuple("npy", "cls", handler=wds.warn_and_continue),
+    stages += [wds.decode(handler=handler), wds.to_tuple("npy", "cls", handler=handler),
                wds.batched(batch_size, collation_fn=_collate, partial=partial)]
     return wds.DataPipeline(*stages)
 
@@ -206,10 +209,11 @@ class TrainStream:
     """Endless shuffled training batches with a resumable position.
 
     Yields ``(images, labels)``: uint8 (B, C, H, W) and int64 (B,). ``position`` is
-    ``{"epoch": e, "batch": b}`` — the next batch to be yielded — and ``seek`` restores it by
-    replaying epoch ``e``'s deterministic order up to batch ``b``. ``exclude``: training
-    indices never yielded (the validation split); ``limit``: only the first ``limit`` of the
-    remaining samples, in index order.
+    ``{"epoch": e, "batch": b, "skipped": {reason: n}}`` — the next batch to be yielded and the
+    bad data skipped so far — and ``seek`` restores it by replaying epoch ``e``'s deterministic
+    order up to batch ``b`` (the replay counts nothing twice). ``exclude``: training indices
+    never yielded (the validation split); ``limit``: only the first ``limit`` of the remaining
+    samples, in index order.
     """
 
     def __init__(self, shard_dir: Path | str, batch_size: int, seed: int,
@@ -223,24 +227,40 @@ class TrainStream:
         self.exclude = exclude
         self.epoch = 0
         self.batch = 0
+        self.skipped: Counter = Counter()
+        self._replaying = False
         self._it: Iterator | None = None
 
     @property
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
 
     def seek(self, position: dict) -> None:
         self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self.skipped = Counter(position.get("skipped", {}))
         self._it = None
+
+    def _skip(self, exc: Exception) -> bool:
+        """webdataset's handler: count and log bad data, then go on (True)."""
+        if not self._replaying:
+            reason = "damaged tar" if isinstance(exc, (tarfile.TarError, EOFError)) \
+                else "undecodable sample"
+            self.skipped[reason] += 1
+            log.warning("training shards: %s skipped (%s: %s)", reason, type(exc).__name__, exc)
+        return True
 
     def _epoch_iter(self) -> Iterator:
         # A different, reproducible order every epoch: seeds from (seed, epoch).
         shuffle_seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
         it = iter(_pipeline(self.urls, self.batch_size, shuffle_seed=shuffle_seed,
                             buffer=self.buffer, bound=self.bound, exclude=self.exclude,
-                            include=None, partial=False))
-        for _ in range(self.batch):
-            next(it)
+                            include=None, partial=False, handler=self._skip))
+        self._replaying = True  # the batches before the position were counted already
+        try:
+            for _ in range(self.batch):
+                next(it)
+        finally:
+            self._replaying = False
         return it
 
     def __iter__(self) -> TrainStream:

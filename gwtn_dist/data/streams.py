@@ -23,8 +23,9 @@ draw from a generator seeded by (seed, epoch, rank, worker, batch), so skipped b
 random state and a resumed batch is bit-identical.
 
 Bad data — an unreadable or truncated tar, a member that does not decode — is skipped, logged and
-counted in ``stream.skipped`` (per process: each DataLoader worker logs its own counts), never a
-crash. A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
+counted, never a crash. Every batch travels with the skips its worker met since the batch before
+(``ShardStream`` yields ``(batch, skipped)``), so :class:`ShardLoader.skipped` holds the counts of
+every worker of this rank, and a checkpoint's ``position`` keeps them across a resume. A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
 """
 
 from __future__ import annotations
@@ -218,7 +219,15 @@ class ShardStream(IterableDataset):
                 break
         return items
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[tuple[object, dict[str, int]]]:
+        """``(batch, skipped)``: each batch with the skips (reason → count) met since the one
+        before, so counts made in a DataLoader worker reach the loader."""
+        seen = Counter(self.skipped)
+        for batch in self._batches():
+            yield batch, dict(self.skipped - seen)
+            seen = Counter(self.skipped)
+
+    def _batches(self) -> Iterator:
         info = get_worker_info()
         k, workers = (info.id, info.num_workers) if info else (0, 1)
         if not self.train:
@@ -272,12 +281,14 @@ class ShardLoader:
     """Batches of a :class:`ShardStream` through a torch DataLoader with ``num_workers``.
 
     Training streams are endless and resumable (``position``/``seek``); evaluation streams yield
-    every batch of the rank's share once per ``iter()``.
+    every batch of the rank's share once per ``iter()``. ``skipped``: bad data met by this
+    rank's reader and all its workers, by reason (part of ``position``, so a resume keeps it).
     """
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, pin_memory: bool = False):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.epoch, self.batch = 0, 0
+        self.skipped = Counter(stream.skipped)  # damaged shards found while indexing them
         self._it: Iterator | None = None
         if stream.train and stream.batches_per_worker(max(1, num_workers)) == 0:
             raise DataSourceError(
@@ -292,12 +303,13 @@ class ShardLoader:
 
     @property
     def position(self) -> dict:
-        """The next batch: ``{"epoch": e, "batch": b}``."""
-        return {"epoch": self.epoch, "batch": self.batch}
+        """The next batch and the skips so far: ``{"epoch": e, "batch": b, "skipped": {…}}``."""
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
 
     def seek(self, position: dict) -> None:
         """Continue from a saved ``position``: the next batch is the one that would have come."""
         self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self.skipped = Counter(position.get("skipped", {}))
         self._it = None
 
     def _loader(self) -> Iterator:
@@ -305,11 +317,16 @@ class ShardLoader:
         return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                pin_memory=self.pin_memory))
 
+    def _counted(self, pair: tuple[object, dict[str, int]]):
+        batch, skipped = pair
+        self.skipped.update(skipped)
+        return batch
+
     def __iter__(self) -> Iterator:
         if self.stream.train:
             return self
         self.stream.epoch, self.stream.start_batch = 0, 0
-        return self._loader()
+        return map(self._counted, self._loader())
 
     def __next__(self):
         if self._it is None:
@@ -321,7 +338,7 @@ class ShardLoader:
             self._it = self._loader()
             out = next(self._it)
         self.batch += 1
-        return out
+        return self._counted(out)
 
 
 def _image_item(sample: Sample, rng, transform) -> tuple[np.ndarray, int]:

@@ -120,6 +120,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums of small ``{name: count}`` dicts over ranks (keys may differ by rank)."""
+    if not current().distributed:
+        return dict(counts)
+    gathered: list = [None] * current().world_size
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -144,6 +144,8 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         "phases": [r.as_dict() for r in results],
         # Where each resume picked up (empty for a stage that ran straight through).
         "resumes": list(getattr(results, "resumes", [])),
+        # Bad training samples skipped by every rank's reader and worker, by reason.
+        "skipped_samples": dict(getattr(results, "skipped", {})),
         "world_size": current().world_size,
         **(extra or {}),
     }
@@ -165,6 +167,12 @@ def update_summary(run_dir: Path, stage: str, record: dict) -> None:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
     summary["stages"][stage] = {k: v for k, v in record.items() if k != "stage"}
+    # The run's total of skipped bad samples, over its stages, by reason.
+    total: dict[str, int] = {}
+    for rec in summary["stages"].values():
+        for reason, n in rec.get("skipped_samples", {}).items():
+            total[reason] = total.get(reason, 0) + n
+    summary["skipped_samples"] = total
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)

@@ -37,7 +37,7 @@ from ..config import ConfigError, DistConfig, OptimConfig
 from ..data.batches import TrainBatches
 from ..distributed import preempt
 from ..distributed.engines import make_engine
-from ..distributed.runtime import all_reduce_sum, barrier, current
+from ..distributed.runtime import all_reduce_sum, barrier, current, sum_counts
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -80,9 +80,11 @@ class PhaseResult:
 
 class PhaseResults(list):
     """The finished phases' results, and ``resumes``: where each resume of this stage picked
-    up (phase index and name, step), so a stage's record proves it continued, not restarted."""
+    up (phase index and name, step), so a stage's record proves it continued, not restarted;
+    ``skipped``: the bad training samples every rank's reader skipped, by reason."""
 
     resumes: list[dict]
+    skipped: dict[str, int]
 
 
 @dataclass
@@ -237,7 +239,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl")
     state = _resume_state(ctx)
     results = PhaseResults()
-    results.resumes = []
+    results.resumes, results.skipped = [], {}
     first_phase, first_step = 0, 0
     if state is not None:
         if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
@@ -314,4 +316,17 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
         if rt.is_main:
             log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
                      results[-1].final_loss, results[-1].wall_s)
+    results.skipped = _skipped_over_ranks(ctx.batches)
+    if rt.is_main and results.skipped:
+        log.warning("%s: %d bad training sample(s) skipped (%s)", ctx.stage_dir.name,
+                    sum(results.skipped.values()),
+                    ", ".join(f"{n} {r}" for r, n in sorted(results.skipped.items())))
     return results
+
+
+def _skipped_over_ranks(batches: TrainBatches) -> dict[str, int]:
+    """The skips of the stage's reader(s): summed over ranks when each rank reads its own
+    stream, rank 0's when every rank reads the same global stream."""
+    if batches.per_rank:
+        return sum_counts(batches.skipped)
+    return batches.skipped
