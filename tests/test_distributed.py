@@ -253,3 +253,23 @@ def test_without_a_launcher_the_survivor_of_a_killed_rank_exits(tmp_path, shard_
         for proc in ranks:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_a_save_that_fails_on_rank_0_stops_every_rank_at_once(tmp_path, shard_dir):
+    """Rank 0 cannot write its second checkpoint (the name it would move the first one to is a
+    folder); every rank stops right after that save with its own one-line error, long before
+    dist.timeout_s, and nothing is left half-written."""
+    run_dir = tmp_path / "run"
+    (run_dir / "wide" / "checkpoint.prev.pt" / "in-the-way").mkdir(parents=True)
+    start = time.monotonic()
+    proc = subprocess.run(
+        torchrun(2, ["wide", *tiny(shard_dir, run_dir, "wide.steps=20", "checkpoint.every=5",
+                                   "dist.timeout_s=900")]),
+        env=env(), capture_output=True, text=True, timeout=600, check=False)
+    took = time.monotonic() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gwtn: error:")]
+    assert proc.returncode != 0 and took < 300, proc.stderr[-3000:]
+    assert len(errors) == 2, proc.stderr[-3000:]  # each rank stopped by itself, not killed
+    assert any("rank 0 could not write" in line for line in errors)
+    saved = torch.load(run_dir / "wide" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 5  # the first save is intact

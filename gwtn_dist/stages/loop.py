@@ -37,7 +37,7 @@ from ..config import ConfigError, DistConfig, OptimConfig
 from ..data.batches import TrainBatches
 from ..distributed import preempt
 from ..distributed.engines import make_engine
-from ..distributed.runtime import all_reduce_sum, barrier, current, sum_counts
+from ..distributed.runtime import all_reduce_sum, barrier, current, rank0_says, sum_counts
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -183,12 +183,20 @@ def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, rec
         state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
     if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
         state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
+    failure: OSError | None = None
     if current().is_main:
-        checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
-        # Only now that neither checkpoint.pt nor the previous one names them may older
-        # DeepSpeed tags go.
-        _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=2 if tag else 1)
-    barrier()
+        try:
+            checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
+            # Only now that neither checkpoint.pt nor the previous one names them may older
+            # DeepSpeed tags go.
+            _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=2 if tag else 1)
+        except OSError as exc:
+            failure = exc
+    # Rank 0's outcome reaches every rank (this is also the barrier after the save), so when
+    # its write fails the others stop at once instead of waiting out dist.timeout_s later.
+    if rank0_says(failure is not None):
+        raise failure or OSError(f"rank 0 could not write {ctx.stage_dir / 'checkpoint.pt'}; "
+                                 f"stopping (see rank 0's error)")
 
 
 def _tag_order(name: str) -> tuple[int, int]:
