@@ -186,6 +186,8 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_to_the_same_weights(
     assert saved["engine"]["deepspeed_tag"] in tags  # older tags go only after the pointer moves
 
     run(torchrun(2, [*args, "resume=true"]))
+    (resume,) = json.loads((run_dir / "wide" / "stage.json").read_text())["resumes"]
+    assert resume["step"] == saved["step"] >= 1 and resume["world_size"] == 2  # continued
     resumed = checkpoint.load(run_dir / "wide" / "model.pt")["state_dict"]
     reference = checkpoint.load(two_rank_run / "wide" / "model.pt")["state_dict"]
     for name, tensor in reference.items():
