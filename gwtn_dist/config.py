@@ -325,6 +325,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Where the time of a training step goes (``gwtn profile RUN_DIR`` shows it).
+
+    sample_every: time the regions of every N-th step of each phase (0: never); the per-region
+    means go to ``stage.json``. trace_start: the step of each stage (counted over its phases,
+    from 1) at which a ``torch.profiler`` trace of ``trace_steps`` steps starts (0: no trace);
+    each rank writes ``<stage>/trace/<phase>-rank<r>.json`` (Chrome trace format).
+    """
+
+    sample_every: int = 50
+    trace_start: int = 0
+    trace_steps: int = 5
+
+
+@dataclass
 class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
@@ -337,6 +352,8 @@ class Config:
     baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
     (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
     threads: torch CPU threads (0 = torch's default).
+    log_every: every N steps a metrics record also carries the step time, data wait,
+    throughput, peak memory and gradient norm (measured without stopping the device).
     channels_last: keep conv activations in NHWC memory order (measured ~28% faster per
     training step on 2 CPU cores for the default nets; also what GPU tensor cores prefer).
     """
@@ -351,6 +368,7 @@ class Config:
     eval_every: int = 0
     eval_samples: int = 2000
     eval_test: bool = True
+    log_every: int = 20
     baselines: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -361,6 +379,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -759,6 +778,10 @@ def validate(cfg: Config) -> None:
     _positive("eval_samples", cfg.eval_samples, allow_zero=True)
     _positive("checkpoint.every", cfg.checkpoint.every)
     _positive("eval_every", cfg.eval_every, allow_zero=True)
+    _positive("log_every", cfg.log_every)
+    _positive("profile.sample_every", cfg.profile.sample_every, allow_zero=True)
+    _positive("profile.trace_start", cfg.profile.trace_start, allow_zero=True)
+    _positive("profile.trace_steps", cfg.profile.trace_steps)
     _positive("threads", cfg.threads, allow_zero=True)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     if not 0 < cfg.dist.teacher_memory_fraction <= 1:

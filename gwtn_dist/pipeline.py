@@ -28,8 +28,9 @@ from .stages.wide import train_wide
 from .workers import FileLock
 
 log = logging.getLogger("gwtn")
-# Keys that may differ between a run and its resumption.
-VOLATILE = {"resume", "progress", "threads"}
+# Keys that do not change what a run computes: a resume may change them.
+VOLATILE = {"resume", "progress", "threads", "log_every", "profile.sample_every",
+            "profile.trace_start", "profile.trace_steps"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DistConfig, OptimConfig
+from ..profiling import region
 from .ds_config import deepspeed_config
 from .runtime import current
 
@@ -84,13 +85,23 @@ class TorchEngine:
         """The current lr of the first group (the part of the net being trained at full rate)."""
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, grad_norm: bool = False) -> float | None:
+        """Backward, clip, step; returns the gradient norm (before clipping) if asked (one
+        host sync), else None."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.optim_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        with region("backward"):
+            loss.backward()
+        with region("optimizer"):
+            norm = None
+            if self.optim_cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.grad_clip)
+            elif grad_norm:
+                norm = torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(p.grad) for p in self.params
+                     if p.grad is not None]))
+            self.optimizer.step()
+            self.scheduler.step()
+        return float(norm) if grad_norm and norm is not None else None
 
     def save(self, ckpt_dir: Path, tag: str) -> dict:
         """The engine's resume state, kept inline in the stage checkpoint."""
@@ -141,9 +152,17 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        self.engine.step()
+    def step(self, loss: torch.Tensor, grad_norm: bool = False) -> float | None:
+        """Backward (with DeepSpeed's gradient reduction) and step; the global gradient norm
+        if asked and DeepSpeed computed one (it does when clipping), else None."""
+        with region("backward"):
+            self.engine.backward(loss)
+        with region("optimizer"):
+            self.engine.step()
+        if not grad_norm:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
 
     saves_modules = True  # a DeepSpeed checkpoint holds the module weights (partitioned or not)
 

@@ -120,14 +120,19 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (a small picklable value), in rank order, on every rank."""
+    if not current().distributed:
+        return [obj]
+    gathered: list = [None] * current().world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """Per-key sums of small ``{name: count}`` dicts over ranks (keys may differ by rank)."""
-    if not current().distributed:
-        return dict(counts)
-    gathered: list = [None] * current().world_size
-    dist.all_gather_object(gathered, dict(counts))
     total: dict[str, int] = {}
-    for part in gathered:
+    for part in gather_objects(dict(counts)):
         for key, n in part.items():
             total[key] = total.get(key, 0) + n
     return total

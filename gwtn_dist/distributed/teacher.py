@@ -19,6 +19,7 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config
 from ..models.family import build_wide
+from ..profiling import region
 from .engines import full_state_dict, held_bytes, shard_frozen
 from .runtime import current
 
@@ -66,10 +67,11 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, x, upto: int | None = None, **kwargs):
-        if torch.is_tensor(x):
-            x = x.to(self.dtype)
-        out = self.net(x, upto=upto, **kwargs)
-        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+        with region("teacher_forward"):
+            if torch.is_tensor(x):
+                x = x.to(self.dtype)
+            out = self.net(x, upto=upto, **kwargs)
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""

@@ -28,6 +28,7 @@ from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
 from ..models.family import build_thin, imitation_points, needs_bridges, shape_meta
 from ..models.resnet import ResNet, point_block_index
+from ..profiling import region
 from .common import (
     finish_stage,
     loop_context,
@@ -130,12 +131,14 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                 # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
                 target = wide(x, upto=end)  # no grad
                 h = task.features(thin, x, end, bridges, bridged)
-            if ic.target_norm == "layernorm":
-                lifted = pair.lifted(h) if pair is not None else h
-                target = task.normalize(target)
-                value = mse(task.normalize(lifted), target, mask=mask)
-            else:
-                value = mse(h, target, weight=pair.lift if pair is not None else None, mask=mask)
+            with region("imitation_loss"):
+                if ic.target_norm == "layernorm":
+                    lifted = pair.lifted(h) if pair is not None else h
+                    target = task.normalize(target)
+                    value = mse(task.normalize(lifted), target, mask=mask)
+                else:
+                    value = mse(h, target, weight=pair.lift if pair is not None else None,
+                                mask=mask)
             # Relative error: the MSE over the variance of the target (0 = exact imitation,
             # 1 = no better than predicting the target's mean), comparable across points.
             counted = target if mask is None else target[mask]

@@ -25,19 +25,26 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import checkpoint
-from ..config import ConfigError, DistConfig, OptimConfig
+from .. import checkpoint, profiling
+from ..config import ConfigError, DistConfig, OptimConfig, ProfileConfig
 from ..data.batches import TrainBatches
 from ..distributed import preempt
 from ..distributed.engines import make_engine
-from ..distributed.runtime import all_reduce_sum, barrier, current, rank0_says, sum_counts
+from ..distributed.runtime import (
+    all_reduce_sum,
+    barrier,
+    current,
+    gather_objects,
+    rank0_says,
+    sum_counts,
+)
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -68,14 +75,44 @@ class Phase:
 
 @dataclass
 class PhaseResult:
+    """A finished phase. breakdown: per rank, the mean ms per region of its sampled steps
+    (``profiling.StepBreakdown.summary``; empty when none was sampled)."""
+
     name: str
     steps: int
     final_loss: float
     wall_s: float
+    breakdown: list[dict] | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "steps": self.steps, "final_loss": self.final_loss,
-                "wall_s": round(self.wall_s, 2)}
+        out = {"name": self.name, "steps": self.steps, "final_loss": self.final_loss,
+               "wall_s": round(self.wall_s, 2)}
+        if self.breakdown and any(self.breakdown):
+            out["breakdown"] = self.breakdown
+        return out
+
+
+@dataclass
+class StepTiming:
+    """Host-side times of the steps since the last logged record: no device sync needed
+    (on a GPU the host runs ahead, so a logged step time is the pace of the queue)."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    data_s: float = 0.0
+
+    def record(self, samples_per_step: int, device: torch.device,
+               grad_norm: float | None) -> dict:
+        """The logged fields (means per step since the last record), then start over."""
+        n = max(self.steps, 1)
+        out = {"step_s": round(self.step_s / n, 5), "data_s": round(self.data_s / n, 5),
+               "samples_per_s": round(samples_per_step * n / self.step_s, 2)
+               if self.step_s > 0 else None,
+               "peak_mem_mb": round(profiling.peak_memory_mb(device), 1)}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        self.steps, self.step_s, self.data_s = 0, 0.0, 0.0
+        return out
 
 
 class PhaseResults(list):
@@ -109,6 +146,8 @@ class LoopContext:
     evaluate: Callable[[nn.Module], dict] | None = None
     eval_every: int = 0
     step_offset: int = 0
+    log_every: int = 20
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 class MetricsLog:
@@ -267,6 +306,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
         (ctx.stage_dir / "metrics.jsonl").unlink()
 
     global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
+    trace = profiling.Tracer(ctx.profile.trace_start, ctx.profile.trace_steps, rt.rank)
     for index in range(first_phase, len(phases)):
         phase = phases[index]
         start = first_step if index == first_phase else 0
@@ -283,36 +323,61 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
 
         bar = _progress_bar(ctx, phase, start)
+        breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
+        profiling.use(breakdown)
+        timing = StepTiming()
         tick = time.perf_counter()
         for step in range(start, phase.steps):
+            trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
+                     breakdown)
+            breakdown.begin_step(step)
             # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
             # ids and attention mask (b, T) and masked-LM labels (b, T).
-            x, y = ctx.prepare(*ctx.batches.next(index, step))
-            loss, extra = phase.loss(x, y)
-            value, extra, stop = _averaged(loss, extra, preempt.asked_here())
+            with profiling.region("data"):
+                x, y = ctx.prepare(*ctx.batches.next(index, step))
+            timing.data_s += time.perf_counter() - tick
+            with profiling.region("student_forward"):
+                loss, extra = phase.loss(x, y)
+            with profiling.region("collectives"):
+                value, extra, stop = _averaged(loss, extra, preempt.asked_here())
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"{phase.name}: loss became {value} at step {step + 1}; "
                     f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
                 )
-            engine.step(loss)
+            logged = (step + 1) % ctx.log_every == 0
+            grad_norm = engine.step(loss, grad_norm=logged)
             global_step += 1
-            recent = (recent + [value])[-50:]
-            wall += time.perf_counter() - tick  # training time only: evaluation is not counted
             record = {"phase": phase.name, "phase_index": index, "step": step + 1,
                       "global_step": global_step, "loss": value, "lr": engine.lr, **extra}
             if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
                     and global_step % ctx.eval_every == 0:
+                breakdown.discard_step()
+                spent = time.perf_counter() - tick  # training time only: not the evaluation
+                wall, timing.step_s = wall + spent, timing.step_s + spent
                 record.update(ctx.evaluate(phase.eval_model))
                 phase.setup()
-            metrics.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
+                tick = time.perf_counter()
+            with profiling.region("bookkeeping"):
+                recent = (recent + [value])[-50:]
+                if logged:
+                    record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
+                                                grad_norm))
+                metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
+            breakdown.end_step()
+            trace.after_step()
+            now = time.perf_counter()
+            wall += now - tick
+            timing.step_s += now - tick
+            timing.steps += 1
             if (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps:
                 done = step + 1 == phase.steps
                 if done:
                     results.append(PhaseResult(phase.name, phase.steps,
-                                               sum(recent) / len(recent), wall))
+                                               sum(recent) / len(recent), wall,
+                                               gather_objects(breakdown.summary())))
                 _save(ctx, engine, index, step + 1, done, recent, wall, results)
             elif stop:  # every rank saw the same sum, so every rank stops here
                 preempt.acknowledge()
@@ -320,6 +385,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                 raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
             tick = time.perf_counter()
         bar.close()
+        trace.close()
+        profiling.use(None)
         engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
         if rt.is_main:
             log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,

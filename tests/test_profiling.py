@@ -1,0 +1,64 @@
+"""Where time goes: step metrics every log_every steps, the per-region breakdown, traces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gwtn_dist.cli import main
+from gwtn_dist.profiling import REGIONS
+from tests.test_pipeline import fast_args
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory, shard_dir):
+    """A wide stage of 20 steps and an imitation of 3 × 20, sampled every 4 steps, logged every
+    10, traced over each stage's steps 3–4."""
+    run_dir = tmp_path_factory.mktemp("profiled") / "run"
+    args = fast_args(run_dir, shard_dir, "wide.steps=20", "imitate.steps_per_point=20",
+                     "log_every=10", "profile.sample_every=4", "eval_every=0",
+                     "profile.trace_start=3", "profile.trace_steps=2")
+    assert main(["-q", "wide", *args]) == 0
+    assert main(["-q", "imitate", *args]) == 0
+    return run_dir
+
+
+def test_every_log_every_steps_a_record_carries_time_memory_and_grad_norm(profiled_run):
+    run_dir = profiled_run
+    records = [json.loads(line) for line in
+               (run_dir / "imitate" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "step_s" in r]
+    assert [r["step"] for r in timed] == [10, 20] * 3  # three points of 20 steps
+    for r in timed:
+        assert r["step_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
+        assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 10 and r["grad_norm"] > 0
+    assert all("step_s" not in r for r in records if r["step"] % 10)
+
+
+def test_the_breakdown_covers_the_step_and_names_the_teacher_and_the_loss(profiled_run):
+    run_dir = profiled_run
+    phases = json.loads((run_dir / "imitate" / "stage.json").read_text())["phases"]
+    for phase in phases:
+        (rank0,) = phase["breakdown"]  # one rank
+        assert rank0["sampled_steps"] == 5 and set(rank0["regions"]) == set(REGIONS)
+        parts = sum(rank0["regions"].values())
+        assert abs(parts - rank0["step_ms"]) <= 0.10 * rank0["step_ms"], rank0
+        for region in ("data", "student_forward", "teacher_forward", "imitation_loss",
+                       "backward", "optimizer"):
+            assert rank0["regions"][region] > 0, region
+    wide = json.loads((run_dir / "wide" / "stage.json").read_text())["phases"][0]
+    assert wide["breakdown"][0]["regions"]["teacher_forward"] == 0  # no teacher there
+
+
+def test_a_trace_is_written_for_the_asked_steps_of_each_stage(profiled_run):
+    (trace,) = (profiled_run / "wide" / "trace").iterdir()
+    assert trace.name == "wide-rank0.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"data", "student_forward", "backward", "optimizer"} <= names
+    # Steps 3–4 of the imitation stage are in its first phase.
+    (trace,) = (profiled_run / "imitate" / "trace").iterdir()
+    assert trace.name == "imitate-layer1-rank0.json"
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"teacher_forward", "imitation_loss"} <= names
