@@ -5,8 +5,9 @@ tolerances below measure only the fused path's own rounding:
 
 * loss: the fused kernel forms y in float32 registers and sums in float32, so the loss is tight
   for every dtype;
-* gradients: g = dloss/dy is stored in the input dtype and the dx / dW GEMMs round their outputs
-  to it, so 16-bit gradients carry about two roundings of that dtype.
+* gradients: g = dloss/dy is stored in the input dtype (for float16 without a mean's 1/count,
+  which would underflow) and dx / d_residual are rounded to it, then rounded again after the
+  scaling by grad_output in backward, so 16-bit gradients carry about two roundings of that dtype.
 
 Where the Triton kernels run
 ----------------------------
@@ -238,6 +239,24 @@ def test_reduction_sum_and_grad_output_scaling(triton_kernels):
     count = int(inputs["mask"].sum()) * 40
     torch.testing.assert_close(loss_sum / count, loss_mean)
     torch.testing.assert_close(grads_sum["weight"] / count, grads_mean["weight"])
+
+
+@pytest.mark.parametrize("mask", [None, "random"], ids=["nomask", "mask"])
+@pytest.mark.parametrize("weight", [False, True], ids=["eltwise", "linear"])
+def test_fp16_mean_with_loss_scaling(triton_kernels, weight, mask):
+    """float16, mean over 48k elements, grad_output = 2**16 (a GradScaler's loss scale).
+
+    With |y - t| ~ 1e-3 the gradient 2 (y - t) / count * 65536 is ~3e-3, well inside float16,
+    but 2 (y - t) / count alone (~4e-8) is below float16's smallest subnormal (6e-8): gradients
+    must be multiplied by grad_output before they are rounded to float16, not after.
+    """
+    d_out = 40 if weight else 48
+    inputs = make_inputs((1000, 48), d_out, weight=weight, mask=mask, seed=3)
+    y = inputs["x"] @ inputs["weight"].T + inputs["bias"] if weight else inputs["x"].clone()
+    y += inputs["residual"]
+    noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    inputs["target"] = y + 1e-3 * noise  # (1000, d_out): y - t ~ 1e-3 (after rounding, too)
+    check(inputs, torch.float16, loss_factor=65536.0)
 
 
 def test_partial_requires_grad(triton_kernels):

@@ -11,8 +11,11 @@ Linear case (weight given), rows processed in chunks of ``C`` rows (see :func:`c
 so nothing of size M x D_out outlives a chunk, and y is never written at all. Equal-width case
 (no weight): kernel (b) reads x, residual, target once and writes dx (and d_residual) once.
 
-Gradients come out already multiplied by the loss scale; backward only multiplies them by
-grad_output (see ``op.py``).
+Gradients of x and residual come out in their dtype, d_weight and d_bias in float32. For float32
+and bfloat16 they are already multiplied by the loss scale (1/count for a mean) and backward only
+multiplies them by grad_output; float16 ones are left unscaled (their values 1/count smaller
+would underflow, see ``kernel.py``) and backward multiplies them by ``scale * grad_output``. Either
+way each gradient is rounded to its dtype once, after every factor (see ``op.py``).
 """
 
 from __future__ import annotations
@@ -40,15 +43,27 @@ _CHUNK_ALIGN = 128  # rows; chunk starts stay tile-aligned on GPU
 
 @dataclass
 class FusedGrads:
-    """Gradients of the (unscaled by grad_output) loss; None where not requested."""
+    """Gradients of the loss before grad_output; None where not requested.
+
+    ``x`` and ``residual`` have their final dtype; ``weight`` and ``bias`` are float32 (rounded to
+    ``dtype`` in backward) unless already in ``dtype``. ``pending`` is the part of the loss scale not yet applied: 1.0 when the
+    forward folded it in, else the loss scale (a float, or a masked mean's device tensor).
+    """
 
     x: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # of the weight and bias gradients once finished
+    pending: float | torch.Tensor = 1.0
 
-    def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.x, self.weight, self.bias, self.residual) if t is not None]
+
+def folds_scale(dtype: torch.dtype) -> bool:
+    """Whether gradients in ``dtype`` can carry the loss scale (1/count) without underflow.
+
+    True for float32 and bfloat16 (float32's exponent range), False for float16.
+    """
+    return torch.finfo(dtype).tiny <= torch.finfo(torch.float32).tiny
 
 
 def chunk_rows(rows: int, d_out: int) -> int:
@@ -101,8 +116,14 @@ def fused_forward(
         if problem.rows == 0 or problem.d_out == 0:
             return _empty_problem(x, weight, bias, residual, needs)
         if weight is None:
-            return _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs)
-        return _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, needs)
+            loss, grads = _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs)
+        else:
+            loss, grads = _linear_forward(
+                problem, x, target, weight, bias, residual, mask_u8, scale, needs
+            )
+        grads.dtype = x.dtype
+        grads.pending = 1.0 if folds_scale(x.dtype) else scale
+        return loss, grads
 
 
 def _finish_loss(partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -114,7 +135,7 @@ def _empty_problem(x, weight, bias, residual, needs) -> tuple[torch.Tensor, Fuse
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     inputs = (x, weight, bias, residual)
     grads = [torch.zeros_like(t) if (need and t is not None) else None for t, need in zip(inputs, needs)]
-    return loss, FusedGrads(*grads)
+    return loss, FusedGrads(*grads, dtype=x.dtype)
 
 
 def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
@@ -131,6 +152,7 @@ def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
         rows3d(target),
         mask_u8,
         scale,
+        folds_scale(x.dtype),
         problem.rows,
         problem.inner,
         dx3,
@@ -163,8 +185,9 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
     dr3 = None
     if need_r:
         grads.residual, dr3 = empty_rows_like(residual)
-    # dW over several chunks accumulates in float32 (one rounding at the end, like one GEMM).
+    # dW accumulates in float32 over the chunks and is rounded in backward (after the scales).
     dw_acc = None
+    fold = folds_scale(dtype)
 
     loss_shape, db_shape = K.linear_partial_shapes(c, d_out)
     loss_part = torch.zeros((n_chunks, *loss_shape), dtype=torch.float32, device=dev)
@@ -176,7 +199,7 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
         start = i * c
         n = min(c, rows - start)
         K.launch_linear_mse(
-            x2d, weight, bias, r3, t3, mask_u8, scale,
+            x2d, weight, bias, r3, t3, mask_u8, scale, fold,
             row_start=start, n_rows=n, inner=problem.inner,
             g=g, dr3=dr3,
             loss_part=loss_part[i],
@@ -189,14 +212,10 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
             torch.mm(g_c, weight, out=dx2d[start:start + n])  # (n, D_in)
         if need_w:
             x_c = x2d[start:start + n]  # (n, D_in)
-            if n_chunks == 1:
-                grads.weight = torch.mm(g_c.t(), x_c)  # (D_out, D_in)
-            else:
-                dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)
-    if dw_acc is not None:
-        grads.weight = dw_acc.to(dtype)
+            dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)  # (D_out, D_in) float32
+    grads.weight = dw_acc
     if need_b:
-        grads.bias = db_part.sum(dim=(0, 1)).to(dtype)  # (D_out,)
+        grads.bias = db_part.sum(dim=(0, 1))  # (D_out,) float32
     return _finish_loss(loss_part, scale), grads
 
 
@@ -218,7 +237,9 @@ def _accumulate_gemm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor)
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[dev] = False
     if prod is None:
-        prod = torch.mm(a, b).float()  # one rounding per chunk's partial product
+        # float32 operands: a 16-bit result could overflow (float16 gradients are stored without
+        # the 1/count of a mean, so a sum over many rows may exceed 65504) or lose bits.
+        prod = torch.mm(a.float(), b.float())
     if acc is None:
         return prod
     return acc.add_(prod)

@@ -7,14 +7,22 @@ Kernels (all accumulate in float32 whatever the input dtype):
 
 * ``_linear_mse_kernel`` - for one chunk of rows, one (BLOCK_M x BLOCK_N) tile of
   ``y = x @ W.T`` per program (tl.dot over D_in), then in registers: ``+ bias + residual
-  - target``, row mask, the tile's sum of squares, and the gradient ``g = 2 (y - t) * scale``
-  written to a chunk buffer (and to d_residual); per-tile column sums of g give d_bias partials.
-  y itself is never written to memory.
+  - target``, row mask, the tile's sum of squares, and the gradient ``g = 2 (y - t)`` (times the
+  loss scale when FOLD_SCALE) written to a chunk buffer (and to d_residual); per-tile column sums
+  of g give d_bias partials. y itself is never written to memory.
 * ``_eltwise_mse_kernel`` - the equal-width case (no weight): one read of x, residual and target,
   one write of the gradient (dx, and d_residual when wanted), plus per-tile loss partials.
-* ``_scale_inplace_kernel`` - backward: multiply a stored gradient by grad_output in place; it
-  reads grad_output on the device and returns at once when it is exactly 1 (the usual case), so
-  backward costs no pass over the gradients and no host sync.
+* ``_scale_grad_kernel`` - backward: multiply a stored gradient by grad_output (and by the loss
+  scale the forward left out) in float32, then round it to the gradient's dtype; in place, it
+  returns at once when the factor is exactly 1 (the usual case for float32 and bfloat16), so
+  backward then costs no pass over the gradients and no host sync.
+
+Why the loss scale may be left to backward: a stored gradient is rounded to its dtype before
+grad_output is known. For a mean, ``2 (y - t) / count`` is tiny (4e-8 for |y - t| = 1e-3 and
+48k elements); float32 and bfloat16 hold it fine (their smallest normal is 1e-38), but float16
+flushes it to zero or a few subnormal bits (smallest subnormal 6e-8), and a loss scale of 2**16
+applied afterwards cannot bring the bits back. So float16 gradients are stored as ``2 (y - t)``
+(sum-reduction size) and multiplied by ``scale * grad_output`` before their one rounding.
 
 Partial sums go to small float32 buffers reduced by torch afterwards (deterministic, unlike
 atomics). Tensors shaped like y are addressed as ``(outer, inner, feature)`` with explicit strides
@@ -116,7 +124,7 @@ def _linear_mse_kernel(
     stride_dro, stride_dri, stride_drn,
     stride_gm, n_part_n, scale,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr,
-    SCALE_FROM_PTR: tl.constexpr,
+    SCALE_FROM_PTR: tl.constexpr, FOLD_SCALE: tl.constexpr,
     WRITE_G: tl.constexpr, WRITE_DR: tl.constexpr, WRITE_DB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     PART_M: tl.constexpr, PART_N: tl.constexpr, INDEX_64: tl.constexpr,
@@ -201,11 +209,14 @@ def _linear_mse_kernel(
     tl.store(loss_part_ptr + part_row * n_part_n + part_col, tl.sum(diff * diff))
 
     if WRITE_G or WRITE_DR or WRITE_DB:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr)
-        else:
-            s = scale
-        g = diff * (2.0 * s)  # d loss / d y, float32 (BM, BN)
+        if FOLD_SCALE:  # d loss / d y, float32 (BM, BN)
+            if SCALE_FROM_PTR:
+                s = tl.load(scale_ptr)
+            else:
+                s = scale
+            g = diff * (2.0 * s)
+        else:  # d (sum of squares) / d y: backward applies the scale (see the module docstring)
+            g = diff * 2.0
         if WRITE_G:
             g_ptrs = g_ptr + local_rows[:, None] * stride_gm + cols[None, :]
             tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=tile_ok)
@@ -234,7 +245,7 @@ def _eltwise_mse_kernel(
     stride_dro, stride_dri, stride_drn,
     scale,
     HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr, INDEX_64: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (BLOCK_M rows x BLOCK_D features) tile; loss_part is (grid_m, grid_d) float32."""
@@ -265,11 +276,14 @@ def _eltwise_mse_kernel(
     tl.store(loss_part_ptr + pid_m * tl.num_programs(1) + pid_d, tl.sum(diff * diff))
 
     if WRITE_DX or WRITE_DR:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr)
+        if FOLD_SCALE:
+            if SCALE_FROM_PTR:
+                s = tl.load(scale_ptr)
+            else:
+                s = scale
+            g = diff * (2.0 * s)
         else:
-            s = scale
-        g = diff * (2.0 * s)
+            g = diff * 2.0
         if WRITE_DX:
             dx_ptrs = (dx_ptr + (outer * stride_dxo + in_idx * stride_dxi)[:, None]
                        + cols[None, :] * stride_dxn)
@@ -281,18 +295,34 @@ def _eltwise_mse_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# backward: in-place scaling by grad_output
+# backward: scaling by grad_output (and the loss scale the forward left out)
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _scale_inplace_kernel(ptr, n, go_ptr, BLOCK: tl.constexpr):
-    go = tl.load(go_ptr).to(tl.float32)
-    if go != 1.0:  # the common grad_output == 1 costs one scalar load per program
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        v = tl.load(ptr + offs, mask=ok, other=0.0)
-        tl.store(ptr + offs, (v.to(tl.float32) * go).to(ptr.dtype.element_ty), mask=ok)
+def _scale_block(src_ptr, dst_ptr, n, factor, BLOCK: tl.constexpr):
+    """dst[block] = src[block] * factor, computed in float32, rounded once to dst's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, (v * factor).to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    src_ptr, dst_ptr, n, go_ptr, scale_ptr, scale,
+    SCALE_FROM_PTR: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if SCALE_FROM_PTR:
+        s = tl.load(scale_ptr)
+    else:
+        s = scale
+    factor = tl.load(go_ptr).to(tl.float32) * s
+    if IN_PLACE:
+        if factor != 1.0:  # the common factor 1 costs one scalar load per program
+            _scale_block(src_ptr, dst_ptr, n, factor, BLOCK)
+    else:
+        _scale_block(src_ptr, dst_ptr, n, factor, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +366,7 @@ def launch_linear_mse(
     t3: torch.Tensor,  # target (outer, inner, D_out)
     mask: torch.Tensor | None,  # (M,) uint8
     scale: float | torch.Tensor,  # loss scale: python float, or a 1-element float32 tensor
+    fold_scale: bool,  # multiply the written gradients by scale (else backward does)
     row_start: int,
     n_rows: int,
     inner: int,
@@ -362,7 +393,7 @@ def launch_linear_mse(
         loss_part.shape[1],
         0.0 if from_ptr else float(scale),
         HAS_BIAS=bias is not None, HAS_RES=r3 is not None, HAS_MASK=mask is not None,
-        SCALE_FROM_PTR=from_ptr,
+        SCALE_FROM_PTR=from_ptr, FOLD_SCALE=fold_scale,
         WRITE_G=g is not None, WRITE_DR=dr3 is not None, WRITE_DB=db_part is not None,
         UPCAST_DOT=INTERPRETED, INPUT_PRECISION=_dot_precision(x2d.dtype),
         PART_M=LINEAR_PART_M, PART_N=LINEAR_PART_N,
@@ -383,6 +414,7 @@ def launch_eltwise_mse(
     t3: torch.Tensor,
     mask: torch.Tensor | None,  # (M,) uint8
     scale: float | torch.Tensor,
+    fold_scale: bool,
     n_rows: int,
     inner: int,
     dx3: torch.Tensor | None,
@@ -401,7 +433,7 @@ def launch_eltwise_mse(
         *_strides3(x3), *_strides3(r3), *_strides3(t3), *_strides3(dx3), *_strides3(dr3),
         0.0 if from_ptr else float(scale),
         HAS_RES=r3 is not None, HAS_MASK=mask is not None, SCALE_FROM_PTR=from_ptr,
-        WRITE_DX=dx3 is not None, WRITE_DR=dr3 is not None,
+        FOLD_SCALE=fold_scale, WRITE_DX=dx3 is not None, WRITE_DR=dr3 is not None,
         INDEX_64=_needs_int64(x3, r3, t3, dx3, dr3, mask),
         BLOCK_M=block_m, BLOCK_D=block_d,
         num_warps=4,
@@ -422,14 +454,34 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def scale_inplace_(buf: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """``buf *= grad_output`` over a dense buffer, skipped on the device when grad_output == 1."""
+def scale_grad(
+    buf: torch.Tensor,
+    grad_output: torch.Tensor,
+    scale: float | torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``buf * grad_output * scale`` in float32, rounded once to ``dtype``.
+
+    When buf already has ``dtype`` the result is written in place (and the pass is skipped on
+    the device when the factor is 1); otherwise (a float32 buffer of a 16-bit gradient) into a
+    new tensor with buf's shape and layout. ``scale`` is a python float or a 1-element float32
+    tensor (a masked mean's, on the device).
+    """
+    in_place = buf.dtype == dtype
+    out = buf if in_place else torch.empty_like(buf, dtype=dtype)
     n = buf.numel()
     if n == 0:
-        return
-    if not _is_dense(buf):
-        raise ValueError("scale_inplace_ needs a dense buffer (no gaps, no overlaps)")
-    # A dense (non-overlapping, gap-free) tensor of any strides is numel elements from data_ptr.
-    flat = buf.as_strided((n,), (1,))
-    go = grad_output.reshape(1).to(torch.float32)
-    _scale_inplace_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](flat, n, go, BLOCK=_SCALE_BLOCK)
+        return out
+    if not _is_dense(buf) or out.stride() != buf.stride():
+        raise ValueError("scale_grad needs a dense buffer (no gaps, no overlaps)")
+    # A dense (non-overlapping, gap-free) tensor of any strides is numel elements from data_ptr,
+    # in the same order for out (same strides).
+    src = buf.as_strided((n,), (1,))
+    dst = out.as_strided((n,), (1,))
+    go = grad_output.reshape(1)
+    from_ptr = isinstance(scale, torch.Tensor)
+    _scale_grad_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](
+        src, dst, n, go, scale if from_ptr else None, 0.0 if from_ptr else float(scale),
+        SCALE_FROM_PTR=from_ptr, IN_PLACE=in_place, BLOCK=_SCALE_BLOCK,
+    )
+    return out

@@ -2,8 +2,10 @@
 
 The forward pass computes the loss *and* the gradients (see ``fused.py``), so that no tensor of
 the prediction's size is kept for backward. Backward multiplies the stored gradients by
-grad_output in place (a no-op on the device when grad_output is 1) and hands them over, so it can
-run once per forward: ``retain_graph=True`` followed by a second backward raises RuntimeError.
+grad_output (and, for float16, by the loss scale the forward left out) in float32, rounds them
+once to their dtype - in place for dx and d_residual, a no-op on the device when the factor is 1 -
+and hands them over, so it can run once per forward: ``retain_graph=True`` followed by a second
+backward raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .layout import KERNEL_DTYPES, ImitationProblem, as_weight_matrix, check_arg
 
 
 class ImitationMSEFunction(torch.autograd.Function):
-    """Loss from the fused forward; gradients precomputed there, scaled in backward."""
+    """Loss from the fused forward; gradients precomputed there, scaled and rounded in backward."""
 
     @staticmethod
     def forward(ctx, x, target, weight, bias, residual, mask, reduction, problem, needs):
@@ -32,7 +34,7 @@ class ImitationMSEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        from .kernel import scale_inplace_
+        from .kernel import scale_grad
 
         grads = ctx.grads
         if grads is None:
@@ -42,9 +44,11 @@ class ImitationMSEFunction(torch.autograd.Function):
                 "(retain_graph=True) is not supported - run the forward again"
             )
         ctx.grads = None
-        for buf in grads.buffers():
-            scale_inplace_(buf, grad_output)
-        return grads.x, None, grads.weight, grads.bias, grads.residual, None, None, None, None
+        dx, dw, db, dr = (
+            scale_grad(buf, grad_output, grads.pending, grads.dtype) if buf is not None else None
+            for buf in (grads.x, grads.weight, grads.bias, grads.residual)
+        )
+        return dx, None, dw, db, dr, None, None, None, None
 
 
 def imitation_mse(
