@@ -21,6 +21,7 @@ module fixture ``triton_kernels`` then makes sure our kernel module was built in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import importlib.util
@@ -101,8 +102,11 @@ def make_inputs(x_shape, d_out, *, weight=True, bias=True, residual=True, mask=N
 
 
 def run(fn, inputs, *, dtype, device, reduction="mean", layout=None, requires=GRAD_NAMES,
-        loss_factor=None):
-    """Loss and leaf gradients of ``fn`` on ``inputs`` cast to dtype (layout applied to leaves)."""
+        loss_factor=None, forward_context=contextlib.nullcontext):
+    """Loss and leaf gradients of ``fn`` on ``inputs`` cast to dtype (layout applied to leaves).
+
+    The forward runs inside ``forward_context()``, the backward outside it.
+    """
     leaves = {}
     for name in ("x", "target", "weight", "bias", "residual"):
         t = inputs[name]
@@ -116,8 +120,9 @@ def run(fn, inputs, *, dtype, device, reduction="mean", layout=None, requires=GR
             t = t.detach().requires_grad_()
         leaves[name] = t
     mask = inputs["mask"].to(device) if inputs["mask"] is not None else None
-    loss = fn(leaves["x"], leaves["target"], leaves["weight"], leaves["bias"], leaves["residual"],
-              reduction=reduction, mask=mask)
+    with forward_context():
+        loss = fn(leaves["x"], leaves["target"], leaves["weight"], leaves["bias"],
+                  leaves["residual"], reduction=reduction, mask=mask)
     grads = {}
     if any(leaves[n] is not None and leaves[n].requires_grad for n in GRAD_NAMES):
         (loss * loss_factor if loss_factor is not None else loss).backward()
@@ -301,12 +306,15 @@ def test_empty_input(triton_kernels):
         assert grads["weight"].shape == (40, 24) and (grads["weight"] == 0).all()
 
 
-def test_autocast_is_ignored(triton_kernels):
-    """Inside autocast the fused op still computes (and returns gradients) in x's dtype."""
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_is_ignored(triton_kernels, backend):
+    """A forward inside autocast: both backends compute (and return gradients) in x's dtype."""
+    fn = select_imitation_mse(backend, DEVICE)
     inputs = make_inputs((50, 24), 40, mask="random")
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        fused = run(imitation_mse, inputs, dtype=torch.float32, device=DEVICE)
-    assert_matches(fused, ground_truth(inputs, dtype=torch.float32), torch.float32)
+    # Backward outside the region, as torch.autocast's documentation asks.
+    got = run(fn, inputs, dtype=torch.float32, device=DEVICE,
+              forward_context=lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16))
+    assert_matches(got, ground_truth(inputs, dtype=torch.float32), torch.float32)
 
 
 def test_second_backward_raises(triton_kernels):
@@ -318,19 +326,59 @@ def test_second_backward_raises(triton_kernels):
         loss.backward()
 
 
-def test_conv_weight_and_mixed_dtypes(triton_kernels):
-    """A (C_out, C_in, 1, 1) lift in float32 on bfloat16 features: cast, grads in float32."""
-    inputs = make_inputs((2, 24, 4, 3), 40)
-    x = inputs["x"].to(DEVICE, torch.bfloat16).requires_grad_()
-    w = inputs["weight"].to(DEVICE)[:, :, None, None].requires_grad_()
-    b = inputs["bias"].to(DEVICE).requires_grad_()
-    loss = imitation_mse(x, inputs["target"].to(DEVICE, torch.bfloat16), w, b)
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+MIXED_CASES = {
+    # id: (x shape, D_out (None: no weight), dtype of each leaf, mask)
+    "bf16-x-fp32-conv-lift": (
+        (2, 24, 4, 3), 40, {"x": BF16, "weight": F32, "bias": F32, "residual": F32, "target": F32},
+        None),
+    "fp32-x-bf16-lift": (
+        (3, 7, 24), 40, {"x": F32, "weight": BF16, "bias": BF16, "residual": BF16, "target": BF16},
+        "random"),
+    "fp16-x-fp32-residual-eltwise": (
+        (37, 24), None, {"x": F16, "residual": F32, "target": F32}, "random"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", list(MIXED_CASES), ids=str)
+def test_mixed_dtypes_same_rule_in_both_backends(triton_kernels, backend, case):
+    """weight, bias and residual are cast to x's dtype (differentiably, so each gradient has its
+    leaf's dtype); target is read in its own dtype. Both backends, against float64 on the values
+    the computation sees."""
+    x_shape, d_out, dtypes, mask = MIXED_CASES[case]
+    inputs = make_inputs(x_shape, d_out or 0, weight=d_out is not None, mask=mask)
+    conv_lift = d_out is not None and len(x_shape) == 4
+    names = [n for n in dtypes if n != "target"]
+    leaves = {n: inputs[n].to(DEVICE, dtypes[n]) for n in dtypes}
+    if conv_lift:
+        leaves["weight"] = leaves["weight"][:, :, None, None]  # (C_out, C_in, 1, 1)
+    for n in names:
+        leaves[n].requires_grad_()
+    mask_t = inputs["mask"].to(DEVICE) if inputs["mask"] is not None else None
+    loss = select_imitation_mse(backend, DEVICE)(**leaves, mask=mask_t)
     loss.backward()
-    assert w.grad.shape == w.shape and w.grad.dtype == torch.float32
-    truth_loss, truth = ground_truth({**inputs, "residual": None}, dtype=torch.bfloat16)
-    torch.testing.assert_close(loss.double().cpu(), truth_loss, rtol=1e-4, atol=0)
-    torch.testing.assert_close(w.grad[:, :, 0, 0].double().cpu(), truth["weight"],
-                               rtol=2e-2, atol=2e-2 * float(truth["weight"].abs().max()))
+
+    compute = dtypes["x"]  # leaves rounded to their dtype, then to x's; target to its own only
+    seen = {n: inputs[n].to(dtypes[n]).to(compute if n != "target" else dtypes[n]).double()
+            for n in dtypes}
+    truth_loss, truth = run(imitation_mse_reference, {**inputs, **seen}, dtype=torch.float64,
+                            device="cpu", requires=names)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    # The eager reference rounds y and y - t to 16-bit x's dtype, the fused path does not.
+    eager_16bit = backend == "reference" and compute != F32
+    loss_rtol = 1e-2 if eager_16bit else TOL[compute][0]
+    torch.testing.assert_close(loss.double().cpu(), truth_loss, rtol=loss_rtol, atol=1e-7)
+    for n in names:
+        got = leaves[n].grad
+        assert got.dtype == dtypes[n] and got.shape == leaves[n].shape, n
+        if conv_lift and n == "weight":
+            got = got[:, :, 0, 0]
+        rtol = max(TOL[compute][1], TOL[dtypes[n]][1], 3e-2 if eager_16bit else 0.0)
+        ref = truth[n]
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=rtol,
+                                   atol=rtol * float(ref.abs().max()),
+                                   msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
