@@ -246,6 +246,20 @@ def test_reduction_sum_and_grad_output_scaling(triton_kernels):
     torch.testing.assert_close(grads_sum["weight"] / count, grads_mean["weight"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight", [True, False], ids=["linear", "eltwise"])
+@pytest.mark.parametrize(
+    "mask,reduction", [(None, "mean"), ("random", "mean"), (None, "sum")],
+    ids=["mean", "mask-mean", "sum"],
+)
+def test_grad_output_scaling_odd_shapes(triton_kernels, mask, reduction, weight, dtype):
+    """grad_output != 1 on odd sizes (no dim a multiple of a tile): float16 scales by
+    scale * grad_output in backward, float32 / bfloat16 by grad_output only; d_weight and d_bias
+    are rounded from float32 there. All four gradients go through the one backward launch."""
+    inputs = make_inputs((3, 13, 21), 19 if weight else 0, weight=weight, mask=mask, seed=5)
+    check(inputs, dtype, reduction=reduction, loss_factor=3.0)
+
+
 @pytest.mark.parametrize("mask", [None, "random"], ids=["nomask", "mask"])
 @pytest.mark.parametrize("weight", [False, True], ids=["eltwise", "linear"])
 def test_fp16_mean_with_loss_scaling(triton_kernels, weight, mask):
@@ -262,6 +276,35 @@ def test_fp16_mean_with_loss_scaling(triton_kernels, weight, mask):
     noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
     inputs["target"] = y + 1e-3 * noise  # (1000, d_out): y - t ~ 1e-3 (after rounding, too)
     check(inputs, torch.float16, loss_factor=65536.0)
+
+
+class _CountingLaunches:
+    """Stands in for a @triton.jit / autotuned kernel object; counts ``kernel[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_one_kernel_launch_per_chunk_and_backward(triton_kernels, monkeypatch, dtype):
+    """Forward: one kernel per row chunk (the masked count is a torch sum read on the device);
+    backward: one kernel for all four gradients, whatever grad_output is."""
+    from gwtn_dist.kernels.imitation import fused
+    from gwtn_dist.kernels.imitation import kernel as K
+
+    counters = {}
+    for name in ("_linear_mse_kernel", "_eltwise_mse_kernel", "_finish_grads_kernel"):
+        counters[name] = _CountingLaunches(getattr(K, name))
+        monkeypatch.setattr(K, name, counters[name])
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 37 * 40)  # 37-row chunks of D_out = 40
+    inputs = make_inputs((90, 24), 40, mask="random")  # 3 chunks
+    check(inputs, dtype)
+    assert {k: c.launches for k, c in counters.items()} == {
+        "_linear_mse_kernel": 3, "_eltwise_mse_kernel": 0, "_finish_grads_kernel": 1}
 
 
 def test_partial_requires_grad(triton_kernels):
@@ -285,14 +328,16 @@ def test_no_grad_path_matches(triton_kernels):
     torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("weight", [True, False], ids=["linear", "eltwise"])
-def test_all_false_mask_gives_zero(triton_kernels, weight):
-    """Documented choice: nothing counted -> loss 0 (not NaN) and all gradients 0."""
+def test_all_false_mask_gives_zero(triton_kernels, weight, dtype):
+    """Documented choice: nothing counted -> loss 0 (not NaN) and all gradients 0 (float16 too,
+    where backward applies the scale: a count of 0 on the device gives scale 0)."""
     inputs = make_inputs((2, 8, 24), 40, weight=weight, mask="none_counted")
     inputs["target"][0, 0, 0] = float("nan")  # ignored rows cannot leak NaN either
     for fn in (imitation_mse, imitation_mse_reference):
         device = DEVICE if fn is imitation_mse else "cpu"
-        loss, grads = run(fn, inputs, dtype=torch.float32, device=device)
+        loss, grads = run(fn, inputs, dtype=dtype, device=device)
         assert loss.item() == 0.0
         assert grads and all((g == 0).all() for g in grads.values())
 

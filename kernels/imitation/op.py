@@ -1,11 +1,11 @@
 """Autograd wrapper of the fused imitation loss, and its nn.Module.
 
 The forward pass computes the loss *and* the gradients (see ``fused.py``), so that no tensor of
-the prediction's size is kept for backward. Backward multiplies the stored gradients by
-grad_output (and, for float16, by the loss scale the forward left out) in float32, rounds them
-once to their dtype - in place for dx and d_residual, a no-op on the device when the factor is 1 -
-and hands them over, so it can run once per forward: ``retain_graph=True`` followed by a second
-backward raises RuntimeError.
+the prediction's size is kept for backward. Backward is one kernel launch: it multiplies the
+stored gradients by grad_output (and, for float16, by the loss scale the forward left out) in
+float32 and rounds them to their dtype - in place for dx and d_residual, a no-op on the device when
+the factor is 1 - and hands them over, so it can run once per forward: ``retain_graph=True``
+followed by a second backward raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class ImitationMSEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        from .kernel import scale_grad
-
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -50,10 +48,7 @@ class ImitationMSEFunction(torch.autograd.Function):
                 "(retain_graph=True) is not supported - run the forward again"
             )
         ctx.grads = None
-        dx, dw, db, dr = (
-            scale_grad(buf, grad_output, grads.pending, grads.dtype) if buf is not None else None
-            for buf in (grads.x, grads.weight, grads.bias, grads.residual)
-        )
+        dx, dw, db, dr = grads.finish(grad_output)  # one kernel launch for all of them
         return dx, None, dw, db, dr, None, None, None, None
 
 
