@@ -5,8 +5,9 @@ tolerances below measure only the fused path's own rounding:
 
 * loss: the fused kernel forms y in float32 registers and sums in float32, so the loss is tight
   for every dtype;
-* gradients: g = dloss/dy is stored in the input dtype and the dx / dW GEMMs round their outputs
-  to it, so 16-bit gradients carry about two roundings of that dtype.
+* gradients: g = dloss/dy is stored in the input dtype (for float16 without a mean's 1/count,
+  which would underflow) and dx / d_residual are rounded to it, then rounded again after the
+  scaling by grad_output in backward, so 16-bit gradients carry about two roundings of that dtype.
 
 Where the Triton kernels run
 ----------------------------
@@ -20,6 +21,7 @@ module fixture ``triton_kernels`` then makes sure our kernel module was built in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import importlib.util
@@ -100,8 +102,11 @@ def make_inputs(x_shape, d_out, *, weight=True, bias=True, residual=True, mask=N
 
 
 def run(fn, inputs, *, dtype, device, reduction="mean", layout=None, requires=GRAD_NAMES,
-        loss_factor=None):
-    """Loss and leaf gradients of ``fn`` on ``inputs`` cast to dtype (layout applied to leaves)."""
+        loss_factor=None, forward_context=contextlib.nullcontext):
+    """Loss and leaf gradients of ``fn`` on ``inputs`` cast to dtype (layout applied to leaves).
+
+    The forward runs inside ``forward_context()``, the backward outside it.
+    """
     leaves = {}
     for name in ("x", "target", "weight", "bias", "residual"):
         t = inputs[name]
@@ -115,8 +120,9 @@ def run(fn, inputs, *, dtype, device, reduction="mean", layout=None, requires=GR
             t = t.detach().requires_grad_()
         leaves[name] = t
     mask = inputs["mask"].to(device) if inputs["mask"] is not None else None
-    loss = fn(leaves["x"], leaves["target"], leaves["weight"], leaves["bias"], leaves["residual"],
-              reduction=reduction, mask=mask)
+    with forward_context():
+        loss = fn(leaves["x"], leaves["target"], leaves["weight"], leaves["bias"],
+                  leaves["residual"], reduction=reduction, mask=mask)
     grads = {}
     if any(leaves[n] is not None and leaves[n].requires_grad for n in GRAD_NAMES):
         (loss * loss_factor if loss_factor is not None else loss).backward()
@@ -240,6 +246,67 @@ def test_reduction_sum_and_grad_output_scaling(triton_kernels):
     torch.testing.assert_close(grads_sum["weight"] / count, grads_mean["weight"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight", [True, False], ids=["linear", "eltwise"])
+@pytest.mark.parametrize(
+    "mask,reduction", [(None, "mean"), ("random", "mean"), (None, "sum")],
+    ids=["mean", "mask-mean", "sum"],
+)
+def test_grad_output_scaling_odd_shapes(triton_kernels, mask, reduction, weight, dtype):
+    """grad_output != 1 on odd sizes (no dim a multiple of a tile): float16 scales by
+    scale * grad_output in backward, float32 / bfloat16 by grad_output only; d_weight and d_bias
+    are rounded from float32 there. All four gradients go through the one backward launch."""
+    inputs = make_inputs((3, 13, 21), 19 if weight else 0, weight=weight, mask=mask, seed=5)
+    check(inputs, dtype, reduction=reduction, loss_factor=3.0)
+
+
+@pytest.mark.parametrize("mask", [None, "random"], ids=["nomask", "mask"])
+@pytest.mark.parametrize("weight", [False, True], ids=["eltwise", "linear"])
+def test_fp16_mean_with_loss_scaling(triton_kernels, weight, mask):
+    """float16, mean over 48k elements, grad_output = 2**16 (a GradScaler's loss scale).
+
+    With |y - t| ~ 1e-3 the gradient 2 (y - t) / count * 65536 is ~3e-3, well inside float16,
+    but 2 (y - t) / count alone (~4e-8) is below float16's smallest subnormal (6e-8): gradients
+    must be multiplied by grad_output before they are rounded to float16, not after.
+    """
+    d_out = 40 if weight else 48
+    inputs = make_inputs((1000, 48), d_out, weight=weight, mask=mask, seed=3)
+    y = inputs["x"] @ inputs["weight"].T + inputs["bias"] if weight else inputs["x"].clone()
+    y += inputs["residual"]
+    noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    inputs["target"] = y + 1e-3 * noise  # (1000, d_out): y - t ~ 1e-3 (after rounding, too)
+    check(inputs, torch.float16, loss_factor=65536.0)
+
+
+class _CountingLaunches:
+    """Stands in for a @triton.jit / autotuned kernel object; counts ``kernel[grid](...)``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_one_kernel_launch_per_chunk_and_backward(triton_kernels, monkeypatch, dtype):
+    """Forward: one kernel per row chunk (the masked count is a torch sum read on the device);
+    backward: one kernel for all four gradients, whatever grad_output is."""
+    from gwtn_dist.kernels.imitation import fused
+    from gwtn_dist.kernels.imitation import kernel as K
+
+    counters = {}
+    for name in ("_linear_mse_kernel", "_eltwise_mse_kernel", "_finish_grads_kernel"):
+        counters[name] = _CountingLaunches(getattr(K, name))
+        monkeypatch.setattr(K, name, counters[name])
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 37 * 40)  # 37-row chunks of D_out = 40
+    inputs = make_inputs((90, 24), 40, mask="random")  # 3 chunks
+    check(inputs, dtype)
+    assert {k: c.launches for k, c in counters.items()} == {
+        "_linear_mse_kernel": 3, "_eltwise_mse_kernel": 0, "_finish_grads_kernel": 1}
+
+
 def test_partial_requires_grad(triton_kernels):
     """Only what requires grad gets a gradient (e.g. a frozen student, trainable lift)."""
     inputs = make_inputs((64, 24), 40)
@@ -261,14 +328,16 @@ def test_no_grad_path_matches(triton_kernels):
     torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("weight", [True, False], ids=["linear", "eltwise"])
-def test_all_false_mask_gives_zero(triton_kernels, weight):
-    """Documented choice: nothing counted -> loss 0 (not NaN) and all gradients 0."""
+def test_all_false_mask_gives_zero(triton_kernels, weight, dtype):
+    """Documented choice: nothing counted -> loss 0 (not NaN) and all gradients 0 (float16 too,
+    where backward applies the scale: a count of 0 on the device gives scale 0)."""
     inputs = make_inputs((2, 8, 24), 40, weight=weight, mask="none_counted")
     inputs["target"][0, 0, 0] = float("nan")  # ignored rows cannot leak NaN either
     for fn in (imitation_mse, imitation_mse_reference):
         device = DEVICE if fn is imitation_mse else "cpu"
-        loss, grads = run(fn, inputs, dtype=torch.float32, device=device)
+        loss, grads = run(fn, inputs, dtype=dtype, device=device)
         assert loss.item() == 0.0
         assert grads and all((g == 0).all() for g in grads.values())
 
@@ -282,12 +351,15 @@ def test_empty_input(triton_kernels):
         assert grads["weight"].shape == (40, 24) and (grads["weight"] == 0).all()
 
 
-def test_autocast_is_ignored(triton_kernels):
-    """Inside autocast the fused op still computes (and returns gradients) in x's dtype."""
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_is_ignored(triton_kernels, backend):
+    """A forward inside autocast: both backends compute (and return gradients) in x's dtype."""
+    fn = select_imitation_mse(backend, DEVICE)
     inputs = make_inputs((50, 24), 40, mask="random")
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        fused = run(imitation_mse, inputs, dtype=torch.float32, device=DEVICE)
-    assert_matches(fused, ground_truth(inputs, dtype=torch.float32), torch.float32)
+    # Backward outside the region, as torch.autocast's documentation asks.
+    got = run(fn, inputs, dtype=torch.float32, device=DEVICE,
+              forward_context=lambda: torch.autocast(DEVICE.type, dtype=torch.bfloat16))
+    assert_matches(got, ground_truth(inputs, dtype=torch.float32), torch.float32)
 
 
 def test_second_backward_raises(triton_kernels):
@@ -299,19 +371,59 @@ def test_second_backward_raises(triton_kernels):
         loss.backward()
 
 
-def test_conv_weight_and_mixed_dtypes(triton_kernels):
-    """A (C_out, C_in, 1, 1) lift in float32 on bfloat16 features: cast, grads in float32."""
-    inputs = make_inputs((2, 24, 4, 3), 40)
-    x = inputs["x"].to(DEVICE, torch.bfloat16).requires_grad_()
-    w = inputs["weight"].to(DEVICE)[:, :, None, None].requires_grad_()
-    b = inputs["bias"].to(DEVICE).requires_grad_()
-    loss = imitation_mse(x, inputs["target"].to(DEVICE, torch.bfloat16), w, b)
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+MIXED_CASES = {
+    # id: (x shape, D_out (None: no weight), dtype of each leaf, mask)
+    "bf16-x-fp32-conv-lift": (
+        (2, 24, 4, 3), 40, {"x": BF16, "weight": F32, "bias": F32, "residual": F32, "target": F32},
+        None),
+    "fp32-x-bf16-lift": (
+        (3, 7, 24), 40, {"x": F32, "weight": BF16, "bias": BF16, "residual": BF16, "target": BF16},
+        "random"),
+    "fp16-x-fp32-residual-eltwise": (
+        (37, 24), None, {"x": F16, "residual": F32, "target": F32}, "random"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", list(MIXED_CASES), ids=str)
+def test_mixed_dtypes_same_rule_in_both_backends(triton_kernels, backend, case):
+    """weight, bias and residual are cast to x's dtype (differentiably, so each gradient has its
+    leaf's dtype); target is read in its own dtype. Both backends, against float64 on the values
+    the computation sees."""
+    x_shape, d_out, dtypes, mask = MIXED_CASES[case]
+    inputs = make_inputs(x_shape, d_out or 0, weight=d_out is not None, mask=mask)
+    conv_lift = d_out is not None and len(x_shape) == 4
+    names = [n for n in dtypes if n != "target"]
+    leaves = {n: inputs[n].to(DEVICE, dtypes[n]) for n in dtypes}
+    if conv_lift:
+        leaves["weight"] = leaves["weight"][:, :, None, None]  # (C_out, C_in, 1, 1)
+    for n in names:
+        leaves[n].requires_grad_()
+    mask_t = inputs["mask"].to(DEVICE) if inputs["mask"] is not None else None
+    loss = select_imitation_mse(backend, DEVICE)(**leaves, mask=mask_t)
     loss.backward()
-    assert w.grad.shape == w.shape and w.grad.dtype == torch.float32
-    truth_loss, truth = ground_truth({**inputs, "residual": None}, dtype=torch.bfloat16)
-    torch.testing.assert_close(loss.double().cpu(), truth_loss, rtol=1e-4, atol=0)
-    torch.testing.assert_close(w.grad[:, :, 0, 0].double().cpu(), truth["weight"],
-                               rtol=2e-2, atol=2e-2 * float(truth["weight"].abs().max()))
+
+    compute = dtypes["x"]  # leaves rounded to their dtype, then to x's; target to its own only
+    seen = {n: inputs[n].to(dtypes[n]).to(compute if n != "target" else dtypes[n]).double()
+            for n in dtypes}
+    truth_loss, truth = run(imitation_mse_reference, {**inputs, **seen}, dtype=torch.float64,
+                            device="cpu", requires=names)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    # The eager reference rounds y and y - t to 16-bit x's dtype, the fused path does not.
+    eager_16bit = backend == "reference" and compute != F32
+    loss_rtol = 1e-2 if eager_16bit else TOL[compute][0]
+    torch.testing.assert_close(loss.double().cpu(), truth_loss, rtol=loss_rtol, atol=1e-7)
+    for n in names:
+        got = leaves[n].grad
+        assert got.dtype == dtypes[n] and got.shape == leaves[n].shape, n
+        if conv_lift and n == "weight":
+            got = got[:, :, 0, 0]
+        rtol = max(TOL[compute][1], TOL[dtypes[n]][1], 3e-2 if eager_16bit else 0.0)
+        ref = truth[n]
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=rtol,
+                                   atol=rtol * float(ref.abs().max()),
+                                   msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,18 +6,28 @@ Linear case (weight given), rows processed in chunks of ``C`` rows (see :func:`c
         kernel (a): g_c = dloss/dy for the chunk          g buffer (C, D_out), reused
                     (+ loss / d_bias partials, d_residual written in place)
         dx[c]  = g_c @ W          (cuBLAS, into dx)       dx (M, D_in) is an output anyway
-        dW    += g_c.T @ x[c]     (cuBLAS)                (D_out, D_in), float32 if > 1 chunk
+        dW    += g_c.T @ x[c]     (cuBLAS)                (D_out, D_in) float32
 
 so nothing of size M x D_out outlives a chunk, and y is never written at all. Equal-width case
 (no weight): kernel (b) reads x, residual, target once and writes dx (and d_residual) once.
 
-Gradients come out already multiplied by the loss scale; backward only multiplies them by
-grad_output (see ``op.py``).
+Gradients of x and residual come out in their dtype, d_weight and d_bias in float32. For float32
+and bfloat16 they are already multiplied by the loss scale (1/count for a mean) and backward only
+multiplies them by grad_output; float16 ones are left unscaled (their values 1/count smaller
+would underflow, see ``kernel.py``) and backward multiplies them by ``scale * grad_output``.
+Backward (one launch, ``kernel.finish_grads``) applies the factor in float32: d_weight and d_bias
+are rounded to their dtype once, after it; dx and d_residual, stored in their dtype, are rounded
+again only when the factor is not 1, and never at a size where float16 underflows.
+
+Launches per call: one ``mask.sum()`` for a masked mean (the kernels divide by it on the device),
+one zero-fill of the partial sums, per chunk kernel (a) and the two GEMMs, then one sum for the
+loss (the partials are already scaled) and one for d_bias.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,15 +50,34 @@ _CHUNK_ALIGN = 128  # rows; chunk starts stay tile-aligned on GPU
 
 @dataclass
 class FusedGrads:
-    """Gradients of the (unscaled by grad_output) loss; None where not requested."""
+    """Gradients of the loss before grad_output; None where not requested.
+
+    ``x`` and ``residual`` have their final dtype; ``weight`` and ``bias`` are float32 (rounded to
+    ``dtype`` in backward) unless already in ``dtype``. ``pending`` is the part of the loss scale
+    not yet applied: 1 when the forward folded it in, else the whole loss scale (float16).
+    """
 
     x: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # of every gradient once finished (x's dtype)
+    pending: K.LossScale = field(default_factory=lambda: K.LossScale(1.0))
 
-    def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.x, self.weight, self.bias, self.residual) if t is not None]
+    def finish(self, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """(dx, dW, db, dr): times grad_output and the pending scale, in ``dtype``; one launch."""
+        bufs = (self.x, self.weight, self.bias, self.residual)
+        return tuple(K.finish_grads(
+            [(b, self.dtype) if b is not None else None for b in bufs], grad_output, self.pending
+        ))
+
+
+def folds_scale(dtype: torch.dtype) -> bool:
+    """Whether gradients in ``dtype`` can carry the loss scale (1/count) without underflow.
+
+    True for float32 and bfloat16 (float32's exponent range), False for float16.
+    """
+    return torch.finfo(dtype).tiny <= torch.finfo(torch.float32).tiny
 
 
 def chunk_rows(rows: int, d_out: int) -> int:
@@ -61,22 +90,19 @@ def chunk_rows(rows: int, d_out: int) -> int:
     return budget
 
 
-def loss_scale(
-    problem: ImitationProblem, reduction: str, mask: torch.Tensor | None
-) -> float | torch.Tensor:
-    """Factor turning the sum of squares into the loss: 1, 1/count, or a device tensor.
+def loss_scale(problem: ImitationProblem, reduction: str, mask: torch.Tensor | None) -> K.LossScale:
+    """Factor turning the sum of squares into the loss: 1, 1/count, or 1/D_out / kept rows.
 
-    With a mask the count lives on the device (no host sync); an all-False mask gives scale 0,
-    hence loss 0 and zero gradients.
+    With a mask the kept rows are counted by one torch reduction and stay on the device: the
+    kernels divide by them (no host sync); an all-False mask gives scale 0, hence loss 0 and zero
+    gradients.
     """
     if reduction == "sum":
-        return 1.0
+        return K.LossScale(1.0)
     if mask is None:
         count = problem.rows * problem.d_out
-        return 1.0 / count if count else 0.0
-    count = mask.sum(dtype=torch.float64) * problem.d_out
-    scale = torch.where(count > 0, count.clamp_min(1).reciprocal(), 0.0)
-    return scale.to(torch.float32).reshape(1)
+        return K.LossScale(1.0 / count if count else 0.0)
+    return K.LossScale(1.0 / problem.d_out, mask.sum().reshape(1))  # int64 (1,)
 
 
 def fused_forward(
@@ -96,17 +122,19 @@ def fused_forward(
     """
     # The GEMMs below must run in x's dtype: autocast would turn float32 ones into bf16.
     with torch.autocast(x.device.type, enabled=False):
-        scale = loss_scale(problem, reduction, mask)
-        mask_u8 = flat_mask(mask) if mask is not None else None
         if problem.rows == 0 or problem.d_out == 0:
             return _empty_problem(x, weight, bias, residual, needs)
+        scale = loss_scale(problem, reduction, mask)
+        mask_u8 = flat_mask(mask) if mask is not None else None
         if weight is None:
-            return _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs)
-        return _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, needs)
-
-
-def _finish_loss(partials: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    return (partials.sum() * scale).reshape(())
+            loss, grads = _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs)
+        else:
+            loss, grads = _linear_forward(
+                problem, x, target, weight, bias, residual, mask_u8, scale, needs
+            )
+        grads.dtype = x.dtype
+        grads.pending = K.LossScale(1.0) if folds_scale(x.dtype) else scale
+        return loss, grads
 
 
 def _empty_problem(x, weight, bias, residual, needs) -> tuple[torch.Tensor, FusedGrads]:
@@ -114,7 +142,7 @@ def _empty_problem(x, weight, bias, residual, needs) -> tuple[torch.Tensor, Fuse
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     inputs = (x, weight, bias, residual)
     grads = [torch.zeros_like(t) if (need and t is not None) else None for t, need in zip(inputs, needs)]
-    return loss, FusedGrads(*grads)
+    return loss, FusedGrads(*grads, dtype=x.dtype)
 
 
 def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
@@ -131,12 +159,13 @@ def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
         rows3d(target),
         mask_u8,
         scale,
+        folds_scale(x.dtype),
         problem.rows,
         problem.inner,
         dx3,
         dr3,
     )
-    return _finish_loss(partials, scale), grads
+    return partials.sum(), grads  # the partials carry the scale
 
 
 def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, needs):
@@ -163,20 +192,24 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
     dr3 = None
     if need_r:
         grads.residual, dr3 = empty_rows_like(residual)
-    # dW over several chunks accumulates in float32 (one rounding at the end, like one GEMM).
+    # dW accumulates in float32 over the chunks and is rounded in backward (after the scales).
     dw_acc = None
+    fold = folds_scale(dtype)
 
     loss_shape, db_shape = K.linear_partial_shapes(c, d_out)
-    loss_part = torch.zeros((n_chunks, *loss_shape), dtype=torch.float32, device=dev)
-    db_part = (
-        torch.zeros((n_chunks, *db_shape), dtype=torch.float32, device=dev) if need_b else None
-    )
+    # Partial sums of all chunks, zero-filled by one launch: (n_chunks, *loss_shape) for the
+    # loss, then (n_chunks, *db_shape) for d_bias when wanted.
+    n_loss = n_chunks * math.prod(loss_shape)
+    n_db = n_chunks * math.prod(db_shape) if need_b else 0
+    parts = torch.zeros(n_loss + n_db, dtype=torch.float32, device=dev)
+    loss_part = parts[:n_loss].view(n_chunks, *loss_shape)
+    db_part = parts[n_loss:].view(n_chunks, *db_shape) if need_b else None
 
     for i in range(n_chunks):
         start = i * c
         n = min(c, rows - start)
         K.launch_linear_mse(
-            x2d, weight, bias, r3, t3, mask_u8, scale,
+            x2d, weight, bias, r3, t3, mask_u8, scale, fold,
             row_start=start, n_rows=n, inner=problem.inner,
             g=g, dr3=dr3,
             loss_part=loss_part[i],
@@ -189,15 +222,11 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
             torch.mm(g_c, weight, out=dx2d[start:start + n])  # (n, D_in)
         if need_w:
             x_c = x2d[start:start + n]  # (n, D_in)
-            if n_chunks == 1:
-                grads.weight = torch.mm(g_c.t(), x_c)  # (D_out, D_in)
-            else:
-                dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)
-    if dw_acc is not None:
-        grads.weight = dw_acc.to(dtype)
+            dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)  # (D_out, D_in) float32
+    grads.weight = dw_acc
     if need_b:
-        grads.bias = db_part.sum(dim=(0, 1)).to(dtype)  # (D_out,)
-    return _finish_loss(loss_part, scale), grads
+        grads.bias = db_part.sum(dim=(0, 1))  # (D_out,) float32
+    return loss_part.sum(), grads  # the partials carry the scale
 
 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
@@ -218,7 +247,9 @@ def _accumulate_gemm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor)
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[dev] = False
     if prod is None:
-        prod = torch.mm(a, b).float()  # one rounding per chunk's partial product
+        # float32 operands: a 16-bit result could overflow (float16 gradients are stored without
+        # the 1/count of a mean, so a sum over many rows may exceed 65504) or lose bits.
+        prod = torch.mm(a.float(), b.float())
     if acc is None:
         return prod
     return acc.add_(prod)

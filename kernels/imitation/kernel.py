@@ -7,14 +7,27 @@ Kernels (all accumulate in float32 whatever the input dtype):
 
 * ``_linear_mse_kernel`` - for one chunk of rows, one (BLOCK_M x BLOCK_N) tile of
   ``y = x @ W.T`` per program (tl.dot over D_in), then in registers: ``+ bias + residual
-  - target``, row mask, the tile's sum of squares, and the gradient ``g = 2 (y - t) * scale``
-  written to a chunk buffer (and to d_residual); per-tile column sums of g give d_bias partials.
-  y itself is never written to memory.
+  - target``, row mask, the tile's sum of squares, and the gradient ``g = 2 (y - t)`` (times the
+  loss scale when FOLD_SCALE) written to a chunk buffer (and to d_residual); per-tile column sums
+  of g give d_bias partials. y itself is never written to memory.
 * ``_eltwise_mse_kernel`` - the equal-width case (no weight): one read of x, residual and target,
   one write of the gradient (dx, and d_residual when wanted), plus per-tile loss partials.
-* ``_scale_inplace_kernel`` - backward: multiply a stored gradient by grad_output in place; it
-  reads grad_output on the device and returns at once when it is exactly 1 (the usual case), so
-  backward costs no pass over the gradients and no host sync.
+* ``_finish_grads_kernel`` - backward, one launch for all (up to 4) gradients: multiply each by
+  grad_output (and by the loss scale the forward left out) in float32, then round it to the
+  gradient's dtype. In place, a block returns at once when the factor is exactly 1 (the usual
+  case for float32 and bfloat16), so backward then costs no pass over dx and no host sync.
+
+The two forward kernels share ``_masked_diff`` (residual, target, row mask -> y - t) and
+``_loss_scale``: the loss scale is 1 (sum), 1/count (mean) or, for a masked mean, 1/D_out divided
+by the count of kept rows, read on the device from one ``mask.sum()`` (no host sync). Loss
+partials are stored already scaled, so the loss is one torch sum of them.
+
+Why the loss scale may be left to backward: a stored gradient is rounded to its dtype before
+grad_output is known. For a mean, ``2 (y - t) / count`` is tiny (4e-8 for |y - t| = 1e-3 and
+48k elements); float32 and bfloat16 hold it fine (their smallest normal is 1e-38), but float16
+flushes it to zero or a few subnormal bits (smallest subnormal 6e-8), and a loss scale of 2**16
+applied afterwards cannot bring the bits back. So float16 gradients are stored as ``2 (y - t)``
+(sum-reduction size) and multiplied by ``scale * grad_output`` before their one rounding.
 
 Partial sums go to small float32 buffers reduced by torch afterwards (deterministic, unlike
 atomics). Tensors shaped like y are addressed as ``(outer, inner, feature)`` with explicit strides
@@ -26,6 +39,8 @@ float32 accumulation: the same numbers a GPU tensor core produces, up to summati
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -93,6 +108,71 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
+# shared pieces of the forward kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows3d_offsets(rows, cols, inner, stride_o, stride_i, stride_n):
+    """Element offsets (BM, BN) of rows x cols in an (outer, inner, feature) strided view.
+
+    rows (BM,) are global row indices ``outer * inner + inner_index``; cols (BN,) features.
+    """
+    outer = rows // inner
+    in_idx = rows - outer * inner
+    return (outer * stride_o + in_idx * stride_i)[:, None] + cols[None, :] * stride_n
+
+
+@triton.jit
+def _masked_diff(
+    y, rows, cols, m_ok, tile_ok, inner,
+    r_ptr, stride_ro, stride_ri, stride_rn,
+    t_ptr, stride_to, stride_ti, stride_tn,
+    mask_ptr,
+    HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """``y + residual - target`` on one tile, float32 (BM, BN), exactly 0 where not counted.
+
+    y (BM, BN) float32; rows (BM,) global rows with m_ok (BM,) their bound check; cols (BN,);
+    tile_ok (BM, BN) the in-bounds elements. Not counted: out of bounds, or a row whose mask
+    byte is 0. where(), not a multiply: garbage (even NaN) in ignored rows cannot leak.
+    """
+    if HAS_RES:
+        r_offs = _rows3d_offsets(rows, cols, inner, stride_ro, stride_ri, stride_rn)
+        y += tl.load(r_ptr + r_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    t_offs = _rows3d_offsets(rows, cols, inner, stride_to, stride_ti, stride_tn)
+    t = tl.load(t_ptr + t_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    keep = tile_ok
+    if HAS_MASK:
+        row_kept = tl.load(mask_ptr + rows, mask=m_ok, other=0) != 0  # (BM,)
+        keep = keep & row_kept[:, None]
+    return tl.where(keep, y - t, 0.0)
+
+
+@triton.jit
+def _loss_scale(scale, count_ptr, HAS_COUNT: tl.constexpr):
+    """The loss scale: ``scale``, or with a count on the device ``scale / count`` (0 if none).
+
+    A masked mean passes scale = 1/D_out and the number of kept rows (int64, one element).
+    """
+    s = scale
+    if HAS_COUNT:
+        count = tl.load(count_ptr).to(tl.float32)
+        s = tl.where(count > 0, scale / tl.maximum(count, 1.0), 0.0)
+    return s
+
+
+@triton.jit
+def _grad_of_y(diff, s, FOLD_SCALE: tl.constexpr):
+    """The gradient to store: d loss / d y = 2 (y - t) s, or 2 (y - t) when backward scales."""
+    if FOLD_SCALE:
+        g = diff * (2.0 * s)
+    else:  # float16: s would push it under float16's range (see the module docstring)
+        g = diff * 2.0
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
 # (a) fused linear + bias + residual + squared error + gradient of y
 # ---------------------------------------------------------------------------------------------
 
@@ -107,7 +187,7 @@ def _prune_by_dtype(configs, named_args, **kwargs):
 @triton.heuristics({"EVEN_K": lambda args: args["D_in"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _linear_mse_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, t_ptr, mask_ptr, scale_ptr,  # inputs
+    x_ptr, w_ptr, b_ptr, r_ptr, t_ptr, mask_ptr, count_ptr,  # inputs
     g_ptr, dr_ptr, loss_part_ptr, db_part_ptr,  # outputs
     row_start, n_rows, inner, D_in, D_out,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
@@ -116,7 +196,7 @@ def _linear_mse_kernel(
     stride_dro, stride_dri, stride_drn,
     stride_gm, n_part_n, scale,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr,
-    SCALE_FROM_PTR: tl.constexpr,
+    HAS_COUNT: tl.constexpr, FOLD_SCALE: tl.constexpr,
     WRITE_G: tl.constexpr, WRITE_DR: tl.constexpr, WRITE_DB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     PART_M: tl.constexpr, PART_N: tl.constexpr, INDEX_64: tl.constexpr,
@@ -126,7 +206,8 @@ def _linear_mse_kernel(
     """Rows [row_start, row_start + n_rows) of x (M, D_in) against W (D_out, D_in).
 
     Outputs (chunk-local): g (n_rows, D_out) row stride stride_gm; loss_part (rows of PART_M,
-    cols of PART_N) float32; db_part (rows of PART_M, D_out) float32.
+    cols of PART_N) float32, already times the loss scale; db_part (rows of PART_M, D_out)
+    float32, column sums of g.
     """
     # Grouped ordering: GROUP_M consecutive programs walk down M for one N tile, so the W tile
     # (BLOCK_K x BLOCK_N slices) is reused from L2.
@@ -170,7 +251,7 @@ def _linear_mse_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue, all in registers: y = acc + bias + residual; diff = y - target on counted rows.
+    # Epilogue, all in registers: y = acc + bias (+ residual); diff = y - target on counted rows.
     tile_ok = m_ok[:, None] & n_ok[None, :]
     rows = row_start + offs_m  # global row = outer * inner + inner_index
     local_rows = offs_m
@@ -179,40 +260,29 @@ def _linear_mse_kernel(
         rows = rows.to(tl.int64)
         local_rows = local_rows.to(tl.int64)
         cols = cols.to(tl.int64)
-    outer = rows // inner
-    in_idx = rows - outer * inner
     y = acc
     if HAS_BIAS:
         y += tl.load(b_ptr + cols * stride_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
-        r_ptrs = r_ptr + (outer * stride_ro + in_idx * stride_ri)[:, None] + cols[None, :] * stride_rn
-        y += tl.load(r_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    t_ptrs = t_ptr + (outer * stride_to + in_idx * stride_ti)[:, None] + cols[None, :] * stride_tn
-    t = tl.load(t_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    keep = tile_ok
-    if HAS_MASK:
-        row_counts = tl.load(mask_ptr + rows, mask=m_ok, other=0) != 0
-        keep = keep & row_counts[:, None]
-    # where(), not a multiply: garbage (even NaN) in ignored rows cannot leak.
-    diff = tl.where(keep, y - t, 0.0)
+    diff = _masked_diff(
+        y, rows, cols, m_ok, tile_ok, inner,
+        r_ptr, stride_ro, stride_ri, stride_rn,
+        t_ptr, stride_to, stride_ti, stride_tn,
+        mask_ptr, HAS_RES, HAS_MASK,
+    )
+    s = _loss_scale(scale, count_ptr, HAS_COUNT)
 
     part_row = (pid_m * BLOCK_M) // PART_M
     part_col = (pid_n * BLOCK_N) // PART_N
-    tl.store(loss_part_ptr + part_row * n_part_n + part_col, tl.sum(diff * diff))
+    tl.store(loss_part_ptr + part_row * n_part_n + part_col, tl.sum(diff * diff) * s)
 
     if WRITE_G or WRITE_DR or WRITE_DB:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr)
-        else:
-            s = scale
-        g = diff * (2.0 * s)  # d loss / d y, float32 (BM, BN)
+        g = _grad_of_y(diff, s, FOLD_SCALE)  # float32 (BM, BN)
         if WRITE_G:
             g_ptrs = g_ptr + local_rows[:, None] * stride_gm + cols[None, :]
             tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=tile_ok)
         if WRITE_DR:
-            dr_ptrs = (dr_ptr + (outer * stride_dro + in_idx * stride_dri)[:, None]
-                       + cols[None, :] * stride_drn)
-            tl.store(dr_ptrs, g.to(dr_ptr.dtype.element_ty), mask=tile_ok)
+            dr_offs = _rows3d_offsets(rows, cols, inner, stride_dro, stride_dri, stride_drn)
+            tl.store(dr_ptr + dr_offs, g.to(dr_ptr.dtype.element_ty), mask=tile_ok)
         if WRITE_DB:
             tl.store(db_part_ptr + part_row * D_out + cols, tl.sum(g, axis=0), mask=n_ok)
 
@@ -224,7 +294,7 @@ def _linear_mse_kernel(
 
 @triton.jit
 def _eltwise_mse_kernel(
-    x_ptr, r_ptr, t_ptr, mask_ptr, scale_ptr,  # inputs
+    x_ptr, r_ptr, t_ptr, mask_ptr, count_ptr,  # inputs
     dx_ptr, dr_ptr, loss_part_ptr,  # outputs
     n_rows, inner, D,
     stride_xo, stride_xi, stride_xn,
@@ -233,9 +303,9 @@ def _eltwise_mse_kernel(
     stride_dxo, stride_dxi, stride_dxn,
     stride_dro, stride_dri, stride_drn,
     scale,
-    HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
-    WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COUNT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DR: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (BLOCK_M rows x BLOCK_D features) tile; loss_part is (grid_m, grid_d) float32."""
     pid_m = tl.program_id(0)
@@ -247,57 +317,104 @@ def _eltwise_mse_kernel(
         cols = cols.to(tl.int64)
     m_ok = rows < n_rows
     tile_ok = m_ok[:, None] & (cols < D)[None, :]
-    outer = rows // inner
-    in_idx = rows - outer * inner
 
-    x_ptrs = x_ptr + (outer * stride_xo + in_idx * stride_xi)[:, None] + cols[None, :] * stride_xn
-    y = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r_ptrs = r_ptr + (outer * stride_ro + in_idx * stride_ri)[:, None] + cols[None, :] * stride_rn
-        y += tl.load(r_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    t_ptrs = t_ptr + (outer * stride_to + in_idx * stride_ti)[:, None] + cols[None, :] * stride_tn
-    t = tl.load(t_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    keep = tile_ok
-    if HAS_MASK:
-        row_counts = tl.load(mask_ptr + rows, mask=m_ok, other=0) != 0
-        keep = keep & row_counts[:, None]
-    diff = tl.where(keep, y - t, 0.0)
-    tl.store(loss_part_ptr + pid_m * tl.num_programs(1) + pid_d, tl.sum(diff * diff))
+    x_offs = _rows3d_offsets(rows, cols, inner, stride_xo, stride_xi, stride_xn)
+    y = tl.load(x_ptr + x_offs, mask=tile_ok, other=0.0).to(tl.float32)
+    diff = _masked_diff(
+        y, rows, cols, m_ok, tile_ok, inner,
+        r_ptr, stride_ro, stride_ri, stride_rn,
+        t_ptr, stride_to, stride_ti, stride_tn,
+        mask_ptr, HAS_RES, HAS_MASK,
+    )
+    s = _loss_scale(scale, count_ptr, HAS_COUNT)
+    tl.store(loss_part_ptr + pid_m * tl.num_programs(1) + pid_d, tl.sum(diff * diff) * s)
 
     if WRITE_DX or WRITE_DR:
-        if SCALE_FROM_PTR:
-            s = tl.load(scale_ptr)
-        else:
-            s = scale
-        g = diff * (2.0 * s)
+        g = _grad_of_y(diff, s, FOLD_SCALE)
         if WRITE_DX:
-            dx_ptrs = (dx_ptr + (outer * stride_dxo + in_idx * stride_dxi)[:, None]
-                       + cols[None, :] * stride_dxn)
-            tl.store(dx_ptrs, g.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+            dx_offs = _rows3d_offsets(rows, cols, inner, stride_dxo, stride_dxi, stride_dxn)
+            tl.store(dx_ptr + dx_offs, g.to(dx_ptr.dtype.element_ty), mask=tile_ok)
         if WRITE_DR:
-            dr_ptrs = (dr_ptr + (outer * stride_dro + in_idx * stride_dri)[:, None]
-                       + cols[None, :] * stride_drn)
-            tl.store(dr_ptrs, g.to(dr_ptr.dtype.element_ty), mask=tile_ok)
+            dr_offs = _rows3d_offsets(rows, cols, inner, stride_dro, stride_dri, stride_drn)
+            tl.store(dr_ptr + dr_offs, g.to(dr_ptr.dtype.element_ty), mask=tile_ok)
 
 
 # ---------------------------------------------------------------------------------------------
-# backward: in-place scaling by grad_output
+# backward: every gradient times grad_output (and the loss scale the forward left out)
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _scale_inplace_kernel(ptr, n, go_ptr, BLOCK: tl.constexpr):
-    go = tl.load(go_ptr).to(tl.float32)
-    if go != 1.0:  # the common grad_output == 1 costs one scalar load per program
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        v = tl.load(ptr + offs, mask=ok, other=0.0)
-        tl.store(ptr + offs, (v.to(tl.float32) * go).to(ptr.dtype.element_ty), mask=ok)
+def _scale_block(src_ptr, dst_ptr, n, block, factor, BLOCK: tl.constexpr):
+    """Block ``block`` of one flat gradient: dst = src * factor in float32, rounded once to dst's
+    dtype."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, (v * factor).to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _finish_block(src_ptr, dst_ptr, n, block, factor, IN_PLACE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """``_scale_block``, skipped in place (dst is src) when the factor is exactly 1."""
+    if IN_PLACE:
+        if factor != 1.0:  # the common factor 1 costs one scalar load per program
+            _scale_block(src_ptr, dst_ptr, n, block, factor, BLOCK)
+    else:
+        _scale_block(src_ptr, dst_ptr, n, block, factor, BLOCK)
+
+
+@triton.jit
+def _finish_grads_kernel(
+    src0, dst0, n0, src1, dst1, n1, src2, dst2, n2, src3, dst3, n3,
+    end0, end1, end2,  # gradient i owns programs [end_{i-1}, end_i) (end_{-1} = 0)
+    go_ptr, count_ptr, scale,
+    N_GRADS: tl.constexpr,
+    IN_PLACE0: tl.constexpr, IN_PLACE1: tl.constexpr, IN_PLACE2: tl.constexpr,
+    IN_PLACE3: tl.constexpr,
+    HAS_COUNT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Up to 4 flat gradients in one launch; slots past N_GRADS are not compiled."""
+    pid = tl.program_id(0)
+    factor = tl.load(go_ptr).to(tl.float32) * _loss_scale(scale, count_ptr, HAS_COUNT)
+    # The constexpr tests drop absent slots at compile time (their pointers are None).
+    if pid < end0:
+        _finish_block(src0, dst0, n0, pid, factor, IN_PLACE0, BLOCK)
+    if N_GRADS > 1:
+        mine = (pid >= end0) & (pid < end1)
+        if mine:
+            _finish_block(src1, dst1, n1, pid - end0, factor, IN_PLACE1, BLOCK)
+    if N_GRADS > 2:
+        mine = (pid >= end1) & (pid < end2)
+        if mine:
+            _finish_block(src2, dst2, n2, pid - end1, factor, IN_PLACE2, BLOCK)
+    if N_GRADS > 3:
+        mine = pid >= end2
+        if mine:
+            _finish_block(src3, dst3, n3, pid - end2, factor, IN_PLACE3, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """The factor turning the sum of squares into the loss, as the kernels take it.
+
+    ``value`` alone (1 for a sum, 1/count for a mean), or, for a masked mean, ``value / count``
+    (0 when count is 0) with ``value = 1/D_out`` and ``count`` the number of kept rows, an int64
+    one-element device tensor that the kernels read (so the host never waits for it).
+    """
+
+    value: float
+    count: torch.Tensor | None = None
+
+    def kernel_args(self) -> tuple[torch.Tensor | None, float]:
+        """(count_ptr, scale) arguments of the kernels; HAS_COUNT is ``count is not None``."""
+        return self.count, float(self.value)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -335,7 +452,8 @@ def launch_linear_mse(
     r3: torch.Tensor | None,  # residual (outer, inner, D_out)
     t3: torch.Tensor,  # target (outer, inner, D_out)
     mask: torch.Tensor | None,  # (M,) uint8
-    scale: float | torch.Tensor,  # loss scale: python float, or a 1-element float32 tensor
+    scale: LossScale,
+    fold_scale: bool,  # multiply the written gradients by the scale (else backward does)
     row_start: int,
     n_rows: int,
     inner: int,
@@ -346,13 +464,13 @@ def launch_linear_mse(
 ) -> None:
     """Run kernel (a) on rows [row_start, row_start + n_rows)."""
     d_out, d_in = weight.shape
-    from_ptr = isinstance(scale, torch.Tensor)
+    count, scale_value = scale.kernel_args()
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
     _linear_mse_kernel[grid](
-        x2d, weight, bias, r3, t3, mask, scale if from_ptr else None,
+        x2d, weight, bias, r3, t3, mask, count,
         g, dr3, loss_part, db_part,
         row_start, n_rows, inner, d_in, d_out,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
@@ -360,9 +478,9 @@ def launch_linear_mse(
         *_strides3(r3), *_strides3(t3), *_strides3(dr3),
         g.stride(0) if g is not None else 0,
         loss_part.shape[1],
-        0.0 if from_ptr else float(scale),
+        scale_value,
         HAS_BIAS=bias is not None, HAS_RES=r3 is not None, HAS_MASK=mask is not None,
-        SCALE_FROM_PTR=from_ptr,
+        HAS_COUNT=count is not None, FOLD_SCALE=fold_scale,
         WRITE_G=g is not None, WRITE_DR=dr3 is not None, WRITE_DB=db_part is not None,
         UPCAST_DOT=INTERPRETED, INPUT_PRECISION=_dot_precision(x2d.dtype),
         PART_M=LINEAR_PART_M, PART_N=LINEAR_PART_N,
@@ -382,26 +500,27 @@ def launch_eltwise_mse(
     r3: torch.Tensor | None,
     t3: torch.Tensor,
     mask: torch.Tensor | None,  # (M,) uint8
-    scale: float | torch.Tensor,
+    scale: LossScale,
+    fold_scale: bool,
     n_rows: int,
     inner: int,
     dx3: torch.Tensor | None,
     dr3: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Run kernel (b); returns the float32 loss partials (to be summed)."""
+    """Run kernel (b); returns the float32 loss partials (already scaled; to be summed)."""
     d = x3.shape[-1]
     block_m, block_d = eltwise_blocks(n_rows, d)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(d, block_d))
     loss_part = torch.empty(grid, dtype=torch.float32, device=x3.device)  # every slot written
-    from_ptr = isinstance(scale, torch.Tensor)
+    count, scale_value = scale.kernel_args()
     _eltwise_mse_kernel[grid](
-        x3, r3, t3, mask, scale if from_ptr else None,
+        x3, r3, t3, mask, count,
         dx3, dr3, loss_part,
         n_rows, inner, d,
         *_strides3(x3), *_strides3(r3), *_strides3(t3), *_strides3(dx3), *_strides3(dr3),
-        0.0 if from_ptr else float(scale),
-        HAS_RES=r3 is not None, HAS_MASK=mask is not None, SCALE_FROM_PTR=from_ptr,
-        WRITE_DX=dx3 is not None, WRITE_DR=dr3 is not None,
+        scale_value,
+        HAS_RES=r3 is not None, HAS_MASK=mask is not None, HAS_COUNT=count is not None,
+        FOLD_SCALE=fold_scale, WRITE_DX=dx3 is not None, WRITE_DR=dr3 is not None,
         INDEX_64=_needs_int64(x3, r3, t3, dx3, dr3, mask),
         BLOCK_M=block_m, BLOCK_D=block_d,
         num_warps=4,
@@ -422,14 +541,51 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def scale_inplace_(buf: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """``buf *= grad_output`` over a dense buffer, skipped on the device when grad_output == 1."""
-    n = buf.numel()
-    if n == 0:
-        return
-    if not _is_dense(buf):
-        raise ValueError("scale_inplace_ needs a dense buffer (no gaps, no overlaps)")
-    # A dense (non-overlapping, gap-free) tensor of any strides is numel elements from data_ptr.
-    flat = buf.as_strided((n,), (1,))
-    go = grad_output.reshape(1).to(torch.float32)
-    _scale_inplace_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](flat, n, go, BLOCK=_SCALE_BLOCK)
+def finish_grads(
+    grads: list[tuple[torch.Tensor, torch.dtype] | None],
+    grad_output: torch.Tensor,
+    scale: LossScale,
+) -> list[torch.Tensor | None]:
+    """Each ``buf * grad_output * scale`` in float32, rounded once to its dtype; one launch.
+
+    ``grads`` holds up to 4 (buffer, dtype) pairs (None entries pass through as None). A buffer
+    that already has its dtype is scaled in place (skipped on the device when the factor is 1);
+    a float32 buffer of a 16-bit gradient is rounded into a new tensor of the same layout.
+    """
+    slots = []  # (index in grads, flat source, flat destination, in place)
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    for i, item in enumerate(grads):
+        if item is None:
+            continue
+        buf, dtype = item
+        in_place = buf.dtype == dtype
+        out[i] = buf if in_place else torch.empty_like(buf, dtype=dtype)
+        n = buf.numel()
+        if n == 0:
+            continue
+        if not _is_dense(buf) or out[i].stride() != buf.stride():
+            raise ValueError("finish_grads needs dense buffers (no gaps, no overlaps)")
+        # A dense tensor of any strides is numel elements from data_ptr, in the same order for
+        # out[i] (same strides).
+        slots.append((buf.as_strided((n,), (1,)), out[i].as_strided((n,), (1,)), in_place))
+    if not slots:
+        return out
+    if len(slots) > 4:
+        raise ValueError(f"finish_grads takes at most 4 gradients, got {len(slots)}")
+
+    ends, total = [], 0  # slot i owns programs [ends[i-1], ends[i])
+    for src, _, _ in slots:
+        total += triton.cdiv(src.numel(), _SCALE_BLOCK)
+        ends.append(total)
+    padded = slots + [(None, None, True)] * (4 - len(slots))  # unused slots are not compiled
+    count, scale_value = scale.kernel_args()
+    _finish_grads_kernel[(total,)](
+        *(arg for src, dst, _ in padded for arg in (src, dst, src.numel() if src is not None else 0)),
+        *(ends + [total] * 3)[:3],
+        grad_output.reshape(1), count, scale_value,
+        N_GRADS=len(slots),
+        IN_PLACE0=padded[0][2], IN_PLACE1=padded[1][2], IN_PLACE2=padded[2][2],
+        IN_PLACE3=padded[3][2],
+        HAS_COUNT=count is not None, BLOCK=_SCALE_BLOCK,
+    )
+    return out

@@ -131,6 +131,17 @@ def check_arguments(
     return problem
 
 
+def cast_to_compute_dtype(
+    x: torch.Tensor, *tensors: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` (weight, bias, residual) in x's dtype, the dtype both backends compute in.
+
+    A differentiable cast, so each gradient comes back in its tensor's own dtype (e.g. a float32
+    lift on bfloat16 features gets a float32 gradient); a no-op where dtypes already match.
+    """
+    return tuple(t.to(x.dtype) if t is not None and t.dtype != x.dtype else t for t in tensors)
+
+
 def feature_last(t: torch.Tensor) -> torch.Tensor:
     """Move the channel dim of a 4-D tensor last (a view); other ranks are already feature-last."""
     return t.movedim(1, -1) if t.dim() == 4 else t

@@ -1,9 +1,11 @@
 """Autograd wrapper of the fused imitation loss, and its nn.Module.
 
 The forward pass computes the loss *and* the gradients (see ``fused.py``), so that no tensor of
-the prediction's size is kept for backward. Backward multiplies the stored gradients by
-grad_output in place (a no-op on the device when grad_output is 1) and hands them over, so it can
-run once per forward: ``retain_graph=True`` followed by a second backward raises RuntimeError.
+the prediction's size is kept for backward. Backward is one kernel launch: it multiplies the
+stored gradients by grad_output (and, for float16, by the loss scale the forward left out) in
+float32 and rounds them to their dtype - in place for dx and d_residual, a no-op on the device when
+the factor is 1 - and hands them over, so it can run once per forward: ``retain_graph=True``
+followed by a second backward raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .backend import BACKENDS, require_triton, select_imitation_mse
-from .layout import KERNEL_DTYPES, ImitationProblem, as_weight_matrix, check_arguments
+from .layout import (
+    KERNEL_DTYPES,
+    ImitationProblem,
+    as_weight_matrix,
+    cast_to_compute_dtype,
+    check_arguments,
+)
 
 
 class ImitationMSEFunction(torch.autograd.Function):
-    """Loss from the fused forward; gradients precomputed there, scaled in backward."""
+    """Loss from the fused forward; gradients precomputed there, scaled and rounded in backward."""
 
     @staticmethod
     def forward(ctx, x, target, weight, bias, residual, mask, reduction, problem, needs):
@@ -32,8 +40,6 @@ class ImitationMSEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        from .kernel import scale_inplace_
-
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -42,9 +48,8 @@ class ImitationMSEFunction(torch.autograd.Function):
                 "(retain_graph=True) is not supported - run the forward again"
             )
         ctx.grads = None
-        for buf in grads.buffers():
-            scale_inplace_(buf, grad_output)
-        return grads.x, None, grads.weight, grads.bias, grads.residual, None, None, None, None
+        dx, dw, db, dr = grads.finish(grad_output)  # one kernel launch for all of them
+        return dx, None, dw, db, dr, None, None, None, None
 
 
 def imitation_mse(
@@ -64,22 +69,22 @@ def imitation_mse(
     under ``TRITON_INTERPRET=1`` (slow; for tests).
 
     Differentiable with respect to x, weight, bias and residual; target gets no gradient.
-    Inputs may be float32, bfloat16 or float16 (weight, bias and residual are cast to x's dtype
-    with a differentiable cast when they differ; target may have any float dtype). Sums are
-    accumulated in float32 and the loss is a float32 scalar. Gradients have the input's dtype;
-    for 4-D inputs dx is returned in channels-last memory format.
+    x may be float32, bfloat16 or float16. Dtypes follow the reference's rule: x's dtype is the
+    compute dtype, weight, bias and residual are cast to it when they differ (a differentiable
+    cast: each gradient comes back in its tensor's own dtype), target may have any floating dtype.
+    y and y - target are formed in float32 registers, sums are accumulated in float32 and the loss
+    is a float32 scalar. For 4-D inputs dx is returned in channels-last memory format.
 
-    Note: autocast is not applied; the computation runs in x's dtype. A second backward through
-    the same graph (``retain_graph=True``) raises RuntimeError.
+    Note: ``torch.autocast`` is not applied (by either backend): inside an autocast region the
+    result is the same as outside it. A second backward through the same graph
+    (``retain_graph=True``) raises RuntimeError.
     """
     weight = as_weight_matrix(weight)
     problem: ImitationProblem = check_arguments(x, target, weight, bias, residual, reduction, mask)
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"imitation_mse supports float32, bfloat16 and float16 x, got {x.dtype}")
     require_triton(x.device)
-    weight, bias, residual = (
-        t.to(x.dtype) if t is not None and t.dtype != x.dtype else t for t in (weight, bias, residual)
-    )
+    weight, bias, residual = cast_to_compute_dtype(x, weight, bias, residual)
     target = target.detach()
 
     grad_on = torch.is_grad_enabled()

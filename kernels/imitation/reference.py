@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from .layout import as_weight_matrix, check_arguments, feature_last
+from .layout import as_weight_matrix, cast_to_compute_dtype, check_arguments, feature_last
 
 
 def imitation_mse_reference(
@@ -36,24 +38,38 @@ def imitation_mse_reference(
             loss is 0 (not NaN) and every gradient is 0.
 
     Returns:
-        A float32 scalar (float64 for float64 inputs): the squares are summed in float32.
+        A float32 scalar (float64 for float64 x, for ground-truth runs): the squares are summed
+        in float32.
+
+    Dtypes (the same rule for the fused :func:`imitation_mse`): x's dtype is the compute dtype.
+    weight, bias and residual are cast to it when they differ (a differentiable cast: their
+    gradients come back in their own dtypes); target may have any floating dtype and is not cast.
+    ``torch.autocast`` is not applied: inside an autocast region the result is the same as
+    outside it.
     """
     weight = as_weight_matrix(weight)
     problem = check_arguments(x, target, weight, bias, residual, reduction, mask)
+    weight, bias, residual = cast_to_compute_dtype(x, weight, bias, residual)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    # Work feature-last: (..., D). For 4-D inputs these are channels-last views.
-    y = feature_last(x)
-    if weight is not None:
-        y = F.linear(y, weight, bias)  # (..., D_out)
-    if residual is not None:
-        y = y + feature_last(residual)
-    diff = y - feature_last(target).detach()
+    # autocast would run F.linear in its lower precision: the fused path never does.
+    no_autocast = (
+        torch.autocast(x.device.type, enabled=False)
+        if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext()
+    )
+    with no_autocast:
+        # Work feature-last: (..., D). For 4-D inputs these are channels-last views.
+        y = feature_last(x)
+        if weight is not None:
+            y = F.linear(y, weight, bias)  # (..., D_out)
+        if residual is not None:
+            y = y + feature_last(residual)
+        diff = y - feature_last(target).detach()  # promoted with target's dtype
 
-    if mask is not None:
-        # where() (not multiply) so that NaN/inf in ignored rows cannot leak into the loss.
-        diff = torch.where(mask.unsqueeze(-1), diff, 0.0)
-    # float32 accumulation (float64 stays float64, for ground-truth runs).
-    total = diff.square().sum(dtype=torch.promote_types(diff.dtype, torch.float32))
+        if mask is not None:
+            # where() (not multiply) so that NaN/inf in ignored rows cannot leak into the loss.
+            diff = torch.where(mask.unsqueeze(-1), diff, 0.0)
+        total = diff.square().sum(dtype=acc_dtype)
     if reduction == "sum":
         return total
     if mask is None:
