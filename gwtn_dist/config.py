@@ -151,6 +151,13 @@ class WideStageConfig:
     """Stage 1: train the wide twin with the task loss (to convergence: its cost is reported
     apart from the thin-net budget).
 
+    steps: training steps of the wide twin; 0 (only with ``init``) loads, scores and saves the
+    ``init`` weights as the finished teacher.
+    init: a ResNet state dict to start the wide twin from (bring your own teacher): a .pt/.pth
+    of tensors (or a dict holding them under ``state_dict`` or ``model``) or a .safetensors
+    file, in our, torchvision's or timm's parameter names; ``model.*`` must describe its shape
+    (torchvision's wide_resnet50_2 is ``configs/imagenet_resnet50.yaml`` with
+    ``model.widen.inner_mult: 2``). Empty (the default): a fresh init.
     cache: a folder of finished teachers, keyed by everything that decides the teacher
     (model, data, this section, seed; see ``stages/teacher_cache.py``). A wide stage whose
     teacher is there copies it instead of training; one that trains puts its result there.
@@ -159,6 +166,7 @@ class WideStageConfig:
 
     steps: int = 1000
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init: str = ""
     cache: str = ""
 
 
@@ -675,6 +683,16 @@ def _check_compare(cfg: Config) -> None:
                           f"have {sizes} points")
 
 
+def _check_wide(cfg: Config) -> None:
+    w = cfg.wide
+    if w.steps < 0 or (w.steps == 0 and not w.init):
+        raise ConfigError(f"wide.steps: must be > 0 (0 only with wide.init, a teacher that is "
+                          f"loaded, not trained), got {w.steps}")
+    if w.init and cfg.model.family != "resnet":
+        raise ConfigError("wide.init: a teacher's weights can be brought for the ResNet family "
+                          "only")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     m = cfg.model
@@ -719,7 +737,7 @@ def validate(cfg: Config) -> None:
     _positive("data.eval_resize", d.eval_resize)
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
-    _positive("wide.steps", cfg.wide.steps)
+    _check_wide(cfg)
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:
         raise ConfigError(f"imitate.lower_lr_mult: must be >= 0, got {cfg.imitate.lower_lr_mult}")

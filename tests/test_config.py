@@ -77,6 +77,7 @@ def test_file_values_survive_where_not_overridden():
     (["wide.optim.lr=.inf"], ["wide.optim.lr", "finite"]),
     (["wide.optim.grad_clip=.nan"], ["wide.optim.grad_clip", "finite"]),
     (["model.blocks=[1,2"], ["model.blocks=[1,2", "not valid YAML"]),
+    (["wide.init=t.pt", "model.family=bert", "data.dataset=text"], ["wide.init", "ResNet"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as info:
