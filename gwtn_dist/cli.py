@@ -7,7 +7,7 @@
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
     gwtn regime CONFIG [key=value ...]             one comparison per cell of a grid
-    gwtn export WEIGHTS OUT [--tokenizer T]        a thin BERT → Hugging Face BertForMaskedLM
+    gwtn export WEIGHTS OUT [--tokenizer T]        a BERT → Hugging Face; a ResNet → torchvision
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
@@ -143,10 +143,13 @@ def _cmd_regime(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export_hf import export_weights
 
-    out = export_weights(Path(args.weights), Path(args.out),
-                         Path(args.tokenizer) if args.tokenizer else None)
-    print(f"wrote {out / 'config.json'} and {out / 'pytorch_model.bin'}; load them with "
-          f"transformers.BertForMaskedLM.from_pretrained({str(out)!r})")
+    files = export_weights(Path(args.weights), Path(args.out),
+                           Path(args.tokenizer) if args.tokenizer else None)
+    out = str(args.out)
+    how = (f"torch.load({str(files[0])!r}) into a torchvision/timm ResNet of the shape in "
+           f"config.json" if files[0].name == "model.pt" else
+           f"transformers.BertForMaskedLM.from_pretrained({out!r})")
+    print(f"wrote {', '.join(f.name for f in files)} in {out}; load with {how}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
         p.set_defaults(func=func)
-    p = sub.add_parser("export", help="a thin BERT's weights → a Hugging Face BertForMaskedLM")
-    p.add_argument("weights", help="a BERT stage's model.pt, e.g. runs/kjv/finetune/model.pt")
-    p.add_argument("out", help="output folder (config.json, pytorch_model.bin)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to copy along (e.g. the shards' one)")
+    p = sub.add_parser("export", help="a BERT → a Hugging Face BertForMaskedLM folder; a "
+                       "ResNet → a torchvision/timm-named state dict")
+    p.add_argument("weights", help="a stage's model.pt, e.g. runs/kjv/finetune/model.pt")
+    p.add_argument("out", help="output folder (config.json and the weights)")
+    p.add_argument("--tokenizer", help="BERT: a tokenizer.json to copy along (e.g. the shards' "
+                   "one)")
     p.set_defaults(func=_cmd_export)
     return parser
 

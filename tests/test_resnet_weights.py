@@ -1,4 +1,4 @@
-"""Bring your own teacher (``wide.init``): torchvision/timm names ↔ ours.
+"""Bring your own teacher (``wide.init``) and the ResNet export: torchvision/timm names ↔ ours.
 
 torchvision is not imported (nor needed): a torchvision-layout state dict is our own net's
 tensors under torchvision's names, which is what ``torchvision_name`` gives.
@@ -14,7 +14,7 @@ import torch
 from gwtn_dist import checkpoint
 from gwtn_dist.cli import main
 from gwtn_dist.config import ConfigError, load_config
-from gwtn_dist.models.family import build_thin, build_wide
+from gwtn_dist.models.family import build_thin, build_wide, shape_meta
 from gwtn_dist.models.resnet_names import (
     load_resnet_weights,
     read_state_dict,
@@ -148,6 +148,35 @@ def test_wide_steps_0_saves_the_given_teacher_as_a_finished_stage(tmp_path, shar
     assert main(["-q", "wide", *fast_args(tmp_path / "none", shard_dir, "wide.steps=0",
                                           f"wide.init={tmp_path / 'nope.pt'}")]) == 2
     assert "nope.pt not found" in capsys.readouterr().err
+
+
+def test_export_writes_torchvision_names_that_map_back_to_the_same_logits(tmp_path, monkeypatch,
+                                                                          capsys):
+    cfg = load_config(None, IMAGENET)
+    thin = perturbed(build_thin(cfg.model))
+    checkpoint.save_weights(thin, tmp_path / "model.pt",
+                            {"stage": "finetune", **shape_meta(cfg.model, wide=False)})
+    out = tmp_path / "export"
+    assert main(["-q", "export", str(tmp_path / "model.pt"), str(out)]) == 0
+    assert "model.pt" in capsys.readouterr().out
+    x = torch.randn(2, 3, 64, 64)
+    files = [out / "model.pt"] + ([out / "model.safetensors"]
+                                  if checkpoint.safetensors_available() else [])
+    for path in files:
+        tensors = read_state_dict(path)
+        assert "conv1.weight" in tensors and "layer1.0.downsample.0.weight" in tensors
+        back = build_thin(cfg.model)
+        load_resnet_weights(back, tensors)
+        with torch.no_grad():
+            assert torch.equal(back.eval()(x), thin(x))
+    config = json.loads((out / "config.json").read_text())
+    assert config["naming"] == "torchvision" and config["torchvision_arch"] is None
+    # Without safetensors, the .pt alone; a tokenizer is refused for a ResNet.
+    monkeypatch.setattr(checkpoint, "safetensors_available", lambda: False)
+    assert main(["-q", "export", str(tmp_path / "model.pt"), str(tmp_path / "plain")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.pt"]
+    assert main(["-q", "export", str(tmp_path / "model.pt"), str(tmp_path / "t"),
+                 "--tokenizer", str(tmp_path / "model.pt")]) == 2
 
 
 def test_the_teacher_cache_keys_wide_init_by_content(tmp_path):
