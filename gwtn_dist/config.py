@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -336,6 +338,11 @@ class CheckpointConfig:
 class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
+    run_dir: the run's folder, which may hold ``{date}`` and ``{seed}``, filled when a command
+    starts a run (the date as YYYYmmdd-HHMMSS), so ``runs/fmnist-{date}`` gives every run a new
+    folder. A resume, ``gwtn imitate|finetune`` and a requeued SLURM job continue a run: give
+    them its folder (a ``{date}`` is refused there).
+    seed: the seed of weights, data order and augmentation.
     eval_every: score the net being trained every N thin-net steps on the first
     ``eval_samples`` validation images (``data.val_samples``; text: val sequences; 0 = the
     whole split), for accuracy-vs-steps curves; 0 turns it off. Every stage's final net is
@@ -518,6 +525,38 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     return config_from_dict(tree)
 
 
+# --------------------------------------------------------------------------------------------
+# run_dir placeholders.
+
+RUN_DIR_FIELDS = ("date", "seed")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse braces in ``run_dir`` other than the ``{date}`` and ``{seed}`` placeholders."""
+    rest = re.sub(r"\{(?:date|seed)\}", "", run_dir)
+    if "{" in rest or "}" in rest:
+        raise ConfigError(f"run_dir: {run_dir!r} may hold only the placeholders "
+                          f"{{date}} and {{seed}}")
+
+
+def date_stamp(when: float | None = None) -> str:
+    """The ``{date}`` of a run folder: local time as YYYYmmdd-HHMMSS."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+
+
+def fill_run_dir(cfg: Config, stamp: str, *, continuing: bool = False) -> Config:
+    """``cfg`` with ``{date}`` (as ``stamp``) and ``{seed}`` filled in ``run_dir``.
+
+    A ``{date}`` names a new folder at every start, so it cannot name a run to continue:
+    with ``resume=true`` or ``continuing`` (``gwtn imitate|finetune``) it is a ConfigError.
+    """
+    if "{date}" in cfg.run_dir and (cfg.resume or continuing):
+        raise ConfigError(f"run_dir: {cfg.run_dir!r} has {{date}}, which names a new folder at "
+                          f"every start; to continue a run, give its folder (run_dir=…)")
+    run_dir = cfg.run_dir.replace("{date}", stamp).replace("{seed}", str(cfg.seed))
+    return dataclasses.replace(cfg, run_dir=run_dir)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -695,6 +734,7 @@ def _check_wide(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
+    check_run_dir(cfg.run_dir)
     m = cfg.model
     if not m.blocks or any(b < 1 for b in m.blocks):
         raise ConfigError(f"model.blocks: one positive block count per stage, got {m.blocks}")
