@@ -6,10 +6,12 @@ with ``weights_only=True``: a crafted file cannot run code, it is refused with a
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -29,6 +31,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None],
+                  keep_previous: bool = False) -> None:
+    """``write`` into a temporary file in ``path``'s folder, fsync, then rename over ``path``
+    (and fsync the folder); see ``atomic_save``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.is_file():
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
 def atomic_save(obj: Any, path: Path | str, keep_previous: bool = False) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``
     (and fsync the folder).
@@ -37,17 +55,20 @@ def atomic_save(obj: Any, path: Path | str, keep_previous: bool = False) -> None
     keep_previous: first move the current file to ``previous_path(path)``, so the last two
     stay on disk (a resume falls back to the older one if the newer cannot be read).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.is_file():
-        os.replace(path, previous_path(path))
-    os.replace(tmp, path)
-    _fsync_folder(path.parent)
+    _atomic_write(Path(path), lambda f: torch.save(obj, f), keep_previous)
+
+
+def safetensors_available() -> bool:
+    """Whether the optional ``safetensors`` package can be imported."""
+    return importlib.util.find_spec("safetensors") is not None
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Write a flat dict of tensors as a .safetensors file, atomically (needs ``safetensors``)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": "pt"})
+    _atomic_write(Path(path), lambda f: f.write(data))
 
 
 def previous_path(path: Path | str) -> Path:

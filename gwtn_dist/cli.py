@@ -7,7 +7,8 @@
     gwtn wide|imitate|finetune CONFIG [key=value]  one stage, in run_dir
     gwtn compare CONFIG [key=value ...]            the method vs baselines over seeds
     gwtn regime CONFIG [key=value ...]             one comparison per cell of a grid
-    gwtn export WEIGHTS OUT [--tokenizer T]        a thin BERT → Hugging Face BertForMaskedLM
+    gwtn export WEIGHTS OUT [--tokenizer T]        a BERT → Hugging Face; a ResNet → torchvision
+    gwtn config CONFIG [key=value ...]             print the resolved config, with help
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.fashion_mnist import CLASSES, DataSourceError, load_split
 from .data.shards import write_image_shards
@@ -72,16 +73,26 @@ def _cmd_shards(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'index.json'}")
 
 
-def _load(args: argparse.Namespace) -> Config:
-    """The config, after joining the job's ranks (if launched on several) and making the data."""
+def _load(args: argparse.Namespace, continuing: bool = False) -> Config:
+    """The config, after joining the job's ranks (if launched on several) and making the data;
+    its run_dir's ``{date}`` and ``{seed}`` filled (``continuing``: a command that continues a
+    run, which a ``{date}`` cannot name)."""
     cfg = load_config(args.config, args.overrides)
     rt = runtime.setup(cfg)
+    cfg = fill_run_dir(cfg, _job_date_stamp(), continuing=continuing)
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     check_loss_backend(cfg, runtime.device_for(cfg, rt.env))
     preempt.install(Path(cfg.run_dir))
     ensure_shards(cfg)
     return cfg
+
+
+def _job_date_stamp() -> str:
+    """``{date}`` for this run: rank 0's clock, so every rank of a job names the same folder."""
+    digits = int(date_stamp().replace("-", ""))  # 14 digits: exact in a float64 all-reduce
+    digits = str(int(runtime.rank0_value(digits)))
+    return f"{digits[:8]}-{digits[8:]}"
 
 
 def check_loss_backend(cfg: Config, device) -> None:
@@ -109,7 +120,7 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     from .stages.tasks import task_for
     from .stages.wide import train_wide
 
-    cfg = _load(args)
+    cfg = _load(args, continuing=args.command != "wide")
     apply_runtime(cfg)
     run_dir = prepare_run_dir(cfg, Path(cfg.run_dir), continuing=True)
     stage = {"wide": train_wide, "imitate": imitate, "finetune": finetune}[args.command]
@@ -143,10 +154,19 @@ def _cmd_regime(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export_hf import export_weights
 
-    out = export_weights(Path(args.weights), Path(args.out),
-                         Path(args.tokenizer) if args.tokenizer else None)
-    print(f"wrote {out / 'config.json'} and {out / 'pytorch_model.bin'}; load them with "
-          f"transformers.BertForMaskedLM.from_pretrained({str(out)!r})")
+    files = export_weights(Path(args.weights), Path(args.out),
+                           Path(args.tokenizer) if args.tokenizer else None)
+    out = str(args.out)
+    how = (f"torch.load({str(files[0])!r}) into a torchvision/timm ResNet of the shape in "
+           f"config.json" if files[0].name == "model.pt" else
+           f"transformers.BertForMaskedLM.from_pretrained({out!r})")
+    print(f"wrote {', '.join(f.name for f in files)} in {out}; load with {how}")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    from .config_doc import commented_yaml
+
+    print(commented_yaml(load_config(args.config, args.overrides)), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,11 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
         p.set_defaults(func=func)
-    p = sub.add_parser("export", help="a thin BERT's weights → a Hugging Face BertForMaskedLM")
-    p.add_argument("weights", help="a BERT stage's model.pt, e.g. runs/kjv/finetune/model.pt")
-    p.add_argument("out", help="output folder (config.json, pytorch_model.bin)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to copy along (e.g. the shards' one)")
+    p = sub.add_parser("export", help="a BERT → a Hugging Face BertForMaskedLM folder; a "
+                       "ResNet → a torchvision/timm-named state dict")
+    p.add_argument("weights", help="a stage's model.pt, e.g. runs/kjv/finetune/model.pt")
+    p.add_argument("out", help="output folder (config.json and the weights)")
+    p.add_argument("--tokenizer", help="BERT: a tokenizer.json to copy along (e.g. the shards' "
+                   "one)")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("config", help="print the resolved config (defaults included) as YAML")
+    p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
+    p.set_defaults(func=_cmd_config)
     return parser
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +153,13 @@ class WideStageConfig:
     """Stage 1: train the wide twin with the task loss (to convergence: its cost is reported
     apart from the thin-net budget).
 
+    steps: training steps of the wide twin; 0 (only with ``init``) loads, scores and saves the
+    ``init`` weights as the finished teacher.
+    init: a ResNet state dict to start the wide twin from (bring your own teacher): a .pt/.pth
+    of tensors (or a dict holding them under ``state_dict`` or ``model``) or a .safetensors
+    file, in our, torchvision's or timm's parameter names; ``model.*`` must describe its shape
+    (torchvision's wide_resnet50_2 is ``configs/imagenet_resnet50.yaml`` with
+    ``model.widen.inner_mult: 2``). Empty (the default): a fresh init.
     cache: a folder of finished teachers, keyed by everything that decides the teacher
     (model, data, this section, seed; see ``stages/teacher_cache.py``). A wide stage whose
     teacher is there copies it instead of training; one that trains puts its result there.
@@ -159,6 +168,7 @@ class WideStageConfig:
 
     steps: int = 1000
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init: str = ""
     cache: str = ""
 
 
@@ -343,6 +353,11 @@ class ProfileConfig:
 class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
+    run_dir: the run's folder, which may hold ``{date}`` and ``{seed}``, filled when a command
+    starts a run (the date as YYYYmmdd-HHMMSS), so ``runs/fmnist-{date}`` gives every run a new
+    folder. A resume, ``gwtn imitate|finetune`` and a requeued SLURM job continue a run: give
+    them its folder (a ``{date}`` is refused there).
+    seed: the seed of weights, data order and augmentation.
     eval_every: score the net being trained every N thin-net steps on the first
     ``eval_samples`` validation images (``data.val_samples``; text: val sequences; 0 = the
     whole split), for accuracy-vs-steps curves; 0 turns it off. Every stage's final net is
@@ -529,6 +544,38 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     return config_from_dict(tree)
 
 
+# --------------------------------------------------------------------------------------------
+# run_dir placeholders.
+
+RUN_DIR_FIELDS = ("date", "seed")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Refuse braces in ``run_dir`` other than the ``{date}`` and ``{seed}`` placeholders."""
+    rest = re.sub(r"\{(?:date|seed)\}", "", run_dir)
+    if "{" in rest or "}" in rest:
+        raise ConfigError(f"run_dir: {run_dir!r} may hold only the placeholders "
+                          f"{{date}} and {{seed}}")
+
+
+def date_stamp(when: float | None = None) -> str:
+    """The ``{date}`` of a run folder: local time as YYYYmmdd-HHMMSS."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+
+
+def fill_run_dir(cfg: Config, stamp: str, *, continuing: bool = False) -> Config:
+    """``cfg`` with ``{date}`` (as ``stamp``) and ``{seed}`` filled in ``run_dir``.
+
+    A ``{date}`` names a new folder at every start, so it cannot name a run to continue:
+    with ``resume=true`` or ``continuing`` (``gwtn imitate|finetune``) it is a ConfigError.
+    """
+    if "{date}" in cfg.run_dir and (cfg.resume or continuing):
+        raise ConfigError(f"run_dir: {cfg.run_dir!r} has {{date}}, which names a new folder at "
+                          f"every start; to continue a run, give its folder (run_dir=…)")
+    run_dir = cfg.run_dir.replace("{date}", stamp).replace("{seed}", str(cfg.seed))
+    return dataclasses.replace(cfg, run_dir=run_dir)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -694,8 +741,19 @@ def _check_compare(cfg: Config) -> None:
                           f"have {sizes} points")
 
 
+def _check_wide(cfg: Config) -> None:
+    w = cfg.wide
+    if w.steps < 0 or (w.steps == 0 and not w.init):
+        raise ConfigError(f"wide.steps: must be > 0 (0 only with wide.init, a teacher that is "
+                          f"loaded, not trained), got {w.steps}")
+    if w.init and cfg.model.family != "resnet":
+        raise ConfigError("wide.init: a teacher's weights can be brought for the ResNet family "
+                          "only")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
+    check_run_dir(cfg.run_dir)
     m = cfg.model
     if not m.blocks or any(b < 1 for b in m.blocks):
         raise ConfigError(f"model.blocks: one positive block count per stage, got {m.blocks}")
@@ -738,7 +796,7 @@ def validate(cfg: Config) -> None:
     _positive("data.eval_resize", d.eval_resize)
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
-    _positive("wide.steps", cfg.wide.steps)
+    _check_wide(cfg)
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:
         raise ConfigError(f"imitate.lower_lr_mult: must be >= 0, got {cfg.imitate.lower_lr_mult}")

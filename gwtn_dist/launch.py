@@ -177,13 +177,23 @@ def build(style: str, gwtn_args: list[str], alloc: Allocation, *, port: int,
                       for k, node in enumerate(alloc.nodes)}, hostfile=text)
 
 
-def _run_dir(gwtn_args: list[str]) -> Path:
-    """The run directory of ``COMMAND CONFIG [overrides]`` (where the stop file goes)."""
-    from .config import load_config
+def _run_dir(gwtn_args: list[str], requeue: bool) -> Path:
+    """The run directory of ``COMMAND CONFIG [overrides]`` (where the stop file goes). A
+    ``{date}`` in it is filled here once and passed to every rank as ``run_dir=…``; it is
+    refused where a requeued start would have to find the run again."""
+    from .config import date_stamp, fill_run_dir, load_config
 
     if len(gwtn_args) < 2:
         raise LaunchError("after --, give the gwtn command: COMMAND CONFIG [key=value …]")
-    return Path(load_config(gwtn_args[1], gwtn_args[2:]).run_dir)
+    cfg = load_config(gwtn_args[1], gwtn_args[2:])
+    if "{date}" in cfg.run_dir:
+        if requeue:
+            raise LaunchError(f"run_dir {cfg.run_dir!r} has {{date}}, so a requeued job would "
+                              f"start a new folder instead of resuming; give a fixed run_dir "
+                              f"(e.g. with the job id) or pass --no-requeue")
+        cfg = fill_run_dir(cfg, date_stamp(), continuing=gwtn_args[0] in ("imitate", "finetune"))
+        gwtn_args.append(f"run_dir={cfg.run_dir}")
+    return Path(cfg.run_dir.replace("{seed}", str(cfg.seed)))
 
 
 def _requeue(job_id: str) -> None:
@@ -196,10 +206,10 @@ def launch(args: argparse.Namespace) -> int:
     gwtn_args = list(args.gwtn)
     if gwtn_args[:1] == ["--"]:
         gwtn_args = gwtn_args[1:]
-    run_dir = _run_dir(gwtn_args)
     alloc = allocation(nodes=args.nodes, ranks_per_node=args.nproc_per_node)
     if alloc.restarts and "resume=true" not in gwtn_args:
         gwtn_args.append("resume=true")  # a requeued job continues the run it started
+    run_dir = _run_dir(gwtn_args, requeue=bool(alloc.job_id) and not args.no_requeue)
     # In the working directory (the submit directory, shared by the nodes like the run
     # directory, which must hold nothing but the run before the run starts).
     hostfile = Path(args.hostfile or f"gwtn-hostfile-{alloc.job_id or 'local'}")

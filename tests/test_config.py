@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import time
+
 import pytest
 import yaml
 
-from gwtn_dist.config import Config, ConfigError, dump_config, load_config
+from gwtn_dist.cli import main
+from gwtn_dist.config import (
+    Config,
+    ConfigError,
+    dump_config,
+    fill_run_dir,
+    load_config,
+    to_dict,
+)
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -77,6 +89,8 @@ def test_file_values_survive_where_not_overridden():
     (["wide.optim.lr=.inf"], ["wide.optim.lr", "finite"]),
     (["wide.optim.grad_clip=.nan"], ["wide.optim.grad_clip", "finite"]),
     (["model.blocks=[1,2"], ["model.blocks=[1,2", "not valid YAML"]),
+    (["wide.init=t.pt", "model.family=bert", "data.dataset=text"], ["wide.init", "ResNet"]),
+    (["run_dir=runs/{name}"], ["run_dir", "{date} and {seed}"]),
 ])
 def test_bad_input_names_the_key(override, words):
     with pytest.raises(ConfigError) as info:
@@ -114,3 +128,47 @@ def test_quiet_goes_anywhere_before_a_double_dash():
     # After `--`, -q belongs to the command gwtn launch starts.
     assert _quiet_first(["launch", "--", "run", "c.yaml", "-q"]) == [
         "launch", "--", "run", "c.yaml", "-q"]
+
+
+def test_gwtn_config_prints_the_resolved_config_with_help(tmp_path, capsys):
+    overrides = ["wide.steps=7", "model.blocks=[2,2,2]"]
+    assert main(["config", str(REPO / "configs/tiny_cpu.yaml"), *overrides]) == 0
+    text = capsys.readouterr().out
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", overrides)
+    assert yaml.safe_load(text) == to_dict(cfg)  # every key, defaults included
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    lines = text.splitlines()
+    assert "wide:  # Stage 1: train the wide twin" in text
+    assert any(line.startswith("  steps_per_point: 15  # steps of each phase") for line in lines)
+    assert "  blocks: [2, 2, 2]" in lines and "  dataset: fashion-mnist  # `fashion-mnist`" in text
+    assert main(["config", str(REPO / "configs/tiny_cpu.yaml"), "wide.nope=1"]) == 2
+    assert "unknown key wide.nope" in capsys.readouterr().err
+
+
+def test_run_dir_placeholders_are_filled_for_a_new_run_only():
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["run_dir=runs/x-{date}-s{seed}", "seed=3"])
+    assert cfg.run_dir == "runs/x-{date}-s{seed}"  # loading leaves them; starting a run fills
+    assert fill_run_dir(cfg, "20250102-030405").run_dir == "runs/x-20250102-030405-s3"
+    for resumed, continuing in ((True, False), (False, True)):
+        with pytest.raises(ConfigError, match=r"run_dir: .*\{date\}.*give its folder"):
+            fill_run_dir(dataclasses.replace(cfg, resume=resumed), "d", continuing=continuing)
+    seed_only = dataclasses.replace(cfg, run_dir="runs/s{seed}", resume=True)
+    assert fill_run_dir(seed_only, "d", continuing=True).run_dir == "runs/s3"
+
+
+def test_each_run_with_date_gets_its_own_folder(tmp_path, shard_dir, capsys):
+    from tests.test_pipeline import fast_args
+
+    args = fast_args(tmp_path / "r-{date}", shard_dir, "wide.steps=2", "eval_test=false")
+    for _ in range(2):
+        assert main(["-q", "wide", *args]) == 0
+        time.sleep(1.1)  # {date} counts seconds
+    folders = sorted(tmp_path.glob("r-*"))
+    assert len(folders) == 2 and all(re.fullmatch(r"r-\d{8}-\d{6}", f.name) for f in folders)
+    for folder in folders:
+        assert yaml.safe_load((folder / "config.yaml").read_text())["run_dir"] == str(folder)
+        assert (folder / "wide" / "DONE").is_file()
+    capsys.readouterr()
+    assert main(["-q", "wide", *args, "resume=true"]) == 2
+    assert "give its folder" in capsys.readouterr().err

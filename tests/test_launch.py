@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -118,6 +119,18 @@ def test_dry_run_prints_every_node_command_and_writes_nothing(tmp_path):
     assert not run_dir.exists()
     bad = gwtn("launch", "--dry-run", "--", "run", TINY, "nope=1")
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_a_date_in_run_dir_is_filled_once_for_every_rank(tmp_path):
+    template = str(tmp_path / "run-{date}")
+    proc = gwtn("launch", "--style", "local", "--nproc-per-node", "2", "--dry-run", "--", "run",
+                TINY, f"run_dir={template}")
+    assert proc.returncode == 0, proc.stderr
+    (filled,) = set(re.findall(r"run_dir=(\S*run-\d{8}-\d{6})", proc.stdout))
+    assert filled.startswith(str(tmp_path))
+    # Under SLURM with requeue, a requeued start could not find the run: refused up front.
+    proc = gwtn("launch", "--dry-run", "--", "run", TINY, f"run_dir={template}", env=JOB)
+    assert proc.returncode == 2 and "requeued job would start a new folder" in proc.stderr
 
 
 def test_stop_requests_by_file_or_signal_are_consumed(tmp_path):

@@ -1,11 +1,16 @@
-"""An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`."""
+"""An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`;
+torch is required as a range that holds the version the set-up installs, not as a pin."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
 import sys
+
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.conftest import REPO
 
@@ -38,3 +43,23 @@ def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def _install_requires() -> list[str]:
+    tree = ast.parse((REPO / "setup.py").read_text())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+               and getattr(n.func, "id", None) == "setup"]
+    (kw,) = [k for k in call.keywords if k.arg == "install_requires"]
+    return ast.literal_eval(kw.value)
+
+
+def test_torch_is_a_range_that_holds_the_pinned_set_up():
+    (torch_req,) = [Requirement(r) for r in _install_requires() if r.startswith("torch")]
+    operators = {spec.operator for spec in torch_req.specifier}
+    assert "==" not in operators and "===" not in operators, torch_req
+    assert {">=", "<"} <= operators, f"{torch_req}: give a floor and a ceiling"
+    # The README and CI install this CPU build first; the range must accept it.
+    pinned = "torch==2.13.0"
+    assert pinned in (REPO / "README.md").read_text() and pinned in (REPO / ".ci/run").read_text()
+    assert torch_req.specifier.contains(Version("2.13.0"))
+    assert "MIT License" in (REPO / "LICENSE").read_text()

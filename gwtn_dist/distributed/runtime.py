@@ -149,3 +149,11 @@ def rank0_says(flag: bool) -> bool:
     if rt.world_size == 1:
         return flag
     return all_reduce_sum(torch.tensor([float(flag and rt.is_main)])).item() > 0
+
+
+def rank0_value(value: float) -> float:
+    """Rank 0's ``value``, on every rank (exact for integers below 2**53)."""
+    rt = current()
+    if rt.world_size == 1:
+        return value
+    return all_reduce_sum(torch.tensor([float(value) if rt.is_main else 0.0])).item()

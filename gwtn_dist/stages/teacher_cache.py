@@ -3,7 +3,8 @@ is paid for once: later runs with the same teacher settings copy it instead of t
 
 The key is a hash of everything that decides the teacher's weights: the model section, the
 data section (less how it is read: workers, eval batch), the wide section (less the cache
-path), the seed, the memory format and the precision. ``CACHE/<key>/`` holds the finished
+path; ``init``, the weights it starts from, by their content's hash), the seed, the memory
+format and the precision. ``CACHE/<key>/`` holds the finished
 stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
 hash was taken of.
 """
@@ -27,8 +28,18 @@ def teacher_settings(cfg: Config) -> dict:
     tree = to_dict(cfg)
     data = {k: v for k, v in tree["data"].items() if k not in ("num_workers", "eval_batch_size")}
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
+    if cfg.wide.init:  # the same path may hold other weights later: key on what it holds
+        wide["init"] = _file_sha256(Path(cfg.wide.init))
     return {"model": tree["model"], "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir(cfg: Config) -> Path | None:

@@ -1,4 +1,9 @@
-"""Stage 1: train the wide twin with the ordinary task loss."""
+"""Stage 1: train the wide twin with the ordinary task loss, or bring it (``wide.init``).
+
+With ``wide.init`` the twin starts from a given ResNet state dict; with ``wide.steps: 0`` too,
+it is not trained at all: the stage loads, scores and saves it, leaving the same files as a
+trained teacher, so the later stages use it unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,19 @@ import json
 from functools import partial
 from pathlib import Path
 
-from ..config import Config
+from torch import nn
+
+from ..config import Config, ConfigError
 from ..distributed.runtime import barrier, current
 from ..models.family import build_wide, shape_meta
+from ..models.resnet_names import WeightsError, load_resnet_weights, read_state_dict
 from . import teacher_cache
 from .common import (
     finish_stage,
     loop_context,
     place,
     read_stage,
+    resolve_device,
     seed_everything,
     stage_done,
     update_summary,
@@ -31,6 +40,8 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     stage_dir = run_dir / STAGE
     if stage_done(stage_dir):
         return read_stage(stage_dir)
+    if cfg.wide.init and not Path(cfg.wide.init).is_file():
+        raise ConfigError(f"wide.init: {cfg.wide.init} not found")
     if current().is_main and teacher_cache.fetch(cfg, stage_dir):
         record = {**read_stage(stage_dir), "from_cache": str(teacher_cache.cache_dir(cfg))}
         (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
@@ -39,8 +50,38 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     seed_everything(cfg.seed)
-    ctx = loop_context(cfg, stage_dir, {}, stream_tag=1)
-    wide = place(build_wide(cfg.model), cfg, ctx.device)
+    meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
+    extra = {"init": cfg.wide.init} if cfg.wide.init else None
+    if cfg.wide.steps == 0:
+        wide = place(load_init(build_wide(cfg.model), cfg.wide.init), cfg, resolve_device(cfg))
+        if current().is_main:  # a trained stage's files, its step log empty
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "metrics.jsonl").write_text("")
+        record = finish_stage(cfg, run_dir, STAGE, wide, [], meta, extra)
+    else:
+        record = _train(cfg, run_dir, meta, extra)
+    if current().is_main:
+        teacher_cache.store(cfg, stage_dir)
+    return record
+
+
+def load_init(model: nn.Module, path: str) -> nn.Module:
+    """``model`` with the weights of ``wide.init`` (our, torchvision's or timm's names);
+    anything that does not fit is a one-line ConfigError naming the key."""
+    try:
+        load_resnet_weights(model, read_state_dict(Path(path)))
+    except WeightsError as exc:
+        raise ConfigError(f"wide.init: {exc} (the wide twin's shape comes from model.* and "
+                          f"model.widen.*)") from None
+    return model
+
+
+def _train(cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:
+    ctx = loop_context(cfg, run_dir / STAGE, {}, stream_tag=1)
+    wide = build_wide(cfg.model)
+    if cfg.wide.init:
+        load_init(wide, cfg.wide.init)
+    wide = place(wide, cfg, ctx.device)
     ctx.modules = {"wide": wide}
     task = task_for(cfg)
 
@@ -49,8 +90,4 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
                   loss=partial(task.label_loss, wide), module=wide, setup=wide.train,
                   eval_model=wide, zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
-    meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
-    record = finish_stage(cfg, run_dir, STAGE, wide, results, meta)
-    if current().is_main:
-        teacher_cache.store(cfg, stage_dir)
-    return record
+    return finish_stage(cfg, run_dir, STAGE, wide, results, meta, extra)

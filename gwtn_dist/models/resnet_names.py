@@ -1,0 +1,133 @@
+"""Our ResNet's parameter names ↔ torchvision's (timm's ResNets use torchvision's names).
+
+The nets differ in names only: our stem is ``stem.0`` (conv) and ``stem.1`` (batch norm) where
+torchvision has ``conv1`` and ``bn1``, and a block's projection shortcut is ``shortcut`` where
+torchvision has ``downsample``; ``layerI.J.conv1`` … ``bn3`` and ``fc`` are the same, and so is
+every tensor's layout. torchvision's resnet50 is our ``geometry: imagenet`` net with stem 64,
+blocks [3, 4, 6, 3] and inner widths [64, 128, 256, 512]; its wide_resnet50_2 doubles the inner
+widths (our twin with ``widen.inner_mult: 2``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .resnet import ResNet, ResNetShape
+
+# (our prefix, torchvision's) at the start of a name, and (ours, theirs) anywhere in it.
+_START = (("stem.0.", "conv1."), ("stem.1.", "bn1."))
+_INSIDE = ((".shortcut.", ".downsample."),)
+
+# torchvision's bottleneck ResNets by depth; a "wide_" one doubles the inner widths.
+_TORCHVISION_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101",
+                       (3, 8, 36, 3): "resnet152"}
+
+
+class WeightsError(ValueError):
+    """A state dict that does not fit the ResNet it is loaded into."""
+
+
+def torchvision_name(ours: str) -> str:
+    """torchvision's (and timm's) name of one of our parameter or buffer names."""
+    for mine, theirs in _START:
+        if ours.startswith(mine):
+            return theirs + ours[len(mine):]
+    for mine, theirs in _INSIDE:
+        ours = ours.replace(mine, theirs)
+    return ours
+
+
+def our_name(name: str) -> str:
+    """Our name of a torchvision/timm name; our own names come back unchanged."""
+    for mine, theirs in _START:
+        if name.startswith(theirs):
+            return mine + name[len(theirs):]
+    for mine, theirs in _INSIDE:
+        name = name.replace(theirs, mine)
+    return name
+
+
+def torchvision_state_dict(model: ResNet) -> dict[str, torch.Tensor]:
+    """``model``'s state dict under torchvision's names (CPU, contiguous: ready to save)."""
+    return {torchvision_name(k): v.detach().cpu().contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def torchvision_arch(shape: ResNetShape) -> str | None:
+    """The torchvision constructor that builds this shape (``resnet50``, ``wide_resnet50_2``
+    …), or None when there is none."""
+    name = _TORCHVISION_DEPTHS.get(tuple(shape.blocks))
+    if (name is None or shape.geometry != "imagenet" or shape.in_channels != 3
+            or shape.stem_width != 64 or tuple(shape.boundary_widths) != (256, 512, 1024, 2048)):
+        return None
+    inner = tuple(shape.inner_widths)
+    if inner == (64, 128, 256, 512):
+        return name
+    if inner == (128, 256, 512, 1024) and name != "resnet152":
+        return f"wide_{name}_2"
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: a .safetensors file, or a torch file (read with
+    ``weights_only=True``) holding a dict of tensors, directly or under ``state_dict`` or
+    ``model``. Raises WeightsError when it holds something else or cannot be read."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            blob = load_file(str(path))
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise WeightsError(f"{path}: reading .safetensors needs the safetensors package") from None
+    except Exception as exc:  # any failure to read means "not a weights file we can use"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{path} cannot be read as weights ({first[:200]})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+            break
+    if not isinstance(blob, dict) or not blob:
+        raise WeightsError(f"{path} holds no state dict (a mapping of names to tensors)")
+    for name, value in blob.items():
+        if not torch.is_tensor(value):
+            raise WeightsError(f"{path}: {name} is a {type(value).__name__}, not a tensor")
+    # A DistributedDataParallel wrapper's prefix.
+    if all(str(k).startswith("module.") for k in blob):
+        blob = {k[len("module."):]: v for k, v in blob.items()}
+    return blob
+
+
+def load_resnet_weights(model: ResNet, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` (our, torchvision's or timm's names) into ``model``.
+
+    Checked before anything is copied, in the net's forward order: the first tensor whose shape
+    differs, then the first of the net's tensors that is missing, then the first name the net
+    does not have, each a WeightsError naming the key (and both shapes). Missing
+    ``num_batches_tracked`` counters (old torchvision and some timm files lack them) keep ours.
+    """
+    mapped: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        ours = our_name(name)
+        if ours in mapped:
+            raise WeightsError(f"{name} and {mapped[ours][0]} both name our {ours}")
+        mapped[ours] = (name, value)
+    own = model.state_dict()
+    for ours, target in own.items():
+        if ours in mapped and tuple(mapped[ours][1].shape) != tuple(target.shape):
+            name, value = mapped[ours]
+            raise WeightsError(f"{name} has shape {tuple(value.shape)}, but the net's {ours} "
+                               f"has {tuple(target.shape)}")
+    for ours in own:
+        if ours not in mapped and not ours.endswith("num_batches_tracked"):
+            raise WeightsError(f"{torchvision_name(ours)} (our {ours}) is missing")
+    for ours, (name, _) in mapped.items():
+        if ours not in own:
+            raise WeightsError(f"{name} is not a tensor of this ResNet (in our, torchvision's "
+                               f"or timm's names)")
+    full = {k: mapped[k][1] if k in mapped else v for k, v in own.items()}
+    model.load_state_dict(full)
