@@ -30,6 +30,8 @@ def teacher_settings(cfg: Config) -> dict:
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
     if cfg.wide.init:  # the same path may hold other weights later: key on what it holds
         wide["init"] = _file_sha256(Path(cfg.wide.init))
+    else:  # keys of teachers trained before wide.init existed stay what they were
+        wide.pop("init", None)
     return {"model": tree["model"], "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
 
