@@ -163,6 +163,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(f.name for f in files)} in {out}; load with {how}")
 
 
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from .profile_report import profile
+
+    table, plot = profile(Path(args.run_dir))
+    print(table)
+    print(f"plot: {plot}")
+
+
 def _cmd_config(args: argparse.Namespace) -> None:
     from .config_doc import commented_yaml
 
@@ -207,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="BERT: a tokenizer.json to copy along (e.g. the shards' "
                    "one)")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("profile", help="where the training steps of a run spent their time "
+                       "(table, and RUN_DIR/profile.png)")
+    p.add_argument("run_dir", help="a run folder, e.g. runs/fmnist")
+    p.set_defaults(func=_cmd_profile)
     p = sub.add_parser("config", help="print the resolved config (defaults included) as YAML")
     p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")

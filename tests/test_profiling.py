@@ -62,3 +62,17 @@ def test_a_trace_is_written_for_the_asked_steps_of_each_stage(profiled_run):
     assert trace.name == "imitate-layer1-rank0.json"
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"teacher_forward", "imitation_loss"} <= names
+
+
+def test_gwtn_profile_shows_every_phase_and_draws_the_plot(profiled_run, capsys):
+    assert main(["profile", str(profiled_run)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| imitate |", "| wide |"))]
+    assert len(rows) == 4  # wide/train and the three imitation points, one rank
+    assert "teacher forward" in out and (profiled_run / "profile.png").stat().st_size > 1000
+
+
+def test_gwtn_profile_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
+    assert main(["profile", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gwtn: error:") and len(err.strip().splitlines()) == 1
