@@ -163,6 +163,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(f.name for f in files)} in {out}; load with {how}")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .pipeline import apply_runtime
+    from .step_bench import bench_imitate, bench_step, table
+
+    if args.steps < 1 or args.rounds < 1:
+        raise ConfigError("--steps and --rounds: positive numbers of steps and rounds")
+    cfg = _load(args)
+    apply_runtime(cfg)
+    run = bench_step if args.what == "step" else bench_imitate
+    rows = run(cfg, args.steps, args.rounds, Path(args.out))
+    print(table(rows))
+    print(f"csv: {Path(args.out) / f'bench_{args.what}.csv'}")
+
+
 def _cmd_profile(args: argparse.Namespace) -> None:
     from .profile_report import profile
 
@@ -215,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="BERT: a tokenizer.json to copy along (e.g. the shards' "
                    "one)")
     p.set_defaults(func=_cmd_export)
+    benches = sub.add_parser("bench", help="what a training step costs, side by side") \
+        .add_subparsers(dest="what", required=True)
+    for what, text in (("step", "the framework's step against a bare PyTorch loop"),
+                       ("imitate", ("an imitation step per loss backend against a plain "
+                                    "step plus one teacher forward"))):
+        p = benches.add_parser(what, help=text)
+        p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=64")
+        p.add_argument("--steps", type=int, default=50, help="timed steps per round (default 50)")
+        p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+        p.add_argument("--out", default="runs/bench", help="folder for the CSV (default "
+                                                           "runs/bench)")
+        p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("profile", help="where the training steps of a run spent their time "
                        "(table, and RUN_DIR/profile.png)")
     p.add_argument("run_dir", help="a run folder, e.g. runs/fmnist")

@@ -76,3 +76,27 @@ def test_gwtn_profile_of_a_folder_without_runs_is_one_line(tmp_path, capsys):
     assert main(["profile", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gwtn: error:") and len(err.strip().splitlines()) == 1
+
+
+def _csv(path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def test_gwtn_bench_step_and_imitate_print_side_by_side_ratios(tmp_path, shard_dir, capsys):
+    from tests.conftest import REPO
+
+    common = [str(REPO / "configs" / "tiny_cpu.yaml"), f"data.shards={shard_dir}",
+              f"run_dir={tmp_path / 'run'}", "threads=1", "data.train_samples=0",
+              "--steps", "3", "--rounds", "1", "--out", str(tmp_path / "bench")]
+    assert main(["-q", "bench", "step", *common]) == 0
+    first, median = _csv(tmp_path / "bench" / "bench_step.csv")
+    assert median["round"] == "median" and float(first["bare_ms"]) > 0
+    assert float(median["ratio"]) == pytest.approx(float(median["framework_ms"])
+                                                   / float(median["bare_ms"]))
+    assert "| median |" in capsys.readouterr().out
+    assert main(["-q", "bench", "imitate", *common]) == 0
+    rows = {r["step"]: r for r in _csv(tmp_path / "bench" / "bench_imitate.csv")}
+    assert {"floor", "reference", "compiled"} <= set(rows)
+    assert float(rows["floor"]["ratio_to_floor"]) == 1.0

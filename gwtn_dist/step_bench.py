@@ -1,0 +1,188 @@
+"""``gwtn bench step|imitate CONFIG``: what a training step costs, side by side in one process.
+
+``step``: the framework's training step (a ``scratch`` baseline of the config run through the
+one training loop: data stream, augmentation, engine, schedule, metrics, checkpoints) against
+a bare PyTorch loop of the same net, batch, memory format and optimizer on one batch kept in
+memory. The ratio is the framework's overhead; the breakdown of the framework's sampled steps
+(``profiling``) says where it goes.
+
+``imitate``: one imitation step at the top imitation point (the costliest: the whole trunk)
+with each loss backend — ``reference`` (plain PyTorch), ``compiled`` (``torch.compile`` of the
+reference) and ``triton`` (the fused kernel, where it can run) — against a plain thin-net
+training step plus one teacher forward at the same batch: the cost an imitation step cannot go
+below. Teacher and student are freshly initialised (the time does not depend on the weights).
+
+Both run ``--rounds`` interleaved rounds of ``--steps`` steps and report medians, so a machine
+that slows down in between affects both sides alike; they print a table and write CSV.
+Absolute times describe only the machine they ran on; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config, ConfigError, with_overrides
+from .distributed.engines import build_optimizer
+from .kernels import select_imitation_mse
+from .models.family import build_thin, build_wide
+from .models.resnet import point_block_index
+from .stages.common import place, resolve_device
+
+
+def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` steps (after one untimed warm-up step)."""
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (B, C, 28, 28) batch and (B,) labels, in the run's memory format."""
+    b, m = cfg.data.batch_size, cfg.model
+    x = torch.randn(b, m.in_channels, 28, 28, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, m.num_classes, (b,), device=device)
+
+
+def _bare_step(cfg: Config, device: torch.device) -> Callable[[], None]:
+    """One step of a bare PyTorch loop: the thin net, cross-entropy, the baseline optimizer."""
+    net = place(build_thin(cfg.model), cfg, device).train()
+    opt = build_optimizer([{"params": list(net.parameters())}], cfg.baseline.optim)
+    x, y = _batch(cfg, device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _framework_seconds(cfg: Config, steps: int, folder: Path) -> tuple[float, dict]:
+    """Seconds per step of ``steps`` label steps through the training loop, and the breakdown
+    of its sampled steps."""
+    from .stages.finetune import train_thin
+
+    cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
+                               "profile.sample_every": 5})
+    record = train_thin(cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
+                        label_steps=steps + 1, optim=cfg.baseline.optim)
+    return record["wall_s"] / (steps + 1), record["phases"][0].get("breakdown", [{}])[0]
+
+
+def bench_step(cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
+    """Bare loop vs the framework, ``rounds`` interleaved rounds; rows per round + the median."""
+    device = resolve_device(cfg)
+    rows = []
+    for r in range(rounds):
+        bare = _timed(_bare_step(cfg, device), steps, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            framework, breakdown = _framework_seconds(cfg, steps, Path(tmp))
+        data = breakdown.get("regions", {}).get("data", 0.0)
+        rows.append({"round": r, "bare_ms": bare * 1e3, "framework_ms": framework * 1e3,
+                     "ratio": framework / bare, "framework_data_ms": data})
+    rows.append({"round": "median", **{k: statistics.median(row[k] for row in rows)
+                                       for k in ("bare_ms", "framework_ms", "ratio",
+                                                 "framework_data_ms")}})
+    _write_csv(rows, out / "bench_step.csv")
+    return rows
+
+
+def _imitation_step(cfg: Config, device: torch.device, backend: str) -> Callable[[], None]:
+    """One imitation step at the top point: teacher forward (no grad), thin forward to the
+    point, the imitation MSE (backend), backward, SGD step."""
+    thin = place(build_thin(cfg.model), cfg, device).train()
+    wide = place(build_wide(cfg.model), cfg, device).eval()
+    end = point_block_index(thin, "layer" + str(len(cfg.model.blocks)))
+    if backend == "compiled":
+        mse = torch.compile(select_imitation_mse("reference", device))
+    else:
+        mse = select_imitation_mse(backend, device)
+    opt = build_optimizer([{"params": list(thin.parameters())}], cfg.imitate.optim)
+    x, _ = _batch(cfg, device)
+
+    def step() -> None:
+        with torch.no_grad():
+            target = wide(x, upto=end)  # (B, C, H', W'): the wide net's output at the point
+        opt.zero_grad(set_to_none=True)
+        mse(thin(x, upto=end), target).backward()
+        opt.step()
+
+    return step
+
+
+def _floor_step(cfg: Config, device: torch.device) -> Callable[[], None]:
+    """A plain thin-net training step plus one whole teacher forward at the same batch."""
+    bare = _bare_step(cfg, device)
+    wide = place(build_wide(cfg.model), cfg, device).eval()
+    x, _ = _batch(cfg, device)
+
+    def step() -> None:
+        with torch.no_grad():
+            wide(x)
+        bare()
+
+    return step
+
+
+def imitate_backends(device: torch.device) -> list[str]:
+    """The loss backends that can run here (the fused kernel needs CUDA or the interpreter)."""
+    backends = ["reference", "compiled"]
+    try:
+        select_imitation_mse("triton", device)
+        backends.append("triton")
+    except RuntimeError:
+        pass
+    return backends
+
+
+def bench_imitate(cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
+    """Imitation steps per backend vs the floor, ``rounds`` interleaved rounds; medians."""
+    if cfg.model.family != "resnet":
+        raise ConfigError("gwtn bench imitate: ResNet configs only for now (model.family)")
+    device = resolve_device(cfg)
+    backends = imitate_backends(device)
+    runs = {"floor": _floor_step(cfg, device),
+            **{b: _imitation_step(cfg, device, b) for b in backends}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, step in runs.items():
+            times[name].append(_timed(step, steps, device))
+    floor = statistics.median(times["floor"])
+    rows = [{"step": name, "ms": statistics.median(t) * 1e3,
+             "ratio_to_floor": statistics.median(t) / floor} for name, t in times.items()]
+    _write_csv(rows, out / "bench_imitate.csv")
+    return rows
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (floats to 3 decimals)."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v)
+                                       for v in row.values()) + " |")
+    return "\n".join(lines)
