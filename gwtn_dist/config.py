@@ -132,9 +132,16 @@ class OptimConfig:
 
     schedule: ``cosine`` (to ``min_lr_ratio`` × lr) or ``multistep`` (× gamma at each milestone,
     given as fractions of the phase's steps), after ``warmup_steps`` of linear warm-up.
+    name: ``sgd``, ``adamw`` (torch's, fused on CUDA) or ``lamb`` (layer-wise adaptive Adam for
+    large batches: apex's FusedLAMB on CUDA when apex is installed, else our plain-torch
+    ``distributed/lamb.py``; Adam moments with ``betas``, decoupled ``weight_decay``, and a
+    per-parameter trust ratio in every group with weight decay).
+    accumulate: micro-batches per optimizer step; each rank splits its share of the batch
+    into ``accumulate`` equal parts and sums their gradients (same data stream, less activation
+    memory). Exact except for batch-norm statistics, which are taken per micro-batch. Default 1.
     """
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lamb"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -146,6 +153,7 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.333, 0.667, 0.889])
     gamma: float = 0.1
     grad_clip: float = 0.0
+    accumulate: int = 1
 
 
 @dataclass
@@ -295,7 +303,12 @@ class DistConfig:
     engine: ``auto`` uses DeepSpeed when the launcher started more than one rank and plain torch
     on a single process; ``deepspeed`` forces DeepSpeed engines on one rank too.
     backend: the process-group backend; ``auto`` is nccl on CUDA, gloo on CPU.
-    precision: ``auto`` is bf16 on CUDA and fp32 on CPU.
+    precision: ``auto`` is bf16 on CUDA and fp32 on CPU. On one process (torch engine) bf16 and
+    fp16 run the forward under autocast with fp32 weights (fp16 with a gradient scaler);
+    DeepSpeed trains a bf16/fp16 copy with fp32 master weights (fp16 only on CUDA), except with
+    LAMB, whose per-parameter trust ratio needs whole parameters: there DeepSpeed keeps fp32
+    weights (ZeRO stage 0) and the forward runs under autocast.
+    tf32: on CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (default true).
     wide_zero_stage: ZeRO stage of stage 1 (the wide twin's training); default 2.
     student_zero_stage: ZeRO stage of the thin net in stages 2 and 3 and in the baselines; the
     student is data-parallel, so 0, 1 or 2 (its blocks are called one by one, which ZeRO-3's
@@ -317,7 +330,8 @@ class DistConfig:
 
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool = True
     wide_zero_stage: Literal[0, 1, 2, 3] = 2
     student_zero_stage: Literal[0, 1, 2] = 0
     teacher: Literal["auto", "shard", "replicate"] = "auto"
@@ -590,8 +604,18 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _check_optim(prefix: str, o: OptimConfig) -> None:
+def optim_sections(cfg: Config) -> list[tuple[str, OptimConfig]]:
+    """Every phase's optimizer section, by its dotted key."""
+    return [("wide.optim", cfg.wide.optim), ("imitate.optim", cfg.imitate.optim),
+            ("finetune.optim", cfg.finetune.optim), ("baseline.optim", cfg.baseline.optim)]
+
+
+def _check_optim(prefix: str, o: OptimConfig, batch_size: int) -> None:
     _positive(f"{prefix}.lr", o.lr)
+    _positive(f"{prefix}.accumulate", o.accumulate)
+    if batch_size % o.accumulate:
+        raise ConfigError(f"{prefix}.accumulate: data.batch_size {batch_size} does not split "
+                          f"into {o.accumulate} equal micro-batches")
     _positive(f"{prefix}.weight_decay", o.weight_decay, allow_zero=True)
     _positive(f"{prefix}.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive(f"{prefix}.grad_clip", o.grad_clip, allow_zero=True)
@@ -808,10 +832,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= f.distill.alpha <= 1:
         raise ConfigError(f"finetune.distill.alpha: must be in [0, 1], got {f.distill.alpha}")
     _positive("finetune.distill.temperature", f.distill.temperature)
-    for prefix, o in [("wide.optim", cfg.wide.optim), ("imitate.optim", cfg.imitate.optim),
-                      ("finetune.optim", cfg.finetune.optim),
-                      ("baseline.optim", cfg.baseline.optim)]:
-        _check_optim(prefix, o)
+    for prefix, o in optim_sections(cfg):
+        _check_optim(prefix, o, cfg.data.batch_size)
     if not 0 <= cfg.baseline.distill.alpha <= 1:
         raise ConfigError(f"baseline.distill.alpha: must be in [0, 1], got "
                           f"{cfg.baseline.distill.alpha}")

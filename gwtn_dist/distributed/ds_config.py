@@ -24,17 +24,21 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 def deepspeed_config(*, micro_batch: int, world_size: int, zero_stage: int, grad_clip: float,
-                     bf16: bool, overrides: dict | None = None) -> dict:
-    """The DeepSpeed config dict for one engine."""
+                     bf16: bool, fp16: bool = False, accumulate: int = 1,
+                     overrides: dict | None = None) -> dict:
+    """The DeepSpeed config dict for one engine: ``micro_batch`` samples per rank and
+    micro-step, ``accumulate`` micro-steps per optimizer step."""
     config = {
-        "train_batch_size": micro_batch * world_size,
+        "train_batch_size": micro_batch * world_size * accumulate,
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulate,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        # Our optimizers are torch's SGD/AdamW, which ZeRO partitions like any other.
+        # Our optimizers are torch's SGD/AdamW (or LAMB at stage 0), which ZeRO partitions
+        # like any other.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
+        "fp16": {"enabled": fp16},  # dynamic loss scaling (DeepSpeed's default)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

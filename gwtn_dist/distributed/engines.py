@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 from ..config import DistConfig, OptimConfig
 from ..profiling import region
 from .ds_config import deepspeed_config
+from .lamb import make_lamb
 from .runtime import current
 
 log = logging.getLogger("gwtn")
@@ -44,7 +46,8 @@ def lr_factor(step: int, total: int, o: OptimConfig) -> float:
 
 
 def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over ``groups`` (each ``{"params": [...], "lr_mult": float}``)."""
+    """SGD, AdamW (fused on CUDA) or LAMB over ``groups`` (each ``{"params": [...],
+    "lr_mult": float}``)."""
     torch_groups = [
         {"params": g["params"], "lr": o.lr * g.get("lr_mult", 1.0),
          "weight_decay": g.get("weight_decay", o.weight_decay)}
@@ -54,7 +57,12 @@ def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(torch_groups, lr=o.lr, momentum=o.momentum,
                                nesterov=o.nesterov and o.momentum > 0)
     if o.name == "adamw":
-        return torch.optim.AdamW(torch_groups, lr=o.lr, betas=tuple(o.betas))
+        # One fused kernel for the whole update when every parameter is on a GPU.
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        return torch.optim.AdamW(torch_groups, lr=o.lr, betas=tuple(o.betas),
+                                 fused=True if on_cuda else None)
+    if o.name == "lamb":
+        return make_lamb(torch_groups, o.lr, tuple(o.betas))
     raise ValueError(f"unknown optimizer {o.name!r}")
 
 
@@ -66,7 +74,14 @@ def _trainable(groups: list[dict]) -> list[dict]:
 
 
 class TorchEngine:
-    """Optimizer + schedule + gradient clipping for one phase, on one process."""
+    """Optimizer + schedule + gradient clipping for one phase, on one process.
+
+    A step is ``optim.accumulate`` calls of ``backward`` (one per micro-batch, gradients
+    summed) and one ``step``; ``step(loss)`` is the one-micro-batch shorthand. Under fp16
+    autocast (``Runtime.autocast``) a GradScaler scales the loss so small gradients do not
+    underflow, and skips the optimizer step when a gradient is inf/NaN (the schedule still
+    advances); its state resumes with the engine's.
+    """
 
     saves_modules = False  # its resume state is the optimizer's; the loop saves the weights
     config = None  # no DeepSpeed config to record
@@ -75,23 +90,43 @@ class TorchEngine:
         groups = _trainable(groups)
         self.params = [p for g in groups for p in g["params"]]
         self.optim_cfg = optim
+        self.accumulate = optim.accumulate
+        self._micro = 0  # micro-batches backpropagated in the current step
         self.optimizer = build_optimizer(groups, optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total_steps, optim)
         )
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type) \
+            if current().autocast == torch.float16 else None
 
     @property
     def lr(self) -> float:
         """The current lr of the first group (the part of the net being trained at full rate)."""
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor, grad_norm: bool = False) -> float | None:
-        """Backward, clip, step; returns the gradient norm (before clipping) if asked (one
-        host sync), else None."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss, weighted 1/accumulate so the summed
+        gradients are those of the mean over the step's micro-batches."""
+        if self._micro == 0:
+            for p in self.params:  # set_to_none, whatever the optimizer's zero_grad takes
+                p.grad = None
         with region("backward"):
-            loss.backward()
+            if self.accumulate > 1:
+                loss = loss / self.accumulate
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self._micro += 1
+
+    def step(self, loss: torch.Tensor | None = None, grad_norm: bool = False) -> float | None:
+        """(Backward of ``loss`` if given,) clip, step; returns the gradient norm (before
+        clipping) if asked (one host sync), else None."""
+        if loss is not None:
+            self.backward(loss)
+        if self._micro != self.accumulate:
+            raise RuntimeError(f"step after {self._micro} of {self.accumulate} micro-batches")
+        self._micro = 0
         with region("optimizer"):
+            if self.scaler:  # true gradients for clipping and the norm
+                self.scaler.unscale_(self.optimizer)
             norm = None
             if self.optim_cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.params, self.optim_cfg.grad_clip)
@@ -99,17 +134,29 @@ class TorchEngine:
                 norm = torch.linalg.vector_norm(torch.stack(
                     [torch.linalg.vector_norm(p.grad) for p in self.params
                      if p.grad is not None]))
-            self.optimizer.step()
-            self.scheduler.step()
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            with warnings.catch_warnings():  # the schedule counts steps, skipped ones too
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                self.scheduler.step()
         return float(norm) if grad_norm and norm is not None else None
 
     def save(self, ckpt_dir: Path, tag: str) -> dict:
         """The engine's resume state, kept inline in the stage checkpoint."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load(self, ckpt_dir: Path, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
 
     def module_state(self, module: nn.Module) -> dict:
         return full_state_dict(module)
@@ -125,6 +172,10 @@ class DeepSpeedEngine:
     used: the stages call the modules themselves, and DeepSpeed's hooks (gradient reduction, and
     under ZeRO-3 parameter gathering) fire on the submodules. Resume state is a DeepSpeed
     checkpoint (every rank writes its partition) under ``ckpt_dir/<tag>``.
+
+    ``micro_batch`` is a rank's batch per step; with ``optim.accumulate`` N DeepSpeed runs N
+    micro-batches of micro_batch/N (``gradient_accumulation_steps``), scales each loss by 1/N
+    and reduces gradients and steps at the last one.
     """
 
     def __init__(self, module: nn.Module, groups: list[dict], optim: OptimConfig,
@@ -132,18 +183,23 @@ class DeepSpeedEngine:
         import deepspeed
 
         groups = _trainable(groups)
+        self.accumulate = optim.accumulate
+        self._micro = 0
         self.optimizer = build_optimizer(groups, optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total_steps, optim)
         )
         rt = current()
-        self.config = deepspeed_config(micro_batch=micro_batch, world_size=rt.world_size,
+        self.config = deepspeed_config(micro_batch=micro_batch // self.accumulate,
+                                       accumulate=self.accumulate, world_size=rt.world_size,
                                        zero_stage=zero_stage, grad_clip=optim.grad_clip,
                                        bf16=rt.dtype == torch.bfloat16,
+                                       fp16=rt.dtype == torch.float16,
                                        overrides=dist_cfg.deepspeed)
-        # DeepSpeed casts a bf16 net in place; parameters outside the optimizer (frozen) keep
-        # their fp32 values here, for the hand-off.
-        self._fp32_start = full_state_dict(module) if self.config["bf16"]["enabled"] else {}
+        # DeepSpeed casts a bf16/fp16 net in place; parameters outside the optimizer (frozen)
+        # keep their fp32 values here, for the hand-off.
+        low = self.config["bf16"]["enabled"] or self.config["fp16"]["enabled"]
+        self._fp32_start = full_state_dict(module) if low else {}
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
         )
@@ -152,11 +208,23 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor, grad_norm: bool = False) -> float | None:
-        """Backward (with DeepSpeed's gradient reduction) and step; the global gradient norm
-        if asked and DeepSpeed computed one (it does when clipping), else None."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss (DeepSpeed weights it 1/accumulate, and
+        reduces gradients at the last micro-batch of the step)."""
         with region("backward"):
             self.engine.backward(loss)
+        self._micro += 1
+        if self._micro < self.accumulate:
+            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-batch
+
+    def step(self, loss: torch.Tensor | None = None, grad_norm: bool = False) -> float | None:
+        """(Backward of ``loss`` if given, then) the optimizer step; the global gradient norm
+        if asked and DeepSpeed computed one (it does when clipping), else None."""
+        if loss is not None:
+            self.backward(loss)
+        if self._micro != self.accumulate:
+            raise RuntimeError(f"step after {self._micro} of {self.accumulate} micro-batches")
+        self._micro = 0
         with region("optimizer"):
             self.engine.step()
         if not grad_norm:
@@ -206,7 +274,8 @@ class DeepSpeedEngine:
 def make_engine(module: nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int,
                 zero_stage: int = 0, dist_cfg: DistConfig | None = None,
                 micro_batch: int = 1):
-    """The engine for one phase; the only place that decides which implementation runs."""
+    """The engine for one phase; the only place that decides which implementation runs.
+    ``micro_batch``: a rank's batch per optimizer step (all its micro-batches)."""
     if current().engine == "deepspeed":
         return DeepSpeedEngine(module, groups, optim, total_steps, zero_stage,
                                dist_cfg or DistConfig(), micro_batch)
@@ -254,7 +323,7 @@ def shard_frozen(module: nn.Module, dist_cfg: DistConfig, micro_batch: int) -> n
     rt = current()
     config = deepspeed_config(micro_batch=micro_batch, world_size=rt.world_size, zero_stage=3,
                               grad_clip=0.0, bf16=rt.dtype == torch.bfloat16,
-                              overrides=dist_cfg.deepspeed)
+                              fp16=rt.dtype == torch.float16, overrides=dist_cfg.deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=module, config=config)
     engine.eval()
     return engine

@@ -8,6 +8,7 @@ plain torch engines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, optim_sections
 from .env import DistEnv, discover, export
 
 log = logging.getLogger("gwtn")
@@ -26,7 +27,19 @@ log = logging.getLogger("gwtn")
 class Runtime:
     env: DistEnv = field(default_factory=DistEnv)
     engine: str = "torch"  # "torch" or "deepspeed"
-    dtype: torch.dtype = torch.float32  # the training precision (bf16 only with DeepSpeed)
+    # The dtype of the trained weights, the inputs and the teacher: bf16/fp16 only where
+    # DeepSpeed trains a low-precision copy; fp32 under autocast.
+    dtype: torch.dtype = torch.float32
+    # The forward's autocast dtype (bf16/fp16), None for none: the torch engine's mixed
+    # precision, and DeepSpeed's with LAMB (fp32 weights).
+    autocast: torch.dtype | None = None
+    precision: str = "fp32"  # the resolved dist.precision
+
+    def autocast_context(self, device: torch.device):
+        """Where the loss is computed: autocast to ``self.autocast`` on ``device``, or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
     @property
     def rank(self) -> int:
@@ -73,18 +86,21 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
         raise ConfigError(f"dist.engine: 'torch' runs one process, but the launcher started "
                           f"{env.world_size} ranks; use 'auto' or 'deepspeed'")
     device = device_for(cfg, env)
-    precision = cfg.dist.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and engine == "deepspeed" else "fp32"
-    if precision == "bf16" and engine != "deepspeed":
-        raise ConfigError("dist.precision: bf16 runs through DeepSpeed; set dist.engine to "
-                          "'deepspeed' or 'auto' under a multi-rank launcher")
+    precision = resolve_precision(cfg, engine, device)
+    weights, autocast = precision_dtypes(cfg, engine, precision)
     batch = cfg.data.batch_size
     if batch % env.world_size:
         raise ConfigError(f"data.batch_size: the global batch {batch} does not split evenly "
                           f"over {env.world_size} ranks; choose a multiple of {env.world_size}")
+    for key, o in optim_sections(cfg):
+        if (batch // env.world_size) % o.accumulate:
+            raise ConfigError(f"{key}.accumulate: a rank's batch of {batch // env.world_size} "
+                              f"does not split into {o.accumulate} equal micro-batches")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # TF32 tensor cores for fp32 matmuls/convolutions (Ampere and newer).
+        torch.backends.cuda.matmul.allow_tf32 = cfg.dist.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.dist.tf32
     if engine == "deepspeed" and not dist.is_initialized():
         if device.type == "cpu":  # DeepSpeed's accelerator is chosen when it is first imported
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -101,9 +117,51 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
         init_distributed(backend, cfg.dist.timeout_s)
         log.info("rank %d of %d (local %d, launcher %s), backend %s, %s", env.rank,
                  env.world_size, env.local_rank, env.launcher, backend, precision)
-    _current = Runtime(env=env, engine=engine,
-                       dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    _current = Runtime(env=env, engine=engine, dtype=weights, autocast=autocast,
+                       precision=precision)
     return _current
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: Config, engine: str, device: torch.device) -> str:
+    """``dist.precision`` with ``auto`` resolved (bf16 on CUDA, fp32 on CPU), checked against
+    the engine and the device."""
+    precision = cfg.dist.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and engine == "deepspeed" and device.type != "cuda":
+        raise ConfigError("dist.precision: fp16 under DeepSpeed needs a CUDA GPU (its CPU "
+                          "accelerator has no fp16); use bf16 or fp32, or one process")
+    return precision
+
+
+def precision_dtypes(cfg: Config, engine: str,
+                     precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of the weights, autocast dtype or None) for ``precision`` under ``engine``.
+
+    The torch engine keeps fp32 weights and autocasts the forward. DeepSpeed trains a
+    bf16/fp16 copy, unless a phase uses LAMB: DeepSpeed's mixed-precision and ZeRO optimizers
+    hand the optimizer flattened partitions, and LAMB's trust ratio is per parameter, so
+    those runs keep fp32 weights at ZeRO stage 0 and autocast like the torch engine.
+    """
+    low = DTYPES[precision]
+    if engine == "torch":
+        return torch.float32, (None if precision == "fp32" else low)
+    lamb = [key for key, o in optim_sections(cfg) if o.name == "lamb"]
+    if not lamb:
+        return low, None
+    for key in lamb:
+        zero_key = "dist.wide_zero_stage" if key.startswith("wide") else \
+            "dist.student_zero_stage"
+        if getattr(cfg.dist, zero_key.split(".")[1]) != 0:
+            raise ConfigError(f"{zero_key}: {key} is lamb, whose trust ratio is per parameter, "
+                              f"but ZeRO 1-3 hand the optimizer flat partitions; set it to 0")
+    if precision == "fp16":
+        raise ConfigError(f"dist.precision: fp16 with LAMB ({lamb[0]}) under DeepSpeed has no "
+                          f"loss scaler here; use bf16")
+    return torch.float32, (None if precision == "fp32" else low)
 
 
 def barrier() -> None:

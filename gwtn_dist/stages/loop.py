@@ -204,6 +204,49 @@ def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict,
             values[0].item() > 0)
 
 
+def micro_batches(x, y: torch.Tensor, n: int) -> list[tuple]:
+    """This rank's batch as ``n`` equal micro-batches along dim 0: x (b, …) or a dict of
+    (b, T) tensors, y (b, …) → n × ((b/n, …), (b/n, …)). One micro-batch is the batch itself."""
+    if n == 1:
+        return [(x, y)]
+    size = y.shape[0] // n
+    ys = y.split(size)
+    if isinstance(x, dict):
+        parts = {k: v.split(size) for k, v in x.items()}
+        xs = [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    else:
+        xs = x.split(size)
+    return list(zip(xs, ys))
+
+
+def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
+                      device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Forward (under the run's autocast) and backward of the step's ``optim.accumulate``
+    micro-batches, one after the other, so only one micro-batch's activations are alive.
+
+    Returns the step's loss (the mean of the micro-batches' losses, detached) and its extras
+    (numeric ones averaged the same way). The summed gradients are those of the whole batch
+    for per-sample mean losses, except through batch-norm statistics (per micro-batch) and
+    losses averaged over a varying count (masked-LM tokens: each micro-batch's mean weighs
+    the same).
+    """
+    rt = current()
+    losses, extras = [], []
+    for xm, ym in micro_batches(x, y, phase.optim.accumulate):
+        with profiling.region("student_forward"), rt.autocast_context(device):
+            loss, extra = phase.loss(xm, ym)
+        engine.backward(loss)
+        losses.append(loss.detach().float())
+        extras.append(extra)
+    if len(losses) == 1:
+        return losses[0], extras[0]
+    extra = dict(extras[-1])
+    for key, value in extra.items():
+        if isinstance(value, (int, float)):
+            extra[key] = sum(float(e[key]) for e in extras) / len(extras)
+    return torch.stack(losses).mean(), extra
+
+
 def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, recent: list,
           wall: float, results: PhaseResults) -> None:
     """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically."""
@@ -336,8 +379,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             with profiling.region("data"):
                 x, y = ctx.prepare(*ctx.batches.next(index, step))
             timing.data_s += time.perf_counter() - tick
-            with profiling.region("student_forward"):
-                loss, extra = phase.loss(x, y)
+            loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
             with profiling.region("collectives"):
                 value, extra, stop = _averaged(loss, extra, preempt.asked_here())
             if not math.isfinite(value):
@@ -346,7 +388,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                     f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
                 )
             logged = (step + 1) % ctx.log_every == 0
-            grad_norm = engine.step(loss, grad_norm=logged)
+            grad_norm = engine.step(grad_norm=logged)
             global_step += 1
             record = {"phase": phase.name, "phase_index": index, "step": step + 1,
                       "global_step": global_step, "loss": value, "lr": engine.lr, **extra}
