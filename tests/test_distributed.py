@@ -7,6 +7,7 @@ the tests' synthetic shards keeps each launch to tens of seconds on 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -275,3 +276,19 @@ def test_a_save_that_fails_on_rank_0_stops_every_rank_at_once(tmp_path, shard_di
     assert any("rank 0 could not write" in line for line in errors)
     saved = torch.load(run_dir / "wide" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 5  # the first save is intact
+
+
+def test_two_ranks_accumulate_two_micro_batches_per_step_with_lamb(tmp_path, shard_dir):
+    """optim.accumulate=2 under DeepSpeed on 2 ranks: each rank's 32 samples run as 2
+    micro-batches of 16 (gradient_accumulation_steps 2) and training proceeds; the optimizer is
+    LAMB, which DeepSpeed runs at ZeRO stage 0 on whole parameters."""
+    run_dir = tmp_path / "run"
+    run(torchrun(2, ["wide", *tiny(shard_dir, run_dir, "wide.steps=6",
+                                   "wide.optim.accumulate=2", "wide.optim.name=lamb",
+                                   "wide.optim.lr=0.004", "wide.optim.weight_decay=0.01",
+                                   "dist.wide_zero_stage=0")]))
+    config = json.loads((run_dir / "wide" / "deepspeed_config.json").read_text())["wide"]
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_micro_batch_size_per_gpu"] == 16 and config["train_batch_size"] == 64
+    values = losses(run_dir / "wide")
+    assert len(values) == 6 and all(math.isfinite(v) for v in values)

@@ -69,3 +69,12 @@ def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
         make_engine(torch.nn.Linear(1, 1), [{"params": [], "lr_mult": 1.0}], OptimConfig(),
                     total_steps=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adamw_is_fused_on_cuda():
+    from gwtn_dist.distributed.engines import build_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    opt = build_optimizer([{"params": [p]}], OptimConfig(name="adamw", lr=1e-3))
+    assert opt.param_groups[0]["fused"] is True
