@@ -258,3 +258,14 @@ def test_two_split_shards_read_their_one_held_out_split_and_warn(tmp_path, two_s
                                       [f"data.shards={two_split_shards}"]))
     assert (task.select_metric, task.curve_split, task.score_splits) == (
         "mlm_accuracy", "test", ("test",))
+    # A comparison on them chooses and reports on the one split, and says so.
+    assert main(["-q", "compare", *run_args(
+        tmp_path / "cmp", two_split_shards, "wide.steps=6", "imitate.steps_per_point=2",
+        "finetune.label_steps=2", "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        "eval_every=0")]) == 0
+    table = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
+    assert table["select_metric"] == table["metric"] == "mlm_accuracy"
+    assert not table["separate_test"]
+    md = (tmp_path / "cmp" / "compare" / "compare.md").read_text()
+    assert "one held-out split, read for every choice and for this report alike" in md
+    assert "held-out MLM accuracy (mean ± sd)" in md and "val MLM" not in md
