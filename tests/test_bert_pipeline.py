@@ -269,3 +269,20 @@ def test_two_split_shards_read_their_one_held_out_split_and_warn(tmp_path, two_s
     md = (tmp_path / "cmp" / "compare" / "compare.md").read_text()
     assert "one held-out split, read for every choice and for this report alike" in md
     assert "held-out MLM accuracy (mean ± sd)" in md and "val MLM" not in md
+
+
+def test_a_teacher_cached_before_the_test_split_is_not_reused(tmp_path):
+    """The cache keys on the shards' path; rewritten with a test split, the folder trains on
+    fewer documents, so a teacher cached from the two-split shards must not be found."""
+    from gwtn_dist.stages.teacher_cache import cache_dir
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = load_config(REPO / "configs/bert_tiny_cpu.yaml",
+                      [f"data.shards={shards}", f"wide.cache={tmp_path / 'cache'}"])
+    index = {"format": "tokens", "val_every": 10, "splits": {"train": {}, "val": {}}}
+    (shards / "index.json").write_text(json.dumps(index))
+    old = cache_dir(cfg)
+    (shards / "index.json").write_text(json.dumps(
+        {**index, "test_every": 10, "splits": {**index["splits"], "test": {}}}))
+    assert cache_dir(cfg) != old
