@@ -130,7 +130,8 @@ def _cmd_stage(args: argparse.Namespace) -> None:
     task = task_for(cfg)
     # The test split's score, or the validation one when the test split is not read.
     metric = task.metric if task.metric in record else task.select_metric
-    label = task.metric_label if metric == task.metric else metric.replace("_", " ")
+    label = task.metric_label if metric == task.metric else task.labels.get(
+        metric, metric.replace("_", " "))
     print(f"{args.command}: {label} {record[metric]:.4f} after "
           f"{record['steps']} steps ({record['wall_s']:.0f} s); weights in "
           f"{run_dir / args.command / 'model.pt'}")

@@ -251,6 +251,8 @@ def compare(cfg: Config) -> dict:
         "criterion": CRITERION,
         "seeds": c.seeds, "tune_seeds": c.tune_seeds if c.tune else [],
         "val_samples": cfg.data.val_samples if cfg.data.dataset == "fashion-mnist" else None,
+        "validation": task.validation, "separate_test": task.separate_test,
+        "labels": dict(task.labels),
         "tuning": {arm: plan.tuning(arm) for arm in c.arms},
         "budget_steps": first["budget_steps"], "arms": first["arms"],
         "budgets": budgets,

@@ -98,8 +98,10 @@ class DataConfig:
     ``val_seed``, stratified by class) and never trained on: evaluation curves
     (``eval_every``) and every choice ``gwtn compare`` makes (its tuning grid) read it, and the
     test split is read only for the report. Default 5000 (of 60,000); 0 = none (curves then
-    read the test split). Image-folder and token shards have no separate test split: their
-    ``val`` split (written by ``gwtn shards``) is both. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
+    read the test split). Token shards carry their own validation and test splits of whole
+    documents (``gwtn shards text|wikipedia --val-every/--test-every``); token shards written
+    without a test split, and image-folder shards, have one held-out split, ``val``, read for
+    both. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
 
     For image-folder and token shards (``gwtn_dist.data.streams``): num_workers: DataLoader
     worker processes per rank (default 0: read in the training process); image_size: side of
@@ -375,7 +377,8 @@ class Config:
     eval_every: score the net being trained every N thin-net steps on the first
     ``eval_samples`` validation images (``data.val_samples``; text: val sequences; 0 = the
     whole split), for accuracy-vs-steps curves; 0 turns it off. Every stage's final net is
-    scored on the whole validation and test splits (text: the val split).
+    scored on the whole validation and test splits (text: the val and test documents; old
+    two-split token shards: the val split).
     eval_test: score finished nets on the test split too (default true); ``gwtn compare``'s
     tuning runs set it false, so that no choice can read the test split.
     baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget

@@ -130,7 +130,7 @@ def run_all(cfg: Config) -> dict:
         metric = task.select_metric
         curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], metric)]}
         curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in cfg.baselines})
-        label = metric.replace("_", " ")
+        label = task.labels.get(metric, metric.replace("_", " "))
         plot_curves(run_dir / "curves.png", curves, {"title": f"thin net: {label} vs thin-net steps"},
                     teacher_accuracy=records["wide"][metric], label=label)
     print(table)

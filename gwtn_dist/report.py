@@ -30,7 +30,7 @@ def format_run_table(records: dict, metric: str = "test_accuracy",
         if arm not in ("wide", "imitate", "finetune"):
             rows.append((ARM_LABELS.get(arm, arm), rec, rec["steps"]))
     val = select if select and select != metric else None
-    val_head = f" {val.replace('_', ' ')} |" if val else ""
+    val_head = f" {_label(val)} |" if val else ""
     lines = [f"| net | params | steps |{val_head} {label} | wall s |",
              "|---|---:|---:|" + ("---:|" if val else "") + "---:|---:|"]
     for name, rec, steps in rows:
@@ -74,11 +74,15 @@ def _ms(cell: dict, digits: int = 4) -> str:
 
 
 METRIC_LABELS = {"mlm_accuracy": "held-out MLM accuracy", "val_accuracy": "val accuracy",
-                 "test_accuracy": "test accuracy"}
+                 "test_accuracy": "test accuracy", "val_mlm_accuracy": "val MLM accuracy",
+                 "val_perplexity": "val perplexity"}
 
 
-def _label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+def _label(metric: str, table: dict | None = None) -> str:
+    """Words for ``metric``: the comparison's own (``labels``: text shards with a test split
+    name ``mlm_accuracy`` the test MLM accuracy), else METRIC_LABELS, else the name."""
+    own = (table or {}).get("labels", {})
+    return own.get(metric) or METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
 def _tuning_lines(table: dict) -> list[str]:
@@ -86,7 +90,8 @@ def _tuning_lines(table: dict) -> list[str]:
     if not any(t["points"] for t in tuning.values()):
         return ["No tuning grid (`compare.tune`): every arm ran its configured recipe."]
     lines = [(f"Tuning (seeds {table['tune_seeds']}, never reported; scored on "
-             f"{_label(next(t['metric'] for t in tuning.values() if t['points']))}):"), "",
+             f"{_label(next(t['metric'] for t in tuning.values() if t['points']), table)}):"),
+             "",
              "| arm | point | validation score | chosen |", "|---|---|---:|:---:|"]
     for arm, t in tuning.items():
         for row in t["points"]:
@@ -100,11 +105,12 @@ def _results_lines(table: dict, budget: dict) -> list[str]:
     sel, metric = table["select_metric"], table["metric"]
     cols = [sel] if sel == metric else [sel, metric]
     cols += table.get("secondary", [])
-    head = "".join(f" {_label(c)} (mean ± sd) |" for c in cols)
-    lines = [f"| arm | params | thin-net steps |{head} {_label(metric)} per seed | wall s / seed |",
+    head = "".join(f" {_label(c, table)} (mean ± sd) |" for c in cols)
+    lines = [(f"| arm | params | thin-net steps |{head} {_label(metric, table)} per seed "
+              "| wall s / seed |"),
              "|---|---:|---:|" + "---:|" * len(cols) + "---|---:|"]
     for arm, row in budget["arms"].items():
-        cells = "".join(f" {_ms(row[c], 2 if c == 'perplexity' else 4)} |" for c in cols)
+        cells = "".join(f" {_ms(row[c], 2 if c.endswith('perplexity') else 4)} |" for c in cols)
         seeds = ", ".join(f"{v:.4f}" for v in row["per_seed"].values())
         lines.append(f"| {ARM_LABELS.get(arm, arm)} | {row['params']:,} | {row['steps']} |"
                      f"{cells} {seeds} | {row['wall_s_mean']:.0f} |")
@@ -114,7 +120,8 @@ def _results_lines(table: dict, budget: dict) -> list[str]:
 def _paired_lines(table: dict, budget: dict) -> list[str]:
     if not budget["paired"]:
         return []
-    lines = [f"Paired differences of {_label(table['metric'])} (arm − reference, per seed):", "",
+    name = _label(table["metric"], table)
+    lines = [f"Paired differences of {name} (arm − reference, per seed):", "",
              "| arm − reference | per seed | mean ± sd | ahead on | verdict |",
              "|---|---|---:|---:|---|"]
     for key, diff in budget["paired"].items():
@@ -145,7 +152,7 @@ def _after_imitation_lines(table: dict, budget: dict) -> list[str]:
         return []
     sel, metric = table["select_metric"], table["metric"]
     cols = [sel] if sel == metric else [sel, metric]
-    heads = "".join(f" {_label(c)} |" for c in cols)
+    heads = "".join(f" {_label(c, table)} |" for c in cols)
     lines = ["The method's thin net straight after imitation (before fine-tuning):", "",
              f"| seed |{heads} relative imitation error per point |",
              "|---|" + "---:|" * len(cols) + "---|"]
@@ -168,19 +175,22 @@ def _teacher_lines(table: dict) -> list[str]:
     total = (f" {t['teachers_trained']} teachers, {t['teacher_wall_s_total']:.0f} s in all."
              if t.get("teachers_trained", 1) > 1 else "")
     lines = [(f"Wide teacher (its cost is apart from the thin-net budget): {t['params']:,} "
-             f"params, {t['steps']} steps, {_label(sel)} {spread}, {_label(table['metric'])} "
+             f"params, {t['steps']} steps, {_label(sel, table)} {spread}, "
+             f"{_label(table['metric'], table)} "
              f"{t['mean']:.4f}; {t['wall_s_mean']:.0f} s of training per teacher{cost}.{cached}"
               f"{total}")]
     head = t.get("headroom")
     if head and not head["clear"]:
         lines += ["", (f"**Warning: the teacher is not clearly better than the thin net from "
-                      f"scratch** ({_label(head['metric'])} {head['value']:+.4f}, less than the "
+                      f"scratch** ({_label(head['metric'], table)} {head['value']:+.4f}, less "
+                      f"than the "
                       f"{head['needed']:.4f} asked for): there is little for imitation or "
                       f"distillation to transfer, so a loss or a tie here says little about the "
                       f"method.")]
     elif head:
         lines += ["", (f"Teacher headroom over the thin net from scratch: {head['value']:+.4f} "
-                      f"{_label(head['metric'])} (at least {head['needed']:.4f} asked for).")]
+                      f"{_label(head['metric'], table)} (at least {head['needed']:.4f} asked "
+                      f"for).")]
     return lines
 
 
@@ -189,7 +199,8 @@ def _budgets_side_by_side(table: dict) -> list[str]:
     if len(budgets) < 2:
         return []
     heads = "".join(f" ×{b['budget_mult']:g} ({b['budget_steps']} steps) |" for b in budgets)
-    lines = [f"Head start or lasting gain: {_label(table['metric'])} (mean ± sd) at each budget",
+    name = _label(table["metric"], table)
+    lines = [f"Head start or lasting gain: {name} (mean ± sd) at each budget",
              "", f"| arm |{heads}", "|---|" + "---:|" * len(budgets)]
     for arm in budgets[0]["arms"]:
         cells = "".join(f" {_ms(b['arms'][arm])} |" for b in budgets)
@@ -202,12 +213,18 @@ def compare_markdown(table: dict) -> str:
     differences, verdicts, the net after imitation, the teacher and budgets side by side."""
     seeds = table["seeds"]
     val = (f"a validation split of {table['val_samples']:,} training images (never trained "
-           f"on)" if table.get("val_samples") else "the held-out split")
+           f"on)" if table.get("val_samples") else table.get("validation") or "the held-out split")
+    if table.get("separate_test", True):
+        protocol = (f"every choice is made on {val}; the test split is read only for this "
+                    f"report.")
+    else:  # token shards written before `--test-every`, or an image folder
+        protocol = ("these shards hold one held-out split, read for every choice and for this "
+                    "report alike (token shards: rewrite them with `gwtn shards text|wikipedia "
+                    "--test-every N` for a test split).")
     lines = [(f"# Go Wide, Then Narrow vs baselines — {table['title']}, {len(seeds)} "
              f"reported seed(s) {seeds}"), "",
-             (f"Protocol: every choice is made on {val}; the test split is read only for this "
-             f"report. Seeds are paired (every arm runs every seed). Criterion, fixed before "
-             f"the numbers: {table['criterion']}"), ""]
+             (f"Protocol: {protocol} Seeds are paired (every arm runs every seed). Criterion, "
+              f"fixed before the numbers: {table['criterion']}"), ""]
     lines += _tuning_lines(table) + [""]
     for budget in table["budgets"]:
         lines += [(f"## Thin-net budget ×{budget['budget_mult']:g}: {budget['budget_steps']} "
@@ -230,7 +247,7 @@ def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[
     t = table["teacher"]
     sel = table["select_metric"]
     tmp = out_dir / f".compare.{os.getpid()}.png"
-    plot_curves(tmp, curves, table, teacher_accuracy=t[sel]["mean"], label=_label(sel))
+    plot_curves(tmp, curves, table, teacher_accuracy=t[sel]["mean"], label=_label(sel, table))
     tmp.replace(out_dir / "compare.png")
 
 

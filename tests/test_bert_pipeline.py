@@ -1,9 +1,11 @@
 """BERT through the pipeline on CPU: text shards → wide → imitate → finetune (+ baselines),
-held-out masked-LM metrics, `gwtn compare` for the family, padding left out of the losses."""
+masked-LM metrics on the val and test documents (and on old shards' one held-out split),
+`gwtn compare` for the family, padding left out of the losses."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -40,14 +42,38 @@ def generated_text(paragraphs: int, seed: int = 0) -> str:
     return "\n\n".join(out) + "\n"
 
 
-@pytest.fixture(scope="module")
-def text_shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bert-text")
+def write_shards(folder: Path, test_every: int) -> Path:
+    """600 generated paragraphs → token shards: val every 10th document, test every
+    ``test_every``-th (0: none, the two-split shards written before the test split)."""
     (folder / "corpus.txt").write_text(generated_text(600))
     assert main(["-q", "shards", "text", str(folder / "corpus.txt"), str(folder / "shards"),
                  "--seq-len", "32", "--vocab-size", "200", "--val-every", "10",
-                 "--shard-size", "200"]) == 0
+                 "--test-every", str(test_every), "--shard-size", "200"]) == 0
     return folder / "shards"
+
+
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("bert-text"), test_every=10)
+
+
+@pytest.fixture(scope="module")
+def two_split_shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("bert-text-old"), test_every=0)
+
+
+def record_splits(monkeypatch) -> list[str | None]:
+    """The split of every token stream opened from now on (None: training)."""
+    from gwtn_dist.data import batches
+
+    opened, real = [], batches.text_stream
+
+    def text_stream(source, **kw):
+        opened.append(kw.get("split"))
+        return real(source, **kw)
+
+    monkeypatch.setattr(batches, "text_stream", text_stream)
+    return opened
 
 
 def run_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
@@ -61,13 +87,17 @@ def test_tiny_bert_pretrains_through_all_stages(tmp_path, text_shards):
                                         "wide.optim.lr=0.005")]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert set(summary) == {"wide", "imitate", "finetune", "scratch"}
-    val_tokens = None
+    tokens = None
     for stage, rec in summary.items():
         assert (run_dir / stage / "DONE").is_file()
         assert 0 <= rec["mlm_accuracy"] <= 1 and rec["perplexity"] > 1
-        # Every stage is scored on the same masked tokens of the whole val split.
-        val_tokens = val_tokens or rec["eval_tokens"]
-        assert rec["eval_tokens"] == val_tokens > 0
+        assert 0 <= rec["val_mlm_accuracy"] <= 1 and rec["val_perplexity"] > 1
+        # Scored on both held-out splits: different documents, so different numbers.
+        assert rec["val_mlm_accuracy"] != rec["mlm_accuracy"]
+        assert rec["val_perplexity"] != rec["perplexity"]
+        # Every stage is scored on the same masked tokens of the whole val and test splits.
+        tokens = tokens or (rec["val_eval_tokens"], rec["eval_tokens"])
+        assert (rec["val_eval_tokens"], rec["eval_tokens"]) == tokens and min(tokens) > 0
     # Better than guessing uniformly over the 512-word vocabulary (perplexity 512) by far.
     assert summary["wide"]["perplexity"] < 40
     assert summary["finetune"]["perplexity"] < summary["imitate"]["perplexity"]
@@ -78,8 +108,12 @@ def test_tiny_bert_pretrains_through_all_stages(tmp_path, text_shards):
     for point in imit["points"]:
         losses = [r["loss"] for r in recs if r["point"] == point]
         assert sum(losses[-4:]) < sum(losses[:4]), point
+    curve = [json.loads(line) for line in (run_dir / "wide" / "metrics.jsonl").open()]
+    assert any("val_mlm_accuracy" in r for r in curve)  # curves read val …
+    assert not any("mlm_accuracy" in r for r in curve)  # … and never test
     table = (run_dir / "results.md").read_text()
-    assert "held-out MLM accuracy" in table and "thin from scratch" in table
+    assert "val MLM accuracy" in table and "test MLM accuracy" in table
+    assert "thin from scratch" in table
 
 
 def test_a_twin_with_a_wider_hidden_size_warms_up_the_thin_bert(tmp_path, text_shards):
@@ -111,11 +145,14 @@ def test_attention_transfer_and_compare_for_the_bert_family(tmp_path, text_shard
     table = json.loads((run_dir / "compare" / "compare.json").read_text())
     assert table["metric"] == "mlm_accuracy" and set(table["arms"]) == {
         "scratch", "kd", "win", "deeper"}
+    assert table["select_metric"] == "val_mlm_accuracy" and table["separate_test"]
     for row in table["arms"].values():
         assert row["steps"] == 2 * 4 + 2 + 6 and row["perplexity"]["mean"] > 1
     assert table["arms"]["deeper"]["params"] > table["arms"]["scratch"]["params"]
     md = (run_dir / "compare" / "compare.md").read_text()
-    assert "held-out MLM accuracy (mean ± sd)" in md and "perplexity (mean ± sd)" in md
+    assert "val MLM accuracy (mean ± sd)" in md and "test MLM accuracy (mean ± sd)" in md
+    assert "test perplexity (mean ± sd)" in md
+    assert "every choice is made on the token shards' val documents" in md
     recs = [json.loads(line)
             for line in (run_dir / "compare" / "seed0" / "imitate" / "metrics.jsonl").open()]
     assert all(r["attention_kl"] >= 0 for r in recs)
@@ -187,3 +224,65 @@ def test_a_crashed_bert_stage_resumes_to_the_same_weights(tmp_path, text_shards,
     b = torch.load(run_dir / "wide" / "model.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((run_dir / "wide" / "metrics.jsonl").read_text().splitlines()) == 30
+
+
+def test_a_tuning_run_never_opens_the_test_documents(tmp_path, text_shards, monkeypatch):
+    opened = record_splits(monkeypatch)
+    run_dir = tmp_path / "tune"
+    assert main(["-q", "wide", *run_args(run_dir, text_shards, "wide.steps=10", "eval_every=5",
+                                         "eval_test=false")]) == 0
+    assert set(opened) == {None, "val"}  # training and the validation split only
+    rec = json.loads((run_dir / "wide" / "stage.json").read_text())
+    assert "val_mlm_accuracy" in rec and "mlm_accuracy" not in rec and "perplexity" not in rec
+
+
+def test_two_split_shards_read_their_one_held_out_split_and_warn(tmp_path, two_split_shards,
+                                                                 monkeypatch, caplog):
+    from gwtn_dist.stages import tasks
+
+    monkeypatch.setattr(tasks, "_warned_one_split", set())
+    opened = record_splits(monkeypatch)
+    run_dir = tmp_path / "old"
+    with caplog.at_level(logging.WARNING, logger="gwtn"):
+        assert main(["-q", "wide", *run_args(run_dir, two_split_shards, "wide.steps=10",
+                                             "eval_every=5")]) == 0
+    assert set(opened) == {None, "val"}  # the val shards, for curves and the score alike
+    warnings = [r.getMessage() for r in caplog.records if "no test split" in r.getMessage()]
+    assert len(warnings) == 1 and "--test-every" in warnings[0]
+    rec = json.loads((run_dir / "wide" / "stage.json").read_text())
+    assert 0 <= rec["mlm_accuracy"] <= 1 and rec["eval_tokens"] > 0
+    assert not any(k.startswith("val_") for k in rec)  # today's names, one split
+    curve = [json.loads(line) for line in (run_dir / "wide" / "metrics.jsonl").open()]
+    assert any("mlm_accuracy" in r for r in curve)
+    task = tasks.TextTask(load_config(REPO / "configs/bert_tiny_cpu.yaml",
+                                      [f"data.shards={two_split_shards}"]))
+    assert (task.select_metric, task.curve_split, task.score_splits) == (
+        "mlm_accuracy", "test", ("test",))
+    # A comparison on them chooses and reports on the one split, and says so.
+    assert main(["-q", "compare", *run_args(
+        tmp_path / "cmp", two_split_shards, "wide.steps=6", "imitate.steps_per_point=2",
+        "finetune.label_steps=2", "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        "eval_every=0")]) == 0
+    table = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
+    assert table["select_metric"] == table["metric"] == "mlm_accuracy"
+    assert not table["separate_test"]
+    md = (tmp_path / "cmp" / "compare" / "compare.md").read_text()
+    assert "one held-out split, read for every choice and for this report alike" in md
+    assert "held-out MLM accuracy (mean ± sd)" in md and "val MLM" not in md
+
+
+def test_a_teacher_cached_before_the_test_split_is_not_reused(tmp_path):
+    """The cache keys on the shards' path; rewritten with a test split, the folder trains on
+    fewer documents, so a teacher cached from the two-split shards must not be found."""
+    from gwtn_dist.stages.teacher_cache import cache_dir
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = load_config(REPO / "configs/bert_tiny_cpu.yaml",
+                      [f"data.shards={shards}", f"wide.cache={tmp_path / 'cache'}"])
+    index = {"format": "tokens", "val_every": 10, "splits": {"train": {}, "val": {}}}
+    (shards / "index.json").write_text(json.dumps(index))
+    old = cache_dir(cfg)
+    (shards / "index.json").write_text(json.dumps(
+        {**index, "test_every": 10, "splits": {**index["splits"], "test": {}}}))
+    assert cache_dir(cfg) != old

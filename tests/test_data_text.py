@@ -15,7 +15,7 @@ import pytest
 
 from gwtn_dist.data.documents import clean_wikitext, read_documents
 from gwtn_dist.data.mlm import IGNORE, mask_tokens
-from gwtn_dist.data.text_shards import Packer, write_text_shards
+from gwtn_dist.data.text_shards import Packer, split_of, write_text_shards
 from gwtn_dist.data.tokenizer import SPECIALS, load_tokenizer, train_tokenizer
 
 ARTICLE_1 = """{{Infobox animal|name={{nowrap|Red fox}}|image=Fox.jpg}}
@@ -186,6 +186,43 @@ def test_parallel_text_writers_split_documents(tmp_path):
     assert {n.split("-")[1] for n in two["splits"]["train"]["shards"]} == {"w00", "w01"}
 
 
+def test_val_and_test_splits_are_disjoint_whole_documents(tmp_path):
+    """Every document lands whole in exactly one split, the one split_of names; a rewrite
+    without a test split leaves no test shard behind."""
+    import re
+
+    from gwtn_dist.cli import main
+
+    docs = 80
+    (tmp_path / "c.txt").write_text("\n\n".join(
+        f"doc {d} says the lamb slept by the river and the king ruled the city." for d in range(docs)))
+    out = tmp_path / "s"
+    # val every 3rd, test every 4th: documents 2, 14, … are both, and go to val.
+    assert main(["-q", "shards", "text", str(tmp_path / "c.txt"), str(out), "--seq-len", "24",
+                 "--vocab-size", "120", "--val-every", "3", "--test-every", "4",
+                 "--shard-size", "7"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert set(index["splits"]) == {"train", "val", "test"} and index["test_every"] == 4
+    tok = load_tokenizer(out / "tokenizer.json")
+    found: dict[int, str] = {}
+    for split in ("train", "val", "test"):
+        ids = np.concatenate(read_ids(out, index, split))  # the split's (n·seq_len,) token stream
+        for d in map(int, re.findall(r"doc (\d+) says", tok.decode(ids.tolist()))):
+            assert d not in found, f"document {d} is in {found[d]} and {split}"
+            found[d] = split
+    assert sorted(found) == list(range(docs))  # every document, once
+    assert all(found[d] == split_of(d, 3, 4) for d in found)
+    assert found[2] == "val" and found[6] == "test" and found[0] == "train"
+    assert {s for s in found.values()} == {"train", "val", "test"}
+    # Written again without a test split: its old shards are cleared, the index has none.
+    assert main(["-q", "shards", "text", str(tmp_path / "c.txt"), str(out), "--seq-len", "24",
+                 "--tokenizer", str(out / "tokenizer.json"), "--val-every", "3",
+                 "--test-every", "0"]) == 0
+    assert "test" not in json.loads((out / "index.json").read_text())["splits"]
+    assert not list(out.glob("test-*"))
+    assert main(["shards", "text", str(tmp_path / "c.txt"), str(out), "--test-every", "1"]) == 2
+
+
 def test_bible_kjv_corpus(tmp_path):
     """The real corpus named in the docs: Debian's bible-kjv."""
     if shutil.which("bible") is None:
@@ -197,7 +234,8 @@ def test_bible_kjv_corpus(tmp_path):
     train = index["splits"]["train"]
     assert train["skipped"] == 0 and index["vocab_size"] == 4000
     # About 790k words of English: between 0.8 and 1.5 WordPiece tokens per word.
-    assert 0.8 * 790_000 < train["tokens"] + index["splits"]["val"]["tokens"] < 1.5 * 790_000
+    held_out = index["splits"]["val"]["tokens"] + index["splits"]["test"]["tokens"]
+    assert 0.8 * 790_000 < train["tokens"] + held_out < 1.5 * 790_000
 
 
 def test_masking_follows_bert_proportions():

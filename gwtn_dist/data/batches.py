@@ -12,7 +12,8 @@
   split, every image once over all ranks.
 - ``text`` (``gwtn shards text|wikipedia``, token sequences): like ``imagefolder``, each rank
   reads its own share (``data.streams.text_stream``) with BERT's dynamic masking; evaluation
-  reads the ``val`` split, every sequence once over all ranks.
+  reads the ``val`` or ``test`` split asked for, every sequence once over all ranks (shards
+  written before ``--test-every`` hold no ``test``: ``val`` is read for both).
 
 Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids",
 "attention_mask"} and y = the masked-LM labels (-100 where no loss is taken), all int64
@@ -125,9 +126,34 @@ def _split_mlm(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         batch["labels"]
 
 
-def _text_stream(cfg: Config, train: bool, batch_size: int, rank: int, seed: int = 0):
+@functools.lru_cache(maxsize=16)
+def _token_split_samples(index_path: str, mtime_ns: int) -> dict[str, int]:
+    index = json.loads(Path(index_path).read_text())
+    if index.get("format") != "tokens":
+        return {}
+    return {split: int(info["samples"]) for split, info in index["splits"].items()}
+
+
+def token_split_samples(shards: str | Path) -> dict[str, int]:
+    """Samples per split of the token shards in folder ``shards`` (``{}`` when it holds no
+    token index.json; the readers then say what is wrong). Read again when index.json changes."""
+    path = Path(shards) / "index.json"
+    try:
+        return _token_split_samples(str(path), path.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def text_eval_split(shards: str | Path, split: str) -> str:
+    """The token-shard split that evaluation of ``split`` reads: ``test`` only when asked and
+    the shards hold a non-empty one; otherwise ``val`` (two-split shards: one held-out split)."""
+    return "test" if split == "test" and token_split_samples(shards).get("test") else "val"
+
+
+def _text_stream(cfg: Config, train: bool, batch_size: int, rank: int, seed: int = 0,
+                 split: str | None = None):
     d, rt = cfg.data, current()
-    loader = text_stream(d.shards, train=train, batch_size=batch_size, rank=rank,
+    loader = text_stream(d.shards, train=train, batch_size=batch_size, split=split, rank=rank,
                          world_size=rt.world_size, num_workers=d.num_workers, seed=seed,
                          shuffle_buffer=d.shuffle_buffer, mlm_probability=d.mlm_probability)
     index = json.loads((Path(d.shards) / "index.json").read_text())  # text_stream checked it
@@ -164,15 +190,17 @@ def train_batches(cfg: Config, stream_seed: int) -> TrainBatches:
 def rank_eval_batches(cfg: Config, limit: int = 0, rank: int | None = None,
                       split: str = "test") -> Iterator[tuple]:
     """This rank's (or ``rank``'s) share of the held-out ``split`` (``test``, or ``val``: the
-    validation split carved out of Fashion-MNIST's training data; image folders and text have
-    one held-out split, ``val``, read for both), model-ready; over all ranks every sample once.
+    validation split carved out of Fashion-MNIST's training data, or the token shards' ``val``
+    documents; image folders, and token shards without a ``test`` split, have one held-out split,
+    ``val``, read for both), model-ready; over all ranks every sample once.
     limit: only about the first ``limit`` samples (0 = all). Text masking is drawn from a fixed
     seed, so every evaluation of a run scores the same masked tokens."""
     d, rt = cfg.data, current()
     rank = rt.rank if rank is None else rank
-    if d.dataset in ("text", "imagefolder"):  # a per-rank stream of the val split
+    if d.dataset in ("text", "imagefolder"):  # a per-rank stream of a held-out split
         if d.dataset == "text":
-            loader = map(_split_mlm, _text_stream(cfg, False, d.eval_batch_size, rank))
+            loader = map(_split_mlm, _text_stream(cfg, False, d.eval_batch_size, rank,
+                                                  split=text_eval_split(d.shards, split)))
         else:
             loader = image_stream(d.shards, train=False, batch_size=d.eval_batch_size,
                                   rank=rank, world_size=rt.world_size,

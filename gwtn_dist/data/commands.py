@@ -35,7 +35,8 @@ def _cmd_imagefolder(args: argparse.Namespace) -> None:
 def _cmd_text(args: argparse.Namespace) -> None:
     index = write_text_shards(args.inputs, args.out, seq_len=args.seq_len,
                               tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                              val_every=args.val_every, workers=args.workers,
+                              val_every=args.val_every, test_every=args.test_every,
+                              workers=args.workers,
                               maxcount=args.shard_size, progress=not args.quiet)
     _print_index(index, args.out)
 
@@ -61,6 +62,9 @@ def _text_options(p: argparse.ArgumentParser) -> None:
                    help="vocabulary of the trained tokenizer (default 30522, BERT's)")
     p.add_argument("--val-every", type=int, default=100,
                    help="every N-th document goes to the val split; 0: no val (default 100)")
+    p.add_argument("--test-every", type=int, default=100,
+                   help="every N-th document (one before val's, so never a val one) goes to the "
+                        "test split, read only for reports; 0: no test (default 100)")
     _common(p, 10_000)
     p.set_defaults(func=_cmd_text)
 

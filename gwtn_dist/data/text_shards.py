@@ -5,8 +5,12 @@ Documents are tokenized without specials and packed back to back, BERT style: ev
 starts with ``[CLS]``, every document ends with ``[SEP]``, a long document continues in the next
 sequence, and only the last sequence of a worker is padded with ``[PAD]``. ``tokens`` in the
 index counts text tokens (specials not included). The attention mask is
-``ids != [PAD]``; ``[SEP]`` marks document boundaries. Every ``val_every``-th document goes to the
-``val`` split, the rest to ``train``.
+``ids != [PAD]``; ``[SEP]`` marks document boundaries.
+
+Documents (counted over all inputs, skipped ones included) go whole to one split each
+(:func:`split_of`): every ``val_every``-th to ``val`` (the validation split: curves and choices),
+every ``test_every``-th of the rest to ``test`` (read once, for the report), the others to
+``train``. No document is in two splits, so no sequence of one split shares text with another.
 """
 
 from __future__ import annotations
@@ -70,18 +74,33 @@ def iter_texts(paths: list[str]) -> Iterator[str]:
                 yield text
 
 
-def _split_of(doc: int, val_every: int) -> str:
-    return "val" if val_every and doc % val_every == val_every - 1 else "train"
+def split_of(doc: int, val_every: int, test_every: int = 0) -> str:
+    """The split of document number ``doc``: ``val`` when ``doc % val_every == val_every - 1``,
+    else ``test`` when ``doc % test_every == test_every - 2``, else ``train`` (0 = no such split).
+
+    The val test comes first, so a document is never in two splits; the offsets differ so that
+    equal periods (the defaults, 100 and 100) take disjoint documents and both splits get 1/N.
+    """
+    if val_every and doc % val_every == val_every - 1:
+        return "val"
+    if test_every and doc % test_every == test_every - 2:
+        return "test"
+    return "train"
 
 
-def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, maxcount: int,
-                  progress: bool, worker: int, workers: int) -> dict:
+def split_names(val_every: int, test_every: int) -> list[str]:
+    """The splits a writer with these periods produces."""
+    return ["train"] + ["val"] * bool(val_every) + ["test"] * bool(test_every)
+
+
+def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, test_every: int,
+                  maxcount: int, progress: bool, worker: int, workers: int) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     tok = load_tokenizer(Path(out) / TOKENIZER_FILE)
     ids = special_ids(tok)
     specials = list(ids.values())
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.int32
-    splits = ["train", "val"] if val_every else ["train"]
+    splits = split_names(val_every, test_every)
     sinks = {s: ShardSink(Path(out), f"{s}-w{worker:02d}", maxcount) for s in splits}
     packers = {s: Packer(seq_len, ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], dtype) for s in splits}
     pending: dict[str, list[str]] = {s: [] for s in splits}
@@ -113,7 +132,7 @@ def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, maxc
             doc += 1
             if doc % workers != worker:
                 continue
-            split = _split_of(doc, val_every)
+            split = split_of(doc, val_every, test_every)
             bar.update()
             if text is not None and not (text := clean(text)):
                 reason = "empty after cleaning"
@@ -135,11 +154,14 @@ def _write_worker(paths: list[str], out: str, seq_len: int, val_every: int, maxc
 
 def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int = 128,
                       tokenizer: Path | str | None = None, vocab_size: int = 30522,
-                      val_every: int = 100, workers: int = 1, maxcount: int = 10_000,
-                      progress: bool = True) -> dict:
-    """Write ``OUT/{train,val}-w<worker>-<k>.tar``, ``OUT/tokenizer.json`` and ``OUT/index.json``.
+                      val_every: int = 100, test_every: int = 100, workers: int = 1,
+                      maxcount: int = 10_000, progress: bool = True) -> dict:
+    """Write ``OUT/{train,val,test}-w<worker>-<k>.tar``, ``OUT/tokenizer.json`` and
+    ``OUT/index.json``.
 
-    Without ``tokenizer`` a WordPiece tokenizer of ``vocab_size`` is trained on the inputs first.
+    ``val_every``/``test_every``: the periods of the held-out splits, whole documents
+    (:func:`split_of`; 0 = no such split). Without ``tokenizer`` a WordPiece tokenizer of
+    ``vocab_size`` is trained on the inputs first.
     """
     paths = [str(p) for p in paths]
     missing = [p for p in paths if not Path(p).is_file()]
@@ -147,6 +169,9 @@ def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int 
         raise DataSourceError(f"input files not found: {missing}")
     if seq_len < 8:
         raise DataSourceError(f"seq_len {seq_len} is too short for packed sequences (need ≥ 8)")
+    if val_every < 0 or test_every < 0 or test_every == 1:
+        raise DataSourceError(f"val_every {val_every} / test_every {test_every}: give 0 (no "
+                              f"such split) or a period (val ≥ 1, test ≥ 2)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
@@ -156,14 +181,17 @@ def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int 
         load_tokenizer(tokenizer)
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     tok = load_tokenizer(out / TOKENIZER_FILE)
-    clear_old_shards(out, ["train", "val"])
-    reports = run_workers(_write_worker, (paths, str(out), seq_len, val_every, maxcount, progress),
-                          workers)
+    clear_old_shards(out, ["train", "val", "test"])  # also a test split a rerun does not write
+    reports = run_workers(_write_worker, (paths, str(out), seq_len, val_every, test_every,
+                                          maxcount, progress), workers)
     meta = {"source": [Path(p).name for p in paths], "format": "tokens", "seq_len": seq_len,
             "tokenizer": TOKENIZER_FILE, "vocab_size": tok.get_vocab_size(),
-            "special_ids": special_ids(tok), "val_every": val_every}
+            "special_ids": special_ids(tok), "val_every": val_every, "test_every": test_every}
     index = merge_reports(reports, meta)
     for split, entry in index["splits"].items():
         entry["tokens"] = sum(r[split]["tokens"] for r in reports if split in r)
     write_index(out, index)
+    for split in ("val", "test"):
+        if split in index["splits"] and not index["splits"][split]["samples"]:
+            log.warning("%s: the %s split is empty (too few documents for its period)", out, split)
     return index

@@ -157,8 +157,9 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         update_summary(run_dir, stage, record)
         task = task_for(cfg)
         shown = task.metric if task.metric in scores else task.select_metric
-        log.info("%s done: %s %.4f (%d steps, %.0f s)", stage, shown.replace("_", " "),
-                 scores[shown], record["steps"], record["wall_s"])
+        log.info("%s done: %s %.4f (%d steps, %.0f s)", stage,
+                 task.labels.get(shown, shown.replace("_", " ")), scores[shown], record["steps"],
+                 record["wall_s"])
     barrier()
     return record
 

@@ -11,24 +11,31 @@ masked-LM). The stages are written once against this interface:
 - ``eval_sums`` / ``eval_metrics``: counts summed over batches and ranks, then the metrics;
   ``metric`` names the headline one that reports give (higher is better), ``select_metric``
   the one that choices are made on (the validation split's), ``curve_split`` the split that
-  ``eval_every`` curves read, ``score_splits`` the splits a finished stage is scored on, and
-  ``secondary`` other metrics that comparisons report;
+  ``eval_every`` curves read, ``score_splits`` the splits a finished stage is scored on,
+  ``secondary`` other metrics that comparisons report, ``labels`` the words reports use for
+  metric names where the task decides them, and ``separate_test`` whether the report reads a split
+  apart from the one choices read;
 - ``features(model, x, end, …)``, ``feature_mask(x)``, ``normalize(t)``: the output of block
   ``end`` that imitation compares, which positions count, and layer-normalised targets.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.batches import rank_eval_batches
+from ..data.batches import rank_eval_batches, token_split_samples
 from ..data.mlm import IGNORE
 from ..models.bridge import Bridges
 from .losses import accuracy
+
+log = logging.getLogger("gwtn")
+_warned_one_split: set[str] = set()  # shard folders already warned about (once per process)
 
 
 def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None,
@@ -73,12 +80,15 @@ class ImageTask(_ScoredTask):
     metric = "test_accuracy"
     metric_label = "test accuracy"
     secondary: tuple[str, ...] = ()
+    labels: ClassVar[dict[str, str]] = {}  # report.METRIC_LABELS names every metric
+    validation: str | None = None  # compare.md describes the split from data.val_samples
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         has_val = cfg.data.dataset == "fashion-mnist" and cfg.data.val_samples > 0
         self.curve_split = "val" if has_val else "test"
+        self.separate_test = has_val
         self.select_metric = f"{self.curve_split}_accuracy"
         # A tuning run (eval_test false) never reads the test split.
         self.score_splits = (("val",) if has_val else ()) + (("test",) if cfg.eval_test else ())
@@ -111,15 +121,46 @@ class ImageTask(_ScoredTask):
 
 
 class TextTask(_ScoredTask):
-    """Masked-LM with a BERT: accuracy and perplexity over the masked tokens of ``val``."""
+    """Masked-LM with a BERT: accuracy and perplexity over the masked tokens of the held-out
+    documents.
+
+    Token shards with a ``test`` split (``gwtn shards … --test-every``): curves and choices read
+    ``val`` (metrics ``val_mlm_accuracy``, ``val_perplexity``, …), reports read ``test`` under
+    the headline names (``mlm_accuracy``, ``perplexity``, ``mlm_loss``, ``eval_tokens``); a
+    tuning run (``eval_test`` false) never reads ``test``. Shards without one (written before
+    ``--test-every``) have one held-out split, ``val``, read for curves, choices and reports
+    alike under the headline names, as before; a warning says so once.
+    """
 
     metric = "mlm_accuracy"
-    metric_label = "held-out MLM accuracy"
     secondary = ("perplexity",)
-    # Token shards hold one held-out split (val): it is read for curves, choices and reports.
-    select_metric = "mlm_accuracy"
-    curve_split = "test"
-    score_splits = ("test",)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        counts = token_split_samples(cfg.data.shards) if cfg.data.dataset == "text" else {}
+        self.separate_test = bool(counts.get("test"))
+        if self.separate_test:
+            self.curve_split, self.select_metric = "val", "val_mlm_accuracy"
+            self.score_splits = ("val", "test") if cfg.eval_test else ("val",)
+            self.metric_label = "test MLM accuracy"
+            self.validation = "the token shards' val documents (whole documents, never trained on)"
+            self.labels = {"mlm_accuracy": self.metric_label, "perplexity": "test perplexity",
+                           "val_mlm_accuracy": "val MLM accuracy",
+                           "val_perplexity": "val perplexity"}
+        else:
+            # "test" here reads the one held-out split (val): see rank_eval_batches.
+            self.curve_split, self.select_metric = "test", "mlm_accuracy"
+            self.score_splits = ("test",)
+            self.metric_label = "held-out MLM accuracy"
+            self.validation = None
+            self.labels = {"mlm_accuracy": self.metric_label}
+            if counts and str(cfg.data.shards) not in _warned_one_split:
+                _warned_one_split.add(str(cfg.data.shards))
+                log.warning(
+                    "%s: the token shards hold no test split, so the choices (curves, tuning) "
+                    "and the report read the same held-out split (val); rewrite them with "
+                    "`gwtn shards text|wikipedia … --test-every 100` for a separate test split",
+                    cfg.data.shards)
 
     def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -134,10 +175,14 @@ class TextTask(_ScoredTask):
         return model(x, select=chosen).float(), y[chosen]
 
     def eval_metrics(self, sums: list[float], split: str = "test") -> dict:
+        """[correct, masked tokens, summed cross-entropy] → the metrics, named ``val_…`` for
+        the validation split when a test split exists, else under the headline names."""
         correct, tokens, loss_sum = sums
         loss = loss_sum / max(tokens, 1)
-        return {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,
-                "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens)}
+        prefix = "val_" if self.separate_test and split == "val" else ""
+        scores = {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,
+                  "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens)}
+        return {prefix + k: v for k, v in scores.items()}
 
     def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: Bridges | None,
                  bridged: dict[int, str]) -> torch.Tensor:

@@ -4,7 +4,9 @@ is paid for once: later runs with the same teacher settings copy it instead of t
 The key is a hash of everything that decides the teacher's weights: the model section, the
 data section (less how it is read: workers, eval batch), the wide section (less the cache
 path; ``init``, the weights it starts from, by their content's hash), the seed, the memory
-format and the precision. ``CACHE/<key>/`` holds the finished
+format and the precision; for token shards with a test split, also their split periods (the
+key is the shards' path, and a folder rewritten with a test split no longer trains on those
+documents: a teacher cached before must not be reused). ``CACHE/<key>/`` holds the finished
 stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
 hash was taken of.
 """
@@ -32,8 +34,22 @@ def teacher_settings(cfg: Config) -> dict:
         wide["init"] = _file_sha256(Path(cfg.wide.init))
     else:  # keys of teachers trained before wide.init existed stay what they were
         wide.pop("init", None)
+    if cfg.data.dataset == "text" and (periods := _test_split_periods(Path(cfg.data.shards))):
+        data["token_splits"] = periods
     return {"model": tree["model"], "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
+
+
+def _test_split_periods(shards: Path) -> dict:
+    """``val_every``/``test_every`` of token shards that have a test split; {} for shards
+    without one, so keys of teachers trained on two-split shards stay what they were."""
+    try:
+        index = json.loads((shards / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if "test" not in index.get("splits", {}):
+        return {}
+    return {"val_every": index.get("val_every"), "test_every": index.get("test_every")}
 
 
 def _file_sha256(path: Path) -> str:
