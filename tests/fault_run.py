@@ -37,8 +37,8 @@ from tests.test_distributed import env, free_port, torchrun
 STAGES = ("wide", "imitate", "finetune", "scratch")
 # Long enough for 20 kills (each restart costs a few seconds of start-up), with a checkpoint
 # every 7 steps so that kills often land in or near a save.
-LONGER = ["wide.steps=300", "imitate.steps_per_point=70", "finetune.kd_steps=50",
-          "finetune.label_steps=100", "checkpoint.every=7", "dist.wide_zero_stage=3",
+LONGER = ["wide.steps=600", "imitate.steps_per_point=140", "finetune.kd_steps=100",
+          "finetune.label_steps=200", "checkpoint.every=7", "dist.wide_zero_stage=3",
           "dist.teacher=shard", "eval_every=0", "progress=false", "threads=1",
           "data.train_samples=0"]
 
