@@ -88,6 +88,10 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
             )
         old = _flatten(yaml.safe_load(saved.read_text()))
         new = _flatten(to_dict(cfg))
+        # A key the saved config lacks was added to gwtn_dist since the run started: keeping
+        # its default keeps what the run computes, so only a value off the default counts.
+        defaults = _flatten(to_dict(Config()))
+        old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
         changed = sorted(k for k in set(old) | set(new)
                          if k not in VOLATILE and old.get(k) != new.get(k))
         if changed:

@@ -222,3 +222,30 @@ def test_tiny_cpu_config_on_real_fashion_mnist(tmp_path, real_shard_dir):
     assert summary["stages"]["wide"]["test_accuracy"] > 0.4
     assert summary["stages"]["finetune"]["test_accuracy"] > 0.3
     assert summary["stages"]["finetune"]["test_samples"] == 10_000
+
+
+def test_a_run_started_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """Upgrading gwtn_dist adds config keys; a run saved without them resumes as long as they
+    keep their defaults (they cannot have changed what the run computed), not otherwise."""
+    import yaml
+
+    from gwtn_dist.config import ConfigError, load_config
+    from gwtn_dist.pipeline import prepare_run_dir, release_locks
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(str(REPO / "configs/tiny_cpu.yaml"), [f"run_dir={run_dir}"])
+    prepare_run_dir(cfg, run_dir)
+    release_locks()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["log_every"], saved["dist"]["tf32"], saved["wide"]["optim"]["accumulate"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    resumed = load_config(str(REPO / "configs/tiny_cpu.yaml"), [f"run_dir={run_dir}",
+                                                                 "resume=true"])
+    prepare_run_dir(resumed, run_dir)
+    release_locks()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    changed = load_config(str(REPO / "configs/tiny_cpu.yaml"),
+                          [f"run_dir={run_dir}", "resume=true", "wide.optim.accumulate=2"])
+    with pytest.raises(ConfigError, match=r"wide.optim.accumulate \(1 → 2\)"):
+        prepare_run_dir(changed, run_dir)
+    release_locks()
