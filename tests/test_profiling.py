@@ -100,3 +100,12 @@ def test_gwtn_bench_step_and_imitate_print_side_by_side_ratios(tmp_path, shard_d
     rows = {r["step"]: r for r in _csv(tmp_path / "bench" / "bench_imitate.csv")}
     assert {"floor", "reference", "compiled"} <= set(rows)
     assert float(rows["floor"]["ratio_to_floor"]) == 1.0
+
+
+def test_progress_in_a_log_file_is_plain_lines_not_carriage_returns(tmp_path, shard_dir):
+    from tests.test_pipeline import gwtn
+
+    args = [a for a in fast_args(tmp_path / "run", shard_dir) if a != "progress=false"]
+    proc = gwtn("wide", *args, "progress=true")
+    assert "\r" not in proc.stderr  # stderr is a pipe here, as in a SLURM output file
+    assert "wide: step 30/30" in proc.stderr

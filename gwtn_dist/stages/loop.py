@@ -184,12 +184,46 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
-def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm:
-    interactive = sys.stderr.isatty()
+class PlainProgress:
+    """Progress for logs that are not a terminal (a SLURM output file, a pipe): one plain
+    line every ``every_s`` seconds and at the end, instead of tqdm's carriage returns."""
+
+    def __init__(self, name: str, total: int, start: int, every_s: float = 30.0):
+        self.name, self.total, self.n, self.every_s = name, total, start, every_s
+        self.postfix: dict[str, str] = {}
+        self._t0 = self._last = time.monotonic()
+        self._n0 = start
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._line(now)
+
+    def set_postfix(self, refresh: bool = False, **values: str) -> None:
+        self.postfix = values
+
+    def _line(self, now: float) -> None:
+        rate = (self.n - self._n0) / max(now - self._t0, 1e-9)
+        left = (self.total - self.n) / rate if rate > 0 else float("nan")
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        log.info("%s: step %d/%d (%.2f step/s, %.0f s left%s)", self.name, self.n, self.total,
+                 rate, left, extra)
+
+    def close(self) -> None:
+        if self.n > self._n0:
+            self._line(time.monotonic())
+
+
+def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm | PlainProgress:
+    """tqdm on a terminal; plain periodic log lines otherwise; nothing off rank 0 or with
+    ``progress=false``."""
+    show = ctx.progress and current().is_main
+    if show and not sys.stderr.isatty():
+        return PlainProgress(phase.name, phase.steps, start)
     return tqdm(total=phase.steps, initial=start, desc=phase.name, unit="step",
-                disable=not (ctx.progress and current().is_main), dynamic_ncols=True,
-                leave=interactive,
-                mininterval=0.5 if interactive else 15.0)
+                disable=not show, dynamic_ncols=True, mininterval=0.5)
 
 
 def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict, bool]:
