@@ -109,3 +109,15 @@ def test_progress_in_a_log_file_is_plain_lines_not_carriage_returns(tmp_path, sh
     proc = gwtn("wide", *args, "progress=true")
     assert "\r" not in proc.stderr  # stderr is a pipe here, as in a SLURM output file
     assert "wide: step 30/30" in proc.stderr
+
+
+def test_the_relative_error_needs_no_boolean_index_and_matches_one():
+    import torch
+
+    from gwtn_dist.stages.imitate import masked_variance
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 7, 5, dtype=torch.float64) * 2 + 1  # (b, T, D)
+    mask = torch.rand(3, 7) > 0.4  # (b, T)
+    assert torch.allclose(masked_variance(target, mask), target[mask].var().float(), rtol=1e-5)
+    assert torch.allclose(masked_variance(target, None), target.var().float(), rtol=1e-5)

@@ -74,6 +74,21 @@ def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | Non
     return current, lower
 
 
+def masked_variance(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The unbiased variance of ``target``'s values, over the positions ``mask`` keeps.
+
+    target (b, T, D) with mask (b, T), or any shape with mask None. Computed with sums rather
+    than ``target[mask]`` (a boolean index waits for the device to know its size).
+    """
+    if mask is None:
+        return target.float().var()
+    keep = mask.unsqueeze(-1).to(torch.float32)  # (b, T, 1)
+    t = target.float()
+    n = keep.sum() * t.shape[-1]
+    mean = (t * keep).sum() / n
+    return ((t - mean) ** 2 * keep).sum() / (n - 1).clamp_min(1)
+
+
 def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
     """Run stage 2 into ``run_dir/imitate``; needs the wide stage (default ``run_dir/wide``)."""
     stage_dir = run_dir / STAGE
@@ -126,7 +141,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                 target, wide_maps = wide(x, upto=end, attention=True)
                 h, thin_maps = (t.float() for t in thin(x, upto=end, attention=True))
                 kl = attention_kl(wide_maps, thin_maps, mask)
-                extra["attention_kl"] = kl.item()
+                extra["attention_kl"] = kl.detach()
             else:
                 # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
                 target = wide(x, upto=end)  # no grad
@@ -140,12 +155,12 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                     value = mse(h, target, weight=pair.lift if pair is not None else None,
                                 mask=mask)
             # Relative error: the MSE over the variance of the target (0 = exact imitation,
-            # 1 = no better than predicting the target's mean), comparable across points.
-            counted = target if mask is None else target[mask]
-            rel = value.detach() / counted.var().clamp_min(1e-12)
+            # 1 = no better than predicting the target's mean), comparable across points. A
+            # 0-d tensor: the loop fetches it with the loss, in one transfer.
+            rel = value.detach() / masked_variance(target.detach(), mask).clamp_min(1e-12)
             if ic.attention_weight:
                 value = value + ic.attention_weight * kl
-            return value, {"point": points[k], "rel_error": rel.item(), **extra}
+            return value, {"point": points[k], "rel_error": rel, **extra}
 
         return Phase(f"{STAGE}/{points[k]}", ic.steps_per_point, ic.optim, groups, loss,
                      student, setup=setup, zero_stage=cfg.dist.student_zero_stage)

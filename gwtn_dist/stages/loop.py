@@ -228,11 +228,18 @@ def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm | PlainPro
 
 def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict, bool]:
     """The loss and the numeric extras averaged over ranks, and whether any rank was asked to
-    stop (``stop`` is this rank's answer), in one small all-reduce."""
-    keys = [k for k, v in extra.items() if isinstance(v, (int, float))]
-    values = torch.tensor([float(stop), loss.item()] + [float(extra[k]) for k in keys],
-                          dtype=torch.float64)
-    values = all_reduce_sum(values)
+    stop (``stop`` is this rank's answer), in one small all-reduce.
+
+    The loss and the extras that are 0-d device tensors reach the host in one transfer: the
+    step's only wait for the device."""
+    keys = [k for k, v in extra.items()
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)]
+    on_device = [loss.detach().reshape(())] + [extra[k].detach().reshape(()).to(loss.device)
+                                               for k in keys if torch.is_tensor(extra[k])]
+    fetched = iter(torch.stack([t.double() for t in on_device]).cpu().tolist())
+    values = [float(stop), next(fetched)]
+    values += [next(fetched) if torch.is_tensor(extra[k]) else float(extra[k]) for k in keys]
+    values = all_reduce_sum(torch.tensor(values, dtype=torch.float64))
     mean = values[1:] / current().world_size
     return (mean[0].item(), {**extra, **{k: mean[i + 1].item() for i, k in enumerate(keys)}},
             values[0].item() > 0)
@@ -276,7 +283,9 @@ def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
         return losses[0], extras[0]
     extra = dict(extras[-1])
     for key, value in extra.items():
-        if isinstance(value, (int, float)):
+        if torch.is_tensor(value):  # stays on the device: averaged without a host sync
+            extra[key] = torch.stack([e[key].detach().float() for e in extras]).mean()
+        elif isinstance(value, (int, float)):
             extra[key] = sum(float(e[key]) for e in extras) / len(extras)
     return torch.stack(losses).mean(), extra
 

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch's accuracy as a 0-d tensor on the logits' device: no host sync here (the
+    loop fetches it with the loss, in one transfer)."""
+    return (logits.detach().argmax(1) == labels).float().mean()
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
