@@ -73,6 +73,16 @@ def _trainable(groups: list[dict]) -> list[dict]:
     return groups
 
 
+def _close_accumulation(engine, loss: torch.Tensor | None) -> None:
+    """Before an engine's optimizer step: the backward of ``loss`` if given, then a check that
+    every one of the step's ``accumulate`` micro-batches went backward (and a reset)."""
+    if loss is not None:
+        engine.backward(loss)
+    if engine._micro != engine.accumulate:
+        raise RuntimeError(f"step after {engine._micro} of {engine.accumulate} micro-batches")
+    engine._micro = 0
+
+
 class TorchEngine:
     """Optimizer + schedule + gradient clipping for one phase, on one process.
 
@@ -119,11 +129,7 @@ class TorchEngine:
     def step(self, loss: torch.Tensor | None = None, grad_norm: bool = False) -> float | None:
         """(Backward of ``loss`` if given,) clip, step; returns the gradient norm (before
         clipping) if asked (one host sync), else None."""
-        if loss is not None:
-            self.backward(loss)
-        if self._micro != self.accumulate:
-            raise RuntimeError(f"step after {self._micro} of {self.accumulate} micro-batches")
-        self._micro = 0
+        _close_accumulation(self, loss)
         with region("optimizer"):
             if self.scaler:  # true gradients for clipping and the norm
                 self.scaler.unscale_(self.optimizer)
@@ -220,11 +226,7 @@ class DeepSpeedEngine:
     def step(self, loss: torch.Tensor | None = None, grad_norm: bool = False) -> float | None:
         """(Backward of ``loss`` if given, then) the optimizer step; the global gradient norm
         if asked and DeepSpeed computed one (it does when clipping), else None."""
-        if loss is not None:
-            self.backward(loss)
-        if self._micro != self.accumulate:
-            raise RuntimeError(f"step after {self._micro} of {self.accumulate} micro-batches")
-        self._micro = 0
+        _close_accumulation(self, loss)
         with region("optimizer"):
             self.engine.step()
         if not grad_norm:

@@ -29,24 +29,25 @@ class WeightsError(ValueError):
     """A state dict that does not fit the ResNet it is loaded into."""
 
 
+def _renamed(name: str, pairs_start, pairs_inside) -> str:
+    """``name`` with the first matching (old, new) prefix of ``pairs_start`` replaced, or else
+    every (old, new) of ``pairs_inside`` replaced inside it."""
+    for old, new in pairs_start:
+        if name.startswith(old):
+            return new + name[len(old):]
+    for old, new in pairs_inside:
+        name = name.replace(old, new)
+    return name
+
+
 def torchvision_name(ours: str) -> str:
     """torchvision's (and timm's) name of one of our parameter or buffer names."""
-    for mine, theirs in _START:
-        if ours.startswith(mine):
-            return theirs + ours[len(mine):]
-    for mine, theirs in _INSIDE:
-        ours = ours.replace(mine, theirs)
-    return ours
+    return _renamed(ours, _START, _INSIDE)
 
 
 def our_name(name: str) -> str:
     """Our name of a torchvision/timm name; our own names come back unchanged."""
-    for mine, theirs in _START:
-        if name.startswith(theirs):
-            return mine + name[len(theirs):]
-    for mine, theirs in _INSIDE:
-        name = name.replace(theirs, mine)
-    return name
+    return _renamed(name, [(b, a) for a, b in _START], [(b, a) for a, b in _INSIDE])
 
 
 def torchvision_state_dict(model: ResNet) -> dict[str, torch.Tensor]:
