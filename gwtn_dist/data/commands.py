@@ -61,10 +61,11 @@ def _text_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=30522,
                    help="vocabulary of the trained tokenizer (default 30522, BERT's)")
     p.add_argument("--val-every", type=int, default=100,
-                   help="every N-th document goes to the val split; 0: no val (default 100)")
+                   help="one document in N (chosen by a hash of its number) goes to the val split; "
+                        "0: no val (default 100)")
     p.add_argument("--test-every", type=int, default=100,
-                   help="every N-th document (one before val's, so never a val one) goes to the "
-                        "test split, read only for reports; 0: no test (default 100)")
+                   help="one document in N (never a val one) goes to the test split, read only for "
+                        "reports; 0: no test (default 100)")
     _common(p, 10_000)
     p.set_defaults(func=_cmd_text)
 

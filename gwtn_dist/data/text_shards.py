@@ -8,13 +8,14 @@ index counts text tokens (specials not included). The attention mask is
 ``ids != [PAD]``; ``[SEP]`` marks document boundaries.
 
 Documents (counted over all inputs, skipped ones included) go whole to one split each
-(:func:`split_of`): every ``val_every``-th to ``val`` (the validation split: curves and choices),
-every ``test_every``-th of the rest to ``test`` (read once, for the report), the others to
-``train``. No document is in two splits, so no sequence of one split shares text with another.
+(:func:`split_of`, by a hash of the document's number): one in ``val_every`` to ``val`` (the
+validation split: curves and choices), one in ``test_every`` to ``test`` (read once, for the
+report), the others to ``train``. No document is in two splits, so no sequence of one split shares text with another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -75,15 +76,21 @@ def iter_texts(paths: list[str]) -> Iterator[str]:
 
 
 def split_of(doc: int, val_every: int, test_every: int = 0) -> str:
-    """The split of document number ``doc``: ``val`` when ``doc % val_every == val_every - 1``,
-    else ``test`` when ``doc % test_every == test_every - 2``, else ``train`` (0 = no such split).
+    """The split of document number ``doc``: ``val`` for one document in ``val_every``, ``test``
+    for one in ``test_every``, else ``train`` (0 = no such split).
 
-    The val test comes first, so a document is never in two splits; the offsets differ so that
-    equal periods (the defaults, 100 and 100) take disjoint documents and both splits get 1/N.
+    Which ones is decided by a hash of the number, not by its remainder: a corpus whose
+    documents alternate (the Bible as ``bible`` prints it: a "Genesis 1" heading, then the
+    chapter) would otherwise send every heading, and no text, to one split. ``u`` is the
+    document's uniform draw in [0, 1); val takes ``u < 1/val_every`` and test the next
+    ``1/test_every``, so no document is in two splits and each split gets its share.
     """
-    if val_every and doc % val_every == val_every - 1:
+    digest = hashlib.blake2b(doc.to_bytes(8, "little"), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    val_share = 1 / val_every if val_every else 0.0
+    if u < val_share:
         return "val"
-    if test_every and doc % test_every == test_every - 2:
+    if test_every and u < val_share + 1 / test_every:
         return "test"
     return "train"
 
@@ -169,9 +176,10 @@ def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int 
         raise DataSourceError(f"input files not found: {missing}")
     if seq_len < 8:
         raise DataSourceError(f"seq_len {seq_len} is too short for packed sequences (need ≥ 8)")
-    if val_every < 0 or test_every < 0 or test_every == 1:
+    held_out = (1 / val_every if val_every > 0 else 0) + (1 / test_every if test_every > 0 else 0)
+    if val_every < 0 or test_every < 0 or held_out >= 1:
         raise DataSourceError(f"val_every {val_every} / test_every {test_every}: give 0 (no "
-                              f"such split) or a period (val ≥ 1, test ≥ 2)")
+                              f"such split) or N for one document in N, leaving some for train")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
