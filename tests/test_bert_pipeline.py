@@ -283,6 +283,11 @@ def test_a_teacher_cached_before_the_test_split_is_not_reused(tmp_path):
     index = {"format": "tokens", "val_every": 10, "splits": {"train": {}, "val": {}}}
     (shards / "index.json").write_text(json.dumps(index))
     old = cache_dir(cfg)
-    (shards / "index.json").write_text(json.dumps(
-        {**index, "test_every": 10, "splits": {**index["splits"], "test": {}}}))
-    assert cache_dir(cfg) != old
+    three = {**index, "test_every": 10, "splits": {**index["splits"], "test": {}}}
+    (shards / "index.json").write_text(json.dumps(three))
+    with_test = cache_dir(cfg)
+    assert with_test != old
+    # Rewritten by the hash rule at the same periods: other documents are held out.
+    from gwtn_dist.data.text_shards import SPLIT_RULE
+    (shards / "index.json").write_text(json.dumps({**three, "split_rule": SPLIT_RULE}))
+    assert cache_dir(cfg) not in (old, with_test)

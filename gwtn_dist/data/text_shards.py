@@ -75,6 +75,11 @@ def iter_texts(paths: list[str]) -> Iterator[str]:
                 yield text
 
 
+# Named in index.json: shards split by the older rule (a document's number modulo the period)
+# have no such field, and a teacher cached on them is not reused for these (teacher_cache).
+SPLIT_RULE = "blake2b-of-document-number"
+
+
 def split_of(doc: int, val_every: int, test_every: int = 0) -> str:
     """The split of document number ``doc``: ``val`` for one document in ``val_every``, ``test``
     for one in ``test_every``, else ``train`` (0 = no such split).
@@ -194,7 +199,8 @@ def write_text_shards(paths: list[str | Path], out: Path | str, *, seq_len: int 
                                           maxcount, progress), workers)
     meta = {"source": [Path(p).name for p in paths], "format": "tokens", "seq_len": seq_len,
             "tokenizer": TOKENIZER_FILE, "vocab_size": tok.get_vocab_size(),
-            "special_ids": special_ids(tok), "val_every": val_every, "test_every": test_every}
+            "special_ids": special_ids(tok), "val_every": val_every, "test_every": test_every,
+            "split_rule": SPLIT_RULE}
     index = merge_reports(reports, meta)
     for split, entry in index["splits"].items():
         entry["tokens"] = sum(r[split]["tokens"] for r in reports if split in r)

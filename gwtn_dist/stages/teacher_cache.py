@@ -4,7 +4,7 @@ is paid for once: later runs with the same teacher settings copy it instead of t
 The key is a hash of everything that decides the teacher's weights: the model section, the
 data section (less how it is read: workers, eval batch), the wide section (less the cache
 path; ``init``, the weights it starts from, by their content's hash), the seed, the memory
-format and the precision; for token shards with a test split, also their split periods (the
+format and the precision; for token shards with a test split, also their split periods and rule (the
 key is the shards' path, and a folder rewritten with a test split no longer trains on those
 documents: a teacher cached before must not be reused). ``CACHE/<key>/`` holds the finished
 stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
@@ -49,7 +49,10 @@ def _test_split_periods(shards: Path) -> dict:
         return {}
     if "test" not in index.get("splits", {}):
         return {}
-    return {"val_every": index.get("val_every"), "test_every": index.get("test_every")}
+    periods = {"val_every": index.get("val_every"), "test_every": index.get("test_every")}
+    if "split_rule" in index:  # the same periods take other documents under another rule
+        periods["split_rule"] = index["split_rule"]
+    return periods
 
 
 def _file_sha256(path: Path) -> str:
