@@ -67,8 +67,11 @@ def scaled(cfg: Config, mult: float) -> Config:
     if mult == 1:
         return cfg
     i, f = cfg.imitate, cfg.finetune
+    per_point = max(1, round(i.steps_per_point * mult))
     return with_overrides(cfg, {
-        "imitate.steps_per_point": max(1, round(i.steps_per_point * mult)),
+        "imitate.steps_per_point": per_point,
+        # The polish comes out of each point's steps, so it scales with them and stays below.
+        "imitate.parallel_polish_steps": min(round(i.parallel_polish_steps * mult), per_point - 1),
         "finetune.kd_steps": round(f.kd_steps * mult),
         "finetune.label_steps": round(f.label_steps * mult)})
 

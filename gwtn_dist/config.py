@@ -202,6 +202,19 @@ class ImitateStageConfig:
     MSE: KL(wide ‖ thin) of the attention probabilities of the phase's layer, per head (the
     twins have the same heads), averaged over heads and unpadded query positions. MobileBERT
     uses it; default 0 (off).
+    schedule: ``sequential`` (the paper's: one phase per point, bottom to top) or
+    ``parallel``: every thin segment (the blocks between consecutive points) trains at once,
+    each fed by the teacher's output at the point below it (mapped down to the thin width by
+    the pair there; no gradient to the teacher), one teacher pass per batch for all points;
+    the loss is the sum of the per-point losses. The stage keeps the sequential budget of
+    K × steps_per_point thin-net steps (K points), so ``gwtn compare`` budgets are unchanged:
+    one parallel phase of K × (steps_per_point − parallel_polish_steps) steps, then the
+    polish. ``lower_lr_mult`` applies to the polish only. Default ``sequential``; see
+    ``docs/method.md``.
+    parallel_polish_steps: with ``schedule: parallel``, the steps of a short sequential pass
+    per point after the parallel phase (lower_lr_mult applies there), where each segment
+    meets the thin net's own input instead of the teacher's; must be < steps_per_point.
+    Default 0 (none).
     """
 
     steps_per_point: int = 150
@@ -210,6 +223,8 @@ class ImitateStageConfig:
     loss_backend: Literal["auto", "triton", "reference"] = "auto"
     init_head: Literal["wide", "random"] = "wide"
     attention_weight: float = 0.0
+    schedule: Literal["sequential", "parallel"] = "sequential"
+    parallel_polish_steps: int = 0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0)
     )
@@ -827,6 +842,15 @@ def validate(cfg: Config) -> None:
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:
         raise ConfigError(f"imitate.lower_lr_mult: must be >= 0, got {cfg.imitate.lower_lr_mult}")
+    polish = cfg.imitate.parallel_polish_steps
+    _positive("imitate.parallel_polish_steps", polish, allow_zero=True)
+    if polish and cfg.imitate.schedule != "parallel":
+        raise ConfigError("imitate.parallel_polish_steps: a polish follows the parallel "
+                          "schedule only; set imitate.schedule=parallel or leave it 0")
+    if polish >= cfg.imitate.steps_per_point:
+        raise ConfigError(f"imitate.parallel_polish_steps: must be < imitate.steps_per_point "
+                          f"({cfg.imitate.steps_per_point}), the budget it comes out of; "
+                          f"got {polish}")
     f = cfg.finetune
     _positive("finetune.kd_steps", f.kd_steps, allow_zero=True)
     _positive("finetune.label_steps", f.label_steps, allow_zero=True)

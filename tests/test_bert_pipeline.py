@@ -136,6 +136,27 @@ def test_a_twin_with_a_wider_hidden_size_warms_up_the_thin_bert(tmp_path, text_s
         k: tuple(v.shape) for k, v in reference.items()}
 
 
+def test_parallel_imitation_warms_up_a_thin_bert_from_a_wider_twin(tmp_path, text_shards):
+    # Wider hidden size: each layer starts from P⁺ · (the teacher's layer output below it);
+    # attention transfer on, and a polish pass after the parallel phase.
+    run_dir = tmp_path / "parallel"
+    assert main(["-q", "run", *run_args(
+        run_dir, text_shards, "model.widen.boundary_mult=2", "imitate.schedule=parallel",
+        "imitate.parallel_polish_steps=3", "imitate.attention_weight=0.5", "baselines=[]",
+        "eval_every=0", "wide.steps=40", "finetune.label_steps=10")]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())["stages"]
+    imit = summary["imitate"]
+    assert imit["steps"] == 2 * 15 and imit["bridges"] is True  # the sequential budget
+    assert set(imit["relative_error"]) == {"layer.0", "layer.1"}
+    assert imit["perplexity"] > 1 and summary["finetune"]["perplexity"] > 1
+    recs = [json.loads(line) for line in (run_dir / "imitate" / "metrics.jsonl").open()]
+    par = [r for r in recs if r["point"] == "parallel"]
+    assert len(par) == 2 * (15 - 3) and all(r["attention_kl"] >= 0 for r in par)
+    for point in imit["points"]:
+        errors = [r[f"rel_error/{point}"] for r in par]
+        assert sum(errors[-4:]) < sum(errors[:4]), point
+
+
 def test_attention_transfer_and_compare_for_the_bert_family(tmp_path, text_shards):
     run_dir = tmp_path / "cmp"
     assert main(["-q", "compare", *run_args(

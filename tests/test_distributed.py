@@ -107,6 +107,29 @@ def test_four_ranks_hold_a_third_of_the_teacher_or_less(tmp_path, two_rank_run, 
     assert teacher["param_bytes_per_rank"] <= 0.35 * teacher["param_bytes_total"]
 
 
+def test_two_ranks_imitate_in_parallel_with_a_sharded_teacher(tmp_path, two_rank_run,
+                                                             shard_dir):
+    # Stage 1 of the 2-rank run is reused; the parallel schedule (and its polish) runs under
+    # DeepSpeed with the thin net at ZeRO-2 and the teacher sharded, then fine-tuning.
+    run_dir = tmp_path / "parallel"
+    (run_dir / "wide").mkdir(parents=True)
+    for name in ("model.pt", "stage.json", "DONE"):
+        (run_dir / "wide" / name).write_bytes((two_rank_run / "wide" / name).read_bytes())
+    args = tiny(shard_dir, run_dir, *SHARDED, "dist.student_zero_stage=2",
+                "imitate.schedule=parallel", "imitate.steps_per_point=4",
+                "imitate.parallel_polish_steps=1", "finetune.kd_steps=2",
+                "finetune.label_steps=4")
+    run(torchrun(2, ["imitate", *args]))
+    run(torchrun(2, ["finetune", *args]))
+    imit = json.loads((run_dir / "imitate" / "stage.json").read_text())
+    assert imit["teacher"]["mode"] == "shard" and imit["world_size"] == 2
+    assert imit["steps"] == 3 * 4 and set(imit["relative_error"]) == set(imit["points"])
+    configs = json.loads((run_dir / "imitate" / "deepspeed_config.json").read_text())
+    assert configs["imitate/parallel"]["zero_optimization"]["stage"] == 2
+    assert len(losses(run_dir / "imitate")) == 3 * 4
+    assert (run_dir / "finetune" / "DONE").is_file()
+
+
 def test_two_ranks_compute_what_one_rank_does_with_the_whole_batch(tmp_path, shard_dir):
     """2 ranks × 32 against 1 rank × 64 (both DeepSpeed, global-batch BN), lr 0.02, 10 steps.
 

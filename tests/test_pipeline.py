@@ -249,3 +249,60 @@ def test_a_run_started_before_a_key_existed_resumes_while_the_key_keeps_its_defa
     with pytest.raises(ConfigError, match=r"wide.optim.accumulate \(1 → 2\)"):
         prepare_run_dir(changed, run_dir)
     release_locks()
+
+
+def test_parallel_imitation_runs_all_stages_within_the_sequential_budget(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    # Boundary widening: the upper segments start from Q · (the teacher's output below).
+    assert main(["-q", "run", *fast_args(run_dir, shard_dir, "imitate.schedule=parallel",
+                                         "imitate.parallel_polish_steps=4",
+                                         "model.widen.boundary_mult=2")]) == 0
+    s = json.loads((run_dir / "summary.json").read_text())["stages"]
+    imit = s["imitate"]
+    # 3 points × 12 steps, as sequential: 3 × (12 − 4) parallel steps, then 4 per point.
+    assert imit["steps"] == 3 * 12 and s["scratch"]["steps"] == 3 * 12 + 22
+    assert imit["settings"]["schedule"] == "parallel" and imit["bridges"] is True
+    assert set(imit["relative_error"]) == {"layer1", "layer2", "layer3"}
+    assert 0 <= imit["test_accuracy"] <= 1 and s["finetune"]["test_accuracy"] > 0.2
+    recs = [json.loads(line) for line in (run_dir / "imitate" / "metrics.jsonl").open()]
+    assert [r["phase"] for r in recs] == ["imitate/parallel"] * 24 + [
+        f"imitate/polish/{p}" for p in ("layer1", "layer2", "layer3") for _ in range(4)]
+    par = [r for r in recs if r["point"] == "parallel"]
+    # Every point is measured at every parallel step, and each point's error falls.
+    for point in ("layer1", "layer2", "layer3"):
+        errors = [r[f"rel_error/{point}"] for r in par]
+        assert sum(errors[-4:]) < sum(errors[:4]), point
+    assert sum(r["loss"] for r in par[-4:]) < sum(r["loss"] for r in par[:4])
+
+
+def test_a_crash_mid_parallel_imitation_resumes_to_the_same_weights(tmp_path, shard_dir,
+                                                                    monkeypatch):
+    from gwtn_dist.stages import loop
+
+    args = ["imitate.schedule=parallel", "imitate.steps_per_point=6",
+            "imitate.parallel_polish_steps=2", "wide.steps=10"]
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    assert main(["-q", "wide", *fast_args(ref, shard_dir, *args)]) == 0
+    (crashed / "wide").mkdir(parents=True)
+    for p in (ref / "wide").iterdir():
+        if p.is_file():
+            (crashed / "wide" / p.name).write_bytes(p.read_bytes())
+    assert main(["-q", "imitate", *fast_args(ref, shard_dir, *args)]) == 0
+    write, calls = loop.MetricsLog.write, []
+
+    def crash_at_step_8(self, record):  # the parallel phase runs 12 steps, saved every 5
+        calls.append(record)
+        if len(calls) == 8:
+            raise RuntimeError("simulated crash")
+        write(self, record)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", crash_at_step_8)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["-q", "imitate", *fast_args(crashed, shard_dir, *args)])
+    monkeypatch.undo()
+    assert main(["-q", "imitate", *fast_args(crashed, shard_dir, *args)]) == 0
+    (resume,) = json.loads((crashed / "imitate" / "stage.json").read_text())["resumes"]
+    assert (resume["phase"], resume["step"]) == ("imitate/parallel", 5)
+    a, b = _weights(ref / "imitate" / "model.pt"), _weights(crashed / "imitate" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((crashed / "imitate" / "metrics.jsonl").read_text().splitlines()) == 18

@@ -55,8 +55,9 @@ class Teacher:
     """Callable frozen wide net: ``teacher(x, upto=k)`` → block k's output, else the logits.
 
     Image inputs (B, C, H, W) are cast to the training precision (token ids stay integers);
-    other keywords go to the net's forward (a BERT's ``select``, ``attention``); outputs, or
-    each output of a tuple, come back as float32.
+    other keywords go to the net's forward (a BERT's ``select``, ``attention``; ``points`` for
+    several blocks' outputs from one pass); outputs, or each output of a (nested) tuple, come
+    back as float32.
     """
 
     def __init__(self, module: nn.Module, net, mode: str, reason: str):
@@ -70,8 +71,7 @@ class Teacher:
         with region("teacher_forward"):
             if torch.is_tensor(x):
                 x = x.to(self.dtype)
-            out = self.net(x, upto=upto, **kwargs)
-            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+            return _as_float(self.net(x, upto=upto, **kwargs))
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""
@@ -88,6 +88,13 @@ class Teacher:
         held, total = held_bytes(self.module)
         return {"mode": self.mode, "reason": self.reason, "world_size": current().world_size,
                 "param_bytes_per_rank": held, "param_bytes_total": total}
+
+
+def _as_float(out):
+    """A tensor, or a (nested) tuple of tensors and Nones, in float32."""
+    if isinstance(out, tuple):
+        return tuple(_as_float(o) for o in out)
+    return None if out is None else out.float()
 
 
 def load_teacher(cfg: Config, path: Path, device: torch.device) -> Teacher:

@@ -183,7 +183,9 @@ class Bert(nn.Module):
         return self.mlm(h, self.embeddings.word_embeddings.weight)
 
     def forward(self, x: Batch, upto: int | None = None, select: torch.Tensor | None = None,
-                attention: bool = False):
+                attention: bool = False, points: list[int] | None = None):
+        if points is not None:
+            return self._outputs_at(x, points, attention)
         h = self.embeddings(x["input_ids"])  # (B, T, D)
         if upto == 0:
             return h
@@ -194,6 +196,33 @@ class Bert(nn.Module):
             if last:
                 return (h, probs) if attention else h
         return self.head(h if select is None else h[select])
+
+    def _outputs_at(self, x: Batch, points: list[int], attention: bool):
+        """The outputs (B, T, D) of blocks ``points`` (ascending) from one pass, as a tuple;
+        with ``attention``, (that tuple, the tuple of those layers' attention maps
+        (B, H, T, T))."""
+        h = self.embeddings(x["input_ids"])
+        outs, maps = ([h], [None]) if 0 in points else ([], [])
+        bias = attention_bias(x["attention_mask"], h.dtype)
+        for i, layer in enumerate(self.layer[: points[-1]]):
+            h, probs = layer(h, bias, need_probs=attention and i + 1 in points)
+            if i + 1 in points:
+                outs.append(h)
+                maps.append(probs)
+        return (tuple(outs), tuple(maps)) if attention else tuple(outs)
+
+    def run_blocks(self, h: torch.Tensor, start: int, end: int, mask: torch.Tensor,
+                   attention: bool = False):
+        """Blocks ``start``..``end`` (layers start−1..end−1; start ≥ 1) on h (B, T, D), block
+        ``start``'s input, with attention mask (B, T); returns block ``end``'s output, and
+        with ``attention`` also its attention maps (B, H, T, T)."""
+        if start < 1:
+            raise ValueError("run_blocks starts at a layer (block 1 or later), not the embeddings")
+        bias = attention_bias(mask, h.dtype)
+        probs = None
+        for i in range(start, end + 1):
+            h, probs = self.layer[i - 1](h, bias, need_probs=attention and i == end)
+        return (h, probs) if attention else h
 
 
 def imitation_points(model: Bert) -> list[str]:

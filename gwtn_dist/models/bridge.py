@@ -49,6 +49,21 @@ class LinearPair(nn.Module):
             return torch.einsum("oc,bchw->bohw", self.lift, h)
         return h @ self.lift.t()
 
+    def lowered(self, t: torch.Tensor) -> torch.Tensor:
+        """A wide output mapped down to the thin width, as the next thin block's input:
+        (B, C, H, W) → (B, c, H, W) through Q (trained: Q learns with the blocks it feeds), or
+        for a lift only (..., C) → (..., c) through P's pseudo-inverse, held fixed (P learns
+        only from its own comparison; Q P h = h for such a pair, so P⁺ t is the thin output h
+        whose lift P h is closest to t).
+
+        The parallel imitation schedule feeds each thin segment this from the teacher's output
+        at the point below it; in the thin net itself that input is Q P h.
+        """
+        if self.back is not None:
+            return torch.einsum("cC,bChw->bchw", self.back, t.to(self.back.dtype))
+        pinv = torch.linalg.pinv(self.lift.detach().float())  # (c, C)
+        return t @ pinv.t().to(t.dtype)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Q P h: (B, c, H, W) → (B, c, H, W)."""
         return torch.einsum("oc,bchw->bohw", self.product(), h)

@@ -134,14 +134,31 @@ class ResNet(nn.Module):
         """(B, C, H, W) output of the last block → logits (B, num_classes)."""
         return self.fc(torch.flatten(self.pool(features), 1))
 
-    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upto: int | None = None,
+                points: list[int] | None = None):
         """Logits (B, classes) of x (B, C_in, H, W); with ``upto``, the output of block ``upto``
-        of ``blocks()`` instead (blocks after it are not run)."""
+        of ``blocks()`` instead (blocks after it are not run); with ``points`` (block indices,
+        ascending), the tuple of those blocks' outputs from one pass (blocks after the last
+        are not run)."""
+        if points is not None:
+            outs = []
+            for i, (_, block) in enumerate(self.blocks()[: points[-1] + 1]):
+                x = block(x)
+                if i in points:
+                    outs.append(x)
+            return tuple(outs)
         for i, (_, block) in enumerate(self.blocks()):
             x = block(x)
             if i == upto:
                 return x
         return self.head(x)
+
+    def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Blocks ``start``..``end`` (inclusive) of ``blocks()`` on h, block ``start``'s input
+        (B, c, H, W); returns block ``end``'s output."""
+        for _, block in self.blocks()[start : end + 1]:
+            h = block(h)
+        return h
 
 
 def imitation_points(model: ResNet, where: str) -> list[str]:

@@ -11,6 +11,17 @@ The family's task (``stages/tasks.py``) says what a point's output is and which 
 count: a BERT's points are its layer outputs (b, T, D), compared at unpadded tokens only, and
 with ``imitate.attention_weight`` the KL between the two nets' attention maps of the phase's
 layer is added.
+
+``imitate.schedule: parallel`` replaces the K phases by one: segment k (the blocks after point
+k−1 up to point k) runs on Q_{k−1} stopgrad(B_≤k−1(x)), the teacher's output at the point below
+mapped down to the thin width (``LinearPair.lowered``), instead of on the thin net's own
+output, so every segment trains at once from one teacher pass per batch. The loss is the sum of
+the K per-point losses: the segments' parameters are disjoint and their inputs detached, so
+each segment's gradient is exactly that of its own sequential objective (a mean would divide
+every segment's step by K and change what ``imitate.optim.lr`` means). The stage keeps the
+sequential budget: K × (steps_per_point − parallel_polish_steps) parallel steps, then
+``parallel_polish_steps`` steps per point of the sequential schedule, K × steps_per_point in
+all.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..distributed.runtime import current
 from ..distributed.teacher import Teacher, load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
@@ -74,6 +86,62 @@ def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | Non
     return current, lower
 
 
+def parallel_params(thin: nn.Module, points: list[str],
+                    bridges: Bridges | None) -> list[nn.Parameter]:
+    """The parameters the parallel schedule trains, all at full lr: every block up to the
+    last point, every lift P_k (point k's comparison), and Q_k of every point but the last
+    (Q_k feeds segment k+1; nothing runs above the last point)."""
+    blocks = [module for _, module in thin.blocks()]
+    params = _params(blocks[: point_block_index(thin, points[-1]) + 1])
+    if bridges is not None:
+        params += [bridges.pair(p).lift for p in points]
+        if not bridges.lift_only:
+            params += [bridges.pair(p).back for p in points[:-1]]
+    return params
+
+
+def segment_starts(ends: list[int]) -> list[int]:
+    """The first block of each segment: 0, then the block after each point but the last."""
+    return [0] + [e + 1 for e in ends[:-1]]
+
+
+def schedule_steps(steps_per_point: int, n_points: int, schedule: str,
+                   polish: int) -> list[int]:
+    """The steps of each phase of stage 2: K phases of ``steps_per_point`` (sequential), or
+    one parallel phase of K × (steps_per_point − polish) and K polish phases of ``polish``
+    (none if 0). Either way the stage spends K × steps_per_point thin-net steps."""
+    if schedule == "sequential":
+        return [steps_per_point] * n_points
+    return [n_points * (steps_per_point - polish)] + ([polish] * n_points if polish else [])
+
+
+def parallel_outputs(thin: nn.Module, task, x, targets: tuple[torch.Tensor, ...],
+                     points: list[str], ends: list[int], bridges: Bridges | None,
+                     dtype: torch.dtype, attention: bool = False) -> list:
+    """Every thin segment's output under the parallel schedule, in float32: segment 0 runs
+    on the batch x, segment k > 0 on the teacher's output at point k−1 (``targets[k−1]``,
+    without grad), mapped down to the thin width through that point's pair where widths
+    differ and cast to ``dtype`` (the thin net's input dtype); never on the thin net's own
+    output, so no gradient crosses a segment boundary. Images: (b, c_k, H_k, W_k); text:
+    (b, T, D), or with ``attention`` (output, the segment's last layer's maps (b, H, T, T)).
+    """
+    starts = segment_starts(ends)
+    outs = []
+    for k in range(len(points)):
+        if k == 0:  # the bottom segment starts from the input itself
+            if attention:
+                outs.append(tuple(t.float() for t in thin(x, upto=ends[0], attention=True)))
+            else:
+                outs.append(task.features(thin, x, ends[0], None, {}))
+            continue
+        below = targets[k - 1].detach()
+        if bridges is not None:
+            below = bridges.pair(points[k - 1]).lowered(below)
+        outs.append(task.segment(thin, x, starts[k], ends[k], below.to(dtype),
+                                 attention=attention))
+    return outs
+
+
 def masked_variance(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The unbiased variance of ``target``'s values, over the positions ``mask`` keeps.
 
@@ -110,10 +178,28 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
     task = task_for(cfg)
 
-    def make_phase(k: int) -> Phase:
+    def point_loss(k: int, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point k's imitation loss of the thin output h against the teacher's target, and
+        its relative error (the MSE over the target's variance: 0 = exact imitation, 1 = no
+        better than predicting the target's mean; comparable across points). Images:
+        h (b, c, H, W) vs target (b, C_wide, H, W); text: (b, T, D) vs (b, T, D')."""
+        pair = bridges.pair(points[k]) if bridges is not None else None
+        with region("imitation_loss"):
+            if ic.target_norm == "layernorm":
+                lifted = pair.lifted(h) if pair is not None else h
+                target = task.normalize(target)
+                value = mse(task.normalize(lifted), target, mask=mask)
+            else:
+                value = mse(h, target, weight=pair.lift if pair is not None else None,
+                            mask=mask)
+        # A 0-d tensor: the loop fetches it with the loss, in one transfer.
+        rel = value.detach() / masked_variance(target.detach(), mask).clamp_min(1e-12)
+        return value, rel
+
+    def make_phase(k: int, steps: int, name: str) -> Phase:
         end = ends[k]
         lower_blocks = blocks[: ends[k - 1] + 1 if k else 0]
-        pair = bridges.pair(points[k]) if bridges is not None else None
         bridged = {ends[j]: points[j] for j in range(k)}
 
         def setup() -> None:
@@ -146,26 +232,68 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                 # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
                 target = wide(x, upto=end)  # no grad
                 h = task.features(thin, x, end, bridges, bridged)
-            with region("imitation_loss"):
-                if ic.target_norm == "layernorm":
-                    lifted = pair.lifted(h) if pair is not None else h
-                    target = task.normalize(target)
-                    value = mse(task.normalize(lifted), target, mask=mask)
-                else:
-                    value = mse(h, target, weight=pair.lift if pair is not None else None,
-                                mask=mask)
-            # Relative error: the MSE over the variance of the target (0 = exact imitation,
-            # 1 = no better than predicting the target's mean), comparable across points. A
-            # 0-d tensor: the loop fetches it with the loss, in one transfer.
-            rel = value.detach() / masked_variance(target.detach(), mask).clamp_min(1e-12)
+            value, rel = point_loss(k, h, target, mask)
             if ic.attention_weight:
                 value = value + ic.attention_weight * kl
             return value, {"point": points[k], "rel_error": rel, **extra}
 
-        return Phase(f"{STAGE}/{points[k]}", ic.steps_per_point, ic.optim, groups, loss,
-                     student, setup=setup, zero_stage=cfg.dist.student_zero_stage)
+        return Phase(name, steps, ic.optim, groups, loss, student, setup=setup,
+                     zero_stage=cfg.dist.student_zero_stage)
 
-    results = run_phases(ctx, [make_phase(k) for k in range(len(points))])
+    dtype = current().dtype  # the thin net's input dtype, as for prepared images
+
+    def make_parallel_phase(steps: int) -> Phase:
+        trained = parallel_params(thin, points, bridges)
+
+        def setup() -> None:
+            thin.train()
+            thin.requires_grad_(False)
+            if bridges is not None:
+                bridges.requires_grad_(False)
+            for p in trained:
+                p.requires_grad_(True)
+
+        def groups() -> list[dict]:
+            return [{"params": trained, "lr_mult": 1.0}]
+
+        def loss(x, y):
+            mask = task.feature_mask(x)  # None (images) or (b, T)
+            att = bool(ic.attention_weight)
+            # One teacher pass for every point: a tuple of K outputs, (b, C_k, H_k, W_k) or
+            # (b, T, D'), float32, no grad (with att also the K layers' maps (b, H, T, T)).
+            out = wide(x, points=ends, attention=True) if att else wide(x, points=ends)
+            targets, wide_maps = out if att else (out, None)
+            total, rels, kls, extra = None, [], [], {"point": "parallel"}
+            outs = parallel_outputs(thin, task, x, targets, points, ends, bridges, dtype, att)
+            for k, point in enumerate(points):
+                h = outs[k]
+                if att:
+                    h, thin_maps = h
+                    kl = attention_kl(wide_maps[k], thin_maps, mask)
+                    kls.append(kl.detach())
+                value, rel = point_loss(k, h, targets[k], mask)
+                if att:
+                    value = value + ic.attention_weight * kl
+                total = value if total is None else total + value
+                rels.append(rel)
+                extra[f"rel_error/{point}"] = rel
+            extra["rel_error"] = torch.stack(rels).mean()  # the mean over points
+            if att:
+                extra["attention_kl"] = torch.stack(kls).mean()
+            return total, extra
+
+        return Phase(f"{STAGE}/parallel", steps, ic.optim, groups, loss, student, setup=setup,
+                     zero_stage=cfg.dist.student_zero_stage)
+
+    steps = schedule_steps(ic.steps_per_point, len(points), ic.schedule,
+                           ic.parallel_polish_steps)
+    if ic.schedule == "parallel":
+        phases = [make_parallel_phase(steps[0])]
+        phases += [make_phase(k, n, f"{STAGE}/polish/{points[k]}")
+                   for k, n in enumerate(steps[1:])]
+    else:
+        phases = [make_phase(k, n, f"{STAGE}/{points[k]}") for k, n in enumerate(steps)]
+    results = run_phases(ctx, phases)
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
     log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
              ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items()))
@@ -181,17 +309,27 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
              "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
                           "steps_per_point": ic.steps_per_point,
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head,
-                          "attention_weight": ic.attention_weight}}
+                          "attention_weight": ic.attention_weight, "schedule": ic.schedule,
+                          "parallel_polish_steps": ic.parallel_polish_steps}}
     return finish_stage(cfg, run_dir, STAGE, thin, results, meta, extra)
 
 
 def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float]:
-    """Mean relative imitation error over the last ``last`` steps of each point's phase."""
-    by_point: dict[str, list[float]] = {}
+    """Mean relative imitation error of each point over the last ``last`` steps of the last
+    phase that measured it (its sequential or polish phase, else the parallel phase, whose
+    records hold every point's as ``rel_error/<point>``), in the order points first appear."""
+    by_point: dict[str, dict[str, list[float]]] = {}  # point → phase → errors
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
-        by_point.setdefault(rec["point"], []).append(rec["rel_error"])
-    return {p: round(sum(v[-last:]) / len(v[-last:]), 4) for p, v in by_point.items()}
+        if rec["point"] == "parallel":
+            found = {k.removeprefix("rel_error/"): v for k, v in rec.items()
+                     if k.startswith("rel_error/")}
+        else:
+            found = {rec["point"]: rec["rel_error"]}
+        for point, value in found.items():
+            by_point.setdefault(point, {}).setdefault(rec["phase"], []).append(value)
+    final = {p: list(phases.values())[-1][-last:] for p, phases in by_point.items()}
+    return {p: round(sum(v) / len(v), 4) for p, v in final.items()}
 
 
 @torch.no_grad()

@@ -16,7 +16,9 @@ masked-LM). The stages are written once against this interface:
   metric names where the task decides them, and ``separate_test`` whether the report reads a split
   apart from the one choices read;
 - ``features(model, x, end, …)``, ``feature_mask(x)``, ``normalize(t)``: the output of block
-  ``end`` that imitation compares, which positions count, and layer-normalised targets.
+  ``end`` that imitation compares, which positions count, and layer-normalised targets;
+  ``segment(model, x, start, end, h)``: blocks ``start``..``end`` run on a given input h (the
+  parallel imitation schedule feeds each segment the teacher's output below it).
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ class ImageTask(_ScoredTask):
         """Block ``end``'s output (b, c, H', W'), through the pairs already passed."""
         return run_prefix(model, x, end, bridges, bridged).float()
 
+    def segment(self, model, x: torch.Tensor, start: int, end: int, h: torch.Tensor,
+                attention: bool = False) -> torch.Tensor:
+        """Blocks ``start``..``end`` run on h (b, c, H, W), block ``start``'s input (the
+        parallel imitation schedule's teacher-fed segment); block ``end``'s output in float32."""
+        return model.run_blocks(h, start, end).float()
+
     def feature_mask(self, x: torch.Tensor) -> None:
         return None  # every position of an image counts
 
@@ -189,6 +197,14 @@ class TextTask(_ScoredTask):
         """Block ``end``'s output (b, T, D) (BERT pairs are lifts only: nothing is inserted
         between layers)."""
         return model(x, upto=end).float()
+
+    def segment(self, model, x: dict[str, torch.Tensor], start: int, end: int, h: torch.Tensor,
+                attention: bool = False):
+        """Layers ``start``..``end`` (block indices, ≥ 1) run on h (b, T, D), block ``start``'s
+        input, under x's attention mask; block ``end``'s output in float32, and with
+        ``attention`` also its attention maps (b, H, T, T)."""
+        out = model.run_blocks(h, start, end, x["attention_mask"], attention=attention)
+        return tuple(t.float() for t in out) if attention else out.float()
 
     def feature_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         return x["attention_mask"].bool()  # (b, T): padded positions are left out of the loss

@@ -1,0 +1,1 @@
+"""Device checks run by hand on a GPU machine (see ``gpu_check.sh``); not installed."""
