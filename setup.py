@@ -5,8 +5,9 @@ The top-level ``kernels/`` folder is installed as ``gwtn_dist.kernels``: the PyP
 
 torch is a range, not a pin: the code uses nothing newer than torch 2.0's APIs
 (scaled_dot_product_attention, torch.load(weights_only=True), channels_last), 2.4 is the floor
-we state, and 2.13.0 is what the tests run on (the README's set-up installs that CPU build
-first, so pip does not pull a CUDA build).
+we state, and 2.13.0 is what the tests run on. The pin lives in ./setup.sh (TORCH_SPEC), which
+installs torch first, from the index it is told (TORCH_INDEX_URL: the CPU or a CUDA build), and
+keeps a torch in this range that is already there (a cluster's or container's).
 """
 
 from setuptools import setup
