@@ -3,7 +3,7 @@
 #   ./setup.sh
 # 1. Debian/Ubuntu packages: Fashion-MNIST and the KJV Bible (the default run's data and a text
 #    corpus), slurm-wlm and munge (the SLURM tests), python3-venv when venv is missing. Only the
-#    missing ones, with sudo when not root. GWTN_APT=0 skips this step.
+#    missing ones, with sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
 # 2. A Python environment: the active venv or conda env (VIRTUAL_ENV, CONDA_PREFIX) if there is
 #    one, else .venv here, made from $PYTHON (default python3; Debian's own Python refuses pip
 #    installs outside a venv). `.venv` then always names the environment: in the first case it is
@@ -32,23 +32,23 @@ active=${VIRTUAL_ENV:-${CONDA_PREFIX:-}}
 if [ -n "$active" ] && [ "$(cd "$active" && pwd -P)" = "$(pwd -P)/$VENV" ]; then
   active=""  # our own .venv, activated: treat it as ours
 fi
-need_venv_pkg=0
-if [ -z "$active" ] && [ ! -x "$VENV/bin/python" ]; then
-  command -v "$PYTHON" >/dev/null || fail "no $PYTHON on PATH; install Python >= 3.10 or set PYTHON=/path/to/python"
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || fail "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); gwtn_dist needs >= 3.10 (set PYTHON=...)"
-  "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_venv_pkg=1
-fi
+make_venv=0
+[ -n "$active" ] || [ -x "$VENV/bin/python" ] || make_venv=1
 
 # --- 1. system packages (Debian/Ubuntu)
 packages=(dataset-fashion-mnist bible-kjv slurm-wlm munge)
-if [ "${GWTN_APT:-1}" = 0 ]; then
-  say "GWTN_APT=0: not installing system packages"
-elif command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
-  if [ "$need_venv_pkg" = 1 ]; then
+if [ "$make_venv" = 1 ]; then
+  if ! command -v "$PYTHON" >/dev/null; then
+    [ "$PYTHON" != python3 ] || packages+=(python3 python3-venv)  # a bare image
+  elif ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    # Debian and Ubuntu ship ensurepip apart from Python: python3-venv (python3.X-venv)
     ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
     packages+=(python3-venv "python$ver-venv")
   fi
+fi
+if [ "${GWTN_APT:-1}" = 0 ]; then
+  say "GWTN_APT=0: not installing system packages"
+elif command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -85,7 +85,11 @@ if [ -n "$active" ]; then
   fi
   say "installing into the active environment $active ($VENV links to it)"
 else
-  if [ ! -x "$VENV/bin/python" ]; then
+  if [ "$make_venv" = 1 ]; then
+    command -v "$PYTHON" >/dev/null \
+      || fail "no $PYTHON on PATH; install Python >= 3.10 or set PYTHON=/path/to/python"
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+      || fail "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); gwtn_dist needs >= 3.10 (set PYTHON=...)"
     "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
       || fail "$PYTHON cannot make a venv (Debian/Ubuntu: apt-get install python3-venv)"
     # A base Python that already has a torch in range (a container's CUDA build) lends it to the
@@ -98,8 +102,9 @@ else
   py="$VENV/bin/python"
 fi
 pip=("$py" -m pip install -q --progress-bar off)
-# Debian's venv seeds pip 23.0: too old for an editable install of package_dir mappings
-# (gwtn_dist.kernels -> kernels/) through PEP 660.
+# Debian 12's venv seeds pip 23.0 and setuptools 66: too old for an editable install of our
+# package_dir mapping (gwtn_dist.kernels -> kernels/) through PEP 660, and for building a wheel
+# without the `wheel` package (tests/test_packaging.py).
 "$py" - <<'EOF' || "${pip[@]}" --upgrade "pip>=24" "setuptools>=70.1"
 import sys
 from importlib.metadata import version
