@@ -165,11 +165,14 @@ class WideStageConfig:
 
     steps: training steps of the wide twin; 0 (only with ``init``) loads, scores and saves the
     ``init`` weights as the finished teacher.
-    init: a ResNet state dict to start the wide twin from (bring your own teacher): a .pt/.pth
+    init: weights to start the wide twin from (bring your own teacher). A ResNet: a .pt/.pth
     of tensors (or a dict holding them under ``state_dict`` or ``model``) or a .safetensors
-    file, in our, torchvision's or timm's parameter names; ``model.*`` must describe its shape
-    (torchvision's wide_resnet50_2 is ``configs/imagenet_resnet50.yaml`` with
-    ``model.widen.inner_mult: 2``). Empty (the default): a fresh init.
+    file, in our, torchvision's or timm's parameter names (torchvision's wide_resnet50_2 is
+    ``configs/imagenet_resnet50.yaml`` with ``model.widen.inner_mult: 2``). A BERT: a Hugging
+    Face BertForMaskedLM folder (config.json + model.safetensors or pytorch_model.bin), which
+    fills a twin only where heads × head_dim = hidden (``widen.attention_mult`` equal to
+    ``widen.boundary_mult``; docs/bert.md). ``model.*`` and ``model.widen.*`` must describe its
+    shape. Empty (the default): a fresh init.
     cache: a folder of finished teachers, keyed by everything that decides the teacher
     (model, data, this section, seed; see ``stages/teacher_cache.py``). A wide stage whose
     teacher is there copies it instead of training; one that trains puts its result there.
@@ -215,6 +218,10 @@ class ImitateStageConfig:
     per point after the parallel phase (lower_lr_mult applies there), where each segment
     meets the thin net's own input instead of the teacher's; must be < steps_per_point.
     Default 0 (none).
+    init: the thin net's starting weights for imitation (empty, the default: a fresh init);
+    a Hugging Face BertForMaskedLM folder (or a weights file in HF's or our names) for a BERT, a
+    state dict in our, torchvision's or timm's names for a ResNet, whose shape ``model.*`` must
+    describe. The baselines still start fresh.
     """
 
     steps_per_point: int = 150
@@ -225,6 +232,7 @@ class ImitateStageConfig:
     attention_weight: float = 0.0
     schedule: Literal["sequential", "parallel"] = "sequential"
     parallel_polish_steps: int = 0
+    init: str = ""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0)
     )
@@ -788,9 +796,6 @@ def _check_wide(cfg: Config) -> None:
     if w.steps < 0 or (w.steps == 0 and not w.init):
         raise ConfigError(f"wide.steps: must be > 0 (0 only with wide.init, a teacher that is "
                           f"loaded, not trained), got {w.steps}")
-    if w.init and cfg.model.family != "resnet":
-        raise ConfigError("wide.init: a teacher's weights can be brought for the ResNet family "
-                          "only")
 
 
 def validate(cfg: Config) -> None:

@@ -5,7 +5,7 @@ A BERT: ``gwtn export RUN_DIR/finetune/model.pt OUT`` writes ``OUT/config.json``
 the shards' ``tokenizer.json`` when given (with a post-processor that adds ``[CLS]`` and
 ``[SEP]``), which ``BertForMaskedLM.from_pretrained(OUT)`` loads and which gives the same logits
 as our model. Nothing here imports ``transformers``: the files are written from our own
-parameter names.
+parameter names through ``models/bert_names.py``, the table ``wide.init`` reads them back with.
 
 A ResNet: ``OUT/model.pt`` (and ``OUT/model.safetensors`` where ``safetensors`` is installed),
 a flat state dict under torchvision's names, which timm's ResNets share, and ``OUT/config.json``
@@ -21,74 +21,13 @@ import torch
 
 from . import checkpoint
 from .models.bert import Bert, BertShape
+from .models.bert_names import hf_config, hf_state_dict
 from .models.resnet import ResNet, ResNetShape
-from .models.resnet_names import torchvision_arch, torchvision_state_dict
-
-# Our names (suffixes of a layer's parameters) → Hugging Face's, inside bert.encoder.layer.I.
-_LAYER_NAMES = {
-    "attention.query": "attention.self.query",
-    "attention.key": "attention.self.key",
-    "attention.value": "attention.self.value",
-    "attention.output": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm",
-    "intermediate": "intermediate.dense",
-    "output": "output.dense",
-    "output_norm": "output.LayerNorm",
-}
+from .models.resnet_names import WeightsError, torchvision_arch, torchvision_state_dict
 
 
 class ExportError(ValueError):
     """The weights (or the tokenizer) cannot be exported."""
-
-
-def hf_config(shape: BertShape) -> dict:
-    """The ``config.json`` of a BertForMaskedLM with this shape."""
-    if shape.attention_width != shape.hidden:
-        raise ExportError(
-            f"Hugging Face's BERT needs heads × head_dim = hidden; this net has {shape.heads} × "
-            f"{shape.head_dim} = {shape.attention_width} and hidden {shape.hidden} (a wide twin "
-            f"does not export; its thin net does)"
-        )
-    return {
-        "architectures": ["BertForMaskedLM"],
-        "model_type": "bert",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden,
-        "num_hidden_layers": shape.layers,
-        "num_attention_heads": shape.heads,
-        "intermediate_size": shape.ffn,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": shape.dropout,
-        "attention_probs_dropout_prob": shape.dropout,
-        "max_position_embeddings": shape.max_len,
-        "type_vocab_size": shape.type_vocab_size,
-        "initializer_range": 0.02,
-        "layer_norm_eps": shape.layer_norm_eps,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-        "tie_word_embeddings": True,
-    }
-
-
-def hf_state_dict(model: Bert) -> dict[str, torch.Tensor]:
-    """Our parameters under BertForMaskedLM's names (the tied decoder written out too)."""
-    out = {}
-    for name, value in model.state_dict().items():
-        value = value.detach().cpu().contiguous()
-        if name.startswith("embeddings."):
-            out[f"bert.{name}"] = value
-        elif name.startswith("layer."):
-            _, index, rest = name.split(".", 2)
-            module, kind = rest.rsplit(".", 1)
-            out[f"bert.encoder.layer.{index}.{_LAYER_NAMES[module]}.{kind}"] = value
-        elif name == "mlm.bias":
-            out["cls.predictions.bias"] = value
-        elif name.startswith("mlm."):
-            out[f"cls.predictions.transform.{name[len('mlm.'):]}"] = value
-        else:
-            raise ExportError(f"no Hugging Face name for parameter {name!r}")
-    out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"].clone()
-    return out
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], out: Path, stem: str) -> Path:
@@ -124,11 +63,14 @@ def bert_tokenizer(path: Path):
 def export_model(model: Bert, out: Path, tokenizer: Path | None = None) -> list[Path]:
     """Write ``model`` (and the tokenizer, wrapped by ``bert_tokenizer``) as a BertForMaskedLM
     folder ``out``; returns the files written."""
-    config = hf_config(model.shape)
+    try:  # the names both ways live in models/bert_names.py (wide.init reads them back)
+        config, tensors = hf_config(model.shape), hf_state_dict(model)
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
     tok = bert_tokenizer(tokenizer) if tokenizer is not None else None  # checked before writing
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    files = [out / "config.json", _save_tensors(hf_state_dict(model), out, "pytorch_model.bin")]
+    files = [out / "config.json", _save_tensors(tensors, out, "pytorch_model.bin")]
     if tok is not None:
         tok.save(str(out / "tokenizer.json"))
         # Lets AutoTokenizer.from_pretrained(out) read tokenizer.json as a fast tokenizer.

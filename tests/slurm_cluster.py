@@ -3,8 +3,8 @@ started as root with every file under a temporary folder, and stopped again.
 
 ``start_cluster(folder)`` returns a running :class:`Cluster` or raises :class:`Unavailable` with
 the reason (the tests skip with it). Debian's ``slurm-wlm`` and ``munge`` are installed first when
-they are missing and ``GWTN_SLURM_INSTALL=1`` (``.ci/run`` installs them itself, as the README's
-set-up does). Under CI (``CI=true``) a skip is a failure (``tests/conftest.py``).
+they are missing and ``GWTN_SLURM_INSTALL=1`` (``./setup.sh``, the README's set-up, installs
+them). Under CI (``CI=true``) a skip is a failure (``tests/conftest.py``).
 """
 
 from __future__ import annotations

@@ -89,7 +89,6 @@ def test_file_values_survive_where_not_overridden():
     (["wide.optim.lr=.inf"], ["wide.optim.lr", "finite"]),
     (["wide.optim.grad_clip=.nan"], ["wide.optim.grad_clip", "finite"]),
     (["model.blocks=[1,2"], ["model.blocks=[1,2", "not valid YAML"]),
-    (["wide.init=t.pt", "model.family=bert", "data.dataset=text"], ["wide.init", "ResNet"]),
     (["run_dir=runs/{name}"], ["run_dir", "{date} and {seed}"]),
 ])
 def test_bad_input_names_the_key(override, words):

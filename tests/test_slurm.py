@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,13 @@ def cluster(tmp_path_factory):
         running = start_cluster(tmp_path_factory.mktemp("slurm"))
     except Unavailable as exc:
         pytest.skip(f"SLURM cannot start here: {exc}")
-    # The jobs import this checkout and run DeepSpeed on the CPU, one thread per rank.
-    running.env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+    # The jobs import this checkout and run DeepSpeed on the CPU, one thread per rank. The batch
+    # script's `python3` must be this interpreter: the suite may run as .venv/bin/python -m pytest
+    # without the venv on PATH, where python3 would be the system's (as a user's job finds their
+    # venv when they submit from a shell that activated it: sbatch passes PATH on).
+    path = os.pathsep.join([str(Path(sys.executable).parent), running.env.get("PATH", "")])
+    running.env.update(PATH=path,
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                                 os.environ.get("PYTHONPATH")])),
                        DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
     yield running

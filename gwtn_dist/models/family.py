@@ -9,12 +9,16 @@ family is here (shapes, depth of the deeper baseline, imitation points) or in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..config import ModelConfig
 from . import bert, resnet
 from .bert import Bert, BertShape
+from .bert_names import load_hf_bert
 from .resnet import ResNet, ResNetShape
+from .resnet_names import load_resnet_weights, read_state_dict
 
 Depth = list[int] | int  # ResNet: blocks per stage; BERT: layers
 
@@ -91,3 +95,13 @@ def deeper_depth(cfg: ModelConfig, deeper_blocks: list[int], deeper_layers: int)
     if cfg.family == "bert":
         return deeper_layers or 2 * cfg.layers
     return deeper_blocks
+
+
+def load_weights(model: ResNet | Bert, path: Path) -> None:
+    """Load weights from outside into ``model``: for a ResNet a state dict in our, torchvision's
+    or timm's names; for a BERT a Hugging Face BertForMaskedLM folder or a weights file in HF's
+    or our names. Anything that does not fit raises a WeightsError naming the key."""
+    if isinstance(model, Bert):
+        load_hf_bert(model, Path(path))
+    else:
+        load_resnet_weights(model, read_state_dict(Path(path)))

@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from .. import checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.batches import train_batches
 from ..distributed.runtime import all_reduce_sum, barrier, current, device_for
 from ..distributed.sync_bn import use_global_batchnorm
+from ..models.bert import Bert
+from ..models.family import load_weights
+from ..models.resnet_names import WeightsError
 from .loop import LoopContext, PhaseResult
 from .tasks import task_for
 
@@ -29,6 +32,26 @@ log = logging.getLogger("gwtn")
 
 class StageOrderError(RuntimeError):
     """A stage was asked for before the stage it builds on finished."""
+
+
+def check_init(path: str, key: str) -> None:
+    """A ConfigError naming ``key`` when its weights path is set but absent."""
+    if path and not Path(path).exists():
+        raise ConfigError(f"{key}: {path} not found")
+
+
+def load_init(model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
+    """``model`` with the weights at ``path`` (``key``: the config key that named them; see
+    ``models.family.load_weights``); anything that does not fit is a one-line ConfigError
+    naming the tensor and both shapes."""
+    try:
+        load_weights(model, Path(path))
+    except WeightsError as exc:
+        where = "model.* and model.widen.*" if key == "wide.init" else "model.*"
+        raise ConfigError(f"{key}: {exc} (the net's shape comes from {where}; "
+                          f"{'docs/bert.md' if isinstance(model, Bert) else 'docs/resnet.md'})"
+                          ) from None
+    return model
 
 
 def resolve_device(cfg: Config) -> torch.device:

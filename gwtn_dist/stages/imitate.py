@@ -42,7 +42,9 @@ from ..models.family import build_thin, imitation_points, needs_bridges, shape_m
 from ..models.resnet import ResNet, point_block_index
 from ..profiling import region
 from .common import (
+    check_init,
     finish_stage,
+    load_init,
     loop_context,
     place,
     read_stage,
@@ -163,11 +165,15 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     teacher_path = require_stage(teacher_dir or run_dir / "wide", "wide")
+    check_init(cfg.imitate.init, "imitate.init")
     seed_everything(cfg.seed + 1)
     ctx = loop_context(cfg, stage_dir, {}, stream_tag=2)
     device = ctx.device
     wide = load_teacher(cfg, teacher_path, device)
-    thin = place(build_thin(cfg.model), cfg, device)
+    thin = build_thin(cfg.model)
+    if cfg.imitate.init:  # a resume then overwrites these weights with its checkpoint's
+        load_init(thin, cfg.imitate.init, "imitate.init")
+    thin = place(thin, cfg, device)
     points = imitation_points(thin, cfg.model)
     ends = [point_block_index(thin, p) for p in points]  # block index of each point
     bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None

@@ -31,7 +31,7 @@ def teacher_settings(cfg: Config) -> dict:
     data = {k: v for k, v in tree["data"].items() if k not in ("num_workers", "eval_batch_size")}
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
     if cfg.wide.init:  # the same path may hold other weights later: key on what it holds
-        wide["init"] = _file_sha256(Path(cfg.wide.init))
+        wide["init"] = _weights_sha256(Path(cfg.wide.init))
     else:  # keys of teachers trained before wide.init existed stay what they were
         wide.pop("init", None)
     if cfg.data.dataset == "text" and (periods := _test_split_periods(Path(cfg.data.shards))):
@@ -55,11 +55,17 @@ def _test_split_periods(shards: Path) -> dict:
     return periods
 
 
-def _file_sha256(path: Path) -> str:
+def _weights_sha256(path: Path) -> str:
+    """The SHA-256 of a weights file, or of a folder's files (a Hugging Face folder: each
+    file's name and contents, in name order)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

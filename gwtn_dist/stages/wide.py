@@ -1,6 +1,7 @@
 """Stage 1: train the wide twin with the ordinary task loss, or bring it (``wide.init``).
 
-With ``wide.init`` the twin starts from a given ResNet state dict; with ``wide.steps: 0`` too,
+With ``wide.init`` the twin starts from given weights (a ResNet state dict; a Hugging Face
+BertForMaskedLM folder for a BERT); with ``wide.steps: 0`` too,
 it is not trained at all: the stage loads, scores and saves it, leaving the same files as a
 trained teacher, so the later stages use it unchanged.
 """
@@ -11,15 +12,14 @@ import json
 from functools import partial
 from pathlib import Path
 
-from torch import nn
-
-from ..config import Config, ConfigError
+from ..config import Config
 from ..distributed.runtime import barrier, current
 from ..models.family import build_wide, shape_meta
-from ..models.resnet_names import WeightsError, load_resnet_weights, read_state_dict
 from . import teacher_cache
 from .common import (
+    check_init,
     finish_stage,
+    load_init,
     loop_context,
     place,
     read_stage,
@@ -40,8 +40,7 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     stage_dir = run_dir / STAGE
     if stage_done(stage_dir):
         return read_stage(stage_dir)
-    if cfg.wide.init and not Path(cfg.wide.init).is_file():
-        raise ConfigError(f"wide.init: {cfg.wide.init} not found")
+    check_init(cfg.wide.init, "wide.init")
     if current().is_main and teacher_cache.fetch(cfg, stage_dir):
         record = {**read_stage(stage_dir), "from_cache": str(teacher_cache.cache_dir(cfg))}
         (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
@@ -63,17 +62,6 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     if current().is_main:
         teacher_cache.store(cfg, stage_dir)
     return record
-
-
-def load_init(model: nn.Module, path: str) -> nn.Module:
-    """``model`` with the weights of ``wide.init`` (our, torchvision's or timm's names);
-    anything that does not fit is a one-line ConfigError naming the key."""
-    try:
-        load_resnet_weights(model, read_state_dict(Path(path)))
-    except WeightsError as exc:
-        raise ConfigError(f"wide.init: {exc} (the wide twin's shape comes from model.* and "
-                          f"model.widen.*)") from None
-    return model
 
 
 def _train(cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Set up gwtn_dist on this machine, in one command, from the repository's root:
+#   ./setup.sh
+# 1. Debian/Ubuntu packages: Fashion-MNIST and the KJV Bible (the default run's data and a text
+#    corpus), slurm-wlm and munge (the SLURM tests), python3-venv when venv is missing. Only the
+#    missing ones, with sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
+# 2. A Python environment: the active venv or conda env (VIRTUAL_ENV, CONDA_PREFIX) if there is
+#    one, else .venv here, made from $PYTHON (default python3; Debian's own Python refuses pip
+#    installs outside a venv). `.venv` then always names the environment: in the first case it is
+#    a link to the active one, so `.venv/bin/gwtn` works either way.
+# 3. torch, unless one within setup.py's range is already importable there (a cluster's or a
+#    container's torch is kept): TORCH_SPEC (default torch==2.13.0, the version the tests run on)
+#    from TORCH_INDEX_URL when set, e.g.
+#      TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh     CPU build
+#      TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh   CUDA 12.8 build
+#    (without it pip's own configuration decides which build it gets; PyPI's Linux torch is a
+#    CUDA build). docs/setup.md has the details.
+# 4. gwtn_dist itself, editable, with the test tools: pip install -e ".[test]".
+# Running it again is safe and quick: what is there is kept (a changed setup.py reinstalls).
+set -euo pipefail
+cd "$(dirname "$0")"
+say() { echo "setup: $*"; }
+fail() { echo "setup: error: $*" >&2; exit 1; }
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+VENV=.venv
+
+# --- which environment: an active one, or .venv here
+active=${VIRTUAL_ENV:-${CONDA_PREFIX:-}}
+if [ -n "$active" ] && [ "$(cd "$active" && pwd -P)" = "$(pwd -P)/$VENV" ]; then
+  active=""  # our own .venv, activated: treat it as ours
+fi
+make_venv=0
+[ -n "$active" ] || [ -x "$VENV/bin/python" ] || make_venv=1
+
+# --- 1. system packages (Debian/Ubuntu)
+packages=(dataset-fashion-mnist bible-kjv slurm-wlm munge)
+if [ "$make_venv" = 1 ]; then
+  if ! command -v "$PYTHON" >/dev/null; then
+    [ "$PYTHON" != python3 ] || packages+=(python3 python3-venv)  # a bare image
+  elif ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+    # Debian and Ubuntu ship ensurepip apart from Python: python3-venv (python3.X-venv)
+    ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    packages+=(python3-venv "python$ver-venv")
+  fi
+fi
+if [ "${GWTN_APT:-1}" = 0 ]; then
+  say "GWTN_APT=0: not installing system packages"
+elif command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+      command -v sudo >/dev/null || fail "need root or sudo to install ${missing[*]} (or GWTN_APT=0 to skip)"
+      sudo=(sudo)
+    fi
+    say "apt-get install ${missing[*]}"
+    # (sudo drops the environment: the variable goes through env)
+    apt=(${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get)
+    "${apt[@]}" update -qq
+    # python3.X-venv is not a package name on every release: install what the index knows.
+    known=()
+    for p in "${missing[@]}"; do
+      apt-cache show "$p" >/dev/null 2>&1 && known+=("$p")
+    done
+    [ ${#known[@]} -eq 0 ] || "${apt[@]}" install -y -qq "${known[@]}" >/dev/null
+  fi
+else
+  say "no apt-get: install Fashion-MNIST, the KJV Bible and SLURM yourself if you need them (docs/setup.md)"
+fi
+
+# --- 2. the environment
+if [ -n "$active" ]; then
+  py="$active/bin/python"
+  [ -x "$py" ] || fail "the active environment $active has no bin/python"
+  if [ ! -e "$VENV" ]; then
+    ln -s "$active" "$VENV"
+  elif [ "$(cd "$VENV" && pwd -P)" != "$(cd "$active" && pwd -P)" ]; then
+    fail "$VENV exists and is not the active environment $active; remove it or deactivate"
+  fi
+  say "installing into the active environment $active ($VENV links to it)"
+else
+  if [ "$make_venv" = 1 ]; then
+    command -v "$PYTHON" >/dev/null \
+      || fail "no $PYTHON on PATH; install Python >= 3.10 or set PYTHON=/path/to/python"
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+      || fail "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); gwtn_dist needs >= 3.10 (set PYTHON=...)"
+    "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
+      || fail "$PYTHON cannot make a venv (Debian/Ubuntu: apt-get install python3-venv)"
+    # A base Python that already has a torch in range (a container's CUDA build) lends it to the
+    # venv instead of a second download.
+    flags=()
+    if "$PYTHON" -c 'import torch' 2>/dev/null; then flags=(--system-site-packages); fi
+    say "making $VENV from $(command -v "$PYTHON") ${flags[*]+"${flags[*]}"}"
+    "$PYTHON" -m venv ${flags[@]+"${flags[@]}"} "$VENV"
+  fi
+  py="$VENV/bin/python"
+fi
+pip=("$py" -m pip install -q --progress-bar off)
+# Debian 12's venv seeds pip 23.0 and setuptools 66: too old for an editable install of our
+# package_dir mapping (gwtn_dist.kernels -> kernels/) through PEP 660, and for building a wheel
+# without the `wheel` package (tests/test_packaging.py).
+"$py" - <<'EOF' || "${pip[@]}" --upgrade "pip>=24" "setuptools>=70.1"
+import sys
+from importlib.metadata import version
+major = lambda name: int(version(name).split(".")[0])
+try:
+    sys.exit(0 if major("pip") >= 24 and tuple(map(int, version("setuptools").split(".")[:2])) >= (70, 1) else 1)
+except Exception:
+    sys.exit(1)
+EOF
+
+# --- 3. torch
+range=$(sed -n 's/.*"torch\([<>=!~][^"]*\)".*/\1/p' setup.py | head -1)
+if "$py" - "$range" <<'EOF'
+import sys
+try:
+    import torch
+    from pip._vendor.packaging.specifiers import SpecifierSet
+except Exception:
+    sys.exit(1)
+sys.exit(0 if SpecifierSet(sys.argv[1]).contains(torch.__version__.split("+")[0]) else 1)
+EOF
+then
+  say "keeping torch $("$py" -c 'import torch; print(torch.__version__)') (within $range)"
+else
+  say "installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  "${pip[@]}" "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+
+# --- 4. gwtn_dist (again only when setup.py changed or another checkout was installed there)
+stamp="$VENV/.gwtn-setup"
+want="$(pwd -P) $(sha256sum setup.py | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/gwtn" --version >/dev/null 2>&1; then
+  say "gwtn_dist is installed from here (editable)"
+else
+  say "pip install -e .[test]"
+  "${pip[@]}" -e ".[test]"
+  "$VENV/bin/gwtn" --version >/dev/null || fail "gwtn did not install"
+  echo "$want" > "$stamp"
+fi
+say "done: $VENV/bin/gwtn run configs/fmnist_resnet.yaml   $VENV/bin/python -m pytest -q"
