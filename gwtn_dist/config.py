@@ -366,6 +366,19 @@ class ProfileConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Dashboards that get every ``metrics.jsonl`` record too (rank 0; see ``metric_sinks``).
+
+    tensorboard: also write TensorBoard event files under ``<stage>/tb`` (needs the
+    ``tensorboard`` package; without it one warning line, no crash). wandb: a Weights & Biases
+    project to log each stage to as a run (empty: off; needs the ``wandb`` package).
+    """
+
+    tensorboard: bool = False
+    wandb: str = ""
+
+
+@dataclass
 class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
@@ -412,6 +425,7 @@ class Config:
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 

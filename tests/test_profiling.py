@@ -121,3 +121,63 @@ def test_the_relative_error_needs_no_boolean_index_and_matches_one():
     mask = torch.rand(3, 7) > 0.4  # (b, T)
     assert torch.allclose(masked_variance(target, mask), target[mask].var().float(), rtol=1e-5)
     assert torch.allclose(masked_variance(target, None), target.var().float(), rtol=1e-5)
+
+
+def test_tensorboard_gets_every_metrics_record(tmp_path, shard_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = fast_args(run_dir, shard_dir, "wide.steps=20", "log_every=10", "eval_every=0",
+                     "logging.tensorboard=true")
+    assert main(["-q", "wide", *args]) == 0
+    records = [json.loads(line) for line in
+               (run_dir / "wide" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run_dir / "wide" / "tb"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [r["global_step"] for r in records] == list(range(1, 21))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.step for e in events.Scalars("step_s")] == [10, 20]
+    assert {"lr", "grad_norm", "samples_per_s", "peak_mem_mb"} <= set(events.Tags()["scalars"])
+
+
+def test_an_absent_dashboard_package_is_one_warning_and_no_sink(tmp_path, monkeypatch, caplog):
+    from gwtn_dist import metric_sinks
+
+    monkeypatch.setattr(metric_sinks, "available", lambda package: False)
+    monkeypatch.setattr(metric_sinks, "_warned", set())
+    with caplog.at_level("WARNING", logger="gwtn"):
+        for _ in range(2):  # a second stage does not warn again
+            assert metric_sinks.open_sinks(tmp_path, True, "my-project") == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all(len(m.splitlines()) == 1 for m in lines)
+    assert "logging.tensorboard" in lines[0] and "logging.wandb" in lines[1]
+
+
+def test_wandb_gets_the_numeric_fields_at_the_global_step(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from gwtn_dist import metric_sinks
+
+    logged, inits = [], []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: inits.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (sink,) = metric_sinks.open_sinks(tmp_path / "run" / "wide", False, "gwtn-tests")
+    sink.write({"phase": "train", "phase_index": 0, "step": 3, "global_step": 3,
+                "loss": 0.5, "lr": 0.1, "loss_nonfinite": float("nan")})
+    sink.close()
+    assert inits[0]["project"] == "gwtn-tests" and inits[0]["name"] == "run/wide"
+    assert logged == [(3, {"loss": 0.5, "lr": 0.1, "phase": "train"}), "finished"]

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import checkpoint, profiling
-from ..config import ConfigError, DistConfig, OptimConfig, ProfileConfig
+from .. import checkpoint, metric_sinks, profiling
+from ..config import ConfigError, DistConfig, LoggingConfig, OptimConfig, ProfileConfig
 from ..data.batches import TrainBatches
 from ..distributed import preempt
 from ..distributed.engines import make_engine
@@ -148,21 +148,32 @@ class LoopContext:
     step_offset: int = 0
     log_every: int = 20
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint are dropped (the file is
     rewritten atomically), and a torn line (a kill or a full disk mid-write) is dropped with a
-    warning instead of stopping the resume."""
+    warning instead of stopping the resume.
 
-    def __init__(self, path: Path):
+    sinks: the dashboards (``metric_sinks``) that get every record written here, too."""
+
+    def __init__(self, path: Path, sinks: list | None = None):
         self.path = path
+        self.sinks = sinks or []
 
     def write(self, record: dict) -> None:
         if not current().is_main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def truncate_after(self, phase_index: int, step: int) -> None:
         if not current().is_main or not self.path.is_file():
@@ -393,89 +404,96 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
 
     global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
     trace = profiling.Tracer(ctx.profile.trace_start, ctx.profile.trace_steps, rt.rank)
-    for index in range(first_phase, len(phases)):
-        phase = phases[index]
-        start = first_step if index == first_phase else 0
-        phase.setup()
-        engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
-                             zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
-                             micro_batch=ctx.micro_batch)
-        if rt.is_main and engine.config is not None:
-            _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
-        recent: list[float] = []
-        wall = 0.0
-        if state is not None and index == first_phase and start > 0:
-            engine.load(ctx.stage_dir / "deepspeed", state["engine"])
-            recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
+    if rt.is_main:
+        metrics.sinks = metric_sinks.open_sinks(
+            ctx.stage_dir, ctx.logging.tensorboard, ctx.logging.wandb,
+            resume_step=global_step if state is not None else None)
+    try:
+        for index in range(first_phase, len(phases)):
+            phase = phases[index]
+            start = first_step if index == first_phase else 0
+            phase.setup()
+            engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
+                                 zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
+                                 micro_batch=ctx.micro_batch)
+            if rt.is_main and engine.config is not None:
+                _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
+            recent: list[float] = []
+            wall = 0.0
+            if state is not None and index == first_phase and start > 0:
+                engine.load(ctx.stage_dir / "deepspeed", state["engine"])
+                recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
 
-        bar = _progress_bar(ctx, phase, start)
-        breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
-        profiling.use(breakdown)
-        timing = StepTiming()
-        tick = time.perf_counter()
-        for step in range(start, phase.steps):
-            trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
-                     breakdown)
-            breakdown.begin_step(step)
-            # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
-            # ids and attention mask (b, T) and masked-LM labels (b, T).
-            with profiling.region("data"):
-                x, y = ctx.prepare(*ctx.batches.next(index, step))
-            timing.data_s += time.perf_counter() - tick
-            loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
-            with profiling.region("collectives"):
-                value, extra, stop = _averaged(loss, extra, preempt.asked_here())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"{phase.name}: loss became {value} at step {step + 1}; "
-                    f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
-                )
-            logged = (step + 1) % ctx.log_every == 0
-            grad_norm = engine.step(grad_norm=logged)
-            global_step += 1
-            record = {"phase": phase.name, "phase_index": index, "step": step + 1,
-                      "global_step": global_step, "loss": value, "lr": engine.lr, **extra}
-            if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
-                    and global_step % ctx.eval_every == 0:
-                breakdown.discard_step()
-                spent = time.perf_counter() - tick  # training time only: not the evaluation
-                wall, timing.step_s = wall + spent, timing.step_s + spent
-                record.update(ctx.evaluate(phase.eval_model))
-                phase.setup()
-                tick = time.perf_counter()
-            with profiling.region("bookkeeping"):
-                recent = (recent + [value])[-50:]
-                if logged:
-                    record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
-                                                grad_norm))
-                metrics.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
-            breakdown.end_step()
-            trace.after_step()
-            now = time.perf_counter()
-            wall += now - tick
-            timing.step_s += now - tick
-            timing.steps += 1
-            if (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps:
-                done = step + 1 == phase.steps
-                if done:
-                    results.append(PhaseResult(phase.name, phase.steps,
-                                               sum(recent) / len(recent), wall,
-                                               gather_objects(breakdown.summary())))
-                _save(ctx, engine, index, step + 1, done, recent, wall, results)
-            elif stop:  # every rank saw the same sum, so every rank stops here
-                preempt.acknowledge()
-                _save(ctx, engine, index, step + 1, False, recent, wall, results)
-                raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
+            bar = _progress_bar(ctx, phase, start)
+            breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
+            profiling.use(breakdown)
+            timing = StepTiming()
             tick = time.perf_counter()
-        bar.close()
-        trace.close()
-        profiling.use(None)
-        engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
-        if rt.is_main:
-            log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
-                     results[-1].final_loss, results[-1].wall_s)
+            for step in range(start, phase.steps):
+                trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
+                         breakdown)
+                breakdown.begin_step(step)
+                # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
+                # ids and attention mask (b, T) and masked-LM labels (b, T).
+                with profiling.region("data"):
+                    x, y = ctx.prepare(*ctx.batches.next(index, step))
+                timing.data_s += time.perf_counter() - tick
+                loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
+                with profiling.region("collectives"):
+                    value, extra, stop = _averaged(loss, extra, preempt.asked_here())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"{phase.name}: loss became {value} at step {step + 1}; "
+                        f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
+                    )
+                logged = (step + 1) % ctx.log_every == 0
+                grad_norm = engine.step(grad_norm=logged)
+                global_step += 1
+                record = {"phase": phase.name, "phase_index": index, "step": step + 1,
+                          "global_step": global_step, "loss": value, "lr": engine.lr, **extra}
+                if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
+                        and global_step % ctx.eval_every == 0:
+                    breakdown.discard_step()
+                    spent = time.perf_counter() - tick  # training time only: not the evaluation
+                    wall, timing.step_s = wall + spent, timing.step_s + spent
+                    record.update(ctx.evaluate(phase.eval_model))
+                    phase.setup()
+                    tick = time.perf_counter()
+                with profiling.region("bookkeeping"):
+                    recent = (recent + [value])[-50:]
+                    if logged:
+                        record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
+                                                    grad_norm))
+                    metrics.write(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
+                breakdown.end_step()
+                trace.after_step()
+                now = time.perf_counter()
+                wall += now - tick
+                timing.step_s += now - tick
+                timing.steps += 1
+                if (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps:
+                    done = step + 1 == phase.steps
+                    if done:
+                        results.append(PhaseResult(phase.name, phase.steps,
+                                                   sum(recent) / len(recent), wall,
+                                                   gather_objects(breakdown.summary())))
+                    _save(ctx, engine, index, step + 1, done, recent, wall, results)
+                elif stop:  # every rank saw the same sum, so every rank stops here
+                    preempt.acknowledge()
+                    _save(ctx, engine, index, step + 1, False, recent, wall, results)
+                    raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
+                tick = time.perf_counter()
+            bar.close()
+            trace.close()
+            profiling.use(None)
+            engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
+            if rt.is_main:
+                log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
+                         results[-1].final_loss, results[-1].wall_s)
+    finally:
+        metrics.close()
     results.skipped = _skipped_over_ranks(ctx.batches)
     if rt.is_main and results.skipped:
         log.warning("%s: %d bad training sample(s) skipped (%s)", ctx.stage_dir.name,
