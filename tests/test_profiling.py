@@ -181,3 +181,28 @@ def test_wandb_gets_the_numeric_fields_at_the_global_step(tmp_path, monkeypatch)
     sink.close()
     assert inits[0]["project"] == "gwtn-tests" and inits[0]["name"] == "run/wide"
     assert logged == [(3, {"loss": 0.5, "lr": 0.1, "phase": "train"}), "finished"]
+
+
+def test_gwtn_bench_kernels_writes_csv_and_plot_and_says_cpu_times_need_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU defaults")
+    out = tmp_path / "kernels"
+    assert main(["-q", "bench", "kernels", "--out", str(out), "--sweeps", "linear",
+                 "--tokens", "64", "--reps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "need a GPU" in printed and f"csv: {out / 'imitation_bench.csv'}" in printed
+    rows = _csv(out / "imitation_bench.csv")
+    # On CPU: eager PyTorch and the matmul floor, every mode, the quick shapes.
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("eager", "floor") for m in ("forward", "backward", "full")}
+    assert {(r["d_in"], r["d_out"]) for r in rows} == {("64", "64"), ("32", "96")}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    assert (out / "imitation_bench.png").stat().st_size > 1000
+
+
+def test_gwtn_bench_kernels_bad_options_are_one_line(tmp_path, capsys):
+    assert main(["bench", "kernels", "--shapes", "768by768", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gwtn: error:") and "--shapes" in err and len(err.splitlines()) == 1
