@@ -206,3 +206,81 @@ def test_gwtn_bench_kernels_bad_options_are_one_line(tmp_path, capsys):
     assert main(["bench", "kernels", "--shapes", "768by768", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gwtn: error:") and "--shapes" in err and len(err.splitlines()) == 1
+
+
+def _mlp_phase(steps: int, nan_at: int = 0):
+    """A tiny MLP phase whose loss returns a 0-d train accuracy as a device extra (like the
+    stages do), and a NaN loss at step ``nan_at`` (1-based; 0: never)."""
+    import torch
+    from torch import nn
+
+    from gwtn_dist.config import OptimConfig
+    from gwtn_dist.stages.loop import Phase
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    calls = [0]
+
+    def loss(x, y):
+        calls[0] += 1
+        logits = net(x)
+        value = nn.functional.cross_entropy(logits, y)
+        if calls[0] == nan_at:
+            value = value * float("nan")
+        return value, {"train_accuracy": (logits.argmax(1) == y).float().mean(), "point": "p"}
+
+    return Phase(name="p", steps=steps, optim=OptimConfig(lr=0.1), module=net,
+                 groups=lambda: [{"params": list(net.parameters())}], loss=loss), net
+
+
+def _mlp_context(stage_dir, net, log_every: int):
+    import torch
+
+    from gwtn_dist.config import DistConfig
+    from gwtn_dist.stages.loop import LoopContext
+    from tests.test_mixed_precision import FakeBatches
+
+    return LoopContext(stage_dir=stage_dir, modules={"net": net}, batches=FakeBatches(16),
+                       device=torch.device("cpu"), micro_batch=16,
+                       prepare=lambda x, y: (x, y), checkpoint_every=1000, dist=DistConfig(),
+                       progress=False, log_every=log_every)
+
+
+def test_losses_reach_the_host_once_per_log_every_steps_not_every_step(tmp_path, monkeypatch):
+    import torch
+
+    from gwtn_dist.stages.loop import run_phases
+
+    phase, net = _mlp_phase(steps=40)
+    ctx = _mlp_context(tmp_path / "stage", net, log_every=20)
+    waits = []  # every way a tensor's value can reach the host
+    for name in ("item", "cpu", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            waits.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run_phases(ctx, [phase])
+    monkeypatch.undo()
+    # Two flushes (steps 20 and 40: each a transfer and the all-reduce's copy, as lists), two
+    # grad norms, and the phase-end checkpoint's copies of the 4 weights: 14. A sync per step
+    # would make it 40 or more.
+    assert len(waits) <= 20, waits
+    records = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 41))  # still one record per step
+    assert all(isinstance(r["loss"], float) and 0 <= r["train_accuracy"] <= 1
+               and r["point"] == "p" for r in records)
+
+
+def test_a_nan_loss_found_at_the_flush_names_its_own_step(tmp_path):
+    from gwtn_dist.stages.loop import run_phases
+
+    phase, net = _mlp_phase(steps=12, nan_at=3)
+    ctx = _mlp_context(tmp_path / "stage", net, log_every=5)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 3;"):
+        run_phases(ctx, [phase])
+    steps = [json.loads(line)["step"] for line in (ctx.stage_dir / "metrics.jsonl").open()]
+    assert steps == [1, 2]  # the records before it, and no checkpoint after it
+    assert not (ctx.stage_dir / "checkpoint.pt").exists()
