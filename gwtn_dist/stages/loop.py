@@ -540,9 +540,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                                                    sum(recent) / len(recent), wall,
                                                    gather_objects(breakdown.summary())))
                     _save(ctx, engine, feed.position, index, step + 1, done, recent, wall, results)
-                elif stop:  # every rank saw the same sum, so every rank stops here
+                if stop:  # every rank saw the same sum, so every rank stops here
+                    # On several ranks a stop is agreed on only at flushes, and most flushes
+                    # are checkpoints: stop there too (the checkpoint is written), or never.
                     preempt.acknowledge()
-                    _save(ctx, engine, feed.position, index, step + 1, False, recent, wall, results)
+                    if not saving:
+                        _save(ctx, engine, feed.position, index, step + 1, False, recent, wall,
+                              results)
                     raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
                 tick = time.perf_counter()
             bar.close()
