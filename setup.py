@@ -50,6 +50,9 @@ setup(
     extras_require={
         # transformers only checks the BERT export round trip (it does not pull torch in).
         "hf": ["transformers", "safetensors"],
+        # Optional dashboards for the metrics records (logging.tensorboard, logging.wandb).
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
         "test": ["pytest", "ruff", "transformers", "safetensors"],
         "dev": ["pytest", "ruff", "transformers"],
     },

@@ -36,6 +36,7 @@ from .data.shards import write_image_shards
 from .distributed import preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
+from .kernel_bench import add_arguments as add_kernel_bench_arguments
 from .launch import add_launch_command
 from .stages.common import StageOrderError
 
@@ -178,6 +179,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"csv: {Path(args.out) / f'bench_{args.what}.csv'}")
 
 
+def _cmd_bench_kernels(args: argparse.Namespace) -> None:
+    from .kernel_bench import run_command
+
+    run_command(args)
+
+
 def _cmd_profile(args: argparse.Namespace) -> None:
     from .profile_report import profile
 
@@ -243,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="runs/bench", help="folder for the CSV (default "
                                                            "runs/bench)")
         p.set_defaults(func=_cmd_bench)
+    p = benches.add_parser("kernels", help="the imitation loss kernel against eager PyTorch, "
+                           "torch.compile and the matmul floor (CSV and plot; GPU timings)")
+    add_kernel_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench_kernels)
     p = sub.add_parser("profile", help="where the training steps of a run spent their time "
                        "(table, and RUN_DIR/profile.png)")
     p.add_argument("run_dir", help="a run folder, e.g. runs/fmnist")

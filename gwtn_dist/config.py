@@ -102,6 +102,9 @@ class DataConfig:
     documents (``gwtn shards text|wikipedia --val-every/--test-every``); token shards written
     without a test split, and image-folder shards, have one held-out split, ``val``, read for
     both. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
+    prefetch: training batches made ahead in a background thread (read, decoded, augmented,
+    and pinned for the copy to a GPU) while the step runs; 0 makes each one on the training
+    thread when it is due (see ``data.prefetch``).
 
     For image-folder and token shards (``gwtn_dist.data.streams``): num_workers: DataLoader
     worker processes per rank (default 0: read in the training process); image_size: side of
@@ -123,6 +126,7 @@ class DataConfig:
     mean: float = 0.2860
     std: float = 0.3530
     num_workers: int = 0
+    prefetch: int = 2
     image_size: int = 224
     eval_resize: int = 256
     mlm_probability: float = 0.15
@@ -389,6 +393,19 @@ class ProfileConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Dashboards that get every ``metrics.jsonl`` record too (rank 0; see ``metric_sinks``).
+
+    tensorboard: also write TensorBoard event files under ``<stage>/tb`` (needs the
+    ``tensorboard`` package; without it one warning line, no crash). wandb: a Weights & Biases
+    project to log each stage to as a run (empty: off; needs the ``wandb`` package).
+    """
+
+    tensorboard: bool = False
+    wandb: str = ""
+
+
+@dataclass
 class Config:
     """A whole run. ``resume=true`` continues a run directory that a crash left behind.
 
@@ -435,6 +452,7 @@ class Config:
     regime: RegimeConfig = field(default_factory=RegimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -839,6 +857,7 @@ def validate(cfg: Config) -> None:
     _positive("data.crop_padding", d.crop_padding, allow_zero=True)
     _positive("data.std", d.std)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.prefetch", d.prefetch, allow_zero=True)
     _positive("data.image_size", d.image_size)
     _positive("data.eval_resize", d.eval_resize)
     if not 0 < d.mlm_probability < 1:

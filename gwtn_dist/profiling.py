@@ -18,8 +18,9 @@ The regions, in the order of a step:
 - ``imitation_loss``: the imitation MSE (the fused kernel or its reference);
 - ``backward``: the backward pass (under DeepSpeed, with its gradient reduction);
 - ``optimizer``: clipping, the optimizer step and the schedule;
-- ``collectives``: the loop's own all-reduce (loss averaging, the stop flag);
-- ``bookkeeping``: metrics record, progress bar.
+- ``collectives``: the loop's flush (every ``log_every`` steps and before a checkpoint): the
+  pending losses to the host and their all-reduce over ranks with the stop flag;
+- ``bookkeeping``: metrics records, progress bar.
 """
 
 from __future__ import annotations

@@ -187,3 +187,58 @@ def test_the_training_reader_counts_undecodable_samples_once_across_a_resume(sha
     resumed.seek({"epoch": 0, "batch": 6, "skipped": {"undecodable sample": 2}})
     next(resumed)  # the replay of batches 0…5 counts nothing again
     assert resumed.skipped["undecodable sample"] <= 3
+
+
+def _global_batches(shard_dir):
+    from gwtn_dist.config import Config, DataConfig
+    from gwtn_dist.data.batches import GlobalBatches
+
+    cfg = Config(data=DataConfig(shards=str(shard_dir), batch_size=64, shuffle_buffer=300,
+                                 val_samples=0))
+    return GlobalBatches(cfg, stream_seed=7)
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_prefetched_batches_and_checkpointed_position_match_the_training_thread(shard_dir,
+                                                                                 depth):
+    from gwtn_dist.data.prefetch import Prefetcher
+
+    keys = [(0, s) for s in range(10)] + [(1, s) for s in range(15)]  # two phases
+    plain = _global_batches(shard_dir)
+    expected = [plain.next(*k) for k in keys]
+    feed = Prefetcher(_global_batches(shard_dir), iter(keys), depth=depth)
+    try:
+        for k, (x, y) in zip(keys[:12], expected):
+            got_x, got_y = feed.next(*k)
+            assert torch.equal(got_x, x) and torch.equal(got_y, y)
+        # The thread has read ahead, but the position is that after the 12th batch taken:
+        # a resume from it continues with the 13th, augmented as on time.
+        position = feed.position
+        assert position["batch"] == 12 % 18 and position["epoch"] == 0
+        with pytest.raises(RuntimeError, match="phase 1 step 2"):
+            feed.next(1, 5)  # asked out of order: an error, never a wrong batch
+    finally:
+        feed.close()
+    resumed = _global_batches(shard_dir)
+    resumed.seek(position)
+    rest = Prefetcher(resumed, iter(keys[12:]), depth=depth)
+    try:
+        for k, (x, y) in zip(keys[12:], expected[12:]):
+            got_x, got_y = rest.next(*k)
+            assert torch.equal(got_x, x) and torch.equal(got_y, y)
+    finally:
+        rest.close()
+
+
+def test_a_failure_in_the_prefetch_thread_reaches_the_training_thread(shard_dir):
+    from gwtn_dist.data.prefetch import Prefetcher
+
+    def broken(batch):
+        raise DataSourceError("shard gone")
+
+    feed = Prefetcher(_global_batches(shard_dir), iter([(0, 0), (0, 1)]), host=broken, depth=2)
+    try:
+        with pytest.raises(DataSourceError, match="shard gone"):
+            feed.next(0, 0)
+    finally:
+        feed.close()

@@ -121,3 +121,166 @@ def test_the_relative_error_needs_no_boolean_index_and_matches_one():
     mask = torch.rand(3, 7) > 0.4  # (b, T)
     assert torch.allclose(masked_variance(target, mask), target[mask].var().float(), rtol=1e-5)
     assert torch.allclose(masked_variance(target, None), target.var().float(), rtol=1e-5)
+
+
+def test_tensorboard_gets_every_metrics_record(tmp_path, shard_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = fast_args(run_dir, shard_dir, "wide.steps=20", "log_every=10", "eval_every=0",
+                     "logging.tensorboard=true")
+    assert main(["-q", "wide", *args]) == 0
+    records = [json.loads(line) for line in
+               (run_dir / "wide" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run_dir / "wide" / "tb"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [r["global_step"] for r in records] == list(range(1, 21))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [e.step for e in events.Scalars("step_s")] == [10, 20]
+    assert {"lr", "grad_norm", "samples_per_s", "peak_mem_mb"} <= set(events.Tags()["scalars"])
+
+
+def test_an_absent_dashboard_package_is_one_warning_and_no_sink(tmp_path, monkeypatch, caplog):
+    from gwtn_dist import metric_sinks
+
+    monkeypatch.setattr(metric_sinks, "available", lambda package: False)
+    monkeypatch.setattr(metric_sinks, "_warned", set())
+    with caplog.at_level("WARNING", logger="gwtn"):
+        for _ in range(2):  # a second stage does not warn again
+            assert metric_sinks.open_sinks(tmp_path, True, "my-project") == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all(len(m.splitlines()) == 1 for m in lines)
+    assert "logging.tensorboard" in lines[0] and "logging.wandb" in lines[1]
+
+
+def test_wandb_gets_the_numeric_fields_at_the_global_step(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from gwtn_dist import metric_sinks
+
+    logged, inits = [], []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: inits.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    (sink,) = metric_sinks.open_sinks(tmp_path / "run" / "wide", False, "gwtn-tests")
+    sink.write({"phase": "train", "phase_index": 0, "step": 3, "global_step": 3,
+                "loss": 0.5, "lr": 0.1, "loss_nonfinite": float("nan")})
+    sink.close()
+    assert inits[0]["project"] == "gwtn-tests" and inits[0]["name"] == "run/wide"
+    assert logged == [(3, {"loss": 0.5, "lr": 0.1, "phase": "train"}), "finished"]
+
+
+def test_gwtn_bench_kernels_writes_csv_and_plot_and_says_cpu_times_need_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU defaults")
+    out = tmp_path / "kernels"
+    assert main(["-q", "bench", "kernels", "--out", str(out), "--sweeps", "linear",
+                 "--tokens", "64", "--reps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "need a GPU" in printed and f"csv: {out / 'imitation_bench.csv'}" in printed
+    rows = _csv(out / "imitation_bench.csv")
+    # On CPU: eager PyTorch and the matmul floor, every mode, the quick shapes.
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("eager", "floor") for m in ("forward", "backward", "full")}
+    assert {(r["d_in"], r["d_out"]) for r in rows} == {("64", "64"), ("32", "96")}
+    assert all(float(r["ms"]) > 0 for r in rows)
+    assert (out / "imitation_bench.png").stat().st_size > 1000
+
+
+def test_gwtn_bench_kernels_bad_options_are_one_line(tmp_path, capsys):
+    assert main(["bench", "kernels", "--shapes", "768by768", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gwtn: error:") and "--shapes" in err and len(err.splitlines()) == 1
+
+
+def _mlp_phase(steps: int, nan_at: int = 0):
+    """A tiny MLP phase whose loss returns a 0-d train accuracy as a device extra (like the
+    stages do), and a NaN loss at step ``nan_at`` (1-based; 0: never)."""
+    import torch
+    from torch import nn
+
+    from gwtn_dist.config import OptimConfig
+    from gwtn_dist.stages.loop import Phase
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    calls = [0]
+
+    def loss(x, y):
+        calls[0] += 1
+        logits = net(x)
+        value = nn.functional.cross_entropy(logits, y)
+        if calls[0] == nan_at:
+            value = value * float("nan")
+        return value, {"train_accuracy": (logits.argmax(1) == y).float().mean(), "point": "p"}
+
+    return Phase(name="p", steps=steps, optim=OptimConfig(lr=0.1), module=net,
+                 groups=lambda: [{"params": list(net.parameters())}], loss=loss), net
+
+
+def _mlp_context(stage_dir, net, log_every: int):
+    import torch
+
+    from gwtn_dist.config import DistConfig
+    from gwtn_dist.stages.loop import LoopContext
+    from tests.test_mixed_precision import FakeBatches
+
+    return LoopContext(stage_dir=stage_dir, modules={"net": net}, batches=FakeBatches(16),
+                       device=torch.device("cpu"), micro_batch=16,
+                       prepare=lambda x, y: (x, y), checkpoint_every=1000, dist=DistConfig(),
+                       progress=False, log_every=log_every)
+
+
+def test_losses_reach_the_host_once_per_log_every_steps_not_every_step(tmp_path, monkeypatch):
+    import torch
+
+    from gwtn_dist.stages.loop import run_phases
+
+    phase, net = _mlp_phase(steps=40)
+    ctx = _mlp_context(tmp_path / "stage", net, log_every=20)
+    waits = []  # every way a tensor's value can reach the host
+    for name in ("item", "cpu", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            waits.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run_phases(ctx, [phase])
+    monkeypatch.undo()
+    # Two flushes (steps 20 and 40: each a transfer and the all-reduce's copy, as lists), two
+    # grad norms, and the phase-end checkpoint's copies of the 4 weights: 14. A sync per step
+    # would make it 40 or more.
+    assert len(waits) <= 20, waits
+    records = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 41))  # still one record per step
+    assert all(isinstance(r["loss"], float) and 0 <= r["train_accuracy"] <= 1
+               and r["point"] == "p" for r in records)
+
+
+def test_a_nan_loss_found_at_the_flush_names_its_own_step(tmp_path):
+    from gwtn_dist.stages.loop import run_phases
+
+    phase, net = _mlp_phase(steps=12, nan_at=3)
+    ctx = _mlp_context(tmp_path / "stage", net, log_every=5)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 3;"):
+        run_phases(ctx, [phase])
+    steps = [json.loads(line)["step"] for line in (ctx.stage_dir / "metrics.jsonl").open()]
+    assert steps == [1, 2]  # the records before it, and no checkpoint after it
+    assert not (ctx.stage_dir / "checkpoint.pt").exists()

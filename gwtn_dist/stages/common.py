@@ -126,7 +126,7 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
         evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples,
                                     split=task_for(cfg).curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset, log_every=cfg.log_every,
-        profile=cfg.profile,
+        profile=cfg.profile, logging=cfg.logging, prefetch=cfg.data.prefetch,
     )
 
 

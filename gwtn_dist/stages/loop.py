@@ -2,11 +2,13 @@
 
 Every stage (wide training, each imitation phase, distillation, label training, the baselines)
 is a ``Phase``: how many steps, which parameters train at which lr multiplier, and the loss of a
-batch. ``run_phases`` streams batches, augments them, steps the engine, logs to
-``metrics.jsonl``, shows progress, and writes an atomic checkpoint every ``checkpoint_every``
-steps and at each phase end. A checkpoint holds everything that decides the rest of the run
-(weights, optimizer and schedule, stream position, phase and step), so a resumed run ends with
-the same weights as an uninterrupted one.
+batch. ``run_phases`` takes batches that a background thread made ahead (``data.prefetch``),
+steps the engine, logs to ``metrics.jsonl`` (and the dashboards), shows progress, and writes an
+atomic checkpoint every ``checkpoint_every`` steps and at each phase end. Losses stay on the
+device between flushes (every ``log_every`` steps and before every checkpoint), so the host
+waits for the device once per ``log_every`` steps, not every step. A checkpoint holds
+everything that decides the rest of the run (weights, optimizer and schedule, stream position,
+phase and step), so a resumed run ends with the same weights as an uninterrupted one.
 
 On several ranks each rank trains on its own batch (``data.batches``: a slice of the global
 batch, or its own share of the epoch), and the engine averages the gradients. Logged losses
@@ -32,9 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import checkpoint, profiling
-from ..config import ConfigError, DistConfig, OptimConfig, ProfileConfig
+from .. import checkpoint, metric_sinks, profiling
+from ..config import ConfigError, DistConfig, LoggingConfig, OptimConfig, ProfileConfig
 from ..data.batches import TrainBatches
+from ..data.prefetch import Prefetcher, pinned
 from ..distributed import preempt
 from ..distributed.engines import make_engine
 from ..distributed.runtime import (
@@ -132,6 +135,7 @@ class LoopContext:
     prepare(x, y) → the loaded batch on the device, as the phases' losses take it.
     evaluate(model) → metrics dict (test accuracy …), called every ``eval_every`` global steps.
     step_offset: thin-net steps already taken before this stage (for accuracy-vs-steps curves).
+    prefetch: batches made ahead in a background thread (``data.prefetch``; 0: none).
     """
 
     stage_dir: Path
@@ -148,21 +152,33 @@ class LoopContext:
     step_offset: int = 0
     log_every: int = 20
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prefetch: int = 2
 
 
 class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint are dropped (the file is
     rewritten atomically), and a torn line (a kill or a full disk mid-write) is dropped with a
-    warning instead of stopping the resume."""
+    warning instead of stopping the resume.
 
-    def __init__(self, path: Path):
+    sinks: the dashboards (``metric_sinks``) that get every record written here, too."""
+
+    def __init__(self, path: Path, sinks: list | None = None):
         self.path = path
+        self.sinks = sinks or []
 
     def write(self, record: dict) -> None:
         if not current().is_main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def truncate_after(self, phase_index: int, step: int) -> None:
         if not current().is_main or not self.path.is_file():
@@ -226,23 +242,51 @@ def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm | PlainPro
                 disable=not show, dynamic_ncols=True, mininterval=0.5)
 
 
-def _averaged(loss: torch.Tensor, extra: dict, stop: bool) -> tuple[float, dict, bool]:
-    """The loss and the numeric extras averaged over ranks, and whether any rank was asked to
-    stop (``stop`` is this rank's answer), in one small all-reduce.
+class PendingRecords:
+    """The metrics records of the steps since the last flush, whose loss and numeric extras
+    (train accuracy, imitation relative error, attention KL: 0-d tensors) are still on the
+    device, so a step does not wait for the device to log them.
 
-    The loss and the extras that are 0-d device tensors reach the host in one transfer: the
-    step's only wait for the device."""
-    keys = [k for k, v in extra.items()
-            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)]
-    on_device = [loss.detach().reshape(())] + [extra[k].detach().reshape(()).to(loss.device)
-                                               for k in keys if torch.is_tensor(extra[k])]
-    fetched = iter(torch.stack([t.double() for t in on_device]).cpu().tolist())
-    values = [float(stop), next(fetched)]
-    values += [next(fetched) if torch.is_tensor(extra[k]) else float(extra[k]) for k in keys]
-    values = all_reduce_sum(torch.tensor(values, dtype=torch.float64))
-    mean = values[1:] / current().world_size
-    return (mean[0].item(), {**extra, **{k: mean[i + 1].item() for i, k in enumerate(keys)}},
-            values[0].item() > 0)
+    ``flush`` brings them all to the host in one transfer, averages them over ranks in one
+    all-reduce, together with the stop flag, and returns the finished records. The loop
+    flushes every ``log_every`` steps and before every checkpoint, so the device is waited
+    for once per ``log_every`` steps and a checkpoint never runs ahead of ``metrics.jsonl``.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[dict, torch.Tensor, dict, list[str]]] = []
+
+    def add(self, record: dict, loss: torch.Tensor, extra: dict) -> None:
+        """A step's record (it may still gain fields, e.g. eval scores, until the flush), its
+        loss (0-d, on the device) and its extras (their numeric ones are the record's to
+        replace)."""
+        keys = [k for k, v in extra.items()
+                if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)]
+        self.items.append((record, loss.detach().reshape(()), extra, keys))
+
+    def flush(self, stop: bool) -> tuple[list[dict], bool]:
+        """The pending records with ``loss`` and the numeric extras as floats averaged over
+        ranks, in step order, and whether any rank was asked to stop (``stop``: this rank)."""
+        on_device = [t for _, loss, extra, keys in self.items
+                     for t in [loss] + [extra[k].detach().reshape(()).to(loss.device)
+                                        for k in keys if torch.is_tensor(extra[k])]]
+        # The one wait for the device in log_every steps: (n values,) float64 to the host.
+        fetched = iter(torch.stack([t.double() for t in on_device]).cpu().tolist()
+                       if on_device else [])
+        values = [float(stop)]
+        for _, _, extra, keys in self.items:
+            values.append(next(fetched))
+            values += [next(fetched) if torch.is_tensor(extra[k]) else float(extra[k])
+                       for k in keys]
+        summed = all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+        mean = iter(v / current().world_size for v in summed[1:])
+        out = []
+        for record, _, _, keys in self.items:
+            record["loss"] = next(mean)
+            record.update({k: next(mean) for k in keys})  # in place: the keys keep their order
+            out.append(record)
+        self.items = []
+        return out, summed[0] > 0
 
 
 def micro_batches(x, y: torch.Tensor, n: int) -> list[tuple]:
@@ -290,11 +334,12 @@ def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
     return torch.stack(losses).mean(), extra
 
 
-def _save(ctx: LoopContext, engine, phase_index: int, step: int, done: bool, recent: list,
-          wall: float, results: PhaseResults) -> None:
-    """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically."""
+def _save(ctx: LoopContext, engine, stream: dict, phase_index: int, step: int, done: bool,
+          recent: list, wall: float, results: PhaseResults) -> None:
+    """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically.
+    stream: the data stream's position after the last batch trained on."""
     state = {
-        "stream": ctx.batches.position,
+        "stream": stream,
         "phase_index": phase_index + 1 if done else phase_index,
         "step": 0 if done else step,
         "recent_losses": recent, "phase_wall_s": wall,
@@ -393,90 +438,128 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
 
     global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
     trace = profiling.Tracer(ctx.profile.trace_start, ctx.profile.trace_steps, rt.rank)
-    for index in range(first_phase, len(phases)):
-        phase = phases[index]
-        start = first_step if index == first_phase else 0
-        phase.setup()
-        engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
-                             zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
-                             micro_batch=ctx.micro_batch)
-        if rt.is_main and engine.config is not None:
-            _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
-        recent: list[float] = []
-        wall = 0.0
-        if state is not None and index == first_phase and start > 0:
-            engine.load(ctx.stage_dir / "deepspeed", state["engine"])
-            recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
+    if rt.is_main:
+        metrics.sinks = metric_sinks.open_sinks(
+            ctx.stage_dir, ctx.logging.tensorboard, ctx.logging.wandb,
+            resume_step=global_step if state is not None else None)
+    # Every (phase, step) this stage has left, in order: what the prefetcher makes ahead. On
+    # the CPU the thread also casts the batch to the run's dtype and memory format; for a GPU
+    # it pins it, and the training thread starts the asynchronous copy.
+    keys = ((i, s) for i in range(first_phase, len(phases))
+            for s in range(first_step if i == first_phase else 0, phases[i].steps))
+    on_host = ctx.device.type == "cpu"
+    host = (lambda batch: ctx.prepare(*batch)) if on_host else \
+        pinned if ctx.device.type == "cuda" else (lambda batch: batch)
+    feed = Prefetcher(ctx.batches, keys, host, ctx.prefetch)
+    try:
+        for index in range(first_phase, len(phases)):
+            phase = phases[index]
+            start = first_step if index == first_phase else 0
+            phase.setup()
+            engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
+                                 zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
+                                 micro_batch=ctx.micro_batch)
+            if rt.is_main and engine.config is not None:
+                _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
+            recent: list[float] = []
+            wall = 0.0
+            if state is not None and index == first_phase and start > 0:
+                engine.load(ctx.stage_dir / "deepspeed", state["engine"])
+                recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
 
-        bar = _progress_bar(ctx, phase, start)
-        breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
-        profiling.use(breakdown)
-        timing = StepTiming()
-        tick = time.perf_counter()
-        for step in range(start, phase.steps):
-            trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
-                     breakdown)
-            breakdown.begin_step(step)
-            # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
-            # ids and attention mask (b, T) and masked-LM labels (b, T).
-            with profiling.region("data"):
-                x, y = ctx.prepare(*ctx.batches.next(index, step))
-            timing.data_s += time.perf_counter() - tick
-            loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
-            with profiling.region("collectives"):
-                value, extra, stop = _averaged(loss, extra, preempt.asked_here())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"{phase.name}: loss became {value} at step {step + 1}; "
-                    f"lower the learning rate ({phase.optim.lr}) or enable grad_clip"
-                )
-            logged = (step + 1) % ctx.log_every == 0
-            grad_norm = engine.step(grad_norm=logged)
-            global_step += 1
-            record = {"phase": phase.name, "phase_index": index, "step": step + 1,
-                      "global_step": global_step, "loss": value, "lr": engine.lr, **extra}
-            if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
-                    and global_step % ctx.eval_every == 0:
-                breakdown.discard_step()
-                spent = time.perf_counter() - tick  # training time only: not the evaluation
-                wall, timing.step_s = wall + spent, timing.step_s + spent
-                record.update(ctx.evaluate(phase.eval_model))
-                phase.setup()
-                tick = time.perf_counter()
-            with profiling.region("bookkeeping"):
-                recent = (recent + [value])[-50:]
-                if logged:
-                    record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
-                                                grad_norm))
-                metrics.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}", refresh=False)
-            breakdown.end_step()
-            trace.after_step()
-            now = time.perf_counter()
-            wall += now - tick
-            timing.step_s += now - tick
-            timing.steps += 1
-            if (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps:
-                done = step + 1 == phase.steps
-                if done:
-                    results.append(PhaseResult(phase.name, phase.steps,
-                                               sum(recent) / len(recent), wall,
-                                               gather_objects(breakdown.summary())))
-                _save(ctx, engine, index, step + 1, done, recent, wall, results)
-            elif stop:  # every rank saw the same sum, so every rank stops here
-                preempt.acknowledge()
-                _save(ctx, engine, index, step + 1, False, recent, wall, results)
-                raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
+            bar = _progress_bar(ctx, phase, start)
+            breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
+            profiling.use(breakdown)
+            timing = StepTiming()
             tick = time.perf_counter()
-        bar.close()
-        trace.close()
-        profiling.use(None)
-        engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
-        if rt.is_main:
-            log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
-                     results[-1].final_loss, results[-1].wall_s)
-    results.skipped = _skipped_over_ranks(ctx.batches)
+            pending = PendingRecords()
+            value = math.nan  # the latest logged loss
+            for step in range(start, phase.steps):
+                trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
+                         breakdown)
+                breakdown.begin_step(step)
+                # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
+                # ids and attention mask (b, T) and masked-LM labels (b, T).
+                with profiling.region("data"):
+                    batch = feed.next(index, step)
+                    x, y = batch if on_host else ctx.prepare(*batch)
+                timing.data_s += time.perf_counter() - tick
+                loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
+                logged = (step + 1) % ctx.log_every == 0
+                saving = (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps
+                grad_norm = engine.step(grad_norm=logged)
+                global_step += 1
+                # The loss and the numeric extras become numbers when the record is flushed.
+                record = {"phase": phase.name, "phase_index": index, "step": step + 1,
+                          "global_step": global_step, "loss": None, "lr": engine.lr, **extra}
+                pending.add(record, loss, extra)
+                if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
+                        and global_step % ctx.eval_every == 0:
+                    breakdown.discard_step()
+                    spent = time.perf_counter() - tick  # training time only: not the evaluation
+                    wall, timing.step_s = wall + spent, timing.step_s + spent
+                    record.update(ctx.evaluate(phase.eval_model))
+                    phase.setup()
+                    tick = time.perf_counter()
+                # Stop requests: on one process a host flag, read every step; on several
+                # ranks they are agreed on in the flush's all-reduce (every log_every steps).
+                asked = preempt.asked_here()
+                stop = asked and not rt.distributed
+                if logged or saving or stop:
+                    if logged:
+                        record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
+                                                    grad_norm))
+                    with profiling.region("collectives"):
+                        done_records, stop = pending.flush(asked)
+                    with profiling.region("bookkeeping"):
+                        for done_record in done_records:
+                            # Non-finite losses are found here, up to log_every steps late
+                            # (the weights went bad meanwhile, but no checkpoint holds them).
+                            value = done_record["loss"]
+                            if not math.isfinite(value):
+                                raise FloatingPointError(
+                                    f"{phase.name}: loss became {value} at step "
+                                    f"{done_record['step']}; lower the learning rate "
+                                    f"({phase.optim.lr}) or enable grad_clip")
+                            metrics.write(done_record)
+                        recent = (recent + [r["loss"] for r in done_records])[-50:]
+                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}",
+                                        refresh=False)
+                with profiling.region("bookkeeping"):
+                    bar.update(1)
+                breakdown.end_step()
+                trace.after_step()
+                now = time.perf_counter()
+                wall += now - tick
+                timing.step_s += now - tick
+                timing.steps += 1
+                if saving:
+                    done = step + 1 == phase.steps
+                    if done:
+                        results.append(PhaseResult(phase.name, phase.steps,
+                                                   sum(recent) / len(recent), wall,
+                                                   gather_objects(breakdown.summary())))
+                    _save(ctx, engine, feed.position, index, step + 1, done, recent, wall, results)
+                if stop:  # every rank saw the same sum, so every rank stops here
+                    # On several ranks a stop is agreed on only at flushes, and most flushes
+                    # are checkpoints: stop there too (the checkpoint is written), or never.
+                    preempt.acknowledge()
+                    if not saving:
+                        _save(ctx, engine, feed.position, index, step + 1, False, recent, wall,
+                              results)
+                    raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
+                tick = time.perf_counter()
+            bar.close()
+            trace.close()
+            profiling.use(None)
+            engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
+            if rt.is_main:
+                log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
+                         results[-1].final_loss, results[-1].wall_s)
+    finally:
+        feed.close()
+        metrics.close()
+    results.skipped = _skipped_over_ranks(ctx.batches.per_rank, feed.skipped)
     if rt.is_main and results.skipped:
         log.warning("%s: %d bad training sample(s) skipped (%s)", ctx.stage_dir.name,
                     sum(results.skipped.values()),
@@ -484,9 +567,10 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     return results
 
 
-def _skipped_over_ranks(batches: TrainBatches) -> dict[str, int]:
-    """The skips of the stage's reader(s): summed over ranks when each rank reads its own
-    stream, rank 0's when every rank reads the same global stream."""
-    if batches.per_rank:
-        return sum_counts(batches.skipped)
-    return batches.skipped
+def _skipped_over_ranks(per_rank: bool, skipped: dict[str, int]) -> dict[str, int]:
+    """The skips of the stage's reader(s) (``skipped``: this rank's): summed over ranks when
+    each rank reads its own stream (``per_rank``), rank 0's when every rank reads the same
+    global stream."""
+    if per_rank:
+        return sum_counts(skipped)
+    return skipped

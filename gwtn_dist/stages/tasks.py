@@ -97,9 +97,12 @@ class ImageTask(_ScoredTask):
 
     def prepare(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, C, H, W), (b,) → on the device, (b, C, H, W) in the run's memory format."""
-        x = x.to(device, dtype=dtype).contiguous(memory_format=self.memory_format)
-        return x, y.to(device)
+        """(b, C, H, W), (b,) → on the device, (b, C, H, W) in the run's memory format.
+
+        A pinned batch (the prefetcher's, for a GPU) is copied asynchronously."""
+        x = x.to(device, dtype=dtype, non_blocking=True).contiguous(
+            memory_format=self.memory_format)
+        return x, y.to(device, non_blocking=True)
 
     def scored(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return model(x).float(), y  # (b, classes), (b,); fp32 losses for bf16 nets
@@ -173,7 +176,8 @@ class TextTask(_ScoredTask):
     def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Token ids, attention mask and labels (b, T) to the device (integers stay integers)."""
-        return {k: v.to(device) for k, v in x.items()}, y.to(device)
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}, \
+            y.to(device, non_blocking=True)  # asynchronous from pinned memory
 
     def scored(self, model, x: dict[str, torch.Tensor], y: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

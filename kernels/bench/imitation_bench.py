@@ -1,7 +1,8 @@
 """Benchmark of the fused imitation loss against eager PyTorch, torch.compile and the matmul floor.
 
-Run ``python -m gwtn_dist.kernels.bench.imitation_bench [--out DIR]`` (or this file as a script).
-Providers:
+Run ``gwtn bench kernels [--out DIR]`` (or ``python -m gwtn_dist.kernels.bench.imitation_bench``,
+or this file as a script). On CPU it runs small sizes with eager PyTorch and the matmul floor
+only, and says that timings of the kernel need a GPU (see ``resolve``). Providers:
 
 * ``fused``   - ``imitation_mse`` (Triton; CUDA only - on CPU Triton only interprets, so skipped);
 * ``eager``   - ``imitation_mse_reference`` (plain PyTorch autograd);
@@ -14,7 +15,7 @@ forward runs untimed before each repetition) and ``full``. Time is the median of
 (CUDA events on GPU), memory the peak allocated during one run minus what was allocated before
 it (CUDA only; gradients left in ``.grad`` count). The ``elementwise`` sweep (no weight) reports
 the bandwidth the loss achieves, counting one read of x and target and one write of dx, against
-the GPU's peak where known. Results go to ``imitation_bench.csv`` and ``imitation_bench.png``.
+the GPU's peak where known. Results go to ``OUT/imitation_bench.csv`` and ``imitation_bench.png``.
 """
 
 from __future__ import annotations
@@ -267,77 +268,135 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from gwtn_dist.kernel_bench import add_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--sweeps", default="linear,elementwise")
-    p.add_argument("--tokens", default=None, help="comma list, e.g. 1024,8192")
-    p.add_argument("--shapes", default=None, help="comma list of D_inxD_out, e.g. 768x768")
-    p.add_argument("--widths", default=None, help="elementwise feature widths, comma list")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", default="runs/bench/imitation", help="folder for CSV and PNG")
+    add_arguments(p)
     return p.parse_args(argv)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise ValueError(f"{what}: expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what}: expected positive integers, got {text!r}")
+    return values
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda"
-                                                   else torch.float32)
-    tokens = _ints(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
-    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
-              else (QUICK_SHAPES if args.quick else DEFAULT_SHAPES))
-    widths = _ints(args.widths) if args.widths else (QUICK_ELTWISE_WIDTHS if args.quick
-                                                     else DEFAULT_ELTWISE_WIDTHS)
-    reps = args.reps or (3 if args.quick else 20)
-    warmup = 1 if args.quick else 3
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        raise SystemExit(f"unknown providers {sorted(unknown)}; allowed: {', '.join(PROVIDERS)}")
+def _listed(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    values = [v for v in text.split(",") if v]
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise ValueError(f"{what}: {', '.join(unknown) or 'nothing'} given; choose from "
+                         f"{', '.join(allowed)}")
+    return values
+
+
+@dataclass
+class Plan:
+    """What one benchmark run measures, resolved from the options."""
+
+    device: torch.device
+    dtype: torch.dtype
+    cases: list[Case]
+    providers: list[str]
+    modes: list[str]
+    reps: int
+    warmup: int
+    out: str
+    notes: list[str]
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """The plan of a run; ValueError with one line for options that make no sense here.
+
+    On CPU the defaults are the quick sizes with eager PyTorch and the matmul floor: the fused
+    kernel runs on CPU only in Triton's interpreter (correct, but thousands of times slower
+    than compiled, so its time means nothing), and ``torch.compile`` spends minutes compiling
+    one kernel per shape. Asking for ``--full`` or ``--providers`` overrides that.
+    """
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {args.device}: cuda or cpu")
+    on_cpu = device.type == "cpu"
+    quick = args.quick or (on_cpu and not args.full)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if on_cpu else torch.bfloat16)
+    tokens = _ints(args.tokens, "--tokens") if args.tokens else \
+        (QUICK_TOKENS if quick else DEFAULT_TOKENS)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+        except ValueError:
+            raise ValueError(f"--shapes: expected D_inxD_out pairs, e.g. 768x768, got "
+                             f"{args.shapes!r}") from None
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise ValueError(f"--shapes: expected D_inxD_out pairs, got {args.shapes!r}")
+    else:
+        shapes = QUICK_SHAPES if quick else DEFAULT_SHAPES
+    widths = _ints(args.widths, "--widths") if args.widths else \
+        (QUICK_ELTWISE_WIDTHS if quick else DEFAULT_ELTWISE_WIDTHS)
+    if args.reps is not None and args.reps < 1:
+        raise ValueError(f"--reps: a positive number, got {args.reps}")
+    default_providers = "eager,floor" if on_cpu and not args.full else ",".join(PROVIDERS)
+    providers = _listed(args.providers or default_providers, PROVIDERS, "--providers")
     if args.no_compile:
         providers = [p for p in providers if p != "compile"]
-    modes = [m for m in args.modes.split(",") if m in MODES]
-    compiled = _compiled_reference() if "compile" in providers else None
-    peak_bw = peak_bandwidth_gbps(device)
-
-    title = f"imitation loss on {device_name(device)} ({str(dtype).split('.')[-1]})"
-    print(title)
-    if device.type != "cuda" and "fused" in providers:
-        print("note: the fused (Triton) provider is skipped on CPU, where Triton only interprets")
+    modes = _listed(args.modes, MODES, "--modes")
+    sweeps = _listed(args.sweeps, ("linear", "elementwise"), "--sweeps")
+    notes = []
+    if on_cpu:
+        notes.append("note: on CPU; absolute times and the fused kernel's speed-up need a GPU "
+                     "(here the fused Triton kernel would only run in Triton's interpreter, so it "
+                     "is skipped)")
     cases = []
-    sweeps = args.sweeps.split(",")
     if "linear" in sweeps:
         cases += [Case("linear", n, di, do, dtype, device) for di, do in shapes for n in tokens]
     if "elementwise" in sweeps:
         cases += [Case("elementwise", n, d, d, dtype, device) for d in widths for n in tokens]
+    return Plan(device, dtype, cases, providers, modes, args.reps or (3 if quick else 20),
+                1 if quick else 3, args.out, notes)
 
+
+def run(plan: Plan) -> list[dict]:
+    """Time every case of ``plan``; write ``imitation_bench.csv`` and ``.png`` to its folder."""
+    device, dtype = plan.device, plan.dtype
+    compiled = _compiled_reference() if "compile" in plan.providers else None
+    peak_bw = peak_bandwidth_gbps(device)
+    title = f"imitation loss on {device_name(device)} ({str(dtype).split('.')[-1]})"
+    print(title)
+    for note in plan.notes:
+        print(note)
     rows = []
-    for case in cases:
-        rows += run_case(case, providers, modes, reps, warmup, compiled, peak_bw)
+    for case in plan.cases:
+        rows += run_case(case, plan.providers, plan.modes, plan.reps, plan.warmup, compiled,
+                         peak_bw)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "imitation_bench.csv")
-    png_path = os.path.join(args.out, "imitation_bench.png")
+    os.makedirs(plan.out, exist_ok=True)
+    csv_path = os.path.join(plan.out, "imitation_bench.csv")
+    png_path = os.path.join(plan.out, "imitation_bench.png")
     write_csv(rows, csv_path)
     plot(rows, png_path, title)
     print_table(rows)
     print_summary(rows)
     if peak_bw:
         print(f"peak bandwidth of this GPU: {peak_bw:.0f} GB/s")
-    print(f"wrote {csv_path} and {png_path}")
+    print(f"csv: {csv_path}")
+    print(f"plot: {png_path}")
     return rows
+
+
+def main(argv=None) -> list[dict]:
+    try:
+        plan = resolve(parse_args(argv))
+    except ValueError as exc:
+        raise SystemExit(f"imitation_bench: error: {exc}") from None
+    return run(plan)
 
 
 if __name__ == "__main__":
