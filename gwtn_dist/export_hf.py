@@ -23,7 +23,8 @@ from . import checkpoint
 from .models.bert import Bert, BertShape
 from .models.bert_names import hf_config, hf_state_dict
 from .models.resnet import ResNet, ResNetShape
-from .models.resnet_names import WeightsError, torchvision_arch, torchvision_state_dict
+from .models.resnet_names import torchvision_arch, torchvision_state_dict
+from .models.weights import WeightsError
 
 
 class ExportError(ValueError):

@@ -17,10 +17,10 @@ from gwtn_dist.config import ConfigError, load_config
 from gwtn_dist.models.family import build_thin, build_wide, shape_meta
 from gwtn_dist.models.resnet_names import (
     load_resnet_weights,
-    read_state_dict,
     torchvision_name,
     torchvision_state_dict,
 )
+from gwtn_dist.models.weights import read_state_dict
 from gwtn_dist.stages.wide import load_init
 from tests.conftest import REPO
 from tests.test_pipeline import fast_args

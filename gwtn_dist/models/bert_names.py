@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .bert import Bert, BertShape
-from .resnet_names import WeightsError, read_state_dict
+from .weights import WeightsError, load_mapped, read_state_dict
 
 # Our module names inside layer.I → Hugging Face's inside bert.encoder.layer.I.
 _LAYER_NAMES = {
@@ -192,22 +192,10 @@ def load_hf_bert(model: Bert, path: Path) -> None:
         if ours in mapped:
             raise WeightsError(f"{name} and {mapped[ours][0]} both name our {ours}")
         mapped[ours] = (name, value)
-    own = model.state_dict()
-    for ours, target in own.items():
-        if ours in mapped and tuple(mapped[ours][1].shape) != tuple(target.shape):
-            name, value = mapped[ours]
-            raise WeightsError(f"{name} has shape {tuple(value.shape)}, but the net's {ours} "
-                               f"has {tuple(target.shape)}")
-    for ours in own:
-        if ours not in mapped:
-            raise WeightsError(f"{hf_name(ours)} (our {ours}) is missing")
-    for ours, (name, _) in mapped.items():
-        if ours not in own:
-            raise WeightsError(f"{name} is not a tensor of this BERT (layers "
-                               f"0..{s.layers - 1})")
     decoder = tensors.get(DECODER)
-    words = mapped["embeddings.word_embeddings.weight"][1]
-    if decoder is not None and not torch.equal(decoder, words):
+    words = mapped.get("embeddings.word_embeddings.weight", (None, None))[1]
+    if decoder is not None and words is not None and not torch.equal(decoder, words):
         raise WeightsError(f"{DECODER} differs from the word embeddings; our masked-LM decoder "
                            f"is tied to them")
-    model.load_state_dict({k: v for k, (_, v) in mapped.items()})
+    load_mapped(model, mapped, outside_name=hf_name,
+                unknown=f"this BERT (layers 0..{s.layers - 1})")

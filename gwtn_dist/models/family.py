@@ -18,7 +18,8 @@ from . import bert, resnet
 from .bert import Bert, BertShape
 from .bert_names import load_hf_bert
 from .resnet import ResNet, ResNetShape
-from .resnet_names import load_resnet_weights, read_state_dict
+from .resnet_names import load_resnet_weights
+from .weights import read_state_dict
 
 Depth = list[int] | int  # ResNet: blocks per stage; BERT: layers
 

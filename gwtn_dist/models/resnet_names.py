@@ -10,11 +10,10 @@ widths (our twin with ``widen.inner_mult: 2``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .resnet import ResNet, ResNetShape
+from .weights import WeightsError, load_mapped
 
 # (our prefix, torchvision's) at the start of a name, and (ours, theirs) anywhere in it.
 _START = (("stem.0.", "conv1."), ("stem.1.", "bn1."))
@@ -23,10 +22,6 @@ _INSIDE = ((".shortcut.", ".downsample."),)
 # torchvision's bottleneck ResNets by depth; a "wide_" one doubles the inner widths.
 _TORCHVISION_DEPTHS = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101",
                        (3, 8, 36, 3): "resnet152"}
-
-
-class WeightsError(ValueError):
-    """A state dict that does not fit the ResNet it is loaded into."""
 
 
 def _renamed(name: str, pairs_start, pairs_inside) -> str:
@@ -71,38 +66,6 @@ def torchvision_arch(shape: ResNetShape) -> str | None:
     return None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file: a .safetensors file, or a torch file (read with
-    ``weights_only=True``) holding a dict of tensors, directly or under ``state_dict`` or
-    ``model``. Raises WeightsError when it holds something else or cannot be read."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            blob = load_file(str(path))
-        else:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise WeightsError(f"{path}: reading .safetensors needs the safetensors package") from None
-    except Exception as exc:  # any failure to read means "not a weights file we can use"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{path} cannot be read as weights ({first[:200]})") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-            blob = blob[key]
-            break
-    if not isinstance(blob, dict) or not blob:
-        raise WeightsError(f"{path} holds no state dict (a mapping of names to tensors)")
-    for name, value in blob.items():
-        if not torch.is_tensor(value):
-            raise WeightsError(f"{path}: {name} is a {type(value).__name__}, not a tensor")
-    # A DistributedDataParallel wrapper's prefix.
-    if all(str(k).startswith("module.") for k in blob):
-        blob = {k[len("module."):]: v for k, v in blob.items()}
-    return blob
-
-
 def load_resnet_weights(model: ResNet, tensors: dict[str, torch.Tensor]) -> None:
     """Load ``tensors`` (our, torchvision's or timm's names) into ``model``.
 
@@ -117,18 +80,6 @@ def load_resnet_weights(model: ResNet, tensors: dict[str, torch.Tensor]) -> None
         if ours in mapped:
             raise WeightsError(f"{name} and {mapped[ours][0]} both name our {ours}")
         mapped[ours] = (name, value)
-    own = model.state_dict()
-    for ours, target in own.items():
-        if ours in mapped and tuple(mapped[ours][1].shape) != tuple(target.shape):
-            name, value = mapped[ours]
-            raise WeightsError(f"{name} has shape {tuple(value.shape)}, but the net's {ours} "
-                               f"has {tuple(target.shape)}")
-    for ours in own:
-        if ours not in mapped and not ours.endswith("num_batches_tracked"):
-            raise WeightsError(f"{torchvision_name(ours)} (our {ours}) is missing")
-    for ours, (name, _) in mapped.items():
-        if ours not in own:
-            raise WeightsError(f"{name} is not a tensor of this ResNet (in our, torchvision's "
-                               f"or timm's names)")
-    full = {k: mapped[k][1] if k in mapped else v for k, v in own.items()}
-    model.load_state_dict(full)
+    load_mapped(model, mapped, outside_name=torchvision_name,
+                unknown="this ResNet (in our, torchvision's or timm's names)",
+                optional=lambda ours: ours.endswith("num_batches_tracked"))

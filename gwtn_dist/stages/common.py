@@ -23,7 +23,7 @@ from ..distributed.runtime import all_reduce_sum, barrier, current, device_for
 from ..distributed.sync_bn import use_global_batchnorm
 from ..models.bert import Bert
 from ..models.family import load_weights
-from ..models.resnet_names import WeightsError
+from ..models.weights import WeightsError
 from .loop import LoopContext, PhaseResult
 from .tasks import task_for
 
