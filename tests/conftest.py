@@ -24,35 +24,12 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_checkout_kernels() -> None:
-    """Make ``gwtn_dist.kernels`` this checkout's ``kernels/`` when ``gwtn_dist`` is this checkout's.
+# Test this checkout's kernels/ as gwtn_dist.kernels, not an installed checkout's: an editable
+# install maps that package to the folder it was installed from (a git worktree under test would
+# otherwise run another checkout's kernels). The GPU check loads the checkout the same way.
+from benchmarks.checkout import use_checkout  # after the Triton mode is chosen
 
-    setup.py maps ``gwtn_dist.kernels`` to the top-level ``kernels/`` folder, so an editable install
-    resolves it through a path mapping fixed at install time. Testing another checkout of the repo
-    (e.g. a git worktree) with ``python3 -m pytest`` from its root imports that checkout's
-    ``gwtn_dist`` (the current directory comes first on sys.path) but the *installed* checkout's
-    kernels. Load this checkout's package instead; its submodules then follow its ``__path__``.
-    """
-    import importlib.util
-
-    import gwtn_dist
-
-    if Path(gwtn_dist.__file__).resolve().parent != REPO / "gwtn_dist":
-        return  # an installed copy is under test (tests/test_packaging.py): leave it alone
-    init = REPO / "kernels" / "__init__.py"
-    found = importlib.util.find_spec("gwtn_dist.kernels")
-    if found is not None and found.origin and Path(found.origin).resolve() == init:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "gwtn_dist.kernels", init, submodule_search_locations=[str(init.parent)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gwtn_dist.kernels"] = module
-    gwtn_dist.kernels = module
-    spec.loader.exec_module(module)
-
-
-_import_checkout_kernels()
+use_checkout()
 
 from gwtn_dist.cli import write_fashion_mnist
 from gwtn_dist.data.fashion_mnist import DEBIAN_DIR
