@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..stages.tasks import ScoredTask
     from .bridge import Bridges
 
-Depth = Any  # a family's depth: blocks per stage (list[int]) for a ResNet, layers (int) for a BERT
+Depth = list[int] | int  # a family's depth: ResNet: blocks per stage; BERT: layers
 Shape = Any  # a family's frozen shape dataclass; its ``family`` class attribute names the family
 
 
