@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import Config, tune_points, with_overrides
 from .distributed.runtime import current
+from .models.family import family_for
 from .pipeline import apply_runtime, prepare_run_dir
 from .report import read_curve, write_compare
 from .stages.arms import method_budget, train_baseline
@@ -243,8 +244,8 @@ def compare(cfg: Config) -> dict:
     plan = ComparePlan(cfg, out_dir)
     run_units(plan.units())
     c, task = plan.c, plan.task
-    depth = (f"{cfg.model.layers} layers" if cfg.model.family == "bert"
-             else f"{cfg.model.blocks} blocks")
+    family = family_for(cfg.model)
+    depth = f"{family.thin_depth(cfg.model)} {family.depth_label}"
     budgets = [_budget_table(plan, m) for m in c.budget_mults]
     first = budgets[0]
     table = {

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 
@@ -47,40 +47,33 @@ class WideningConfig:
     ffn_mult: int = 4
 
 
+DEFAULT_FAMILY = "resnet"  # the family of a config that does not name one
+
+
 @dataclass
 class ModelConfig:
-    """The thin net (a ResNet or a BERT, by ``family``); the wide twin follows from ``widen``.
+    """The thin net; the wide twin follows from ``widen``.
 
-    ResNet: inner_widths are the bottleneck 3×3 widths per stage; a stage outputs
-    inner × expansion channels. imitation_points: ``stages`` (the outputs of each stage, the
-    reproduction's reading) or ``blocks`` (every bottleneck).
-
-    BERT (``family: bert``, trained on ``data.dataset: text``): hidden size ``hidden`` (768),
-    ``layers`` (12), ``heads`` (12) of width ``head_dim`` (64), feed-forward width ``ffn``
-    (3072), ``vocab_size`` (30522; at least the token shards' vocabulary), ``max_len`` positions
-    (512), ``dropout`` (0.1) — BERT_BASE's values. Every layer output is an imitation point
-    (``imitation_points`` is a ResNet knob). heads × head_dim must equal hidden for the thin net
-    to load in Hugging Face's BertModel.
+    family: the kind of net, ``resnet`` (images) or ``bert`` (masked-LM on ``data.dataset:
+    text``); it selects this section's class and with it the other keys a ``model`` section
+    may hold (``ResNetModelConfig`` in ``models/resnet/config.py``, ``BertModelConfig`` in
+    ``models/bert/config.py``; a key of another family is an error naming it).
     """
 
-    family: Literal["resnet", "bert"] = "resnet"
-    geometry: Literal["small", "imagenet"] = "small"
-    in_channels: int = 1
-    num_classes: int = 10
-    stem_width: int = 16
-    blocks: list[int] = field(default_factory=lambda: [4, 4, 4])
-    inner_widths: list[int] = field(default_factory=lambda: [8, 16, 32])
-    expansion: int = 4
-    widen: WideningConfig = field(default_factory=WideningConfig)
-    imitation_points: Literal["stages", "blocks"] = "stages"
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    head_dim: int = 64
-    ffn: int = 3072
-    vocab_size: int = 30522
-    max_len: int = 512
-    dropout: float = 0.1
+    family: str = DEFAULT_FAMILY
+    TAG: ClassVar[str] = "family"  # the key whose value selects the section's class
+
+    @classmethod
+    def variants(cls) -> dict[str, type[ModelConfig]]:
+        """The ``model`` section's class of every registered family, by ``model.family``."""
+        from .models.family import known_families  # the families import this module
+
+        return {name: f.config_class for name, f in known_families().items()}
+
+
+def default_model() -> ModelConfig:
+    """The ``model`` section of a config that gives none: the default family's defaults."""
+    return ModelConfig.variants()[DEFAULT_FAMILY]()
 
 
 @dataclass
@@ -442,7 +435,7 @@ class Config:
     eval_test: bool = True
     log_every: int = 20
     baselines: list[str] = field(default_factory=list)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model)
     data: DataConfig = field(default_factory=DataConfig)
     wide: WideStageConfig = field(default_factory=WideStageConfig)
     imitate: ImitateStageConfig = field(default_factory=ImitateStageConfig)
@@ -475,6 +468,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        if getattr(tp, "TAG", None):
+            tp = _variant(tp, value, key)
         return _build(tp, value, key + ".")
     if origin is Literal:
         if value not in get_args(tp):
@@ -515,6 +510,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def _variant(tp: type, data: dict, key: str) -> type:
+    """The class of a tagged section (a dataclass with a ``TAG`` and ``variants()``): the one
+    its tag key selects, checked so that a key of another variant is an error naming it."""
+    variants = tp.variants()
+    name = data.get(tp.TAG, getattr(tp, tp.TAG))
+    if name not in variants:
+        raise ConfigError(f"{key}.{tp.TAG}: {name!r} is not allowed; choose one of "
+                          f"{' | '.join(repr(v) for v in variants)}")
+    cls = variants[name]
+    own = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        others = [v for v, c in variants.items() if k in {f.name for f in dataclasses.fields(c)}]
+        if k not in own and others:
+            raise ConfigError(f"{key}.{k} is not a key of a {name} model (it is a "
+                              f"{' and '.join(others)} key; {key}.{tp.TAG} selects the "
+                              f"keys); allowed here: {', '.join(own)}")
+    return cls
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -634,6 +648,28 @@ def fill_run_dir(cfg: Config, stamp: str, *, continuing: bool = False) -> Config
     return dataclasses.replace(cfg, run_dir=run_dir)
 
 
+def flat_model_section(m: ModelConfig) -> dict:
+    """``m`` as a dict with every other family's keys at their defaults: the one flat
+    ``model`` section of configs before each family had its own. Teacher-cache keys hash this
+    form, so that teachers cached before stay found."""
+    flat: dict = {}
+    for cls in ModelConfig.variants().values():
+        flat.update(dataclasses.asdict(cls()))
+    return {**flat, **dataclasses.asdict(m)}
+
+
+def upgrade_saved_tree(tree: dict) -> dict:
+    """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
+    written before each family had its own (every family's keys, flat) keeps only the keys of
+    its ``model.family``, which are all that ever decided what the run computed."""
+    model = tree.get("model")
+    variants = ModelConfig.variants()
+    if not isinstance(model, dict) or model.get("family", DEFAULT_FAMILY) not in variants:
+        return tree
+    own = {f.name for f in dataclasses.fields(variants[model.get("family", DEFAULT_FAMILY)])}
+    return {**tree, "model": {k: v for k, v in model.items() if k in own}}
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -675,30 +711,18 @@ def _check_optim(prefix: str, o: OptimConfig, batch_size: int) -> None:
         )
 
 
-def _check_bert(cfg: Config) -> None:
-    """The BERT family's fields, and that model family and data format go together."""
-    m = cfg.model
-    text = cfg.data.dataset == "text"
-    if (m.family == "bert") != text:
+def _check_model(cfg: Config) -> None:
+    """The model section through its family (which also checks the family's keys elsewhere,
+    such as ``compare.deeper_*``), and that the family trains on the data it is given."""
+    from .models.family import family_for  # the families import this module
+
+    family = family_for(cfg.model)
+    if cfg.data.dataset not in family.datasets:
         raise ConfigError(
-            f"data.dataset: {cfg.data.dataset!r} does not fit model.family {m.family!r}; BERT "
-            f"trains on 'text' (token shards) and a ResNet on images"
-        )
-    if m.family != "bert":
-        if cfg.imitate.attention_weight:
-            raise ConfigError("imitate.attention_weight: attention-map transfer is for BERT only")
-        return
-    for key in ("hidden", "layers", "heads", "head_dim", "ffn", "max_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    for key in ("attention_mult", "ffn_mult"):
-        _positive(f"model.widen.{key}", getattr(m.widen, key))
-    if m.vocab_size < 8:
-        raise ConfigError(f"model.vocab_size: must be at least 8, got {m.vocab_size}")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if cfg.compare.deeper_layers < 0:
-        raise ConfigError(f"compare.deeper_layers: must be >= 0, got {cfg.compare.deeper_layers}")
-    _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
+            f"data.dataset: {cfg.data.dataset!r} does not fit model.family {family.name!r}, "
+            f"which trains on {' or '.join(repr(d) for d in family.datasets)}")
+    _positive("model.widen.boundary_mult", cfg.model.widen.boundary_mult)
+    family.check_config(cfg)
 
 
 # What each arm may tune: the method its own stages, the baselines their recipe.
@@ -819,36 +843,8 @@ def _check_wide(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     check_run_dir(cfg.run_dir)
-    m = cfg.model
-    if not m.blocks or any(b < 1 for b in m.blocks):
-        raise ConfigError(f"model.blocks: one positive block count per stage, got {m.blocks}")
-    if len(m.inner_widths) != len(m.blocks):
-        raise ConfigError(
-            f"model.inner_widths: needs one width per stage ({len(m.blocks)} stages in "
-            f"model.blocks), got {m.inner_widths}"
-        )
-    for key, value in [
-        ("model.inner_widths", min(m.inner_widths)),
-        ("model.stem_width", m.stem_width),
-        ("model.expansion", m.expansion),
-        ("model.in_channels", m.in_channels),
-        ("model.widen.inner_mult", m.widen.inner_mult),
-        ("model.widen.boundary_mult", m.widen.boundary_mult),
-    ]:
-        _positive(key, value)
-    if m.num_classes < 2:
-        raise ConfigError(f"model.num_classes: must be at least 2, got {m.num_classes}")
-    if m.widen.boundary_mult > 1 and m.imitation_points == "blocks":
-        raise ConfigError(
-            "model.imitation_points: 'blocks' cannot be used with model.widen.boundary_mult > 1: "
-            "a linear pair in front of a block with an identity shortcut cannot be merged "
-            "exactly; use 'stages' (pairs sit in front of projection shortcuts or the head)"
-        )
-    _check_bert(cfg)
+    _check_model(cfg)
     d = cfg.data
-    if d.dataset == "imagefolder" and m.in_channels != 3:
-        raise ConfigError(f"model.in_channels: image-folder shards hold RGB images (3 channels), "
-                          f"got {m.in_channels}")
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.shuffle_buffer", d.shuffle_buffer)
@@ -896,11 +892,6 @@ def validate(cfg: Config) -> None:
         if arm not in ARMS:
             raise ConfigError(f"compare.arms: {arm!r} is not an arm; choose from {', '.join(ARMS)}")
     _check_compare(cfg)
-    if len(c.deeper_blocks) != len(m.blocks) or any(b < 1 for b in c.deeper_blocks):
-        raise ConfigError(
-            f"compare.deeper_blocks: one positive count per stage ({len(m.blocks)}), "
-            f"got {c.deeper_blocks}"
-        )
     for arm in cfg.baselines:
         if arm not in BASELINES:
             raise ConfigError(

@@ -49,13 +49,17 @@ def section_help(cls: type) -> str:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """``{field: one line}`` for the fields that ``cls``'s docstring describes as ``name: …``."""
-    doc, out = _doc(cls), {}
+    """``{field: one line}`` for the fields that ``cls``'s docstring describes as ``name: …``,
+    or failing that the docstring of a class it derives from (a family's ``model`` section
+    finds ``family`` described on ``ModelConfig``, the section all families share)."""
+    out = {}
     for f in dataclasses.fields(cls):
-        # Not after a dot or a backquote: ``data.dataset: text`` is an example, not a field.
-        found = re.search(rf"(?<![\w.`]){re.escape(f.name)}: (.+)", doc)
-        if found:
-            out[f.name] = _one_line(_clause(found.group(1), ";"))
+        for base in cls.__mro__:
+            # Not after a dot or a backquote: ``data.dataset: text`` is an example, not a field.
+            found = re.search(rf"(?<![\w.`]){re.escape(f.name)}: (.+)", _doc(base))
+            if dataclasses.is_dataclass(base) and found:
+                out[f.name] = _one_line(_clause(found.group(1), ";"))
+                break
     return out
 
 

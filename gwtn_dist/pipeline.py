@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, ConfigError, dump_config, to_dict
+from .config import Config, ConfigError, dump_config, to_dict, upgrade_saved_tree
 from .distributed.runtime import barrier, current, rank0_says
 from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
@@ -86,7 +86,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
                 f"{run_dir} already holds a run; pass resume=true to continue it, or choose "
                 f"another run_dir"
             )
-        old = _flatten(yaml.safe_load(saved.read_text()))
+        old = _flatten(upgrade_saved_tree(yaml.safe_load(saved.read_text())))
         new = _flatten(to_dict(cfg))
         # A key the saved config lacks was added to gwtn_dist since the run started: keeping
         # its default keeps what the run computes, so only a value off the default counts.

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, with_overrides
 from .distributed.engines import build_optimizer
 from .kernels import select_imitation_mse
-from .models.family import build_thin, build_wide
-from .models.resnet import point_block_index
+from .models.family import build_thin, build_wide, point_index
 from .stages.common import place, resolve_device
 
 
@@ -108,7 +107,7 @@ def _imitation_step(cfg: Config, device: torch.device, backend: str) -> Callable
     point, the imitation MSE (backend), backward, SGD step."""
     thin = place(build_thin(cfg.model), cfg, device).train()
     wide = place(build_wide(cfg.model), cfg, device).eval()
-    end = point_block_index(thin, "layer" + str(len(cfg.model.blocks)))
+    end = point_index(thin, "layer" + str(len(cfg.model.blocks)))
     if backend == "compiled":
         mse = torch.compile(select_imitation_mse("reference", device))
     else:

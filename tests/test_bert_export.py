@@ -11,7 +11,8 @@ from tokenizers import Tokenizer
 from gwtn_dist import checkpoint
 from gwtn_dist.cli import main
 from gwtn_dist.data.tokenizer import train_tokenizer
-from gwtn_dist.export_hf import ExportError, export_model
+from gwtn_dist.export_hf import ExportError
+from gwtn_dist.models.bert.export import export_model
 from gwtn_dist.models.family import build_thin, build_wide, shape_meta
 from tests.test_bert import batch, tiny
 

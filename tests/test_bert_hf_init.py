@@ -10,7 +10,7 @@ import torch
 from gwtn_dist import checkpoint
 from gwtn_dist.cli import main
 from gwtn_dist.config import ConfigError
-from gwtn_dist.models.bert_names import hf_name, hf_state_dict, our_name
+from gwtn_dist.models.bert.names import hf_name, hf_state_dict, our_name
 from gwtn_dist.models.family import build, build_thin, build_wide
 from gwtn_dist.stages.common import load_init
 from gwtn_dist.stages.teacher_cache import teacher_settings

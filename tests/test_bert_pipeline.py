@@ -15,8 +15,9 @@ from gwtn_dist.kernels import select_imitation_mse
 
 from gwtn_dist.cli import main
 from gwtn_dist.config import load_config
+from gwtn_dist.models.bert.task import TextTask
 from gwtn_dist.models.family import build_thin, build_wide
-from gwtn_dist.stages.tasks import TextTask, attention_kl
+from gwtn_dist.stages.tasks import attention_kl
 from tests.conftest import REPO
 from tests.test_bert import batch, tiny
 
@@ -259,7 +260,7 @@ def test_a_tuning_run_never_opens_the_test_documents(tmp_path, text_shards, monk
 
 def test_two_split_shards_read_their_one_held_out_split_and_warn(tmp_path, two_split_shards,
                                                                  monkeypatch, caplog):
-    from gwtn_dist.stages import tasks
+    from gwtn_dist.models.bert import task as tasks
 
     monkeypatch.setattr(tasks, "_warned_one_split", set())
     opened = record_splits(monkeypatch)

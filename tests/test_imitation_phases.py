@@ -8,12 +8,15 @@ import json
 import pytest
 import torch
 
-from gwtn_dist.config import Config, ModelConfig, WideningConfig
-from gwtn_dist.models.bert import attention_bias
-from gwtn_dist.models.bert import imitation_points as bert_points
+from gwtn_dist.config import Config, WideningConfig
+from gwtn_dist.models.bert.net import attention_bias
+from gwtn_dist.models.bert.net import imitation_points as bert_points
+from gwtn_dist.models.bert.task import TextTask
 from gwtn_dist.models.bridge import Bridges
 from gwtn_dist.models.family import build_thin, build_wide
-from gwtn_dist.models.resnet import imitation_points, point_block_index
+from gwtn_dist.models.resnet.config import ResNetModelConfig as ModelConfig
+from gwtn_dist.models.resnet.net import imitation_points, point_block_index
+from gwtn_dist.models.resnet.task import ImageTask, run_prefix
 from gwtn_dist.stages.imitate import (
     final_relative_errors,
     parallel_outputs,
@@ -22,7 +25,6 @@ from gwtn_dist.stages.imitate import (
     schedule_steps,
     segment_starts,
 )
-from gwtn_dist.stages.tasks import ImageTask, TextTask, run_prefix
 from tests.conftest import REPO
 from tests.test_bert import batch, tiny
 

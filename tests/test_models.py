@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gwtn_dist.config import ModelConfig, WideningConfig, load_config
+from gwtn_dist.config import WideningConfig, load_config
 from gwtn_dist.models.bridge import Bridges, merge_bridges
 from gwtn_dist.models.family import build_thin, build_wide
-from gwtn_dist.models.resnet import imitation_points, point_block_index
+from gwtn_dist.models.resnet.config import ResNetModelConfig
+from gwtn_dist.models.resnet.net import imitation_points, point_block_index
 from tests.conftest import REPO
 
 
-def small_cfg(**kw) -> ModelConfig:
+def small_cfg(**kw) -> ResNetModelConfig:
     base = {"blocks": [2, 1, 2], "inner_widths": [4, 8, 8], "stem_width": 8}
     base.update(kw)
-    return ModelConfig(**base)
+    return ResNetModelConfig(**base)
 
 
 def test_twins_share_names_and_widen_the_inner_width():

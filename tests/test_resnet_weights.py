@@ -15,7 +15,7 @@ from gwtn_dist import checkpoint
 from gwtn_dist.cli import main
 from gwtn_dist.config import ConfigError, load_config
 from gwtn_dist.models.family import build_thin, build_wide, shape_meta
-from gwtn_dist.models.resnet_names import (
+from gwtn_dist.models.resnet.names import (
     load_resnet_weights,
     torchvision_name,
     torchvision_state_dict,

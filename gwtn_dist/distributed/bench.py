@@ -23,7 +23,8 @@ from .. import checkpoint
 from ..cli import write_fashion_mnist
 from ..config import load_config
 from ..data.bench import machine
-from ..models.family import build_wide, resnet_shape
+from ..models.family import build_wide
+from ..models.resnet.family import resnet_shape
 
 
 def _free_port() -> int:

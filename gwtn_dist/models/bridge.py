@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bert import Bert
-from .resnet import Bottleneck, ResNet, point_block_index
+from .family import family_for
 
 
 class LinearPair(nn.Module):
@@ -78,18 +77,19 @@ class LinearPair(nn.Module):
 class Bridges(nn.Module):
     """One LinearPair per imitation point, keyed by point name (dots replaced for ModuleDict).
 
-    ResNet points get full pairs (P and Q); BERT points get lifts only (see the module's
-    docstring).
+    The thin net's family decides the pairs' kind and the widths at each point: ResNet points
+    get full pairs (P and Q); BERT points get lifts only (see the module's docstring).
     """
 
-    def __init__(self, thin: ResNet | Bert, wide: ResNet | Bert, points: list[str]):
+    def __init__(self, thin: nn.Module, wide: nn.Module, points: list[str]):
         super().__init__()
+        family = family_for(thin)
         self.points = list(points)
-        self.lift_only = isinstance(thin, Bert)
+        self.lift_only = family.lift_only
         self.pairs = nn.ModuleDict()
         for point in points:
-            c = _out_width(thin, point)
-            big = _out_width(wide, point)
+            c = family.boundary_width(thin, point)
+            big = family.boundary_width(wide, point)
             self.pairs[_key(point)] = LinearPair(c, big, back=not self.lift_only)
 
     def pair(self, point: str) -> LinearPair:
@@ -100,42 +100,16 @@ def _key(point: str) -> str:
     return point.replace(".", "_")
 
 
-def _out_width(model: ResNet | Bert, point: str) -> int:
-    if isinstance(model, Bert):
-        return model.shape.hidden  # every BERT point is a layer output (B, T, hidden)
-    block = model.blocks()[point_block_index(model, point)][1]
-    if isinstance(block, Bottleneck):
-        return block.conv3.out_channels
-    raise ValueError(f"imitation point {point!r} is not the output of a bottleneck block")
-
-
 @torch.no_grad()
-def merge_bridges(thin: ResNet, bridges: Bridges, skip: list[str] = ()) -> ResNet:
-    """Fold every pair's M = Q P into the layers that consume the point's output (in place).
+def merge_bridges(thin: nn.Module, bridges: Bridges, skip: list[str] = ()) -> nn.Module:
+    """Fold every pair's M = Q P into the layers that consume the point's output (in place;
+    the thin net's family knows which: for a ResNet the next block's first 1×1 conv and
+    projection shortcut, or the classifier after the last block).
 
-    The consumer of a point is the next block (whose first 1×1 conv and projection shortcut are
-    both linear in the input: W ← W M) or, after the last block, the classifier (W_fc ← W_fc M).
     Points in ``skip`` are left out (the last one, when its head was already set from the wide
     net through P). Lifts only (BERT) have nothing to merge.
     """
     if bridges.lift_only:
         return thin
-    blocks = thin.blocks()
-    for point in bridges.points:
-        if point in skip:
-            continue
-        m = bridges.pair(point).product()  # (c, c)
-        idx = point_block_index(thin, point)
-        if idx + 1 < len(blocks):
-            nxt = blocks[idx + 1][1]
-            if not isinstance(nxt, Bottleneck) or not nxt.has_projection:
-                raise ValueError(
-                    f"cannot merge the pair at {point!r}: the next block has an identity shortcut"
-                )
-            conv1 = nxt.conv1.weight  # (inner, c, 1, 1)
-            conv1.copy_(torch.einsum("ic,cd->id", conv1[:, :, 0, 0], m)[:, :, None, None])
-            proj = nxt.shortcut[0].weight  # (out, c, 1, 1)
-            proj.copy_(torch.einsum("oc,cd->od", proj[:, :, 0, 0], m)[:, :, None, None])
-        else:
-            thin.fc.weight.copy_(thin.fc.weight @ m)  # (classes, c) @ (c, c)
+    family_for(thin).merge_pairs(thin, bridges, list(skip))
     return thin

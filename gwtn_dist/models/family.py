@@ -1,108 +1,178 @@
-"""Build the thin net and its wide twin from one ModelConfig, for either family.
+"""What a model family gives the stages, and the registry that finds a family by name.
 
-``model.family`` picks a ResNet (images) or a BERT (masked-LM on text). Both kinds of net list
-their blocks in forward order (``blocks()``) with the same names in the thin net and its twin,
-and ``forward(x, upto=k)`` returns block k's output; everything else the stages need from a
-family is here (shapes, depth of the deeper baseline, imitation points) or in
-``stages/tasks.py`` (batches, losses, metrics).
+``model.family`` picks a family: ``resnet`` (``models/resnet/``, image classification) or
+``bert`` (``models/bert/``, masked-LM on text); ``register_family`` adds another. Every family
+builds nets that list their blocks in forward order (``blocks()``, a list of (name, module))
+with the same names in the thin net and its wide twin, and whose ``forward(x, upto=k)`` returns
+block k's output. Everything else the stages, bridges, comparisons, exports and the config
+loader need from a family is a method of its ``Family``; no code outside a family's package
+branches on which family it is.
+
+The module-level functions (``build_thin``, ``build_wide``, ``shape_meta``, …) are the
+family-independent entry points the stages call: each looks the family up from the config.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
-from ..config import ModelConfig
-from . import bert, resnet
-from .bert import Bert, BertShape
-from .bert_names import load_hf_bert
-from .resnet import ResNet, ResNetShape
-from .resnet_names import load_resnet_weights
-from .weights import read_state_dict
+from ..config import ConfigError, ModelConfig
 
-Depth = list[int] | int  # ResNet: blocks per stage; BERT: layers
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..distributed.teacher import Teacher
+    from ..stages.tasks import ScoredTask
+    from .bridge import Bridges
 
-
-def resnet_shape(cfg: ModelConfig, wide: bool, blocks: list[int] | None = None) -> ResNetShape:
-    """The shape of the thin net (``wide=False``) or of its twin; ``blocks`` overrides the depth."""
-    inner_mult = cfg.widen.inner_mult if wide else 1
-    boundary_mult = cfg.widen.boundary_mult if wide else 1
-    return ResNetShape(
-        geometry=cfg.geometry,
-        in_channels=cfg.in_channels,
-        num_classes=cfg.num_classes,
-        stem_width=cfg.stem_width * boundary_mult,
-        blocks=tuple(blocks or cfg.blocks),
-        inner_widths=tuple(w * inner_mult for w in cfg.inner_widths),
-        boundary_widths=tuple(w * cfg.expansion * boundary_mult for w in cfg.inner_widths),
-    )
+Depth = list[int] | int  # a family's depth: ResNet: blocks per stage; BERT: layers
+Shape = Any  # a family's frozen shape dataclass; its ``family`` class attribute names the family
 
 
-def bert_shape(cfg: ModelConfig, wide: bool, layers: int | None = None) -> BertShape:
-    """The thin BERT or its twin (each head and the feed-forward widened; the hidden size kept
-    unless ``widen.boundary_mult`` > 1)."""
-    w = cfg.widen
-    hidden = cfg.hidden * (w.boundary_mult if wide else 1)
-    return BertShape(vocab_size=cfg.vocab_size, hidden=hidden, layers=layers or cfg.layers,
-                     heads=cfg.heads, head_dim=cfg.head_dim * (w.attention_mult if wide else 1),
-                     ffn=cfg.ffn * (w.ffn_mult if wide else 1), max_len=cfg.max_len,
-                     dropout=cfg.dropout)
+class Family(Protocol):
+    """One model family: its nets, its task, and its part of the config.
+
+    Nets are ``nn.Module`` s with ``blocks()`` → [(name, module)] in forward order (the first is
+    the stem or the embeddings), ``forward(x, upto=k)`` → block k's output, ``run_blocks(h,
+    start, end, …)`` → blocks start..end run on h, and a ``family`` attribute naming their
+    family. A shape is a frozen dataclass of everything that fixes a net's tensor shapes; its
+    fields (``shape.__dict__``) are what saved weights record as ``{"family", "shape"}``.
+    """
+
+    name: str  # the value of ``model.family``
+    config_class: type[ModelConfig]  # the ``model`` section's dataclass for this family
+    datasets: tuple[str, ...]  # the ``data.dataset`` values this family trains on
+    depth_label: str  # what the deeper baseline's depth counts ("blocks", "layers")
+    docs: str  # the docs page that describes the family's shapes and weights
+    lift_only: bool  # bridges are lifts P only (no trained back map Q; see models/bridge.py)
+
+    def check_config(self, cfg: Config) -> None:
+        """Raise ConfigError naming the key for any ``model.*`` value (and any family-specific
+        key elsewhere: ``compare.deeper_*``, ``imitate.attention_weight``) that cannot work."""
+
+    def shape(self, m: ModelConfig, wide: bool, depth: Depth | None = None) -> Shape:
+        """The thin net's shape (``wide=False``) or its twin's; ``depth`` overrides the depth."""
+
+    def shape_from_meta(self, fields: dict) -> Shape:
+        """The shape saved weights recorded as ``meta["shape"]`` (JSON/pickle: lists for tuples)."""
+
+    def build(self, shape: Shape) -> nn.Module:
+        """A fresh net of ``shape``; the RNG draws are those of the family's constructor."""
+
+    def thin_depth(self, m: ModelConfig) -> Depth:
+        """The thin net's depth, as reports print it."""
+
+    def deeper_depth(self, cfg: Config) -> Depth:
+        """The depth of the deeper-thin baseline (from ``cfg.compare``)."""
+
+    def imitation_points(self, model: nn.Module, m: ModelConfig) -> list[str]:
+        """The names of the points whose outputs are imitated, bottom to top."""
+
+    def point_index(self, model: nn.Module, point: str) -> int:
+        """Index into ``model.blocks()`` of the block whose output is ``point``."""
+
+    def boundary_width(self, model: nn.Module, point: str) -> int:
+        """The width of ``point``'s output (channels c of (B, c, H, W), hidden D of (B, T, D))."""
+
+    def merge_pairs(self, thin: nn.Module, bridges: Bridges, skip: list[str]) -> None:
+        """Fold every pair's Q P (c × c) into the thin layers that consume its point's output,
+        in place, except at the points in ``skip``; only called when pairs have a back map."""
+
+    def task(self, cfg: Config) -> ScoredTask:
+        """The task: batches on the device, scored outputs, metrics, imitated features
+        (``stages/tasks.py`` describes the interface)."""
+
+    def init_head(self, cfg: Config, thin: nn.Module, wide: Teacher, bridges: Bridges | None,
+                  last_point: str) -> str:
+        """Start the thin net's head from the wide one after imitation where
+        ``imitate.init_head`` asks for it and it can read the thin features; returns ``"wide"``
+        or ``"random"`` (the head left as it was)."""
+
+    def load_weights(self, model: nn.Module, path: Path) -> None:
+        """Load weights from outside (other libraries' names and formats) into ``model``;
+        raise WeightsError naming the tensor for anything that does not fit."""
+
+    def export(self, model: nn.Module, out: Path, tokenizer: Path | None) -> list[Path]:
+        """Write ``model`` in another library's format into folder ``out``; returns the files.
+        Raises ExportError (``export_hf``) for what cannot be exported."""
 
 
-def shape(cfg: ModelConfig, wide: bool, depth: Depth | None = None) -> ResNetShape | BertShape:
-    """The shape of the thin net or its twin in ``cfg``'s family; ``depth`` overrides the depth."""
-    if cfg.family == "bert":
-        return bert_shape(cfg, wide, depth)
-    return resnet_shape(cfg, wide, depth)
+_families: dict[str, Family] = {}
+# The families that come with gwtn_dist, imported on first use: their packages import torch
+# and the config module, which must load without them.
+_BUILTIN = {"resnet": "gwtn_dist.models.resnet.family", "bert": "gwtn_dist.models.bert.family"}
 
 
-def shape_meta(cfg: ModelConfig, wide: bool, depth: Depth | None = None) -> dict:
+def register_family(name: str, family: Family) -> None:
+    """Make ``family`` the one ``model.family: name`` selects (replacing any before it)."""
+    _families[name] = family
+
+
+def known_families() -> dict[str, Family]:
+    """Every registered family by name, the built-in ones included."""
+    for module in _BUILTIN.values():
+        importlib.import_module(module)
+    return dict(_families)
+
+
+def family_for(what: Any) -> Family:
+    """The family of a name, a config (``Config`` or its ``model`` section), a net or a shape
+    (anything with a ``family`` attribute naming it). An unknown name is a ConfigError naming
+    ``model.family`` and the known families."""
+    name = what if isinstance(what, str) else getattr(getattr(what, "model", what), "family", None)
+    if name not in _families and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _families:
+        raise ConfigError(f"model.family: {name!r} is not a known family; known: "
+                          f"{', '.join(sorted(known_families()))}")
+    return _families[name]
+
+
+def shape(m: ModelConfig, wide: bool, depth: Depth | None = None) -> Shape:
+    """The shape of the thin net or its twin in ``m``'s family; ``depth`` overrides the depth."""
+    return family_for(m).shape(m, wide, depth)
+
+
+def shape_meta(m: ModelConfig, wide: bool, depth: Depth | None = None) -> dict:
     """What saved weights record to be rebuilt: the family and the shape's fields."""
-    return {"family": cfg.family, "shape": shape(cfg, wide, depth).__dict__}
+    return {"family": m.family, "shape": shape(m, wide, depth).__dict__}
 
 
-def build(s: ResNetShape | BertShape) -> ResNet | Bert:
+def build(s: Shape) -> nn.Module:
     """The net of a shape (also how saved weights, whose meta holds the shape, are rebuilt)."""
-    return Bert(s) if isinstance(s, BertShape) else ResNet(s)
+    return family_for(s).build(s)
 
 
-def build_thin(cfg: ModelConfig, blocks: Depth | None = None) -> ResNet | Bert:
-    """The thin (student) net; ``blocks`` gives a deeper variant for the baseline (a list of
-    blocks per stage for a ResNet, a number of layers for a BERT)."""
-    return build(shape(cfg, wide=False, depth=blocks))
+def build_thin(m: ModelConfig, blocks: Depth | None = None) -> nn.Module:
+    """The thin (student) net; ``blocks`` gives a deeper variant for the baseline (in the
+    family's depth: blocks per stage for a ResNet, a number of layers for a BERT)."""
+    return build(shape(m, wide=False, depth=blocks))
 
 
-def build_wide(cfg: ModelConfig) -> ResNet | Bert:
+def build_wide(m: ModelConfig) -> nn.Module:
     """The widened twin: same depth and block names, wider inside (and optionally at boundaries)."""
-    return build(shape(cfg, wide=True))
+    return build(shape(m, wide=True))
 
 
-def needs_bridges(cfg: ModelConfig) -> bool:
+def needs_bridges(m: ModelConfig) -> bool:
     """Linear pairs are needed only where thin and wide boundary widths differ."""
-    return cfg.widen.boundary_mult != 1
+    return m.widen.boundary_mult != 1
 
 
-def imitation_points(model: nn.Module, cfg: ModelConfig) -> list[str]:
-    """The points whose outputs are imitated, bottom to top (see each family's module)."""
-    if isinstance(model, Bert):
-        return bert.imitation_points(model)
-    return resnet.imitation_points(model, cfg.imitation_points)
+def imitation_points(model: nn.Module, m: ModelConfig) -> list[str]:
+    """The points whose outputs are imitated, bottom to top (see each family's package)."""
+    return family_for(m).imitation_points(model, m)
 
 
-def deeper_depth(cfg: ModelConfig, deeper_blocks: list[int], deeper_layers: int) -> Depth:
-    """The depth of the deeper-thin baseline: ``compare.deeper_blocks`` for a ResNet,
-    ``compare.deeper_layers`` (0 = twice the thin net's layers) for a BERT."""
-    if cfg.family == "bert":
-        return deeper_layers or 2 * cfg.layers
-    return deeper_blocks
+def point_index(model: nn.Module, point: str) -> int:
+    """Index into ``model.blocks()`` of the block whose output is the imitation point ``point``."""
+    return family_for(model).point_index(model, point)
 
 
-def load_weights(model: ResNet | Bert, path: Path) -> None:
-    """Load weights from outside into ``model``: for a ResNet a state dict in our, torchvision's
-    or timm's names; for a BERT a Hugging Face BertForMaskedLM folder or a weights file in HF's
-    or our names. Anything that does not fit raises a WeightsError naming the key."""
-    if isinstance(model, Bert):
-        load_hf_bert(model, Path(path))
-    else:
-        load_resnet_weights(model, read_state_dict(Path(path)))
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load weights from outside into ``model`` (see its family's ``load_weights``); anything
+    that does not fit raises a WeightsError naming the key."""
+    family_for(model).load_weights(model, Path(path))

@@ -1,6 +1,7 @@
 """Reading weights made elsewhere and loading them into our nets, checked before anything is
 copied: one reader for weight files and one shape-by-shape check shared by the name maps
-(``resnet_names``: torchvision/timm; ``bert_names``: Hugging Face)."""
+(each family's ``names`` module: ``resnet/names.py`` for torchvision/timm,
+``bert/names.py`` for Hugging Face)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import BASELINES, Config
-from ..models.family import build_thin, deeper_depth, imitation_points
+from ..models.family import build_thin, family_for, imitation_points
 from .finetune import train_thin
 
 
@@ -34,9 +34,9 @@ def train_baseline(cfg: Config, run_dir: Path, arm: str, teacher: Path | None) -
         return train_thin(cfg, run_dir, arm, init=None, teacher=teacher, kd_steps=budget,
                           label_steps=0, optim=cfg.baseline.optim, distill=cfg.baseline.distill)
     if arm == "deeper":
-        c = cfg.compare
-        depth = deeper_depth(cfg.model, c.deeper_blocks, c.deeper_layers)
+        family = family_for(cfg.model)
+        depth = family.deeper_depth(cfg)
         return train_thin(cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
                           label_steps=budget, optim=cfg.baseline.optim, blocks=depth,
-                          extra={"layers" if cfg.model.family == "bert" else "blocks": depth})
+                          extra={family.depth_label: depth})
     raise ValueError(f"unknown baseline {arm!r}; choose from {', '.join(BASELINES)}")

@@ -21,8 +21,7 @@ from ..config import Config, ConfigError
 from ..data.batches import train_batches
 from ..distributed.runtime import all_reduce_sum, barrier, current, device_for
 from ..distributed.sync_bn import use_global_batchnorm
-from ..models.bert import Bert
-from ..models.family import load_weights
+from ..models.family import family_for, load_weights
 from ..models.weights import WeightsError
 from .loop import LoopContext, PhaseResult
 from .tasks import task_for
@@ -49,8 +48,7 @@ def load_init(model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
     except WeightsError as exc:
         where = "model.* and model.widen.*" if key == "wide.init" else "model.*"
         raise ConfigError(f"{key}: {exc} (the net's shape comes from {where}; "
-                          f"{'docs/bert.md' if isinstance(model, Bert) else 'docs/resnet.md'})"
-                          ) from None
+                          f"{family_for(model).docs})") from None
     return model
 
 

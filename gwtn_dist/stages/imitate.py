@@ -7,8 +7,8 @@ hidden size, a lift of each layer output, see ``models/bridge.py``). Blocks belo
 ``lower_lr_mult`` × lr (soft freeze), blocks above point k are not run. After the last phase the
 pairs are merged, so the thin net leaves this stage with exactly its original shape.
 
-The family's task (``stages/tasks.py``) says what a point's output is and which positions
-count: a BERT's points are its layer outputs (b, T, D), compared at unpadded tokens only, and
+The family's task (``stages/tasks.py``; each family's in ``models/<family>/task.py``) says what
+a point's output is and which positions count: a BERT's points are its layer outputs (b, T, D), compared at unpadded tokens only, and
 with ``imitate.attention_weight`` the KL between the two nets' attention maps of the phase's
 layer is added.
 
@@ -35,11 +35,17 @@ from torch import nn
 
 from ..config import Config
 from ..distributed.runtime import current
-from ..distributed.teacher import Teacher, load_teacher
+from ..distributed.teacher import load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
-from ..models.family import build_thin, imitation_points, needs_bridges, shape_meta
-from ..models.resnet import ResNet, point_block_index
+from ..models.family import (
+    build_thin,
+    family_for,
+    imitation_points,
+    needs_bridges,
+    point_index,
+    shape_meta,
+)
 from ..profiling import region
 from .common import (
     check_init,
@@ -53,7 +59,7 @@ from .common import (
     stage_done,
 )
 from .loop import Phase, run_phases
-from .tasks import ImageTask, attention_kl, task_for
+from .tasks import attention_kl, task_for
 
 STAGE = "imitate"
 log = logging.getLogger("gwtn")
@@ -63,7 +69,7 @@ def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | None,
+def phase_params(thin: nn.Module, points: list[str], k: int, bridges: Bridges | None,
                  lower_lr_mult: float) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The parameters phase ``k`` trains at full lr, and those it trains at ``lower_lr_mult``.
 
@@ -72,7 +78,7 @@ def phase_params(thin: ResNet, points: list[str], k: int, bridges: Bridges | Non
     block before them and the pairs already passed. Blocks above point k are never trained here.
     """
     blocks = [module for _, module in thin.blocks()]
-    ends = [point_block_index(thin, p) for p in points]
+    ends = [point_index(thin, p) for p in points]
     start = ends[k - 1] + 1 if k else 0
     current, lower = _params(blocks[start : ends[k] + 1]), []
     if lower_lr_mult > 0:
@@ -94,7 +100,7 @@ def parallel_params(thin: nn.Module, points: list[str],
     last point, every lift P_k (point k's comparison), and Q_k of every point but the last
     (Q_k feeds segment k+1; nothing runs above the last point)."""
     blocks = [module for _, module in thin.blocks()]
-    params = _params(blocks[: point_block_index(thin, points[-1]) + 1])
+    params = _params(blocks[: point_index(thin, points[-1]) + 1])
     if bridges is not None:
         params += [bridges.pair(p).lift for p in points]
         if not bridges.lift_only:
@@ -175,7 +181,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
         load_init(thin, cfg.imitate.init, "imitate.init")
     thin = place(thin, cfg, device)
     points = imitation_points(thin, cfg.model)
-    ends = [point_block_index(thin, p) for p in points]  # block index of each point
+    ends = [point_index(thin, p) for p in points]  # block index of each point
     bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
     ctx.modules = {"thin": thin, **({"bridges": bridges} if bridges is not None else {})}
     mse = select_imitation_mse(cfg.imitate.loss_backend, device)
@@ -303,10 +309,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
     log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
              ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items()))
-    if isinstance(task, ImageTask):
-        head = init_head(cfg, thin, wide, bridges, points[-1])
-    else:
-        head = init_mlm_head(cfg, thin, wide)
+    head = family_for(cfg.model).init_head(cfg, thin, wide, bridges, points[-1])
     if bridges is not None:
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
     meta = {"stage": STAGE, **shape_meta(cfg.model, wide=False)}
@@ -336,43 +339,3 @@ def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float
             by_point.setdefault(point, {}).setdefault(rec["phase"], []).append(value)
     final = {p: list(phases.values())[-1][-last:] for p, phases in by_point.items()}
     return {p: round(sum(v) / len(v), 4) for p, v in final.items()}
-
-
-@torch.no_grad()
-def init_head(cfg: Config, thin: ResNet, wide: Teacher, bridges: Bridges | None,
-              last_point: str) -> str:
-    """Give the thin net the wide net's classifier when its last point imitated the wide output.
-
-    The thin net's last features imitate the wide net's (through P when widths differ), so the
-    wide classifier, composed with P, reads them directly: W_thin = W_wide P, b_thin = b_wide.
-    Only valid when the last imitation point is the last block; else the head stays as is.
-    """
-    last_block = len(thin.blocks()) - 1
-    if cfg.imitate.init_head != "wide" or point_block_index(thin, last_point) != last_block:
-        return "random"
-    weight, bias = wide.head()  # (classes, C), (classes,)
-    weight = weight.to(thin.fc.weight.device)
-    if bridges is not None:
-        weight = weight @ bridges.pair(last_point).lift  # (classes, C) @ (C, c)
-    thin.fc.weight.copy_(weight)
-    thin.fc.bias.copy_(bias)
-    return "wide"
-
-
-@torch.no_grad()
-def init_mlm_head(cfg: Config, thin: nn.Module, wide: Teacher) -> str:
-    """Give a thin BERT the wide net's masked-LM head (transform and output bias).
-
-    With the same hidden size the thin layer outputs imitated the wide ones, so the wide head
-    reads them directly; its decoder is tied to the word embeddings, which stay the thin net's
-    own. A wider twin's head (dense D' × D', LayerNorm over D') cannot read D-wide outputs, so
-    the thin head stays its own there.
-    """
-    if cfg.imitate.init_head != "wide":
-        return "random"
-    if cfg.model.widen.boundary_mult != 1:
-        log.info("imitate.init_head=wide: the wide twin's hidden size differs, so the thin "
-                 "masked-LM head keeps its own initialisation")
-        return "random"
-    thin.mlm.load_state_dict(wide.state_of("mlm"))
-    return "wide"

@@ -19,7 +19,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..config import Config, to_dict
+from ..config import Config, flat_model_section, to_dict
 
 log = logging.getLogger("gwtn")
 FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
@@ -36,7 +36,9 @@ def teacher_settings(cfg: Config) -> dict:
         wide.pop("init", None)
     if cfg.data.dataset == "text" and (periods := _test_split_periods(Path(cfg.data.shards))):
         data["token_splits"] = periods
-    return {"model": tree["model"], "data": data, "wide": wide, "seed": cfg.seed,
+    # The model section in its flat form: keys of teachers cached before each family had its
+    # own section stay what they were.
+    return {"model": flat_model_section(cfg.model), "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
 
 

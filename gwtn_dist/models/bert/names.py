@@ -1,6 +1,6 @@
 """Our BERT's parameter names ↔ Hugging Face's ``BertForMaskedLM``, both ways, in one table.
 
-The nets differ in names only (``models/bert.py`` keeps HF's tensor layouts): ours are
+The nets differ in names only (``models/bert/net.py`` keeps HF's tensor layouts): ours are
 ``embeddings.*``, ``layer.I.*`` and ``mlm.*``; HF's are ``bert.embeddings.*``,
 ``bert.encoder.layer.I.*`` and ``cls.predictions.*``. HF's decoder weight is tied to the word
 embeddings (ours is the embedding itself), so a folder's ``cls.predictions.decoder.weight``, when
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .bert import Bert, BertShape
-from .weights import WeightsError, load_mapped, read_state_dict
+from ..weights import WeightsError, load_mapped, read_state_dict
+from .net import Bert, BertShape
 
 # Our module names inside layer.I → Hugging Face's inside bert.encoder.layer.I.
 _LAYER_NAMES = {

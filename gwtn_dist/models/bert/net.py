@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class BertShape:
     type_vocab_size: int = 2
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
+    family: ClassVar[str] = "bert"  # finds the family of a shape (models.family.family_for)
 
     @property
     def attention_width(self) -> int:
@@ -151,6 +153,8 @@ class Bert(nn.Module):
     embeddings, i + 1 = layer i) and ``attention=True`` with it also layer k's attention
     probabilities (B, H, T, T).
     """
+
+    family = "bert"  # finds the family of a net (models.family.family_for)
 
     def __init__(self, shape: BertShape):
         super().__init__()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .resnet import ResNet, ResNetShape
-from .weights import WeightsError, load_mapped
+from ..weights import WeightsError, load_mapped
+from .net import ResNet, ResNetShape
 
 # (our prefix, torchvision's) at the start of a name, and (ours, theirs) anywhere in it.
 _START = (("stem.0.", "conv1."), ("stem.1.", "bn1."))

@@ -11,6 +11,7 @@ the paper's ResNet reading: the inner 3×3 width of every bottleneck is multipli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ class ResNetShape:
     blocks: tuple[int, ...]
     inner_widths: tuple[int, ...]
     boundary_widths: tuple[int, ...]
+    family: ClassVar[str] = "resnet"  # finds the family of a shape (models.family.family_for)
 
 
 class Bottleneck(nn.Module):
@@ -74,6 +76,8 @@ class ResNet(nn.Module):
     runs a prefix of that list and reads the output at an imitation point. ``forward`` is the
     ordinary classifier: (B, C_in, H, W) → logits (B, num_classes).
     """
+
+    family = "resnet"  # finds the family of a net (models.family.family_for)
 
     def __init__(self, shape: ResNetShape):
         super().__init__()

@@ -1,0 +1,108 @@
+"""The BERT family's task: masked-LM (accuracy and perplexity over the masked tokens of the
+held-out documents), and the layer outputs (B, T, D) that imitation compares."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...config import Config
+from ...data.batches import token_split_samples
+from ...data.mlm import IGNORE
+from ...stages.tasks import ScoredTask
+from ..bridge import Bridges
+
+log = logging.getLogger("gwtn")
+_warned_one_split: set[str] = set()  # shard folders already warned about (once per process)
+
+
+class TextTask(ScoredTask):
+    """Masked-LM with a BERT: accuracy and perplexity over the masked tokens of the held-out
+    documents.
+
+    Token shards with a ``test`` split (``gwtn shards … --test-every``): curves and choices read
+    ``val`` (metrics ``val_mlm_accuracy``, ``val_perplexity``, …), reports read ``test`` under
+    the headline names (``mlm_accuracy``, ``perplexity``, ``mlm_loss``, ``eval_tokens``); a
+    tuning run (``eval_test`` false) never reads ``test``. Shards without one (written before
+    ``--test-every``) have one held-out split, ``val``, read for curves, choices and reports
+    alike under the headline names, as before; a warning says so once.
+    """
+
+    metric = "mlm_accuracy"
+    secondary = ("perplexity",)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        counts = token_split_samples(cfg.data.shards) if cfg.data.dataset == "text" else {}
+        self.separate_test = bool(counts.get("test"))
+        if self.separate_test:
+            self.curve_split, self.select_metric = "val", "val_mlm_accuracy"
+            self.score_splits = ("val", "test") if cfg.eval_test else ("val",)
+            self.metric_label = "test MLM accuracy"
+            self.validation = "the token shards' val documents (whole documents, never trained on)"
+            self.labels = {"mlm_accuracy": self.metric_label, "perplexity": "test perplexity",
+                           "val_mlm_accuracy": "val MLM accuracy",
+                           "val_perplexity": "val perplexity"}
+        else:
+            # "test" here reads the one held-out split (val): see rank_eval_batches.
+            self.curve_split, self.select_metric = "test", "mlm_accuracy"
+            self.score_splits = ("test",)
+            self.metric_label = "held-out MLM accuracy"
+            self.validation = None
+            self.labels = {"mlm_accuracy": self.metric_label}
+            if counts and str(cfg.data.shards) not in _warned_one_split:
+                _warned_one_split.add(str(cfg.data.shards))
+                log.warning(
+                    "%s: the token shards hold no test split, so the choices (curves, tuning) "
+                    "and the report read the same held-out split (val); rewrite them with "
+                    "`gwtn shards text|wikipedia … --test-every 100` for a separate test split",
+                    cfg.data.shards)
+
+    def prepare(self, x: dict[str, torch.Tensor], y: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Token ids, attention mask and labels (b, T) to the device (integers stay integers)."""
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}, \
+            y.to(device, non_blocking=True)  # asynchronous from pinned memory
+
+    def scored(self, model, x: dict[str, torch.Tensor], y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) and original ids (N,) of the N masked tokens (the decoder runs there
+        only)."""
+        chosen = y != IGNORE  # (b, T)
+        return model(x, select=chosen).float(), y[chosen]
+
+    def eval_metrics(self, sums: list[float], split: str = "test") -> dict:
+        """[correct, masked tokens, summed cross-entropy] → the metrics, named ``val_…`` for
+        the validation split when a test split exists, else under the headline names."""
+        correct, tokens, loss_sum = sums
+        loss = loss_sum / max(tokens, 1)
+        prefix = "val_" if self.separate_test and split == "val" else ""
+        scores = {"mlm_accuracy": correct / max(tokens, 1), "mlm_loss": loss,
+                  "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(tokens)}
+        return {prefix + k: v for k, v in scores.items()}
+
+    def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: Bridges | None,
+                 bridged: dict[int, str]) -> torch.Tensor:
+        """Block ``end``'s output (b, T, D) (BERT pairs are lifts only: nothing is inserted
+        between layers)."""
+        return model(x, upto=end).float()
+
+    def segment(self, model, x: dict[str, torch.Tensor], start: int, end: int, h: torch.Tensor,
+                attention: bool = False):
+        """Layers ``start``..``end`` (block indices, ≥ 1) run on h (b, T, D), block ``start``'s
+        input, under x's attention mask; block ``end``'s output in float32, and with
+        ``attention`` also its attention maps (b, H, T, T)."""
+        out = model.run_blocks(h, start, end, x["attention_mask"], attention=attention)
+        return tuple(t.float() for t in out) if attention else out.float()
+
+    def feature_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x["attention_mask"].bool()  # (b, T): padded positions are left out of the loss
+
+    def normalize(self, t: torch.Tensor) -> torch.Tensor:
+        """Normalise (B, T, D) over D, no affine (MobileBERT's layer-normalised targets)."""
+        return F.layer_norm(t, t.shape[-1:])
+
+
