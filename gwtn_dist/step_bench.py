@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, with_overrides
-from .distributed.engines import build_optimizer
 from .kernels import select_imitation_mse
 from .models.family import build_thin, build_wide
 from .models.resnet import point_block_index
+from .optim import build_optimizer
 from .stages.common import place, resolve_device
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gwtn_dist.config import OptimConfig
-from gwtn_dist.distributed.engines import lr_factor, make_engine
+from gwtn_dist.distributed.engines import make_engine
+from gwtn_dist.optim import lr_factor
 
 
 def test_cosine_with_warmup():
@@ -73,7 +74,7 @@ def test_nothing_to_train_is_an_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_adamw_is_fused_on_cuda():
-    from gwtn_dist.distributed.engines import build_optimizer
+    from gwtn_dist.optim import build_optimizer
 
     p = torch.nn.Parameter(torch.ones(3, device="cuda"))
     opt = build_optimizer([{"params": [p]}], OptimConfig(name="adamw", lr=1e-3))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -22,48 +21,12 @@ import torch
 from torch import nn
 
 from ..config import DistConfig, OptimConfig
+from ..optim import build_optimizer, schedule
 from ..profiling import region
 from .ds_config import deepspeed_config
-from .lamb import make_lamb
 from .runtime import current
 
 log = logging.getLogger("gwtn")
-
-
-def lr_factor(step: int, total: int, o: OptimConfig) -> float:
-    """Multiplier of the base lr at ``step`` (0-based) of a phase of ``total`` steps."""
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    done = step - o.warmup_steps
-    span = max(1, total - o.warmup_steps)
-    if o.schedule == "cosine":
-        cos = 0.5 * (1 + math.cos(math.pi * min(done, span) / span))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * cos
-    if o.schedule == "multistep":
-        passed = sum(1 for m in o.milestones if step >= m * total)
-        return o.gamma**passed
-    return 1.0
-
-
-def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
-    """SGD, AdamW (fused on CUDA) or LAMB over ``groups`` (each ``{"params": [...],
-    "lr_mult": float}``)."""
-    torch_groups = [
-        {"params": g["params"], "lr": o.lr * g.get("lr_mult", 1.0),
-         "weight_decay": g.get("weight_decay", o.weight_decay)}
-        for g in groups
-    ]
-    if o.name == "sgd":
-        return torch.optim.SGD(torch_groups, lr=o.lr, momentum=o.momentum,
-                               nesterov=o.nesterov and o.momentum > 0)
-    if o.name == "adamw":
-        # One fused kernel for the whole update when every parameter is on a GPU.
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(torch_groups, lr=o.lr, betas=tuple(o.betas),
-                                 fused=True if on_cuda else None)
-    if o.name == "lamb":
-        return make_lamb(torch_groups, o.lr, tuple(o.betas))
-    raise ValueError(f"unknown optimizer {o.name!r}")
 
 
 def _trainable(groups: list[dict]) -> list[dict]:
@@ -103,9 +66,7 @@ class TorchEngine:
         self.accumulate = optim.accumulate
         self._micro = 0  # micro-batches backpropagated in the current step
         self.optimizer = build_optimizer(groups, optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, optim)
-        )
+        self.scheduler = schedule(self.optimizer, total_steps, optim)
         self.scaler = torch.amp.GradScaler(self.params[0].device.type) \
             if current().autocast == torch.float16 else None
 
@@ -192,9 +153,7 @@ class DeepSpeedEngine:
         self.accumulate = optim.accumulate
         self._micro = 0
         self.optimizer = build_optimizer(groups, optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, optim)
-        )
+        scheduler = schedule(self.optimizer, total_steps, optim)
         rt = current()
         self.config = deepspeed_config(micro_batch=micro_batch // self.accumulate,
                                        accumulate=self.accumulate, world_size=rt.world_size,
