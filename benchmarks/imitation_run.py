@@ -71,21 +71,20 @@ class SyntheticBatches:
         return x, torch.randint(0, m.num_classes, (b,), generator=g)
 
 
-def synthetic_context(cfg, stage_dir, modules, stream_tag, step_offset=0):
+def synthetic_context(rt, cfg, stage_dir, modules, stream_tag, step_offset=0):
     """``stages.common.loop_context`` with synthetic batches and no evaluation."""
     from functools import partial
 
-    from gwtn_dist.distributed.runtime import current
     from gwtn_dist.stages.common import resolve_device
     from gwtn_dist.stages.loop import LoopContext
     from gwtn_dist.stages.tasks import task_for
 
-    device = resolve_device(cfg)
+    device = resolve_device(rt, cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules, batches=SyntheticBatches(cfg, stream_tag),
-        device=device, micro_batch=cfg.data.batch_size // current().world_size,
-        prepare=partial(task_for(cfg).prepare, device=device, dtype=current().dtype),
-        checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
+        device=device, micro_batch=cfg.data.batch_size // rt.world_size,
+        prepare=partial(task_for(cfg).prepare, device=device, dtype=rt.dtype),
+        checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, rt=rt, progress=cfg.progress,
         evaluate=None, eval_every=0, step_offset=step_offset, log_every=cfg.log_every,
         profile=cfg.profile)
 
@@ -140,7 +139,7 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
         f"imitate.steps_per_point={steps}", "progress=false", "eval_every=0",
         f"log_every={min(10, max(1, steps // 2))}",  # at least two timed windows per phase
         f"checkpoint.every={10 * steps}", "wide.cache=", *overrides])
-    runtime.setup(cfg)
+    rt = runtime.setup(cfg)
     torch.manual_seed(cfg.seed)
     (run_dir / "wide").mkdir(parents=True)
     checkpoint.save_weights(build_wide(cfg.model), run_dir / "wide" / "model.pt",
@@ -149,7 +148,7 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
     saved = imitate.loop_context, common.evaluate
     imitate.loop_context, common.evaluate = synthetic_context, not_scored
     try:
-        imitate.imitate(cfg, run_dir)
+        imitate.imitate(rt, cfg, run_dir)
     finally:
         imitate.loop_context, common.evaluate = saved
     return {"schedule": schedule, "backend": backend, "precision": precision,

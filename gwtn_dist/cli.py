@@ -50,14 +50,14 @@ def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> d
                               progress=progress)
 
 
-def ensure_shards(cfg: Config, wait_s: float = 600.0) -> None:
+def ensure_shards(rt: runtime.Runtime, cfg: Config, wait_s: float = 600.0) -> None:
     """Write the Fashion-MNIST shards from Debian's package if the config's folder has none
     (rank 0 writes them while the other ranks wait; a process that finds another writing them,
     e.g. a second compare worker, waits for it)."""
     from .workers import FileLock
 
     shards = Path(cfg.data.shards)
-    if cfg.data.dataset == "fashion-mnist" and runtime.current().is_main:
+    if cfg.data.dataset == "fashion-mnist" and rt.is_main:
         deadline = time.monotonic() + wait_s
         while FileLock(shards / ".lock").busy() and time.monotonic() < deadline:
             time.sleep(1.0)
@@ -74,25 +74,26 @@ def _cmd_shards(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'index.json'}")
 
 
-def _load(args: argparse.Namespace, continuing: bool = False) -> Config:
-    """The config, after joining the job's ranks (if launched on several) and making the data;
-    its run_dir's ``{date}`` and ``{seed}`` filled (``continuing``: a command that continues a
-    run, which a ``{date}`` cannot name)."""
+def _load(args: argparse.Namespace,
+          continuing: bool = False) -> tuple[runtime.Runtime, Config]:
+    """The process's Runtime (made here, once: the job's ranks joined if launched on several)
+    and the config, after making the data; its run_dir's ``{date}`` and ``{seed}`` filled
+    (``continuing``: a command that continues a run, which a ``{date}`` cannot name)."""
     cfg = load_config(args.config, args.overrides)
     rt = runtime.setup(cfg)
-    cfg = fill_run_dir(cfg, _job_date_stamp(), continuing=continuing)
+    cfg = fill_run_dir(cfg, _job_date_stamp(rt), continuing=continuing)
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     check_loss_backend(cfg, runtime.device_for(cfg, rt.env))
-    preempt.install(Path(cfg.run_dir))
-    ensure_shards(cfg)
-    return cfg
+    preempt.install(Path(cfg.run_dir), rt)
+    ensure_shards(rt, cfg)
+    return rt, cfg
 
 
-def _job_date_stamp() -> str:
+def _job_date_stamp(rt: runtime.Runtime) -> str:
     """``{date}`` for this run: rank 0's clock, so every rank of a job names the same folder."""
     digits = int(date_stamp().replace("-", ""))  # 14 digits: exact in a float64 all-reduce
-    digits = str(int(runtime.rank0_value(digits)))
+    digits = str(int(rt.rank0_value(digits)))
     return f"{digits[:8]}-{digits[8:]}"
 
 
@@ -111,22 +112,16 @@ def check_loss_backend(cfg: Config, device) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from .pipeline import run_all
 
-    run_all(_load(args))
+    run_all(*_load(args))
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
-    from .pipeline import apply_runtime, prepare_run_dir
-    from .stages.finetune import finetune
-    from .stages.imitate import imitate
+    from .pipeline import run_stage
     from .stages.tasks import task_for
-    from .stages.wide import train_wide
 
-    cfg = _load(args, continuing=args.command != "wide")
-    apply_runtime(cfg)
-    run_dir = prepare_run_dir(cfg, Path(cfg.run_dir), continuing=True)
-    stage = {"wide": train_wide, "imitate": imitate, "finetune": finetune}[args.command]
-    record = stage(cfg, run_dir)
-    if not runtime.current().is_main:
+    rt, cfg = _load(args, continuing=args.command != "wide")
+    run_dir, record = run_stage(rt, cfg, args.command)
+    if not rt.is_main:
         return
     task = task_for(cfg)
     # The test split's score, or the validation one when the test split is not read.
@@ -141,16 +136,16 @@ def _cmd_stage(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from .compare import compare
 
-    compare(_load(args))
+    compare(*_load(args))
 
 
 def _cmd_regime(args: argparse.Namespace) -> None:
     from .regime import regime
 
-    cfg = _load(args)
+    rt, cfg = _load(args)
     if not cfg.regime.axes:
         raise ConfigError("regime.axes: give one or two axes of cells to compare")
-    regime(cfg)
+    regime(rt, cfg)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -171,10 +166,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     if args.steps < 1 or args.rounds < 1:
         raise ConfigError("--steps and --rounds: positive numbers of steps and rounds")
-    cfg = _load(args)
+    rt, cfg = _load(args)
     apply_runtime(cfg)
     run = bench_step if args.what == "step" else bench_imitate
-    rows = run(cfg, args.steps, args.rounds, Path(args.out))
+    rows = run(rt, cfg, args.steps, args.rounds, Path(args.out))
     print(table(rows))
     print(f"csv: {Path(args.out) / f'bench_{args.what}.csv'}")
 
@@ -314,8 +309,5 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import release_locks
 
         release_locks()
-        if runtime.current().distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        runtime.leave()
     return code or 0

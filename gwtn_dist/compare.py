@@ -21,9 +21,9 @@ import logging
 from pathlib import Path
 
 from .config import Config, tune_points, with_overrides
-from .distributed.runtime import current
+from .distributed.runtime import Runtime
 from .models.family import family_for
-from .pipeline import apply_runtime, prepare_run_dir
+from .pipeline import prepare_run_dir
 from .report import read_curve, write_compare
 from .stages.arms import method_budget, train_baseline
 from .stages.common import read_stage, stage_done
@@ -43,13 +43,13 @@ def final_stage(arm: str) -> str:
     return "finetune" if arm == "win" else arm
 
 
-def run_arm(cfg: Config, seed_dir: Path, arm: str, teacher_dir: Path) -> None:
+def run_arm(rt: Runtime, cfg: Config, seed_dir: Path, arm: str, teacher_dir: Path) -> None:
     """Train one arm into ``seed_dir`` (the method: imitate then finetune)."""
     if arm == "win":
-        imitate(cfg, seed_dir, teacher_dir=teacher_dir)
-        finetune(cfg, seed_dir, teacher_dir=teacher_dir)
+        imitate(rt, cfg, seed_dir, teacher_dir=teacher_dir)
+        finetune(rt, cfg, seed_dir, teacher_dir=teacher_dir)
     else:
-        train_baseline(cfg, seed_dir, arm, teacher=teacher_dir / "model.pt")
+        train_baseline(rt, cfg, seed_dir, arm, teacher=teacher_dir / "model.pt")
 
 
 def arm_record(seed_dir: Path, arm: str) -> dict:
@@ -80,8 +80,8 @@ def scaled(cfg: Config, mult: float) -> Config:
 class ComparePlan:
     """Every unit of a comparison and where it writes, from one config."""
 
-    def __init__(self, cfg: Config, out: Path):
-        self.cfg, self.out, self.c = cfg, out, cfg.compare
+    def __init__(self, rt: Runtime, cfg: Config, out: Path):
+        self.rt, self.cfg, self.out, self.c = rt, cfg, out, cfg.compare
         self.task = task_for(cfg)
 
     # -- where things live
@@ -103,7 +103,8 @@ class ComparePlan:
         for s in self.teacher_seeds():
             root = self.teacher_root(s)
             units.append(Unit(self._teacher_name(s), root / ".lock-wide",
-                              run=lambda s=s, root=root: train_wide(self.teacher_cfg(s), root),
+                              run=lambda s=s, root=root: train_wide(self.rt, self.teacher_cfg(s),
+                                                                    root),
                               done=lambda root=root: stage_done(root / "wide")))
         for arm in c.arms:
             for i, point in enumerate(tune_points(c.tune.get(arm, {})) if c.tune else []):
@@ -112,7 +113,7 @@ class ComparePlan:
                     units.append(Unit(
                         f"tune/{arm}/p{i}/seed{s}", folder / f".lock-{arm}",
                         run=lambda arm=arm, point=point, s=s, folder=folder: run_arm(
-                            with_overrides(dataclasses.replace(self.cfg, seed=s, eval_test=False),
+                            self.rt, with_overrides(dataclasses.replace(self.cfg, seed=s, eval_test=False),
                                            point), folder, arm, self.teacher_root(s) / "wide"),
                         done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
                         needs=self._teacher_needs(arm, s)))
@@ -126,7 +127,7 @@ class ComparePlan:
                     units.append(Unit(
                         f"x{mult:g}/seed{s}/{arm}", folder / f".lock-{arm}",
                         run=lambda arm=arm, s=s, mult=mult, folder=folder: run_arm(
-                            self.reported_cfg(arm, s, mult), folder, arm,
+                            self.rt, self.reported_cfg(arm, s, mult), folder, arm,
                             self.teacher_root(s) / "wide"),
                         done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
                         needs=tuned + self._teacher_needs(arm, s)))
@@ -236,13 +237,12 @@ def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
     return row
 
 
-def compare(cfg: Config) -> dict:
+def compare(rt: Runtime, cfg: Config) -> dict:
     """Train every unit of ``cfg.compare`` (with any other worker on the same folder), then
     write and return the report."""
-    out_dir = prepare_run_dir(cfg, Path(cfg.run_dir) / "compare", exclusive=False)
-    apply_runtime(cfg)
-    plan = ComparePlan(cfg, out_dir)
-    run_units(plan.units())
+    out_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "compare", exclusive=False)
+    plan = ComparePlan(rt, cfg, out_dir)
+    run_units(rt, plan.units())
     c, task = plan.c, plan.task
     family = family_for(cfg.model)
     depth = f"{family.thin_depth(cfg.model)} {family.depth_label}"
@@ -262,7 +262,7 @@ def compare(cfg: Config) -> dict:
         "budgets": budgets,
         "teacher": _teacher(plan, first["arms"].get("scratch")),
     }
-    if not current().is_main:
+    if not rt.is_main:
         return table
     curves = {arm: [read_curve(
         [plan.seed_dir(c.budget_mults[0], s) / st for st in

@@ -1,4 +1,5 @@
-"""``gwtn run``: the three stages in order (plus any baselines), with a run-directory guard.
+"""``gwtn run`` and ``gwtn wide|imitate|finetune``: the stages in a run directory, behind one
+guard (``prepare_run_dir``, which ``gwtn compare`` and ``gwtn regime`` use too).
 
 A run directory holds the resolved ``config.yaml``. Starting again in a directory that already
 holds a run is an error unless ``resume=true``, and resuming with a different config is an error
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from .config import Config, ConfigError, dump_config, to_dict, upgrade_saved_tree
-from .distributed.runtime import barrier, current, rank0_says
+from .distributed.runtime import Runtime, barrier
 from .report import format_run_table, plot_curves, read_curve
 from .stages.arms import train_baseline
 from .stages.finetune import finetune
@@ -46,10 +47,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 _held: list[FileLock] = []
 
 
-def _lock(run_dir: Path) -> None:
+def _lock(rt: Runtime, run_dir: Path) -> None:
     """Hold ``run_dir/.lock`` for the rest of this process (rank 0 takes it for the job)."""
     lock = FileLock(run_dir / ".lock")
-    if not rank0_says(current().is_main and lock.acquire()):
+    if not rt.rank0_says(rt.is_main and lock.acquire()):
         held = lock.holder() or {}
         raise ConfigError(
             f"{run_dir} is in use by process {held.get('pid', '?')} on {held.get('host', '?')}; "
@@ -65,9 +66,11 @@ def release_locks() -> None:
         _held.pop().release()
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
+def prepare_run_dir(rt: Runtime, cfg: Config, run_dir: Path, *, continuing: bool = False,
                     exclusive: bool = True) -> Path:
-    """Create ``run_dir`` or check that resuming it is safe; writes the resolved config.
+    """Create ``run_dir`` or check that resuming it is safe; writes the resolved config (the
+    one ``config.yaml`` of the folder, rewritten only after the check: a resume may differ
+    from it in ``VOLATILE`` keys alone); then applies the run's process settings.
 
     continuing: a stage command, which may add a stage to an existing run without
     ``resume=true`` but not change its config. exclusive: hold the run folder's lock (``gwtn
@@ -79,7 +82,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
     foreign = not continuing and run_dir.exists() and not saved.is_file() and any(
         p.name != ".lock" for p in run_dir.iterdir())
     if exclusive and not foreign:
-        _lock(run_dir)
+        _lock(rt, run_dir)
     if saved.is_file():
         if not (cfg.resume or continuing):
             raise ConfigError(
@@ -102,31 +105,42 @@ def prepare_run_dir(cfg: Config, run_dir: Path, *, continuing: bool = False,
     elif foreign:
         raise ConfigError(f"{run_dir} exists and is not a gwtn run directory; choose another")
     barrier()  # every rank has checked before rank 0 writes
-    if current().is_main:
+    if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, saved)
     barrier()
+    apply_runtime(cfg)
     return run_dir
 
 
 def apply_runtime(cfg: Config) -> None:
+    """The process settings a config asks for (``threads``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
 
-def run_all(cfg: Config) -> dict:
+STAGES = {"wide": train_wide, "imitate": imitate, "finetune": finetune}
+
+
+def run_stage(rt: Runtime, cfg: Config, stage: str) -> tuple[Path, dict]:
+    """One stage (``wide``, ``imitate`` or ``finetune``) in ``cfg.run_dir``, behind the same
+    guard as ``run_all`` (a stage may continue a run without ``resume=true``, never under a
+    changed config); returns the run folder and the stage's record."""
+    run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir), continuing=True)
+    return run_dir, STAGES[stage](rt, cfg, run_dir)
+
+
+def run_all(rt: Runtime, cfg: Config) -> dict:
     """Wide → imitate → finetune in ``cfg.run_dir``, then the configured baselines."""
-    run_dir = prepare_run_dir(cfg, Path(cfg.run_dir))
-    apply_runtime(cfg)
-    records = {"wide": train_wide(cfg, run_dir)}
-    records["imitate"] = imitate(cfg, run_dir)
-    records["finetune"] = finetune(cfg, run_dir)
+    run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir))
+    records = {stage: train(rt, cfg, run_dir) for stage, train in STAGES.items()}
     for arm in cfg.baselines:
-        records[arm] = train_baseline(cfg, run_dir, arm, teacher=run_dir / "wide" / "model.pt")
+        records[arm] = train_baseline(rt, cfg, run_dir, arm,
+                                      teacher=run_dir / "wide" / "model.pt")
     task = task_for(cfg)
     table = format_run_table(records, task.metric, task.metric_label,
                              select=task.select_metric)
-    if not current().is_main:
+    if not rt.is_main:
         return records
     (run_dir / "results.md").write_text(table + "\n")
     if cfg.eval_every:

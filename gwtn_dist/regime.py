@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .compare import compare
 from .config import Config, RegimeConfig, regime_cells, with_overrides
-from .distributed.runtime import current
+from .distributed.runtime import Runtime
 from .pipeline import prepare_run_dir
 from .report import ARM_LABELS, atomic_write
 
@@ -31,16 +31,16 @@ def cell_name(labels: list[str]) -> str:
     return "__".join(safe)
 
 
-def regime(cfg: Config) -> dict:
+def regime(rt: Runtime, cfg: Config) -> dict:
     """Run every cell's comparison, then write the regime table, JSON and heat map."""
-    out = prepare_run_dir(cfg, Path(cfg.run_dir) / "regime", exclusive=False)
+    out = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "regime", exclusive=False)
     base = dataclasses.replace(cfg, regime=RegimeConfig())
     rows = []
     for labels, overrides in regime_cells(cfg):
         name = cell_name(labels)
         log.info("regime: cell %s (%s)", name, overrides)
         ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name)})
-        table = compare(ccfg)
+        table = compare(rt, ccfg)
         budget = table["budgets"][0]
         rows.append({"labels": labels, "overrides": overrides, "cell": name,
                      "arms": {a: {"mean": r["mean"], "std": r["std"]}
@@ -49,7 +49,7 @@ def regime(cfg: Config) -> dict:
                      "teacher": {"mean": table["teacher"]["mean"],
                                  "headroom": table["teacher"].get("headroom")}})
     summary = {"axes": list(cfg.regime.axes), "metric": table["metric"], "cells": rows}
-    if current().is_main:
+    if rt.is_main:
         atomic_write(out / "regime.json", json.dumps(summary, indent=2))
         atomic_write(out / "regime.md", regime_markdown(summary))
         plot_regime(out / "regime.png", summary)

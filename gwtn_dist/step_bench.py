@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, with_overrides
-from .distributed.engines import build_optimizer
+from .distributed.runtime import Runtime
 from .kernels import select_imitation_mse
 from .models.family import build_thin, build_wide, point_index
+from .optim import build_optimizer
 from .stages.common import place, resolve_device
 
 
@@ -58,9 +59,9 @@ def _batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.randint(0, m.num_classes, (b,), device=device)
 
 
-def _bare_step(cfg: Config, device: torch.device) -> Callable[[], None]:
+def _bare_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One step of a bare PyTorch loop: the thin net, cross-entropy, the baseline optimizer."""
-    net = place(build_thin(cfg.model), cfg, device).train()
+    net = place(rt, build_thin(cfg.model), cfg, device).train()
     opt = build_optimizer([{"params": list(net.parameters())}], cfg.baseline.optim)
     x, y = _batch(cfg, device)
 
@@ -72,26 +73,26 @@ def _bare_step(cfg: Config, device: torch.device) -> Callable[[], None]:
     return step
 
 
-def _framework_seconds(cfg: Config, steps: int, folder: Path) -> tuple[float, dict]:
+def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path) -> tuple[float, dict]:
     """Seconds per step of ``steps`` label steps through the training loop, and the breakdown
     of its sampled steps."""
     from .stages.finetune import train_thin
 
     cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
                                "profile.sample_every": 5})
-    record = train_thin(cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
+    record = train_thin(rt, cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
                         label_steps=steps + 1, optim=cfg.baseline.optim)
     return record["wall_s"] / (steps + 1), record["phases"][0].get("breakdown", [{}])[0]
 
 
-def bench_step(cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
+def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
     """Bare loop vs the framework, ``rounds`` interleaved rounds; rows per round + the median."""
-    device = resolve_device(cfg)
+    device = resolve_device(rt, cfg)
     rows = []
     for r in range(rounds):
-        bare = _timed(_bare_step(cfg, device), steps, device)
+        bare = _timed(_bare_step(rt, cfg, device), steps, device)
         with tempfile.TemporaryDirectory() as tmp:
-            framework, breakdown = _framework_seconds(cfg, steps, Path(tmp))
+            framework, breakdown = _framework_seconds(rt, cfg, steps, Path(tmp))
         data = breakdown.get("regions", {}).get("data", 0.0)
         rows.append({"round": r, "bare_ms": bare * 1e3, "framework_ms": framework * 1e3,
                      "ratio": framework / bare, "framework_data_ms": data})
@@ -102,11 +103,11 @@ def bench_step(cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
     return rows
 
 
-def _imitation_step(cfg: Config, device: torch.device, backend: str) -> Callable[[], None]:
+def _imitation_step(rt: Runtime, cfg: Config, device: torch.device, backend: str) -> Callable[[], None]:
     """One imitation step at the top point: teacher forward (no grad), thin forward to the
     point, the imitation MSE (backend), backward, SGD step."""
-    thin = place(build_thin(cfg.model), cfg, device).train()
-    wide = place(build_wide(cfg.model), cfg, device).eval()
+    thin = place(rt, build_thin(cfg.model), cfg, device).train()
+    wide = place(rt, build_wide(cfg.model), cfg, device).eval()
     end = point_index(thin, "layer" + str(len(cfg.model.blocks)))
     if backend == "compiled":
         mse = torch.compile(select_imitation_mse("reference", device))
@@ -125,10 +126,10 @@ def _imitation_step(cfg: Config, device: torch.device, backend: str) -> Callable
     return step
 
 
-def _floor_step(cfg: Config, device: torch.device) -> Callable[[], None]:
+def _floor_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], None]:
     """A plain thin-net training step plus one whole teacher forward at the same batch."""
-    bare = _bare_step(cfg, device)
-    wide = place(build_wide(cfg.model), cfg, device).eval()
+    bare = _bare_step(rt, cfg, device)
+    wide = place(rt, build_wide(cfg.model), cfg, device).eval()
     x, _ = _batch(cfg, device)
 
     def step() -> None:
@@ -150,14 +151,14 @@ def imitate_backends(device: torch.device) -> list[str]:
     return backends
 
 
-def bench_imitate(cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
+def bench_imitate(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
     """Imitation steps per backend vs the floor, ``rounds`` interleaved rounds; medians."""
     if cfg.model.family != "resnet":
         raise ConfigError("gwtn bench imitate: ResNet configs only for now (model.family)")
-    device = resolve_device(cfg)
+    device = resolve_device(rt, cfg)
     backends = imitate_backends(device)
-    runs = {"floor": _floor_step(cfg, device),
-            **{b: _imitation_step(cfg, device, b) for b in backends}}
+    runs = {"floor": _floor_step(rt, cfg, device),
+            **{b: _imitation_step(rt, cfg, device, b) for b in backends}}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, step in runs.items():

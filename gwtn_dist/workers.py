@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .distributed.runtime import current, rank0_says
+from .distributed.runtime import Runtime
 
 log = logging.getLogger("gwtn")
 
@@ -95,9 +95,10 @@ class Unit:
     needs: list[str] = field(default_factory=list)
 
 
-def run_units(units: list[Unit], poll_s: float = 5.0) -> None:
+def run_units(rt: Runtime, units: list[Unit], poll_s: float = 5.0) -> None:
     """Run every unit that is not done, in order where dependencies allow, skipping units held
-    by another process; returns when every unit is done (waiting for other workers' units)."""
+    by another process; returns when every unit is done (waiting for other workers' units).
+    Rank 0 takes a unit's lock for the job's ranks, which run it together."""
     by_name = {u.name: u for u in units}
     waiting_since = None
     while True:
@@ -109,7 +110,7 @@ def run_units(units: list[Unit], poll_s: float = 5.0) -> None:
             if not all(by_name[n].done() for n in unit.needs):
                 continue
             lock = FileLock(unit.lock)
-            if not rank0_says(current().is_main and lock.acquire()):
+            if not rt.rank0_says(rt.is_main and lock.acquire()):
                 continue
             try:
                 if not unit.done():  # another worker may have finished it meanwhile

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gwtn_dist.config import OptimConfig
-from gwtn_dist.distributed.engines import lr_factor, make_engine
+from gwtn_dist.distributed.engines import make_engine
+from gwtn_dist.distributed.runtime import Runtime
+from gwtn_dist.optim import lr_factor
 
 
 def test_cosine_with_warmup():
@@ -30,7 +32,7 @@ def test_multistep_milestones_are_fractions_of_the_phase():
 def test_groups_get_their_multiplier_and_frozen_groups_are_left_out():
     a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
     o = OptimConfig(lr=0.2, momentum=0.0, weight_decay=0.0, schedule="constant")
-    engine = make_engine(torch.nn.ParameterList([a, b, c]),
+    engine = make_engine(Runtime(), torch.nn.ParameterList([a, b, c]),
                          [{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 0.5},
                           {"params": [c], "lr_mult": 0.0}], o, total_steps=5)
     engine.step(a.sum() + b.sum() + c.sum())
@@ -42,7 +44,8 @@ def test_groups_get_their_multiplier_and_frozen_groups_are_left_out():
 def test_clipping_bounds_the_update():
     p = torch.nn.Parameter(torch.zeros(4))
     o = OptimConfig(lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", grad_clip=1.0)
-    engine = make_engine(torch.nn.ParameterList([p]), [{"params": [p]}], o, total_steps=1)
+    engine = make_engine(Runtime(), torch.nn.ParameterList([p]), [{"params": [p]}], o,
+                         total_steps=1)
     engine.step((p * 100).sum())
     assert math.isclose(p.norm().item(), 1.0, rel_tol=1e-5)
 
@@ -53,11 +56,11 @@ def test_state_round_trip_continues_the_same_trajectory(tmp_path):
         p = torch.nn.Parameter(torch.randn(5))
         o = OptimConfig(lr=0.1, schedule="cosine")
         module = torch.nn.ParameterList([p])
-        engine = make_engine(module, [{"params": [p]}], o, total_steps=10)
+        engine = make_engine(Runtime(), module, [{"params": [p]}], o, total_steps=10)
         for step in range(10):
             if split and step == 4:
                 saved = engine.save(tmp_path, "step4")
-                engine = make_engine(module, [{"params": [p]}], o, total_steps=10)
+                engine = make_engine(Runtime(), module, [{"params": [p]}], o, total_steps=10)
                 engine.load(tmp_path, saved)
             engine.step((p ** 2).sum())
         return p.detach()
@@ -67,13 +70,13 @@ def test_state_round_trip_continues_the_same_trajectory(tmp_path):
 
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
-        make_engine(torch.nn.Linear(1, 1), [{"params": [], "lr_mult": 1.0}], OptimConfig(),
-                    total_steps=1)
+        make_engine(Runtime(), torch.nn.Linear(1, 1), [{"params": [], "lr_mult": 1.0}],
+                    OptimConfig(), total_steps=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_adamw_is_fused_on_cuda():
-    from gwtn_dist.distributed.engines import build_optimizer
+    from gwtn_dist.optim import build_optimizer
 
     p = torch.nn.Parameter(torch.ones(3, device="cuda"))
     opt = build_optimizer([{"params": [p]}], OptimConfig(name="adamw", lr=1e-3))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gwtn_dist.config import OptimConfig
-from gwtn_dist.distributed.engines import build_optimizer
 from gwtn_dist.distributed.lamb import EPS, Lamb
+from gwtn_dist.optim import build_optimizer
 
 
 def reference(w: list[float], grads: list[list[float]], lr: float, b1: float, b2: float,

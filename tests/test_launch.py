@@ -19,6 +19,7 @@ import torch
 from gwtn_dist import checkpoint
 from gwtn_dist.distributed import preempt
 from gwtn_dist.distributed.env import LaunchError
+from gwtn_dist.distributed.runtime import Runtime
 from gwtn_dist.launch import Allocation, allocation, build, hostfile_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_a_date_in_run_dir_is_filled_once_for_every_rank(tmp_path):
 
 
 def test_stop_requests_by_file_or_signal_are_consumed(tmp_path):
-    preempt.install(tmp_path)
+    preempt.install(tmp_path, Runtime())
     try:
         assert not preempt.stop_requested()
         preempt.stop_file(tmp_path).touch()
@@ -155,7 +156,7 @@ def test_a_stop_file_older_than_the_run_is_ignored(tmp_path):
     stale.touch()
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    preempt.install(tmp_path)
+    preempt.install(tmp_path, Runtime())
     try:
         assert not preempt.asked_here()  # left by an earlier run: ignored
         stale.touch()  # written now: a real request

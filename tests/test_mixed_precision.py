@@ -67,10 +67,10 @@ def test_lamb_under_deepspeed_needs_zero_stage_0_and_autocasts():
 def test_fp16_on_cpu_scales_skips_inf_steps_and_resumes_the_scaler(restore_runtime, tmp_path):
     """autocast fp16 runs on CPU in this torch; the GradScaler skips a step whose gradients
     are inf (weights unchanged, scale halved) and its state round-trips with the engine's."""
-    one_process("dist.precision=fp16")
+    rt = one_process("dist.precision=fp16")
     p = nn.Parameter(torch.ones(3))
     o = OptimConfig(lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant")
-    engine = make_engine(nn.ParameterList([p]), [{"params": [p]}], o, total_steps=4)
+    engine = make_engine(rt, nn.ParameterList([p]), [{"params": [p]}], o, total_steps=4)
     assert engine.scaler is not None
     scale = engine.scaler.get_scale()
     engine.step((p * float("inf")).sum())
@@ -79,7 +79,7 @@ def test_fp16_on_cpu_scales_skips_inf_steps_and_resumes_the_scaler(restore_runti
     engine.step((p * 2).sum())
     assert torch.allclose(p.detach(), torch.full((3,), 0.8))
     saved = engine.save(tmp_path, "t")
-    again = make_engine(nn.ParameterList([p]), [{"params": [p]}], o, total_steps=4)
+    again = make_engine(rt, nn.ParameterList([p]), [{"params": [p]}], o, total_steps=4)
     again.load(tmp_path, saved)
     assert again.scaler.get_scale() == engine.scaler.get_scale()
 
@@ -133,7 +133,7 @@ def train_mlp(tmp_path: Path, accumulate: int, steps: int = 4, batch: int = 16) 
     ctx = LoopContext(stage_dir=tmp_path / f"acc{accumulate}", modules={"net": net},
                       batches=FakeBatches(batch), device=torch.device("cpu"), micro_batch=batch,
                       prepare=lambda x, y: (x, y), checkpoint_every=100, dist=DistConfig(),
-                      progress=False, log_every=1)
+                      rt=runtime.Runtime(), progress=False, log_every=1)
     run_phases(ctx, [phase])
     losses = [json.loads(line)["loss"]
               for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]

@@ -132,15 +132,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
 def test_resume_with_a_changed_config_names_the_keys(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     assert main(["-q", "wide", *fast_args(run_dir, shard_dir)]) == 0
+    saved = (run_dir / "config.yaml").read_bytes()
     proc = gwtn("run", *fast_args(run_dir, shard_dir, "resume=true", "wide.steps=31"),
                 check=False)
     assert proc.returncode == 2
     assert "wide.steps (30 → 31)" in proc.stderr
-    # A stage command continues the run without resume=true, but not under another config.
+    refusal = proc.stderr.split(":")[:3]
+    # A stage command continues the run without resume=true, but not under another config:
+    # the same guard, the same one-line refusal, and the saved config left as it was.
     proc = gwtn("imitate", *fast_args(run_dir, shard_dir, "imitate.steps_per_point=13"),
                 check=False)
     assert proc.returncode == 2 and "imitate.steps_per_point (12 → 13)" in proc.stderr
+    assert proc.stderr.split(":")[:3] == refusal and len(proc.stderr.splitlines()) == 1
     assert not (run_dir / "imitate").exists()
+    assert (run_dir / "config.yaml").read_bytes() == saved
+    assert not list(run_dir.glob("*/config.yaml"))  # one saved config per run, no stage's own
 
 
 def test_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path, shard_dir):
@@ -230,24 +236,25 @@ def test_a_run_started_before_a_key_existed_resumes_while_the_key_keeps_its_defa
     import yaml
 
     from gwtn_dist.config import ConfigError, load_config
+    from gwtn_dist.distributed.runtime import Runtime
     from gwtn_dist.pipeline import prepare_run_dir, release_locks
 
     run_dir = tmp_path / "run"
     cfg = load_config(str(REPO / "configs/tiny_cpu.yaml"), [f"run_dir={run_dir}"])
-    prepare_run_dir(cfg, run_dir)
+    prepare_run_dir(Runtime(), cfg, run_dir)
     release_locks()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     del saved["log_every"], saved["dist"]["tf32"], saved["wide"]["optim"]["accumulate"]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     resumed = load_config(str(REPO / "configs/tiny_cpu.yaml"), [f"run_dir={run_dir}",
                                                                  "resume=true"])
-    prepare_run_dir(resumed, run_dir)
+    prepare_run_dir(Runtime(), resumed, run_dir)
     release_locks()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     changed = load_config(str(REPO / "configs/tiny_cpu.yaml"),
                           [f"run_dir={run_dir}", "resume=true", "wide.optim.accumulate=2"])
     with pytest.raises(ConfigError, match=r"wide.optim.accumulate \(1 → 2\)"):
-        prepare_run_dir(changed, run_dir)
+        prepare_run_dir(Runtime(), changed, run_dir)
     release_locks()
 
 

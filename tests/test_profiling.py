@@ -237,13 +237,14 @@ def _mlp_context(stage_dir, net, log_every: int):
     import torch
 
     from gwtn_dist.config import DistConfig
+    from gwtn_dist.distributed.runtime import Runtime
     from gwtn_dist.stages.loop import LoopContext
     from tests.test_mixed_precision import FakeBatches
 
     return LoopContext(stage_dir=stage_dir, modules={"net": net}, batches=FakeBatches(16),
                        device=torch.device("cpu"), micro_batch=16,
                        prepare=lambda x, y: (x, y), checkpoint_every=1000, dist=DistConfig(),
-                       progress=False, log_every=log_every)
+                       rt=Runtime(), progress=False, log_every=log_every)
 
 
 def test_losses_reach_the_host_once_per_log_every_steps_not_every_step(tmp_path, monkeypatch):

@@ -74,9 +74,9 @@ def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, 
     unit = {"dir": "?"}
     real_run_arm, real_reader = compare_module.run_arm, tasks_module.rank_eval_batches
 
-    def run_arm(cfg, seed_dir, arm, teacher_dir):
+    def run_arm(rt, cfg, seed_dir, arm, teacher_dir):
         unit["dir"] = str(seed_dir)
-        return real_run_arm(cfg, seed_dir, arm, teacher_dir)
+        return real_run_arm(rt, cfg, seed_dir, arm, teacher_dir)
 
     def reader(cfg, limit=0, rank=None, split="test"):
         reads.append((unit["dir"], split))

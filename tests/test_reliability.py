@@ -116,11 +116,9 @@ def _sum_counts_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     from gwtn_dist.distributed import runtime
-    from gwtn_dist.distributed.env import DistEnv
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    runtime._current = runtime.Runtime(env=DistEnv(rank=rank, world_size=2))
     mine = {"undecodable sample": 1, "truncated tar": 2} if rank == 0 else {"truncated tar": 3}
     total = runtime.sum_counts(mine)
     queue.put((rank, total))

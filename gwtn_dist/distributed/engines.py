@@ -5,65 +5,75 @@ hands it the module being trained, its parameter groups (each with an ``lr_mult`
 phase's OptimConfig; the engine owns the optimizer and the schedule and does backward, gradient
 all-reduce (DeepSpeed), clipping and the step. One process runs ``TorchEngine``; under a
 multi-rank launcher (or ``dist.engine=deepspeed``) ``DeepSpeedEngine`` runs the same optimizer
-and schedule inside DeepSpeed with the phase's ZeRO stage. ``shard_frozen`` turns the frozen
-wide teacher into a ZeRO-3 engine without optimizer.
+and schedule inside DeepSpeed with the phase's ZeRO stage. Both are an ``Engine``, the
+protocol the training loop is written against. ``shard_frozen`` turns the frozen wide teacher
+into a ZeRO-3 engine without optimizer. The optimizer and the schedule themselves are built in
+``gwtn_dist.optim``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..config import DistConfig, OptimConfig
+from ..optim import build_optimizer, schedule
 from ..profiling import region
 from .ds_config import deepspeed_config
-from .lamb import make_lamb
-from .runtime import current
+from .runtime import Runtime
 
 log = logging.getLogger("gwtn")
 
 
-def lr_factor(step: int, total: int, o: OptimConfig) -> float:
-    """Multiplier of the base lr at ``step`` (0-based) of a phase of ``total`` steps."""
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    done = step - o.warmup_steps
-    span = max(1, total - o.warmup_steps)
-    if o.schedule == "cosine":
-        cos = 0.5 * (1 + math.cos(math.pi * min(done, span) / span))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * cos
-    if o.schedule == "multistep":
-        passed = sum(1 for m in o.milestones if step >= m * total)
-        return o.gamma**passed
-    return 1.0
+class Engine(Protocol):
+    """What the training loop uses of a phase's engine (``make_engine`` makes one).
 
+    A step is ``optim.accumulate`` calls of ``backward`` (one per micro-batch) and one
+    ``step``; ``save``/``load`` carry its resume state through the stage checkpoint;
+    ``release`` ends the phase.
+    """
 
-def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
-    """SGD, AdamW (fused on CUDA) or LAMB over ``groups`` (each ``{"params": [...],
-    "lr_mult": float}``)."""
-    torch_groups = [
-        {"params": g["params"], "lr": o.lr * g.get("lr_mult", 1.0),
-         "weight_decay": g.get("weight_decay", o.weight_decay)}
-        for g in groups
-    ]
-    if o.name == "sgd":
-        return torch.optim.SGD(torch_groups, lr=o.lr, momentum=o.momentum,
-                               nesterov=o.nesterov and o.momentum > 0)
-    if o.name == "adamw":
-        # One fused kernel for the whole update when every parameter is on a GPU.
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        return torch.optim.AdamW(torch_groups, lr=o.lr, betas=tuple(o.betas),
-                                 fused=True if on_cuda else None)
-    if o.name == "lamb":
-        return make_lamb(torch_groups, o.lr, tuple(o.betas))
-    raise ValueError(f"unknown optimizer {o.name!r}")
+    #: Whether ``save`` writes the modules' weights too (then a mid-phase checkpoint need not).
+    saves_modules: bool
+    #: The DeepSpeed config the engine runs with, recorded per phase; None for none.
+    config: dict | None
+
+    @property
+    def lr(self) -> float:
+        """The current lr of the first parameter group."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss."""
+        ...
+
+    def step(self, loss: torch.Tensor | None = None, grad_norm: bool = False) -> float | None:
+        """(Backward of ``loss`` if given, then) the optimizer step; the gradient norm if
+        asked and known, else None."""
+        ...
+
+    def save(self, ckpt_dir: Path, tag: str) -> dict:
+        """The resume state for the stage checkpoint (it may write files under ``ckpt_dir``)."""
+        ...
+
+    def load(self, ckpt_dir: Path, saved: dict) -> None:
+        """Restore what ``save`` returned (and wrote)."""
+        ...
+
+    def module_state(self, module: nn.Module) -> dict:
+        """A consolidated CPU state dict of ``module`` (collective under ZeRO)."""
+        ...
+
+    def release(self, modules: dict[str, nn.Module]) -> None:
+        """End the phase, leaving ``modules`` whole, in fp32, with the trained weights."""
+        ...
 
 
 def _trainable(groups: list[dict]) -> list[dict]:
@@ -73,7 +83,7 @@ def _trainable(groups: list[dict]) -> list[dict]:
     return groups
 
 
-def _close_accumulation(engine, loss: torch.Tensor | None) -> None:
+def _close_accumulation(engine: TorchEngine | DeepSpeedEngine, loss: torch.Tensor | None) -> None:
     """Before an engine's optimizer step: the backward of ``loss`` if given, then a check that
     every one of the step's ``accumulate`` micro-batches went backward (and a reset)."""
     if loss is not None:
@@ -96,18 +106,16 @@ class TorchEngine:
     saves_modules = False  # its resume state is the optimizer's; the loop saves the weights
     config = None  # no DeepSpeed config to record
 
-    def __init__(self, groups: list[dict], optim: OptimConfig, total_steps: int):
+    def __init__(self, rt: Runtime, groups: list[dict], optim: OptimConfig, total_steps: int):
         groups = _trainable(groups)
         self.params = [p for g in groups for p in g["params"]]
         self.optim_cfg = optim
         self.accumulate = optim.accumulate
         self._micro = 0  # micro-batches backpropagated in the current step
         self.optimizer = build_optimizer(groups, optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, optim)
-        )
+        self.scheduler = schedule(self.optimizer, total_steps, optim)
         self.scaler = torch.amp.GradScaler(self.params[0].device.type) \
-            if current().autocast == torch.float16 else None
+            if rt.autocast == torch.float16 else None
 
     @property
     def lr(self) -> float:
@@ -159,16 +167,18 @@ class TorchEngine:
         return state
 
     def load(self, ckpt_dir: Path, saved: dict) -> None:
+        """Restore the optimizer, the schedule and the loss scaler from ``saved``."""
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
 
     def module_state(self, module: nn.Module) -> dict:
+        """``module``'s state, copied to the CPU."""
         return full_state_dict(module)
 
     def release(self, modules: dict[str, nn.Module]) -> None:
-        pass
+        """Nothing to do: the modules were trained in place."""
 
 
 class DeepSpeedEngine:
@@ -184,7 +194,7 @@ class DeepSpeedEngine:
     and reduces gradients and steps at the last one.
     """
 
-    def __init__(self, module: nn.Module, groups: list[dict], optim: OptimConfig,
+    def __init__(self, rt: Runtime, module: nn.Module, groups: list[dict], optim: OptimConfig,
                  total_steps: int, zero_stage: int, dist_cfg: DistConfig, micro_batch: int):
         import deepspeed
 
@@ -192,10 +202,7 @@ class DeepSpeedEngine:
         self.accumulate = optim.accumulate
         self._micro = 0
         self.optimizer = build_optimizer(groups, optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, optim)
-        )
-        rt = current()
+        scheduler = schedule(self.optimizer, total_steps, optim)
         self.config = deepspeed_config(micro_batch=micro_batch // self.accumulate,
                                        accumulate=self.accumulate, world_size=rt.world_size,
                                        zero_stage=zero_stage, grad_clip=optim.grad_clip,
@@ -212,6 +219,7 @@ class DeepSpeedEngine:
 
     @property
     def lr(self) -> float:
+        """The current lr of the first group."""
         return self.optimizer.param_groups[0]["lr"]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -243,6 +251,7 @@ class DeepSpeedEngine:
         return {"deepspeed_tag": tag}
 
     def load(self, ckpt_dir: Path, saved: dict) -> None:
+        """Load the DeepSpeed checkpoint ``saved`` names (every rank its part)."""
         tag = saved["deepspeed_tag"]
         path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
@@ -273,15 +282,16 @@ class DeepSpeedEngine:
             module.float().load_state_dict(states[name])
 
 
-def make_engine(module: nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int,
-                zero_stage: int = 0, dist_cfg: DistConfig | None = None,
-                micro_batch: int = 1):
-    """The engine for one phase; the only place that decides which implementation runs.
-    ``micro_batch``: a rank's batch per optimizer step (all its micro-batches)."""
-    if current().engine == "deepspeed":
-        return DeepSpeedEngine(module, groups, optim, total_steps, zero_stage,
+def make_engine(rt: Runtime, module: nn.Module, groups: list[dict], optim: OptimConfig,
+                total_steps: int, zero_stage: int = 0, dist_cfg: DistConfig | None = None,
+                micro_batch: int = 1) -> Engine:
+    """The engine for one phase; the only place that decides which implementation runs
+    (``rt.engine``). ``micro_batch``: a rank's batch per optimizer step (all its
+    micro-batches)."""
+    if rt.engine == "deepspeed":
+        return DeepSpeedEngine(rt, module, groups, optim, total_steps, zero_stage,
                                dist_cfg or DistConfig(), micro_batch)
-    return TorchEngine(groups, optim, total_steps)
+    return TorchEngine(rt, groups, optim, total_steps)
 
 
 def init_distributed(backend: str, timeout_s: int) -> None:
@@ -314,7 +324,8 @@ def full_state_dict(module: nn.Module) -> dict:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def shard_frozen(module: nn.Module, dist_cfg: DistConfig, micro_batch: int) -> nn.Module:
+def shard_frozen(rt: Runtime, module: nn.Module, dist_cfg: DistConfig,
+                 micro_batch: int) -> nn.Module:
     """Partition a frozen module's parameters over all ranks as a ZeRO-3 engine, no optimizer.
 
     Returns the engine; calling it runs the module's forward, gathering each submodule's
@@ -322,7 +333,6 @@ def shard_frozen(module: nn.Module, dist_cfg: DistConfig, micro_batch: int) -> n
     """
     import deepspeed
 
-    rt = current()
     config = deepspeed_config(micro_batch=micro_batch, world_size=rt.world_size, zero_stage=3,
                               grad_clip=0.0, bf16=rt.dtype == torch.bfloat16,
                               fp16=rt.dtype == torch.float16, overrides=dist_cfg.deepspeed)

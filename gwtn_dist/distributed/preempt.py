@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import all_reduce_sum, current
+from .runtime import Runtime, all_reduce_sum
 
 EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeued job does
 SIGNAL_VARIABLE = "GWTN_PREEMPT_SIGNAL"
@@ -44,6 +44,7 @@ class Preempted(Exception):
 
 log = logging.getLogger("gwtn")
 _run_dir: Path | None = None
+_is_main = True  # whether this process removes a consumed stop file (rank 0 does)
 _signalled = False
 _started = 0.0
 # A stop file older than this process (by more than the clock skew between nodes allowed here)
@@ -69,13 +70,13 @@ def _on_signal(signum, frame) -> None:
     _signalled = True
 
 
-def install(run_dir: Path) -> None:
+def install(run_dir: Path, rt: Runtime) -> None:
     """Watch for stop requests for the run in ``run_dir`` (the signal and the file). A stop
     file older than this process is stale (an earlier run's) and is ignored with a warning."""
-    global _run_dir, _signalled, _started
-    _run_dir, _signalled, _started = Path(run_dir), False, time.time()
+    global _run_dir, _is_main, _signalled, _started
+    _run_dir, _is_main, _signalled, _started = Path(run_dir), rt.is_main, False, time.time()
     signal.signal(signal_number(), _on_signal)
-    if _file_age_ok() is False and current().is_main:
+    if _file_age_ok() is False and _is_main:
         log.warning("ignoring %s: it is older than this run (left by an earlier one)",
                     stop_file(_run_dir))
 
@@ -101,7 +102,7 @@ def acknowledge() -> None:
     file, so the resumed run does not stop again at once."""
     global _signalled
     _signalled = False
-    if _run_dir is not None and current().is_main:
+    if _run_dir is not None and _is_main:
         stop_file(_run_dir).unlink(missing_ok=True)
 
 

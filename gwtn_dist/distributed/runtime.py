@@ -1,9 +1,14 @@
 """The process's place in the job and the few collectives the stages need.
 
 ``setup(cfg)`` is called once by the CLI: it reads the launcher's environment, picks the
-device, the engine kind and the precision, and joins the process group when there is more than
-one rank. Code that runs without it (the tests, a library user) sees one CPU/GPU process with
-plain torch engines.
+device, the engine kind and the precision, joins the process group when there is more than
+one rank, and returns the ``Runtime`` that the CLI hands to everything that needs it (the
+orchestrators, the stages, the engines). ``Runtime()`` is one CPU/GPU process with plain torch
+engines, what the tests and a library user pass.
+
+The collectives (``barrier``, ``all_reduce_sum``, ``gather_objects``, ``sum_counts``) depend
+only on whether the process group is up, so they stay module functions; what depends on the
+rank is a method of the Runtime (``rank0_says``, ``rank0_value``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ log = logging.getLogger("gwtn")
 
 @dataclass(frozen=True)
 class Runtime:
+    """This process's place in the job (``env``), and the engine and precision it trains with.
+
+    Made once per process by ``setup`` and passed explicitly; immutable.
+    """
+
     env: DistEnv = field(default_factory=DistEnv)
     engine: str = "torch"  # "torch" or "deepspeed"
     # The dtype of the trained weights, the inputs and the teacher: bf16/fp16 only where
@@ -55,13 +65,27 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return _joined()
+
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank (one small all-reduce when there are several)."""
+        if self.world_size == 1:
+            return flag
+        return all_reduce_sum(torch.tensor([float(flag and self.is_main)])).item() > 0
+
+    def rank0_value(self, value: float) -> float:
+        """Rank 0's ``value``, on every rank (exact for integers below 2**53)."""
+        if self.world_size == 1:
+            return value
+        return all_reduce_sum(torch.tensor([float(value) if self.is_main else 0.0])).item()
 
 
 _current = Runtime()
 
 
 def current() -> Runtime:
+    """The Runtime ``setup`` made (``Runtime()`` before it), for code that is not handed one
+    yet: the data readers (``data.batches``), until they take the rank and world size."""
     return _current
 
 
@@ -164,14 +188,26 @@ def precision_dtypes(cfg: Config, engine: str,
     return torch.float32, (None if precision == "fp32" else low)
 
 
+def _joined() -> bool:
+    """Whether this process is in an initialised process group (several ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one (the CLI, when a command ends)."""
+    if _joined():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
-    if current().distributed:
+    """Wait for every rank (a no-op on one process)."""
+    if _joined():
         dist.barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks (a no-op on one process); returns a CPU float64 tensor."""
-    if not current().distributed:
+    if not _joined():
         return values.double().cpu()
     buf = values.double().to(_comm_device())
     dist.all_reduce(buf)
@@ -180,9 +216,9 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def gather_objects(obj: object) -> list:
     """Every rank's ``obj`` (a small picklable value), in rank order, on every rank."""
-    if not current().distributed:
+    if not _joined():
         return [obj]
-    gathered: list = [None] * current().world_size
+    gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
 
@@ -199,19 +235,3 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def rank0_says(flag: bool) -> bool:
-    """Rank 0's ``flag``, on every rank (one small all-reduce when there are several)."""
-    rt = current()
-    if rt.world_size == 1:
-        return flag
-    return all_reduce_sum(torch.tensor([float(flag and rt.is_main)])).item() > 0
-
-
-def rank0_value(value: float) -> float:
-    """Rank 0's ``value``, on every rank (exact for integers below 2**53)."""
-    rt = current()
-    if rt.world_size == 1:
-        return value
-    return all_reduce_sum(torch.tensor([float(value) if rt.is_main else 0.0])).item()

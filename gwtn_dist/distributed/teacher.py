@@ -21,20 +21,21 @@ from ..config import Config
 from ..models.family import build_wide
 from ..profiling import region
 from .engines import full_state_dict, held_bytes, shard_frozen
-from .runtime import current
+from .runtime import Runtime
 
 log = logging.getLogger("gwtn")
 
 
-def free_bytes_per_rank(device: torch.device) -> int:
-    """Memory one rank may use: free GPU memory, or MemAvailable over the node's ranks."""
+def free_bytes_per_rank(device: torch.device, local_world_size: int) -> int:
+    """Memory one rank may use: free GPU memory, or MemAvailable over the node's
+    ``local_world_size`` ranks."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     available = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             available = int(line.split()[1]) * 1024
-    return available // max(1, current().env.local_world_size)
+    return available // max(1, local_world_size)
 
 
 def choose_mode(wanted: str, total_bytes: int, free_bytes: int, fraction: float,
@@ -60,11 +61,12 @@ class Teacher:
     back as float32.
     """
 
-    def __init__(self, module: nn.Module, net, mode: str, reason: str):
+    def __init__(self, module: nn.Module, net, mode: str, reason: str, rt: Runtime):
         self.module = module  # the wide ResNet (partitioned when sharded)
         self.net = net  # what runs the forward: the module itself or its ZeRO-3 engine
         self.mode, self.reason = mode, reason
-        self.dtype = current().dtype
+        self.dtype = rt.dtype  # the training precision
+        self.world_size = rt.world_size
 
     @torch.no_grad()
     def __call__(self, x, upto: int | None = None, **kwargs):
@@ -86,7 +88,7 @@ class Teacher:
     def record(self) -> dict:
         """What summary.json says about the teacher's memory."""
         held, total = held_bytes(self.module)
-        return {"mode": self.mode, "reason": self.reason, "world_size": current().world_size,
+        return {"mode": self.mode, "reason": self.reason, "world_size": self.world_size,
                 "param_bytes_per_rank": held, "param_bytes_total": total}
 
 
@@ -97,21 +99,21 @@ def _as_float(out):
     return None if out is None else out.float()
 
 
-def load_teacher(cfg: Config, path: Path, device: torch.device) -> Teacher:
+def load_teacher(rt: Runtime, cfg: Config, path: Path, device: torch.device) -> Teacher:
     """The trained wide net from ``path``, frozen (eval mode, no grads), sharded or replicated."""
     wide = build_wide(cfg.model)
     checkpoint.load_weights(wide, path)
     wide.eval().requires_grad_(False)
-    rt = current()
     total = sum(p.numel() for p in wide.parameters()) * torch.finfo(rt.dtype).bits // 8
-    mode, reason = choose_mode(cfg.dist.teacher, total, free_bytes_per_rank(device),
-                               cfg.dist.teacher_memory_fraction, rt.world_size)
+    free = free_bytes_per_rank(device, rt.env.local_world_size)
+    mode, reason = choose_mode(cfg.dist.teacher, total, free, cfg.dist.teacher_memory_fraction,
+                               rt.world_size)
     if rt.is_main:
         log.info("teacher: %s (%s)", mode, reason)
     if mode == "shard":
         wide = wide.to(device=device, dtype=rt.dtype)  # contiguous: ZeRO-3 partitions storage
-        net = shard_frozen(wide, cfg.dist, cfg.data.batch_size // rt.world_size)
+        net = shard_frozen(rt, wide, cfg.dist, cfg.data.batch_size // rt.world_size)
     else:
         net = wide.to(device=device, dtype=rt.dtype, memory_format=torch.channels_last
                       if cfg.channels_last else torch.contiguous_format)
-    return Teacher(wide, net, mode, reason)
+    return Teacher(wide, net, mode, reason, rt)

@@ -19,7 +19,7 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config, ConfigError
 from ..data.batches import train_batches
-from ..distributed.runtime import all_reduce_sum, barrier, current, device_for
+from ..distributed.runtime import Runtime, all_reduce_sum, barrier, device_for
 from ..distributed.sync_bn import use_global_batchnorm
 from ..models.family import family_for, load_weights
 from ..models.weights import WeightsError
@@ -52,21 +52,21 @@ def load_init(model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
     return model
 
 
-def resolve_device(cfg: Config) -> torch.device:
+def resolve_device(rt: Runtime, cfg: Config) -> torch.device:
     """This rank's device: cfg.device, and on several GPUs the one of its local rank."""
-    return device_for(cfg, current().env)
+    return device_for(cfg, rt.env)
 
 
 def memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def place(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+def place(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """Move a net that will train to the run's device and memory format; under DeepSpeed with
     ``dist.sync_batchnorm``, its batch norms take statistics over the global batch."""
-    if cfg.dist.sync_batchnorm and current().engine == "deepspeed":
+    if cfg.dist.sync_batchnorm and rt.engine == "deepspeed":
         model = use_global_batchnorm(model, device)  # on CUDA, a net whose BNs are replaced
-    if current().engine == "deepspeed":
+    if rt.engine == "deepspeed":
         # DeepSpeed broadcasts and flattens parameters as contiguous storage; the activations
         # (the inputs) still use channels_last, which is what decides the conv kernels.
         return model.to(device=device)
@@ -111,16 +111,16 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0
     return scores
 
 
-def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], stream_tag: int,
-                 step_offset: int = 0) -> LoopContext:
+def loop_context(rt: Runtime, cfg: Config, stage_dir: Path, modules: dict[str, nn.Module],
+                 stream_tag: int, step_offset: int = 0) -> LoopContext:
     """The LoopContext of a stage; ``stream_tag`` gives each stage its own data order."""
-    device = resolve_device(cfg)
+    device = resolve_device(rt, cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules,
         batches=train_batches(cfg, stream_seed=cfg.seed * 101 + stream_tag), device=device,
-        micro_batch=cfg.data.batch_size // current().world_size,
-        prepare=partial(task_for(cfg).prepare, device=device, dtype=current().dtype),
-        checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
+        micro_batch=cfg.data.batch_size // rt.world_size,
+        prepare=partial(task_for(cfg).prepare, device=device, dtype=rt.dtype),
+        checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, rt=rt, progress=cfg.progress,
         evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples,
                                     split=task_for(cfg).curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset, log_every=cfg.log_every,
@@ -147,7 +147,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
+def finish_stage(rt: Runtime, cfg: Config, run_dir: Path, stage: str, model: nn.Module,
                  results: list[PhaseResult], meta: dict, extra: dict | None = None) -> dict:
     """Save the stage's net, score it on the validation and test splits (the task's
     ``score_splits``), write stage.json + DONE, update summary."""
@@ -168,10 +168,10 @@ def finish_stage(cfg: Config, run_dir: Path, stage: str, model: nn.Module,
         "resumes": list(getattr(results, "resumes", [])),
         # Bad training samples skipped by every rank's reader and worker, by reason.
         "skipped_samples": dict(getattr(results, "skipped", {})),
-        "world_size": current().world_size,
+        "world_size": rt.world_size,
         **(extra or {}),
     }
-    if current().is_main:
+    if rt.is_main:
         checkpoint.save_weights(model, stage_dir / "model.pt", meta)
         (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
         (stage_dir / "DONE").write_text("")

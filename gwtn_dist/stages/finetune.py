@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import Config, DistillConfig, OptimConfig
+from ..distributed.runtime import Runtime
 from ..distributed.teacher import load_teacher
 from ..models.family import Depth, build_thin, shape_meta
 from .common import (
@@ -30,7 +31,7 @@ from .tasks import task_for
 STAGE = "finetune"
 
 
-def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
+def train_thin(rt: Runtime, cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
                teacher: Path | None, kd_steps: int, label_steps: int, optim: OptimConfig,
                blocks: Depth | None = None, step_offset: int = 0,
                extra: dict | None = None, distill: DistillConfig | None = None) -> dict:
@@ -46,13 +47,13 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     seed_everything(cfg.seed + 2)
-    ctx = loop_context(cfg, stage_dir, {}, stream_tag=3, step_offset=step_offset)
+    ctx = loop_context(rt, cfg, stage_dir, {}, stream_tag=3, step_offset=step_offset)
     thin = build_thin(cfg.model, blocks=blocks)
     if init is not None:
         checkpoint.load_weights(thin, init)
-    thin = place(thin, cfg, ctx.device)
+    thin = place(rt, thin, cfg, ctx.device)
     ctx.modules = {"thin": thin}
-    wide = load_teacher(cfg, teacher, ctx.device) if kd_steps else None
+    wide = load_teacher(rt, cfg, teacher, ctx.device) if kd_steps else None
     d = distill or cfg.finetune.distill
     task = task_for(cfg)
 
@@ -80,10 +81,10 @@ def train_thin(cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
     if wide is not None:
         extra = {**(extra or {}), "teacher": wide.record()}
     meta = {"stage": stage, **shape_meta(cfg.model, wide=False, depth=blocks)}
-    return finish_stage(cfg, run_dir, stage, thin, results, meta, extra)
+    return finish_stage(rt, cfg, run_dir, stage, thin, results, meta, extra)
 
 
-def finetune(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
+def finetune(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
     """Stage 3: fine-tune the imitated thin net (optionally distilling from the wide net first).
 
     teacher_dir: the finished wide stage (default ``run_dir/wide``), used when kd_steps > 0.
@@ -94,5 +95,5 @@ def finetune(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dic
         teacher = require_stage(teacher_dir or run_dir / "wide", "wide")
     f = cfg.finetune
     imitate_steps = read_stage(run_dir / "imitate")["steps"]
-    return train_thin(cfg, run_dir, STAGE, init=init, teacher=teacher, kd_steps=f.kd_steps,
+    return train_thin(rt, cfg, run_dir, STAGE, init=init, teacher=teacher, kd_steps=f.kd_steps,
                       label_steps=f.label_steps, optim=f.optim, step_offset=imitate_steps)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..distributed.runtime import current
+from ..distributed.runtime import Runtime
 from ..distributed.teacher import load_teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges, merge_bridges
@@ -165,7 +165,7 @@ def masked_variance(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return ((t - mean) ** 2 * keep).sum() / (n - 1).clamp_min(1)
 
 
-def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
+def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
     """Run stage 2 into ``run_dir/imitate``; needs the wide stage (default ``run_dir/wide``)."""
     stage_dir = run_dir / STAGE
     if stage_done(stage_dir):
@@ -173,13 +173,13 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
     teacher_path = require_stage(teacher_dir or run_dir / "wide", "wide")
     check_init(cfg.imitate.init, "imitate.init")
     seed_everything(cfg.seed + 1)
-    ctx = loop_context(cfg, stage_dir, {}, stream_tag=2)
+    ctx = loop_context(rt, cfg, stage_dir, {}, stream_tag=2)
     device = ctx.device
-    wide = load_teacher(cfg, teacher_path, device)
+    wide = load_teacher(rt, cfg, teacher_path, device)
     thin = build_thin(cfg.model)
     if cfg.imitate.init:  # a resume then overwrites these weights with its checkpoint's
         load_init(thin, cfg.imitate.init, "imitate.init")
-    thin = place(thin, cfg, device)
+    thin = place(rt, thin, cfg, device)
     points = imitation_points(thin, cfg.model)
     ends = [point_index(thin, p) for p in points]  # block index of each point
     bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
@@ -252,7 +252,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
         return Phase(name, steps, ic.optim, groups, loss, student, setup=setup,
                      zero_stage=cfg.dist.student_zero_stage)
 
-    dtype = current().dtype  # the thin net's input dtype, as for prepared images
+    dtype = rt.dtype  # the thin net's input dtype, as for prepared images
 
     def make_parallel_phase(steps: int) -> Phase:
         trained = parallel_params(thin, points, bridges)
@@ -320,7 +320,7 @@ def imitate(cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head,
                           "attention_weight": ic.attention_weight, "schedule": ic.schedule,
                           "parallel_polish_steps": ic.parallel_polish_steps}}
-    return finish_stage(cfg, run_dir, STAGE, thin, results, meta, extra)
+    return finish_stage(rt, cfg, run_dir, STAGE, thin, results, meta, extra)
 
 
 def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float]:

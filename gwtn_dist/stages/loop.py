@@ -39,15 +39,8 @@ from ..config import ConfigError, DistConfig, LoggingConfig, OptimConfig, Profil
 from ..data.batches import TrainBatches
 from ..data.prefetch import Prefetcher, pinned
 from ..distributed import preempt
-from ..distributed.engines import make_engine
-from ..distributed.runtime import (
-    all_reduce_sum,
-    barrier,
-    current,
-    gather_objects,
-    rank0_says,
-    sum_counts,
-)
+from ..distributed.engines import Engine, make_engine
+from ..distributed.runtime import Runtime, all_reduce_sum, barrier, gather_objects, sum_counts
 
 log = logging.getLogger("gwtn")
 LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -131,6 +124,7 @@ class PhaseResults(list):
 class LoopContext:
     """What a stage's phases share: where to write, what to save, where batches come from.
 
+    rt: the process's place in the job and its engine and precision.
     modules: every module whose state must survive a crash (the students, bridges), by name.
     prepare(x, y) → the loaded batch on the device, as the phases' losses take it.
     evaluate(model) → metrics dict (test accuracy …), called every ``eval_every`` global steps.
@@ -146,6 +140,7 @@ class LoopContext:
     prepare: Callable[[object, torch.Tensor], tuple]
     checkpoint_every: int
     dist: DistConfig
+    rt: Runtime
     progress: bool = True
     evaluate: Callable[[nn.Module], dict] | None = None
     eval_every: int = 0
@@ -161,14 +156,16 @@ class MetricsLog:
     rewritten atomically), and a torn line (a kill or a full disk mid-write) is dropped with a
     warning instead of stopping the resume.
 
+    is_main: whether this process writes the file (rank 0; the others' calls do nothing).
     sinks: the dashboards (``metric_sinks``) that get every record written here, too."""
 
-    def __init__(self, path: Path, sinks: list | None = None):
+    def __init__(self, path: Path, is_main: bool = True, sinks: list | None = None):
         self.path = path
+        self.is_main = is_main
         self.sinks = sinks or []
 
     def write(self, record: dict) -> None:
-        if not current().is_main:
+        if not self.is_main:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -181,7 +178,7 @@ class MetricsLog:
         self.sinks = []
 
     def truncate_after(self, phase_index: int, step: int) -> None:
-        if not current().is_main or not self.path.is_file():
+        if not self.is_main or not self.path.is_file():
             return
         keep, torn = [], 0
         for line in self.path.read_text(errors="replace").splitlines():
@@ -235,7 +232,7 @@ class PlainProgress:
 def _progress_bar(ctx: LoopContext, phase: Phase, start: int) -> tqdm | PlainProgress:
     """tqdm on a terminal; plain periodic log lines otherwise; nothing off rank 0 or with
     ``progress=false``."""
-    show = ctx.progress and current().is_main
+    show = ctx.progress and ctx.rt.is_main
     if show and not sys.stderr.isatty():
         return PlainProgress(phase.name, phase.steps, start)
     return tqdm(total=phase.steps, initial=start, desc=phase.name, unit="step",
@@ -253,7 +250,8 @@ class PendingRecords:
     for once per ``log_every`` steps and a checkpoint never runs ahead of ``metrics.jsonl``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size  # what the summed values are divided by
         self.items: list[tuple[dict, torch.Tensor, dict, list[str]]] = []
 
     def add(self, record: dict, loss: torch.Tensor, extra: dict) -> None:
@@ -279,7 +277,7 @@ class PendingRecords:
             values += [next(fetched) if torch.is_tensor(extra[k]) else float(extra[k])
                        for k in keys]
         summed = all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
-        mean = iter(v / current().world_size for v in summed[1:])
+        mean = iter(v / self.world_size for v in summed[1:])
         out = []
         for record, _, _, keys in self.items:
             record["loss"] = next(mean)
@@ -304,7 +302,7 @@ def micro_batches(x, y: torch.Tensor, n: int) -> list[tuple]:
     return list(zip(xs, ys))
 
 
-def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
+def _forward_backward(rt: Runtime, phase: Phase, engine: Engine, x, y: torch.Tensor,
                       device: torch.device) -> tuple[torch.Tensor, dict]:
     """Forward (under the run's autocast) and backward of the step's ``optim.accumulate``
     micro-batches, one after the other, so only one micro-batch's activations are alive.
@@ -315,7 +313,6 @@ def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
     losses averaged over a varying count (masked-LM tokens: each micro-batch's mean weighs
     the same).
     """
-    rt = current()
     losses, extras = [], []
     for xm, ym in micro_batches(x, y, phase.optim.accumulate):
         with profiling.region("student_forward"), rt.autocast_context(device):
@@ -334,7 +331,7 @@ def _forward_backward(phase: Phase, engine, x, y: torch.Tensor,
     return torch.stack(losses).mean(), extra
 
 
-def _save(ctx: LoopContext, engine, stream: dict, phase_index: int, step: int, done: bool,
+def _save(ctx: LoopContext, engine: Engine, stream: dict, phase_index: int, step: int, done: bool,
           recent: list, wall: float, results: PhaseResults) -> None:
     """Write the stage checkpoint (and, mid-phase, the engine's own state) atomically.
     stream: the data stream's position after the last batch trained on."""
@@ -345,7 +342,7 @@ def _save(ctx: LoopContext, engine, stream: dict, phase_index: int, step: int, d
         "recent_losses": recent, "phase_wall_s": wall,
         "results": [r.as_dict() for r in results],
         "resumes": results.resumes,
-        "world_size": current().world_size,
+        "world_size": ctx.rt.world_size,
     }
     tag = None
     if not done:
@@ -354,7 +351,7 @@ def _save(ctx: LoopContext, engine, stream: dict, phase_index: int, step: int, d
     if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
         state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     failure: OSError | None = None
-    if current().is_main:
+    if ctx.rt.is_main:
         try:
             checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
             # Only now that neither checkpoint.pt nor the previous one names them may older
@@ -364,7 +361,7 @@ def _save(ctx: LoopContext, engine, stream: dict, phase_index: int, step: int, d
             failure = exc
     # Rank 0's outcome reaches every rank (this is also the barrier after the save), so when
     # its write fails the others stop at once instead of waiting out dist.timeout_s later.
-    if rank0_says(failure is not None):
+    if ctx.rt.rank0_says(failure is not None):
         raise failure or OSError(f"rank 0 could not write {ctx.stage_dir / 'checkpoint.pt'}; "
                                  f"stopping (see rank 0's error)")
 
@@ -390,7 +387,7 @@ def _resume_state(ctx: LoopContext) -> dict | None:
         return None
     state = checkpoint.load_with_fallback(path)
     saved_world = state.get("world_size", 1)
-    if "engine" in state and saved_world != current().world_size:
+    if "engine" in state and saved_world != ctx.rt.world_size:
         raise ConfigError(
             f"{path} stopped mid-phase on {saved_world} rank(s); its optimizer state (under "
             f"DeepSpeed, its partitions) is bound to that world size, so resume it on "
@@ -410,11 +407,11 @@ def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists; the
     results carry where every resume picked up (``resumes``)."""
-    rt = current()
+    rt = ctx.rt
     if rt.is_main:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl")
+    metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl", rt.is_main)
     state = _resume_state(ctx)
     results = PhaseResults()
     results.resumes, results.skipped = [], {}
@@ -456,7 +453,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             phase = phases[index]
             start = first_step if index == first_phase else 0
             phase.setup()
-            engine = make_engine(phase.module, phase.groups(), phase.optim, phase.steps,
+            engine = make_engine(rt, phase.module, phase.groups(), phase.optim, phase.steps,
                                  zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
                                  micro_batch=ctx.micro_batch)
             if rt.is_main and engine.config is not None:
@@ -472,7 +469,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             profiling.use(breakdown)
             timing = StepTiming()
             tick = time.perf_counter()
-            pending = PendingRecords()
+            pending = PendingRecords(rt.world_size)
             value = math.nan  # the latest logged loss
             for step in range(start, phase.steps):
                 trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
@@ -484,7 +481,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                     batch = feed.next(index, step)
                     x, y = batch if on_host else ctx.prepare(*batch)
                 timing.data_s += time.perf_counter() - tick
-                loss, extra = _forward_backward(phase, engine, x, y, ctx.device)
+                loss, extra = _forward_backward(rt, phase, engine, x, y, ctx.device)
                 logged = (step + 1) % ctx.log_every == 0
                 saving = (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps
                 grad_norm = engine.step(grad_norm=logged)

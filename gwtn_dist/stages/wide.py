@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Config
-from ..distributed.runtime import barrier, current
+from ..distributed.runtime import Runtime, barrier
 from ..models.family import build_wide, shape_meta
 from . import teacher_cache
 from .common import (
@@ -34,14 +34,14 @@ from .tasks import task_for
 STAGE = "wide"
 
 
-def train_wide(cfg: Config, run_dir: Path) -> dict:
+def train_wide(rt: Runtime, cfg: Config, run_dir: Path) -> dict:
     """Train the wide net into ``run_dir/wide``; returns the stage record (skips a DONE stage,
     and copies the teacher from ``wide.cache`` when it is there)."""
     stage_dir = run_dir / STAGE
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     check_init(cfg.wide.init, "wide.init")
-    if current().is_main and teacher_cache.fetch(cfg, stage_dir):
+    if rt.is_main and teacher_cache.fetch(cfg, stage_dir):
         record = {**read_stage(stage_dir), "from_cache": str(teacher_cache.cache_dir(cfg))}
         (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
         update_summary(run_dir, STAGE, record)
@@ -52,24 +52,25 @@ def train_wide(cfg: Config, run_dir: Path) -> dict:
     meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
     extra = {"init": cfg.wide.init} if cfg.wide.init else None
     if cfg.wide.steps == 0:
-        wide = place(load_init(build_wide(cfg.model), cfg.wide.init), cfg, resolve_device(cfg))
-        if current().is_main:  # a trained stage's files, its step log empty
+        wide = place(rt, load_init(build_wide(cfg.model), cfg.wide.init), cfg,
+                     resolve_device(rt, cfg))
+        if rt.is_main:  # a trained stage's files, its step log empty
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "metrics.jsonl").write_text("")
-        record = finish_stage(cfg, run_dir, STAGE, wide, [], meta, extra)
+        record = finish_stage(rt, cfg, run_dir, STAGE, wide, [], meta, extra)
     else:
-        record = _train(cfg, run_dir, meta, extra)
-    if current().is_main:
+        record = _train(rt, cfg, run_dir, meta, extra)
+    if rt.is_main:
         teacher_cache.store(cfg, stage_dir)
     return record
 
 
-def _train(cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:
-    ctx = loop_context(cfg, run_dir / STAGE, {}, stream_tag=1)
+def _train(rt: Runtime, cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:
+    ctx = loop_context(rt, cfg, run_dir / STAGE, {}, stream_tag=1)
     wide = build_wide(cfg.model)
     if cfg.wide.init:
         load_init(wide, cfg.wide.init)
-    wide = place(wide, cfg, ctx.device)
+    wide = place(rt, wide, cfg, ctx.device)
     ctx.modules = {"wide": wide}
     task = task_for(cfg)
 
@@ -78,4 +79,4 @@ def _train(cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:
                   loss=partial(task.label_loss, wide), module=wide, setup=wide.train,
                   eval_model=wide, zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
-    return finish_stage(cfg, run_dir, STAGE, wide, results, meta, extra)
+    return finish_stage(rt, cfg, run_dir, STAGE, wide, results, meta, extra)
