@@ -101,29 +101,30 @@ def _old_flat(model: dict) -> dict:
 
 @pytest.mark.parametrize("path", [BERT, RESNET], ids=["bert", "resnet"])
 def test_a_run_resumes_from_its_saved_config_in_either_form(tmp_path, path):
+    from gwtn_dist.distributed.runtime import Runtime
     from gwtn_dist.pipeline import prepare_run_dir, release_locks
 
     run_dir = tmp_path / "run"
     cfg = load_config(path, [f"run_dir={run_dir}"])
-    prepare_run_dir(cfg, run_dir)
+    prepare_run_dir(Runtime(), cfg, run_dir)
     release_locks()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     other = {"bert": "blocks", "resnet": "layers"}[cfg.model.family]
     assert other not in saved["model"]  # today's form: the family's keys only
     resumed = load_config(path, [f"run_dir={run_dir}", "resume=true"])
-    prepare_run_dir(resumed, run_dir)  # compares equal to a fresh load
+    prepare_run_dir(Runtime(), resumed, run_dir)  # compares equal to a fresh load
     release_locks()
     old = {**saved, "model": _old_flat(saved["model"])}
     assert other in old["model"]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    prepare_run_dir(resumed, run_dir)  # a run saved with the old flat section resumes too
+    prepare_run_dir(Runtime(), resumed, run_dir)  # a run saved with the old flat section resumes too
     release_locks()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
     key, value = {"bert": ("model.layers", 3), "resnet": ("model.blocks", [2, 1, 1])}[
         cfg.model.family]
     changed = load_config(path, [f"run_dir={run_dir}", "resume=true", f"{key}={value}"])
     with pytest.raises(ConfigError, match=re.escape(key)):
-        prepare_run_dir(changed, run_dir)
+        prepare_run_dir(Runtime(), changed, run_dir)
     release_locks()
 
 
