@@ -119,7 +119,8 @@ def loop_context(cfg: Config, stage_dir: Path, modules: dict[str, nn.Module], st
     device = resolve_device(cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules,
-        batches=train_batches(cfg, stream_seed=cfg.seed * 101 + stream_tag), device=device,
+        batches=train_batches(cfg, cfg.seed * 101 + stream_tag, current().rank,
+                              current().world_size), device=device,
         micro_batch=cfg.data.batch_size // current().world_size,
         prepare=partial(task_for(cfg).prepare, device=device, dtype=current().dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, progress=cfg.progress,
