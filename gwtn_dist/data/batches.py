@@ -125,28 +125,21 @@ def split_mlm(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 
 @functools.lru_cache(maxsize=16)
-def _split_samples(index_path: str, mtime_ns: int) -> tuple[str | None, dict[str, int]]:
+def _token_split_samples(index_path: str, mtime_ns: int) -> dict[str, int]:
     index = json.loads(Path(index_path).read_text())
-    return index.get("format"), {split: int(info["samples"])
-                                 for split, info in index["splits"].items()}
-
-
-def split_samples(shards: str | Path, fmt: str | None = None) -> dict[str, int]:
-    """Samples per split as the index.json of folder ``shards`` lists them (``{}`` when it holds
-    none, or, with ``fmt``, one of another format: the readers then say what is wrong). Read
-    again when index.json changes."""
-    path = Path(shards) / "index.json"
-    try:
-        found, counts = _split_samples(str(path), path.stat().st_mtime_ns)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    if index.get("format") != "tokens":
         return {}
-    return dict(counts) if fmt is None or found == fmt else {}
+    return {split: int(info["samples"]) for split, info in index["splits"].items()}
 
 
 def token_split_samples(shards: str | Path) -> dict[str, int]:
     """Samples per split of the token shards in folder ``shards`` (``{}`` when it holds no
-    token index.json)."""
-    return split_samples(shards, "tokens")
+    token index.json; the readers then say what is wrong). Read again when index.json changes."""
+    path = Path(shards) / "index.json"
+    try:
+        return _token_split_samples(str(path), path.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def text_eval_split(shards: str | Path, split: str) -> str:
