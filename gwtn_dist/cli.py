@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
-from .data.fashion_mnist import CLASSES, DataSourceError, load_split
-from .data.shards import write_image_shards
+from .data.datasets import ensure_shards
+from .data.errors import DataSourceError
 from .distributed import preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
@@ -40,38 +39,7 @@ from .kernel_bench import add_arguments as add_kernel_bench_arguments
 from .launch import add_launch_command
 from .stages.common import StageOrderError
 
-log = logging.getLogger("gwtn")
 EXIT_DIVERGED, EXIT_CHECKPOINT, EXIT_IO = 3, 4, 74
-
-
-def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> dict:
-    splits = {split: load_split(src, split) for split in ("train", "test")}
-    return write_image_shards(out, splits, source="fashion-mnist", classes=CLASSES,
-                              progress=progress)
-
-
-def ensure_shards(rt: runtime.Runtime, cfg: Config, wait_s: float = 600.0) -> None:
-    """Write the Fashion-MNIST shards from Debian's package if the config's folder has none
-    (rank 0 writes them while the other ranks wait; a process that finds another writing them,
-    e.g. a second compare worker, waits for it)."""
-    from .workers import FileLock
-
-    shards = Path(cfg.data.shards)
-    if cfg.data.dataset == "fashion-mnist" and rt.is_main:
-        deadline = time.monotonic() + wait_s
-        while FileLock(shards / ".lock").busy() and time.monotonic() < deadline:
-            time.sleep(1.0)
-        if not (shards / "index.json").is_file():
-            log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
-            write_fashion_mnist(shards, None, progress=cfg.progress)
-    runtime.barrier()
-
-
-def _cmd_shards(args: argparse.Namespace) -> None:
-    index = write_fashion_mnist(Path(args.out), Path(args.src) if args.src else None)
-    for split, info in index["splits"].items():
-        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
-    print(f"wrote {Path(args.out) / 'index.json'}")
 
 
 def _load(args: argparse.Namespace,
@@ -86,7 +54,8 @@ def _load(args: argparse.Namespace,
         logging.getLogger().setLevel(logging.WARNING)
     check_loss_backend(cfg, runtime.device_for(cfg, rt.env))
     preempt.install(Path(cfg.run_dir), rt)
-    ensure_shards(rt, cfg)
+    ensure_shards(cfg, is_main=rt.is_main)
+    runtime.barrier()  # the other ranks wait while rank 0 writes missing shards
     return rt, cfg
 
 
@@ -203,10 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     kinds = sub.add_parser("shards", help="write webdataset shards of a dataset").add_subparsers(
         dest="dataset", required=True)
-    p = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files → shards")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--src", help="folder of MNIST-format idx files (default: Debian's package)")
-    p.set_defaults(func=_cmd_shards)
     add_shard_commands(kinds)
     add_tokenizer_command(sub)
     add_launch_command(sub)

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from .config import Config, tune_points, with_overrides
+from .data.datasets import dataset_of
 from .distributed.runtime import Runtime
 from .models.family import family_for
 from .pipeline import prepare_run_dir
@@ -254,7 +255,7 @@ def compare(rt: Runtime, cfg: Config) -> dict:
         "select_metric": task.select_metric, "secondary": list(task.secondary),
         "criterion": CRITERION,
         "seeds": c.seeds, "tune_seeds": c.tune_seeds if c.tune else [],
-        "val_samples": cfg.data.val_samples if cfg.data.dataset == "fashion-mnist" else None,
+        "val_samples": dataset_of(cfg).carved_val_samples(cfg),
         "validation": task.validation, "separate_test": task.separate_test,
         "labels": dict(task.labels),
         "tuning": {arm: plan.tuning(arm) for arm in c.arms},

@@ -31,8 +31,7 @@ from benchmarks.checkout import use_checkout  # after the Triton mode is chosen
 
 use_checkout()
 
-from gwtn_dist.cli import write_fashion_mnist
-from gwtn_dist.data.fashion_mnist import DEBIAN_DIR
+from gwtn_dist.data.fashion_mnist import DEBIAN_DIR, write_fashion_mnist
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

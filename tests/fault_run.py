@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from gwtn_dist import checkpoint
-from gwtn_dist.cli import write_fashion_mnist
+from gwtn_dist.data.fashion_mnist import write_fashion_mnist
 from tests.conftest import REPO, make_idx_dataset
 from tests.test_distributed import env, free_port, torchrun
 

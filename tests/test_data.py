@@ -120,7 +120,7 @@ def test_a_shard_folder_being_written_is_refused_and_a_killed_rewrite_lists_noth
     import socket
     import subprocess
 
-    from gwtn_dist.cli import write_fashion_mnist
+    from gwtn_dist.data.fashion_mnist import write_fashion_mnist
 
     out = tmp_path / "shards"
     write_fashion_mnist(out, idx_dir, progress=False)

@@ -78,9 +78,9 @@ def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, 
         unit["dir"] = str(seed_dir)
         return real_run_arm(rt, cfg, seed_dir, arm, teacher_dir)
 
-    def reader(cfg, limit=0, rank=None, split="test"):
+    def reader(cfg, limit, rank, world, split="test"):
         reads.append((unit["dir"], split))
-        return real_reader(cfg, limit, rank=rank, split=split)
+        return real_reader(cfg, limit, rank, world, split)
 
     monkeypatch.setattr(compare_module, "run_arm", run_arm)
     monkeypatch.setattr(tasks_module, "rank_eval_batches", reader)

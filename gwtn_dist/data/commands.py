@@ -1,5 +1,6 @@
-"""The data subcommands of ``gwtn``: shard writers for image folders and text, tokenizer training.
+"""The data subcommands of ``gwtn``: shard writers for every dataset, tokenizer training.
 
+    gwtn shards fashion-mnist OUT [--src DIR]  MNIST-format idx files → (npy, cls) shards
     gwtn shards imagefolder SRC OUT           ImageNet-style class folders → (jpg, cls) shards
     gwtn shards wikipedia DUMP… OUT           pages-articles XML(.bz2) or JSON lines → token shards
     gwtn shards text FILE… OUT                plain UTF-8 text → token shards
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .fashion_mnist import write_fashion_mnist
 from .imagefolder import write_imagefolder_shards
 from .text_shards import iter_texts, write_text_shards
 from .tokenizer import train_tokenizer
@@ -23,6 +25,13 @@ def _print_index(index: dict, out: str) -> None:
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s){extra}; "
               f"skipped {info['skipped']}" + (f" ({reasons})" if reasons else ""))
     print(f"wrote {Path(out) / 'index.json'}")
+
+
+def _cmd_fashion_mnist(args: argparse.Namespace) -> None:
+    index = write_fashion_mnist(Path(args.out), Path(args.src) if args.src else None)
+    for split, info in index["splits"].items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    print(f"wrote {Path(args.out) / 'index.json'}")
 
 
 def _cmd_imagefolder(args: argparse.Namespace) -> None:
@@ -71,7 +80,13 @@ def _text_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_shard_commands(kinds: argparse._SubParsersAction) -> None:
-    """Register ``imagefolder``, ``wikipedia`` and ``text`` under ``gwtn shards``."""
+    """Register ``fashion-mnist``, ``imagefolder``, ``wikipedia`` and ``text`` under
+    ``gwtn shards``."""
+    p = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files → shards")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--src", help="folder of MNIST-format idx files (default: Debian's package)")
+    p.set_defaults(func=_cmd_fashion_mnist)
+
     p = kinds.add_parser("imagefolder", help="class folders of images (train/, val/) → shards")
     p.add_argument("src", help="folder with train/<class>/* and/or val/<class>/*")
     p.add_argument("out", help="output folder")

@@ -1,4 +1,5 @@
-"""Read MNIST-format idx files (Fashion-MNIST as Debian's ``dataset-fashion-mnist`` ships it)."""
+"""Read MNIST-format idx files (Fashion-MNIST as Debian's ``dataset-fashion-mnist`` ships it),
+and write them as webdataset shards (``gwtn shards fashion-mnist``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataSourceError
+from .shards import write_image_shards
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FILES = {
@@ -66,3 +68,11 @@ def load_split(src: Path | str | None, split: str) -> tuple[np.ndarray, np.ndarr
             f"{src}: {split} images {images.shape} and labels {labels.shape} do not match"
         )
     return images, labels
+
+
+def write_fashion_mnist(out: Path, src: Path | None, progress: bool = True) -> dict:
+    """Write Fashion-MNIST's train and test splits from the idx files in ``src`` (None: Debian's
+    package) as image shards in ``out``; returns the index (see ``shards.write_image_shards``)."""
+    splits = {split: load_split(src, split) for split in ("train", "test")}
+    return write_image_shards(out, splits, source="fashion-mnist", classes=CLASSES,
+                              progress=progress)

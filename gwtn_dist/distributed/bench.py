@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from .. import checkpoint
-from ..cli import write_fashion_mnist
 from ..config import load_config
 from ..data.bench import machine
+from ..data.fashion_mnist import write_fashion_mnist
 from ..models.family import build_wide
 from ..models.resnet.family import resnet_shape
 

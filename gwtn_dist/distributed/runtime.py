@@ -80,15 +80,6 @@ class Runtime:
         return all_reduce_sum(torch.tensor([float(value) if self.is_main else 0.0])).item()
 
 
-_current = Runtime()
-
-
-def current() -> Runtime:
-    """The Runtime ``setup`` made (``Runtime()`` before it), for code that is not handed one
-    yet: the data readers (``data.batches``), until they take the rank and world size."""
-    return _current
-
-
 def device_for(cfg: Config, env: DistEnv) -> torch.device:
     """cfg.device, with the rank's own GPU (its local rank) when there are several."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -100,8 +91,8 @@ def device_for(cfg: Config, env: DistEnv) -> torch.device:
 
 
 def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
-    """Join the job: choose engine and precision, init the process group if needed."""
-    global _current
+    """Join the job: choose engine and precision, init the process group if needed. The
+    returned Runtime is the process's one: the CLI makes it once and hands it on."""
     env = env or discover()
     engine = cfg.dist.engine
     if engine == "auto":
@@ -141,9 +132,8 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
         init_distributed(backend, cfg.dist.timeout_s)
         log.info("rank %d of %d (local %d, launcher %s), backend %s, %s", env.rank,
                  env.world_size, env.local_rank, env.launcher, backend, precision)
-    _current = Runtime(env=env, engine=engine, dtype=weights, autocast=autocast,
-                       precision=precision)
-    return _current
+    return Runtime(env=env, engine=engine, dtype=weights, autocast=autocast,
+                   precision=precision)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -79,7 +79,7 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0,
+def evaluate(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device, limit: int = 0,
              split: str = "test") -> dict:
     """The task's metrics over the held-out ``split`` (its first ``limit`` samples if set):
     ``test``/``val`` accuracy and cross-entropy for images, masked-LM accuracy and perplexity
@@ -93,14 +93,14 @@ def evaluate(model: nn.Module, cfg: Config, device: torch.device, limit: int = 0
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # the task's counts (correct, samples, loss)
-    batches = task.eval_batches(limit, split=split)
+    batches = task.eval_batches(limit, rt.rank, rt.world_size, split)
     filler = None
     while True:
         mine = next(batches, None)
         if all_reduce_sum(torch.tensor([mine is not None])).item() == 0:
             break  # every rank is done
         if mine is None and filler is None:
-            filler = next(task.eval_batches(limit, rank=0, split=split))
+            filler = next(task.eval_batches(limit, 0, rt.world_size, split))
         x, y = task.prepare(*(mine if mine is not None else filler), device,
                             dtype=next(model.parameters()).dtype)
         logits, targets = task.scored(model, x, y)
@@ -117,11 +117,11 @@ def loop_context(rt: Runtime, cfg: Config, stage_dir: Path, modules: dict[str, n
     device = resolve_device(rt, cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules,
-        batches=train_batches(cfg, stream_seed=cfg.seed * 101 + stream_tag), device=device,
-        micro_batch=cfg.data.batch_size // rt.world_size,
+        batches=train_batches(cfg, cfg.seed * 101 + stream_tag, rt.rank, rt.world_size),
+        device=device, micro_batch=cfg.data.batch_size // rt.world_size,
         prepare=partial(task_for(cfg).prepare, device=device, dtype=rt.dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, rt=rt, progress=cfg.progress,
-        evaluate=lambda m: evaluate(m, cfg, device, limit=cfg.eval_samples,
+        evaluate=lambda m: evaluate(rt, m, cfg, device, limit=cfg.eval_samples,
                                     split=task_for(cfg).curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset, log_every=cfg.log_every,
         profile=cfg.profile, logging=cfg.logging, prefetch=cfg.data.prefetch,
@@ -155,7 +155,7 @@ def finish_stage(rt: Runtime, cfg: Config, run_dir: Path, stage: str, model: nn.
     device = next(model.parameters()).device
     scores = {}
     for split in task_for(cfg).score_splits:
-        scores.update(evaluate(model, cfg, device, split=split))
+        scores.update(evaluate(rt, model, cfg, device, split=split))
     record = {
         "stage": stage,
         "steps": sum(r.steps for r in results),

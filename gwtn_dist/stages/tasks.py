@@ -41,8 +41,10 @@ class ScoredTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def eval_batches(self, limit: int, rank: int | None = None, split: str = "test"):
-        return rank_eval_batches(self.cfg, limit, rank=rank, split=split)
+    def eval_batches(self, limit: int, rank: int, world: int, split: str = "test"):
+        """Rank ``rank`` of ``world``'s share of the held-out ``split``, model-ready (its first
+        ``limit`` samples over all ranks; 0 = all)."""
+        return rank_eval_batches(self.cfg, limit, rank, world, split)
 
     def label_loss(self, model, x, y) -> tuple[torch.Tensor, dict]:
         """Cross-entropy of ``model``'s scored outputs against the labels, and the batch's

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..config import Config, flat_model_section, to_dict
+from ..data.datasets import dataset_of
 
 log = logging.getLogger("gwtn")
 FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
@@ -34,27 +35,12 @@ def teacher_settings(cfg: Config) -> dict:
         wide["init"] = _weights_sha256(Path(cfg.wide.init))
     else:  # keys of teachers trained before wide.init existed stay what they were
         wide.pop("init", None)
-    if cfg.data.dataset == "text" and (periods := _test_split_periods(Path(cfg.data.shards))):
+    if periods := dataset_of(cfg).test_split_identity(cfg):
         data["token_splits"] = periods
     # The model section in its flat form: keys of teachers cached before each family had its
     # own section stay what they were.
     return {"model": flat_model_section(cfg.model), "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
-
-
-def _test_split_periods(shards: Path) -> dict:
-    """``val_every``/``test_every`` of token shards that have a test split; {} for shards
-    without one, so keys of teachers trained on two-split shards stay what they were."""
-    try:
-        index = json.loads((shards / "index.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if "test" not in index.get("splits", {}):
-        return {}
-    periods = {"val_every": index.get("val_every"), "test_every": index.get("test_every")}
-    if "split_rule" in index:  # the same periods take other documents under another rule
-        periods["split_rule"] = index["split_rule"]
-    return periods
 
 
 def _weights_sha256(path: Path) -> str:

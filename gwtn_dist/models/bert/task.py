@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ...data.batches import token_split_samples
+from ...data.datasets import dataset_of
 from ...data.mlm import IGNORE
 from ...stages.tasks import ScoredTask
 from ..bridge import Bridges
@@ -36,7 +36,7 @@ class TextTask(ScoredTask):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        counts = token_split_samples(cfg.data.shards) if cfg.data.dataset == "text" else {}
+        counts = dataset_of(cfg).split_samples(cfg)
         self.separate_test = bool(counts.get("test"))
         if self.separate_test:
             self.curve_split, self.select_metric = "val", "val_mlm_accuracy"

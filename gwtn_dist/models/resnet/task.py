@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
+from ...data.datasets import dataset_of
 from ...stages.tasks import ScoredTask
 from ..bridge import Bridges
 
@@ -38,7 +39,7 @@ class ImageTask(ScoredTask):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        has_val = cfg.data.dataset == "fashion-mnist" and cfg.data.val_samples > 0
+        has_val = dataset_of(cfg).carves_validation(cfg)
         self.curve_split = "val" if has_val else "test"
         self.separate_test = has_val
         self.select_metric = f"{self.curve_split}_accuracy"
