@@ -89,7 +89,7 @@ def synthetic_context(rt, cfg, stage_dir, modules, stream_tag, step_offset=0):
         profile=cfg.profile)
 
 
-def not_scored(model, cfg, device, limit: int = 0, split: str = "test") -> dict:
+def not_scored(rt, model, cfg, device, limit: int = 0, split: str = "test") -> dict:
     """What ``finish_stage`` records instead of scores: no held-out data here."""
     from gwtn_dist.stages.tasks import task_for
 

@@ -21,24 +21,16 @@ from gwtn_dist.stages.loop import LoopContext, Phase, micro_batches, run_phases
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def restore_runtime():
-    """Tests here call ``runtime.setup``; put the process back as it was afterwards."""
-    saved = runtime._current
-    yield
-    runtime._current = saved
-
-
 def one_process(*overrides: str) -> runtime.Runtime:
     return runtime.setup(load_config(None, ["device=cpu", *overrides]))
 
 
-def test_auto_precision_on_cpu_is_fp32(restore_runtime):
+def test_auto_precision_on_cpu_is_fp32():
     rt = one_process()
     assert (rt.precision, rt.dtype, rt.autocast) == ("fp32", torch.float32, None)
 
 
-def test_bf16_on_one_process_autocasts_and_keeps_fp32_weights(restore_runtime):
+def test_bf16_on_one_process_autocasts_and_keeps_fp32_weights():
     rt = one_process("dist.precision=bf16")
     assert rt.engine == "torch" and rt.dtype == torch.float32 and rt.autocast == torch.bfloat16
     net = nn.Linear(4, 3)
@@ -64,7 +56,7 @@ def test_lamb_under_deepspeed_needs_zero_stage_0_and_autocasts():
         (torch.bfloat16, None)
 
 
-def test_fp16_on_cpu_scales_skips_inf_steps_and_resumes_the_scaler(restore_runtime, tmp_path):
+def test_fp16_on_cpu_scales_skips_inf_steps_and_resumes_the_scaler(tmp_path):
     """autocast fp16 runs on CPU in this torch; the GradScaler skips a step whose gradients
     are inf (weights unchanged, scale halved) and its state round-trips with the engine's."""
     rt = one_process("dist.precision=fp16")
