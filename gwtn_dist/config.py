@@ -802,7 +802,9 @@ def _check_compare(cfg: Config) -> None:
     if not c.tune_seeds or set(c.tune_seeds) & set(c.seeds):
         raise ConfigError(f"compare.tune_seeds: tuning seeds are never reported seeds; got "
                           f"{c.tune_seeds} against compare.seeds {c.seeds}")
-    if cfg.data.dataset == "fashion-mnist" and not cfg.data.val_samples:
+    from .data.datasets import dataset_of  # data/ imports this module: import on use
+
+    if dataset_of(cfg).carved_val_samples(cfg) == 0:  # a carved validation split left empty
         raise ConfigError("compare.tune: choices are made on the validation split; set "
                           "data.val_samples > 0")
     known = _leaf_keys(to_dict(cfg))
