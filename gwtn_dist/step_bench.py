@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, with_overrides
 from .distributed.runtime import Runtime
 from .kernels import select_imitation_mse
-from .models.family import build_thin, build_wide, point_index
+from .models.family import build_thin, build_wide, family_for, point_index
 from .optim import build_optimizer
 from .stages.common import place, resolve_device
 
@@ -48,6 +48,15 @@ def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def _check_images(cfg: Config, command: str) -> None:
+    """Both benchmarks feed synthetic 28×28 images: refuse, in one line, a family whose nets
+    take something else."""
+    family = family_for(cfg.model)
+    if not family.takes_images:
+        raise ConfigError(f"gwtn bench {command}: needs a family whose nets take images; "
+                          f"model.family {family.name!r} does not (yet)")
 
 
 def _batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +96,7 @@ def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path) -> tu
 
 def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
     """Bare loop vs the framework, ``rounds`` interleaved rounds; rows per round + the median."""
+    _check_images(cfg, "step")
     device = resolve_device(rt, cfg)
     rows = []
     for r in range(rounds):
@@ -153,8 +163,7 @@ def imitate_backends(device: torch.device) -> list[str]:
 
 def bench_imitate(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
     """Imitation steps per backend vs the floor, ``rounds`` interleaved rounds; medians."""
-    if cfg.model.family != "resnet":
-        raise ConfigError("gwtn bench imitate: ResNet configs only for now (model.family)")
+    _check_images(cfg, "imitate")
     device = resolve_device(rt, cfg)
     backends = imitate_backends(device)
     runs = {"floor": _floor_step(rt, cfg, device),

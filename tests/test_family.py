@@ -18,7 +18,7 @@ PACKAGE = REPO / "gwtn_dist"
 FAMILY_PACKAGES = (PACKAGE / "models" / "resnet", PACKAGE / "models" / "bert")
 # A branch on which family a config, net or task is: compare a family name, or test a
 # family's own class.
-BRANCH = re.compile(r"family\s*==|isinstance\([^)]*\b(Bert|ResNet|ImageTask|TextTask)\w*")
+BRANCH = re.compile(r"family\s*[!=]=|isinstance\([^)]*\b(Bert|ResNet|ImageTask|TextTask)\w*")
 BERT = REPO / "configs/bert_tiny_cpu.yaml"
 RESNET = REPO / "configs/tiny_cpu.yaml"
 

@@ -208,6 +208,19 @@ def test_gwtn_bench_kernels_bad_options_are_one_line(tmp_path, capsys):
     assert err.startswith("gwtn: error:") and "--shapes" in err and len(err.splitlines()) == 1
 
 
+
+@pytest.mark.parametrize("command", ["step", "imitate"])
+def test_gwtn_bench_step_and_imitate_refuse_a_family_without_images_in_one_line(
+        tmp_path, capsys, command):
+    from tests.conftest import REPO
+
+    assert main(["bench", command, str(REPO / "configs" / "bert_tiny_cpu.yaml"),
+                 f"data.shards={tmp_path}", "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gwtn: error: gwtn bench {command}:") and "'bert'" in err
+    assert len(err.splitlines()) == 1
+
+
 def _mlp_phase(steps: int, nan_at: int = 0):
     """A tiny MLP phase whose loss returns a 0-d train accuracy as a device extra (like the
     stages do), and a NaN loss at step ``nan_at`` (1-based; 0: never)."""

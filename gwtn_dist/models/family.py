@@ -48,6 +48,7 @@ class Family(Protocol):
     depth_label: str  # what the deeper baseline's depth counts ("blocks", "layers")
     docs: str  # the docs page that describes the family's shapes and weights
     lift_only: bool  # bridges are lifts P only (no trained back map Q; see models/bridge.py)
+    takes_images: bool  # nets take (B, model.in_channels, H, W) images (the step benchmarks' input)
 
     def check_config(self, cfg: Config) -> None:
         """Raise ConfigError naming the key for any ``model.*`` value (and any family-specific

@@ -42,6 +42,7 @@ class BertFamily:
     depth_label = "layers"
     docs = "docs/bert.md"
     lift_only = True
+    takes_images = False
 
     def check_config(self, cfg: Config) -> None:
         m = cfg.model

@@ -45,6 +45,7 @@ class ResNetFamily:
     depth_label = "blocks"
     docs = "docs/resnet.md"
     lift_only = False
+    takes_images = True
 
     def check_config(self, cfg: Config) -> None:
         m = cfg.model
