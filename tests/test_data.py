@@ -33,6 +33,25 @@ def test_eval_visits_every_test_sample_once_in_order(shard_dir, idx_dir):
     assert torch.equal(limited, y[:100])
 
 
+def test_a_split_read_again_comes_from_memory_until_its_shards_are_rewritten(tmp_path):
+    import numpy as np
+
+    from gwtn_dist.data.shards import write_image_shards
+
+    def write(value: int) -> None:
+        images = np.full((10, 4, 4), value, dtype=np.uint8)
+        write_image_shards(tmp_path, {"test": (images, np.arange(10) % 2)}, "test", ["a", "b"],
+                           progress=False)
+
+    write(1)
+    first = [x for x, _ in eval_batches(tmp_path, batch_size=4)]
+    assert [len(x) for x in first] == [4, 4, 2] and all(int(x.max()) == 1 for x in first)
+    first[0].fill_(9)  # a caller changing its batch must not change what the next pass reads
+    assert all(int(x.max()) == 1 for x, _ in eval_batches(tmp_path, batch_size=4))
+    write(2)  # same folder, new files: read again, not served from memory
+    assert all(int(x.max()) == 2 for x, _ in eval_batches(tmp_path, batch_size=4))
+
+
 def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
     a = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
     b = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)

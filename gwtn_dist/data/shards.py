@@ -15,6 +15,7 @@ enough to resume exactly where a run stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -290,11 +291,37 @@ def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
     """Every sample of ``split`` exactly once, in file order (the first ``limit`` if set).
 
     only: read just these indices of ``split`` (the validation split, out of ``train``).
+
+    The split is decoded on the first evaluation and kept in memory for the process (an
+    MNIST-size split is a few MB): a validation pass every ``eval_every`` steps would otherwise
+    re-read the training tars, since the validation indices are spread over all of them. The
+    cache is keyed by the shard files' size and mtime, so rewritten shards are read again.
     """
     bound = _bound_after(limit, frozenset(), only)
-    urls = shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0)
-    return iter(_pipeline(urls, batch_size, shuffle_seed=None, buffer=0, bound=bound,
-                          exclude=frozenset(), include=only, partial=True))
+    urls = tuple(shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0))
+    stamp = tuple((Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls)
+    return _slices(urls, stamp, bound, only, batch_size)
+
+
+def _slices(urls: tuple[str, ...], stamp: tuple, bound: int, only: frozenset[int] | None,
+            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # A generator, so a shard error surfaces on the first batch, as when streaming.
+    images, labels = _decoded_split(urls, stamp, bound, only)  # uint8 (N, C, H, W), int64 (N,)
+    for start in range(0, len(labels), batch_size):
+        # Copies: a caller may change a batch in place; the cached split must stay as read.
+        yield images[start:start + batch_size].clone(), labels[start:start + batch_size].clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_split(urls: tuple[str, ...], stamp: tuple, bound: int,
+                   only: frozenset[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected samples of ``urls`` decoded: uint8 (N, C, H, W) and int64 (N,)."""
+    del stamp  # part of the cache key only
+    batches = list(_pipeline(list(urls), 1024, shuffle_seed=None, buffer=0, bound=bound,
+                             exclude=frozenset(), include=only, partial=True))
+    if not batches:
+        return torch.zeros((0, 1, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int,
