@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_command(sub)
 
     helps = {
-        "run": ("all three stages, then the configured baselines", _cmd_run),
+        "run": ("all three stages, then the other arms of `arms`", _cmd_run),
         "wide": ("stage 1: train the wide twin", _cmd_stage),
         "imitate": ("stage 2: layerwise imitation of the wide twin", _cmd_stage),
         "finetune": ("stage 3: fine-tune the imitated thin net", _cmd_stage),

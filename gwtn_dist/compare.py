@@ -107,7 +107,7 @@ class ComparePlan:
                               run=lambda s=s, root=root: train_wide(self.rt, self.teacher_cfg(s),
                                                                     root),
                               done=lambda root=root: stage_done(root / "wide")))
-        for arm in c.arms:
+        for arm in self.cfg.arms:
             for i, point in enumerate(tune_points(c.tune.get(arm, {})) if c.tune else []):
                 for s in c.tune_seeds:
                     folder = self.tune_dir(arm, i, s)
@@ -120,7 +120,7 @@ class ComparePlan:
                         needs=self._teacher_needs(arm, s)))
         for mult in c.budget_mults:
             for s in c.seeds:
-                for arm in c.arms:
+                for arm in self.cfg.arms:
                     folder = self.seed_dir(mult, s)
                     tuned = [f"tune/{arm}/p{i}/seed{t}"
                              for i in range(len(tune_points(c.tune[arm])) if c.tune else 0)
@@ -196,14 +196,15 @@ def _budget_table(plan: ComparePlan, mult: float) -> dict:
     budget = method_budget(scaled(plan.cfg, mult))
     metrics = [task.select_metric, task.metric]
     records = {arm: {s: arm_record(plan.seed_dir(mult, s), arm) for s in c.seeds}
-               for arm in c.arms}
-    rows = {arm: _arm_row(records[arm], budget, metrics, task.secondary) for arm in c.arms}
+               for arm in plan.cfg.arms}
+    rows = {arm: _arm_row(records[arm], budget, metrics, task.secondary) for arm in plan.cfg.arms}
     table = {"budget_mult": mult, "budget_steps": budget, "arms": rows, "paired": {},
              "verdicts": {}}
     if "win" in records:
         table["after_imitation"] = _after_imitation(records["win"])
     kd_mean = rows["kd"]["mean"] if "kd" in rows else None
-    references = [("scratch", arm) for arm in c.arms if arm != "scratch" and "scratch" in rows]
+    references = [("scratch", arm) for arm in plan.cfg.arms
+                  if arm != "scratch" and "scratch" in rows]
     if "win" in rows and "deeper" in rows:
         references.append(("deeper", "win"))  # the paper's headline: thin WIN vs deeper scratch
     for ref, arm in references:
@@ -239,7 +240,8 @@ def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
 
 
 def compare(rt: Runtime, cfg: Config) -> dict:
-    """Train every unit of ``cfg.compare`` (with any other worker on the same folder), then
+    """Train every unit of ``cfg.compare`` for every arm of ``cfg.arms`` (with any other worker
+    on the same folder), then
     write and return the report."""
     out_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "compare", exclusive=False)
     plan = ComparePlan(rt, cfg, out_dir)
@@ -258,7 +260,7 @@ def compare(rt: Runtime, cfg: Config) -> dict:
         "val_samples": dataset_of(cfg).carved_val_samples(cfg),
         "validation": task.validation, "separate_test": task.separate_test,
         "labels": dict(task.labels),
-        "tuning": {arm: plan.tuning(arm) for arm in c.arms},
+        "tuning": {arm: plan.tuning(arm) for arm in cfg.arms},
         "budget_steps": first["budget_steps"], "arms": first["arms"],
         "budgets": budgets,
         "teacher": _teacher(plan, first["arms"].get("scratch")),
@@ -268,7 +270,7 @@ def compare(rt: Runtime, cfg: Config) -> dict:
     curves = {arm: [read_curve(
         [plan.seed_dir(c.budget_mults[0], s) / st for st in
          (["imitate", "finetune"] if arm == "win" else [arm])], task.select_metric)
-        for s in c.seeds] for arm in c.arms}
+        for s in c.seeds] for arm in cfg.arms}
     write_compare(out_dir, table, curves)
     print((out_dir / "compare.md").read_text())
     return table

@@ -270,8 +270,8 @@ class BaselineConfig:
 
 @dataclass
 class CompareConfig:
-    """``gwtn compare``: the method against baselines at the same thin-net step budget, over
-    paired seeds (every arm runs every seed; see ``docs/protocol.md``).
+    """``gwtn compare``: the arms of the top-level ``arms`` list at the same thin-net step
+    budget, over paired seeds (every arm runs every seed; see ``docs/protocol.md``).
 
     The budget is imitate steps + finetune steps of the method; ``scratch``, ``kd`` and
     ``deeper`` train with ``baseline`` (the from-scratch recipe) for that many steps;
@@ -293,7 +293,6 @@ class CompareConfig:
     """
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: ["scratch", "kd", "win", "deeper"])
     deeper_blocks: list[int] = field(default_factory=lambda: [8, 8, 8])
     deeper_layers: int = 0
     share_teacher: bool = False
@@ -414,8 +413,11 @@ class Config:
     two-split token shards: the val split).
     eval_test: score finished nets on the test split too (default true); ``gwtn compare``'s
     tuning runs set it false, so that no choice can read the test split.
-    baselines: arms that ``gwtn run`` trains beside the method at its thin-net step budget
-    (``scratch``, ``kd``, ``deeper``); ``gwtn compare`` runs them over several seeds.
+    arms: the one list of arms, in table order: ``win`` (the method: wide → imitate →
+    finetune), ``scratch`` (the thin net from scratch), ``kd`` (logit distillation from the
+    same teacher), ``deeper`` (a deeper thin net from scratch). ``gwtn run`` trains the method
+    and every other arm listed, at the method's thin-net budget; ``gwtn compare`` compares
+    exactly these arms over its seeds. Default: the method alone.
     threads: torch CPU threads (0 = torch's default).
     log_every: every N steps a metrics record also carries the step time, data wait,
     throughput, peak memory and gradient norm (measured without stopping the device).
@@ -434,7 +436,7 @@ class Config:
     eval_samples: int = 2000
     eval_test: bool = True
     log_every: int = 20
-    baselines: list[str] = field(default_factory=list)
+    arms: list[str] = field(default_factory=lambda: ["win"])
     model: ModelConfig = field(default_factory=default_model)
     data: DataConfig = field(default_factory=DataConfig)
     wide: WideStageConfig = field(default_factory=WideStageConfig)
@@ -584,6 +586,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 def config_from_dict(tree: dict) -> Config:
     """Build and validate a Config from a nested dict (e.g. a parsed YAML file)."""
+    old = "baselines" if "baselines" in tree else \
+        "compare.arms" if isinstance(tree.get("compare"), dict) and "arms" in tree["compare"] \
+        else None
+    if old:
+        raise ConfigError(f"{old}: replaced by the one top-level list `arms` (what gwtn run "
+                          f"trains and gwtn compare compares), e.g. arms: [scratch, kd, win]")
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
@@ -661,7 +669,15 @@ def flat_model_section(m: ModelConfig) -> dict:
 def upgrade_saved_tree(tree: dict) -> dict:
     """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
     written before each family had its own (every family's keys, flat) keeps only the keys of
-    its ``model.family``, which are all that ever decided what the run computed."""
+    its ``model.family``, which are all that ever decided what the run computed. The two arm
+    lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``) become the one
+    ``arms``: the compared arms, then any other baseline that was trained."""
+    if "baselines" in tree or "arms" in (tree.get("compare") or {}):
+        compare = dict(tree.get("compare") or {})
+        arms = list(compare.pop("arms", ["scratch", "kd", "win", "deeper"]))
+        arms += [a for a in tree.get("baselines") or [] if a not in arms]
+        tree = {**{k: v for k, v in tree.items() if k != "baselines"}, "arms": arms,
+                "compare": compare}
     model = tree.get("model")
     variants = ModelConfig.variants()
     if not isinstance(model, dict) or model.get("family", DEFAULT_FAMILY) not in variants:
@@ -809,13 +825,13 @@ def _check_compare(cfg: Config) -> None:
                           "data.val_samples > 0")
     known = _leaf_keys(to_dict(cfg))
     sizes = {}
-    for arm in c.arms:
+    for arm in cfg.arms:
         if arm not in c.tune:
             raise ConfigError(f"compare.tune: every arm gets the same tuning effort; give "
-                              f"{arm!r} a grid too (or drop it from compare.arms)")
+                              f"{arm!r} a grid too (or drop it from arms)")
     for arm, grid in c.tune.items():
-        if arm not in c.arms:
-            raise ConfigError(f"compare.tune.{arm}: not one of compare.arms {c.arms}")
+        if arm not in cfg.arms:
+            raise ConfigError(f"compare.tune.{arm}: not one of arms {cfg.arms}")
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"compare.tune.{arm}: expected a mapping of dotted keys to lists "
                               f"of values, got {grid!r}")
@@ -890,15 +906,12 @@ def validate(cfg: Config) -> None:
     c = cfg.compare
     if not c.seeds:
         raise ConfigError("compare.seeds: give at least one seed")
-    for arm in c.arms:
+    for arm in cfg.arms:
         if arm not in ARMS:
-            raise ConfigError(f"compare.arms: {arm!r} is not an arm; choose from {', '.join(ARMS)}")
+            raise ConfigError(f"arms: {arm!r} is not an arm; choose from {', '.join(ARMS)}")
+    if len(set(cfg.arms)) != len(cfg.arms):
+        raise ConfigError(f"arms: each arm once, got {cfg.arms}")
     _check_compare(cfg)
-    for arm in cfg.baselines:
-        if arm not in BASELINES:
-            raise ConfigError(
-                f"baselines: {arm!r} is not a baseline; choose from {', '.join(BASELINES)}"
-            )
     _positive("eval_samples", cfg.eval_samples, allow_zero=True)
     _positive("checkpoint.every", cfg.checkpoint.every)
     _positive("eval_every", cfg.eval_every, allow_zero=True)

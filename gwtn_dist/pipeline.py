@@ -131,10 +131,11 @@ def run_stage(rt: Runtime, cfg: Config, stage: str) -> tuple[Path, dict]:
 
 
 def run_all(rt: Runtime, cfg: Config) -> dict:
-    """Wide → imitate → finetune in ``cfg.run_dir``, then the configured baselines."""
+    """Wide → imitate → finetune in ``cfg.run_dir``, then every other arm of ``cfg.arms``."""
     run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir))
     records = {stage: train(rt, cfg, run_dir) for stage, train in STAGES.items()}
-    for arm in cfg.baselines:
+    baselines = [arm for arm in cfg.arms if arm != "win"]
+    for arm in baselines:
         records[arm] = train_baseline(rt, cfg, run_dir, arm,
                                       teacher=run_dir / "wide" / "model.pt")
     task = task_for(cfg)
@@ -147,7 +148,7 @@ def run_all(rt: Runtime, cfg: Config) -> dict:
         # Curves read the validation split (the test split is for the table only).
         metric = task.select_metric
         curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], metric)]}
-        curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in cfg.baselines})
+        curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in baselines})
         label = task.labels.get(metric, metric.replace("_", " "))
         plot_curves(run_dir / "curves.png", curves, {"title": f"thin net: {label} vs thin-net steps"},
                     teacher_accuracy=records["wide"][metric], label=label)

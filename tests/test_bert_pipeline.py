@@ -120,7 +120,7 @@ def test_tiny_bert_pretrains_through_all_stages(tmp_path, text_shards):
 def test_a_twin_with_a_wider_hidden_size_warms_up_the_thin_bert(tmp_path, text_shards):
     run_dir = tmp_path / "wider"
     assert main(["-q", "run", *run_args(run_dir, text_shards, "model.widen.boundary_mult=2",
-                                        "imitate.target_norm=none", "baselines=[]",
+                                        "imitate.target_norm=none", "arms=[win]",
                                         "eval_every=0")]) == 0
     imit = json.loads((run_dir / "imitate" / "stage.json").read_text())
     assert imit["bridges"] is True and imit["head"] == "random"
@@ -143,7 +143,7 @@ def test_parallel_imitation_warms_up_a_thin_bert_from_a_wider_twin(tmp_path, tex
     run_dir = tmp_path / "parallel"
     assert main(["-q", "run", *run_args(
         run_dir, text_shards, "model.widen.boundary_mult=2", "imitate.schedule=parallel",
-        "imitate.parallel_polish_steps=3", "imitate.attention_weight=0.5", "baselines=[]",
+        "imitate.parallel_polish_steps=3", "imitate.attention_weight=0.5", "arms=[win]",
         "eval_every=0", "wide.steps=40", "finetune.label_steps=10")]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())["stages"]
     imit = summary["imitate"]
@@ -163,7 +163,8 @@ def test_attention_transfer_and_compare_for_the_bert_family(tmp_path, text_shard
     assert main(["-q", "compare", *run_args(
         run_dir, text_shards, "wide.steps=20", "imitate.steps_per_point=4",
         "imitate.attention_weight=1.0", "finetune.label_steps=6", "finetune.kd_steps=2",
-        "compare.seeds=[0]", "compare.deeper_layers=3", "eval_every=0")]) == 0
+        "compare.seeds=[0]", "compare.deeper_layers=3", "eval_every=0",
+        "arms=[scratch,kd,win,deeper]")]) == 0
     table = json.loads((run_dir / "compare" / "compare.json").read_text())
     assert table["metric"] == "mlm_accuracy" and set(table["arms"]) == {
         "scratch", "kd", "win", "deeper"}
@@ -283,7 +284,7 @@ def test_two_split_shards_read_their_one_held_out_split_and_warn(tmp_path, two_s
     # A comparison on them chooses and reports on the one split, and says so.
     assert main(["-q", "compare", *run_args(
         tmp_path / "cmp", two_split_shards, "wide.steps=6", "imitate.steps_per_point=2",
-        "finetune.label_steps=2", "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        "finetune.label_steps=2", "arms=[scratch,win]", "compare.seeds=[0]",
         "eval_every=0")]) == 0
     table = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
     assert table["select_metric"] == table["metric"] == "mlm_accuracy"

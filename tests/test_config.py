@@ -66,23 +66,26 @@ def test_file_values_survive_where_not_overridden():
     (["model.inner_widths=[8,16]"], ["model.inner_widths", "one width per stage"]),
     (["model.widen.boundary_mult=2", "model.imitation_points=blocks"],
      ["model.imitation_points", "boundary_mult"]),
-    (["compare.arms=[scratch,magic]"], ["compare.arms", "magic"]),
+    (["arms=[scratch,magic]"], ["arms", "magic"]),
+    (["arms=[win,scratch,win]"], ["arms", "each arm once"]),
+    (["baselines=[scratch]"], ["baselines", "replaced", "arms"]),
+    (["compare.arms=[scratch,win]"], ["compare.arms", "replaced", "arms"]),
     (["finetune.distill.alpha=2"], ["finetune.distill.alpha", "[0, 1]"]),
     (["wide.optim.milestones=[0.8,0.2]"], ["wide.optim.milestones", "ascending"]),
     (["progress=maybe"], ["progress", "true or false"]),
     (["no_equals_sign"], ["key.sub=value"]),
     (["wide.steps.x=1"], ["wide.steps", "not a section"]),
-    (["compare.arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}"],
+    (["arms=[scratch,win]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}"],
      ["compare.tune", "'win'", "same tuning effort"]),
-    (["compare.arms=[scratch,win]", ("compare.tune={scratch: {baseline.optim.lr: [0.1]}, "
+    (["arms=[scratch,win]", ("compare.tune={scratch: {baseline.optim.lr: [0.1]}, "
       "win: {finetune.optim.lr: [0.01, 0.02]}}")], ["compare.tune", "'scratch': 1", "'win': 2"]),
-    (["compare.arms=[scratch]", "compare.tune={scratch: {wide.optim.lr: [0.1]}}"],
+    (["arms=[scratch]", "compare.tune={scratch: {wide.optim.lr: [0.1]}}"],
      ["compare.tune.scratch", "wide.optim.lr", "baseline.optim."]),
-    (["compare.arms=[win]", "compare.tune={win: {finetune.label_steps: [10, 20]}}"],
+    (["arms=[win]", "compare.tune={win: {finetune.label_steps: [10, 20]}}"],
      ["finetune.label_steps", "budget"]),
-    (["compare.arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
+    (["arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
       "compare.tune_seeds=[1]", "compare.seeds=[0,1]"], ["compare.tune_seeds", "never reported"]),
-    (["compare.arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
+    (["arms=[scratch]", "compare.tune={scratch: {baseline.optim.lr: [0.1]}}",
       "data.val_samples=0"], ["data.val_samples", "validation"]),
     (["compare.budget_mults=[0]"], ["compare.budget_mults"]),
     (["wide.optim.lr=.nan"], ["wide.optim.lr", "finite"]),
@@ -171,3 +174,27 @@ def test_each_run_with_date_gets_its_own_folder(tmp_path, shard_dir, capsys):
     capsys.readouterr()
     assert main(["-q", "wide", *args, "resume=true"]) == 2
     assert "give its folder" in capsys.readouterr().err
+
+
+def test_a_folder_saved_with_the_two_old_arm_lists_resumes_under_the_one_arms_list(tmp_path):
+    from gwtn_dist.distributed.runtime import Runtime
+    from gwtn_dist.pipeline import prepare_run_dir, release_locks
+
+    run_dir = tmp_path / "run"
+    path = REPO / "configs/tiny_cpu.yaml"
+    cfg = load_config(path, [f"run_dir={run_dir}", "arms=[scratch,kd,win]"])
+    prepare_run_dir(Runtime(), cfg, run_dir)
+    release_locks()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # As saved before `arms`: gwtn run's `baselines` and gwtn compare's `compare.arms`.
+    old = {**{k: v for k, v in saved.items() if k != "arms"}, "baselines": ["scratch"],
+           "compare": {**saved["compare"], "arms": ["scratch", "kd", "win"]}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    prepare_run_dir(Runtime(), load_config(path, [f"run_dir={run_dir}", "resume=true",
+                                                  "arms=[scratch,kd,win]"]), run_dir)
+    release_locks()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="arms"):
+        prepare_run_dir(Runtime(), load_config(path, [f"run_dir={run_dir}", "resume=true",
+                                                      "arms=[scratch,win]"]), run_dir)
+    release_locks()

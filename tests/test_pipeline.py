@@ -74,7 +74,7 @@ def test_run_writes_every_stage_and_the_baseline(tmp_path, shard_dir):
 def test_boundary_widening_runs_and_merges_back_to_the_thin_shape(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     assert main(["-q", "run", *fast_args(run_dir, shard_dir, "model.widen.boundary_mult=2",
-                                         "imitate.target_norm=layernorm", "baselines=[]")]) == 0
+                                         "imitate.target_norm=layernorm", "arms=[win]")]) == 0
     from gwtn_dist.config import load_config
     from gwtn_dist.models.family import build_thin
 
@@ -92,11 +92,11 @@ def _weights(path: Path) -> dict:
 def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
     # Uninterrupted reference run.
     ref = tmp_path / "ref"
-    gwtn("run", *fast_args(ref, shard_dir, "baselines=[]"))
+    gwtn("run", *fast_args(ref, shard_dir, "arms=[win]"))
     # Same run, killed with SIGKILL once imitation has written a mid-phase checkpoint.
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "gwtn_dist", "run",
-                             *fast_args(run_dir, shard_dir, "baselines=[]")],
+                             *fast_args(run_dir, shard_dir, "arms=[win]")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run_dir / "imitate" / "checkpoint.pt"
     deadline = time.time() + 300
@@ -108,9 +108,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shard_dir):
     killed_at = torch.load(ckpt, weights_only=True)  # where the resume must pick up
     finished = {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
                 for p in (run_dir / "wide").iterdir() if p.is_file()}
-    again = gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]"), check=False)
+    again = gwtn("run", *fast_args(run_dir, shard_dir, "arms=[win]"), check=False)
     assert again.returncode == 2 and "resume=true" in again.stderr
-    gwtn("run", *fast_args(run_dir, shard_dir, "baselines=[]", "resume=true"))
+    gwtn("run", *fast_args(run_dir, shard_dir, "arms=[win]", "resume=true"))
     # The finished wide stage was left alone (same bytes, same mtime) ...
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
             for p in (run_dir / "wide").iterdir() if p.is_file()} == finished
@@ -201,6 +201,7 @@ def test_shards_command_writes_the_index(tmp_path, idx_dir):
 def test_compare_writes_table_json_and_plot(tmp_path, shard_dir):
     run_dir = tmp_path / "cmp"
     assert main(["-q", "compare", *fast_args(run_dir, shard_dir, "compare.seeds=[0,1]",
+                                             "arms=[scratch,kd,win,deeper]",
                                              "compare.deeper_blocks=[2,2,2]",
                                              "compare.share_teacher=true")]) == 0
     out = run_dir / "compare"

@@ -86,7 +86,7 @@ def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, 
     monkeypatch.setattr(tasks_module, "rank_eval_batches", reader)
     run_dir = tmp_path / "cmp"
     assert main(["-q", "compare", *fast_args(
-        run_dir, shard_dir, "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        run_dir, shard_dir, "arms=[scratch,win]", "compare.seeds=[0]",
         "compare.tune_seeds=[5]", "compare.share_teacher=true", "finetune.kd_steps=0",
         "data.val_samples=200", TUNE)]) == 0
     out = run_dir / "compare"
@@ -116,7 +116,7 @@ def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, 
 def test_two_workers_share_one_comparison(tmp_path, shard_dir):
     run_dir = tmp_path / "cmp"
     args = [sys.executable, "-m", "gwtn_dist", "compare", *fast_args(
-        run_dir, shard_dir, "compare.arms=[scratch,kd,win]", "compare.seeds=[0,1]",
+        run_dir, shard_dir, "arms=[scratch,kd,win]", "compare.seeds=[0,1]",
         "compare.share_teacher=false", "threads=1", "eval_every=0")]
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -166,7 +166,7 @@ def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_
     axes = ("regime.axes={depth: [{label: shallow, model.blocks: [1,1,1]}, "
             "{label: deep, model.blocks: [2,1,1]}]}")
     assert main(["-q", "regime", *fast_args(
-        run_dir, shard_dir, "compare.arms=[scratch,win]", "compare.seeds=[0]",
+        run_dir, shard_dir, "arms=[scratch,win]", "compare.seeds=[0]",
         "compare.share_teacher=true", "eval_every=0", "wide.steps=10",
         "imitate.steps_per_point=4", "finetune.kd_steps=0", "finetune.label_steps=6", axes)]) == 0
     out = run_dir / "regime"

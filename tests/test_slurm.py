@@ -52,7 +52,7 @@ def cluster(tmp_path_factory):
 def tiny(shard_dir: Path, run_dir: Path) -> list[str]:
     return [str(REPO / "configs" / "tiny_cpu.yaml"), f"run_dir={run_dir}",
             f"data.shards={shard_dir}", "progress=false", "threads=1", "eval_every=0",
-            "data.train_samples=0", "baselines=[]", "wide.steps=40", "checkpoint.every=5",
+            "data.train_samples=0", "arms=[win]", "wide.steps=40", "checkpoint.every=5",
             "imitate.steps_per_point=4", "finetune.kd_steps=2", "finetune.label_steps=6"]
 
 
