@@ -58,17 +58,11 @@ class SyntheticBatches:
     def next(self, phase_index: int, step: int):
         import torch
 
+        from gwtn_dist.models.family import family_for
+
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.n)
         self.n += 1
-        m, b = self.cfg.model, self.cfg.data.batch_size
-        if m.family == "bert":
-            ids = torch.randint(5, m.vocab_size, (b, m.max_len), generator=g)
-            labels = torch.where(torch.rand(b, m.max_len, generator=g) < 0.15, ids,
-                                 torch.full_like(ids, -100))
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
-        side = 28 if self.cfg.data.dataset == "fashion-mnist" else self.cfg.data.image_size
-        x = torch.randn(b, m.in_channels, side, side, generator=g)
-        return x, torch.randint(0, m.num_classes, (b,), generator=g)
+        return family_for(self.cfg).synthetic_batch(self.cfg, self.cfg.data.batch_size, g)
 
 
 def synthetic_context(rt, cfg, stage_dir, modules, stream_tag, step_offset=0):

@@ -23,8 +23,7 @@ from .. import checkpoint
 from ..config import load_config
 from ..data.bench import machine
 from ..data.fashion_mnist import write_fashion_mnist
-from ..models.family import build_wide
-from ..models.resnet.family import resnet_shape
+from ..models.family import build_wide, shape_meta
 
 
 def _free_port() -> int:
@@ -39,7 +38,7 @@ def measure(config: str, shards: Path, out: Path, world: int, mode: str, steps: 
     cfg = load_config(config)
     wide = build_wide(cfg.model)
     checkpoint.save_weights(wide, run_dir / "wide" / "model.pt",
-                            {"stage": "wide", "shape": resnet_shape(cfg.model, True).__dict__})
+                            {"stage": "wide", **shape_meta(cfg.model, wide=True)})
     (run_dir / "wide" / "DONE").write_text("")
     (run_dir / "wide" / "stage.json").write_text("{}")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",

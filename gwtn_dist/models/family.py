@@ -18,6 +18,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
@@ -99,6 +100,11 @@ class Family(Protocol):
     def export(self, model: nn.Module, out: Path, tokenizer: Path | None) -> list[Path]:
         """Write ``model`` in another library's format into folder ``out``; returns the files.
         Raises ExportError (``export_hf``) for what cannot be exported."""
+
+    def synthetic_batch(self, cfg: Config, batch_size: int,
+                        generator: torch.Generator) -> tuple[Any, torch.Tensor]:
+        """A random (x, y) batch of the task's shapes, as the data would give it (benchmarks
+        that time steps without reading data)."""
 
 
 _families: dict[str, Family] = {}

@@ -118,6 +118,15 @@ class BertFamily:
         """A Hugging Face BertForMaskedLM folder, or a weights file in HF's or our names."""
         load_hf_bert(model, Path(path))
 
+    def synthetic_batch(self, cfg: Config, batch_size: int,
+                        generator: torch.Generator) -> tuple[dict, torch.Tensor]:
+        # input_ids, attention_mask: (B, T) int64; labels: (B, T), -100 where no loss is taken
+        m = cfg.model
+        ids = torch.randint(5, m.vocab_size, (batch_size, m.max_len), generator=generator)
+        masked = torch.rand(batch_size, m.max_len, generator=generator) < 0.15
+        labels = torch.where(masked, ids, torch.full_like(ids, -100))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
+
     def export(self, model: Bert, out: Path, tokenizer: Path | None) -> list[Path]:
         from .export import export_model  # it imports export_hf, which finds it through here
 

@@ -171,6 +171,14 @@ class ResNetFamily:
         """A state dict in our, torchvision's or timm's names (``names.py``)."""
         load_resnet_weights(model, read_state_dict(Path(path)))
 
+    def synthetic_batch(self, cfg: Config, batch_size: int,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, C, side, side) normalised-like noise; y: (B,) class indices
+        m = cfg.model
+        side = 28 if cfg.data.dataset == "fashion-mnist" else cfg.data.image_size
+        x = torch.randn(batch_size, m.in_channels, side, side, generator=generator)
+        return x, torch.randint(0, m.num_classes, (batch_size,), generator=generator)
+
     def export(self, model: ResNet, out: Path, tokenizer: Path | None) -> list[Path]:
         from ...export_hf import ExportError  # export_hf finds its writer through the family
         from .export import export_resnet
