@@ -27,24 +27,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class WideningConfig:
-    """How the wide twin is made from the thin net.
+    """How the wide twin is made from the thin net (``model.widen``); each family's model
+    section extends it with its own multipliers (``models/<family>/config.py``).
 
-    inner_mult: multiplier of every bottleneck's inner 3×3 width (paper's ResNet reading: 4).
-    boundary_mult: multiplier of the block-boundary widths (a BERT's hidden size); 1 keeps them
-    equal so no linear pairs are needed. Above 1, linear pairs are trained during imitation
-    and merged afterwards; a BERT gets lifts only (see ``models/bridge.py``).
-
-    BERT (the paper does not say how it widened BERT; inner widening at the same hidden size is
-    MobileBERT's choice, so boundary_mult defaults to 1): attention_mult multiplies each head's
-    width, so the attention inner width heads × head_dim grows while the number of heads stays,
-    and attention maps correspond head by head (default 4); ffn_mult multiplies the
-    feed-forward width (default 4).
+    boundary_mult: multiplier of the block-boundary widths (the widths the imitation points
+    carry); 1 keeps them equal so no linear pairs are needed. Above 1, linear pairs are
+    trained during imitation and merged afterwards, or lifts only where the family says so
+    (see ``models/bridge.py``).
     """
 
-    inner_mult: int = 4
     boundary_mult: int = 1
-    attention_mult: int = 4
-    ffn_mult: int = 4
 
 
 DEFAULT_FAMILY = "resnet"  # the family of a config that does not name one
@@ -661,15 +653,18 @@ def flat_model_section(m: ModelConfig) -> dict:
     ``model`` section of configs before each family had its own. Teacher-cache keys hash this
     form, so that teachers cached before stay found."""
     flat: dict = {}
+    widen: dict = {}  # the one widen section of then: every family's multipliers
     for cls in ModelConfig.variants().values():
         flat.update(dataclasses.asdict(cls()))
-    return {**flat, **dataclasses.asdict(m)}
+        widen.update(flat["widen"])
+    own = dataclasses.asdict(m)
+    return {**flat, **own, "widen": {**widen, **own["widen"]}}
 
 
 def upgrade_saved_tree(tree: dict) -> dict:
     """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
-    written before each family had its own (every family's keys, flat) keeps only the keys of
-    its ``model.family``, which are all that ever decided what the run computed. The two arm
+    written before each family had its own (every family's keys, flat, ``widen`` included) keeps
+    only the keys of its ``model.family``, which are all that ever decided what the run computed. The two arm
     lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``) become the one
     ``arms``: the compared arms, then any other baseline that was trained."""
     if "baselines" in tree or "arms" in (tree.get("compare") or {}):
@@ -682,8 +677,13 @@ def upgrade_saved_tree(tree: dict) -> dict:
     variants = ModelConfig.variants()
     if not isinstance(model, dict) or model.get("family", DEFAULT_FAMILY) not in variants:
         return tree
-    own = {f.name for f in dataclasses.fields(variants[model.get("family", DEFAULT_FAMILY)])}
-    return {**tree, "model": {k: v for k, v in model.items() if k in own}}
+    cls = variants[model.get("family", DEFAULT_FAMILY)]
+    own = {f.name for f in dataclasses.fields(cls)}
+    model = {k: v for k, v in model.items() if k in own}
+    if isinstance(model.get("widen"), dict):  # then shared: it held every family's multipliers
+        own_widen = {f.name for f in dataclasses.fields(cls().widen)}
+        model["widen"] = {k: v for k, v in model["widen"].items() if k in own_widen}
+    return {**tree, "model": model}
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gwtn_dist.config import ConfigError, WideningConfig, load_config
-from gwtn_dist.models.bert.config import BertModelConfig
+from gwtn_dist.config import ConfigError, load_config
+from gwtn_dist.models.bert.config import BertModelConfig, BertWidening
 from gwtn_dist.models.bert.net import Bert
 from gwtn_dist.models.bridge import Bridges, merge_bridges
 from gwtn_dist.models.family import build_thin, build_wide, imitation_points
@@ -17,7 +17,7 @@ from tests.conftest import REPO
 def tiny() -> BertModelConfig:
     return BertModelConfig(hidden=32, layers=3, heads=2, head_dim=16, ffn=64,
                            vocab_size=50, max_len=24, dropout=0.0,
-                           widen=WideningConfig(attention_mult=3, ffn_mult=2))
+                           widen=BertWidening(attention_mult=3, ffn_mult=2))
 
 
 def batch(lengths: list[int], t: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:

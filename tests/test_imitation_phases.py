@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from gwtn_dist.config import Config, WideningConfig
+from gwtn_dist.config import Config
 from gwtn_dist.models.bert.net import attention_bias
 from gwtn_dist.models.bert.net import imitation_points as bert_points
 from gwtn_dist.models.bert.task import TextTask
 from gwtn_dist.models.bridge import Bridges
 from gwtn_dist.models.family import build_thin, build_wide
 from gwtn_dist.models.resnet.config import ResNetModelConfig as ModelConfig
+from gwtn_dist.models.resnet.config import ResNetWidening
 from gwtn_dist.models.resnet.net import imitation_points, point_block_index
 from gwtn_dist.models.resnet.task import ImageTask, run_prefix
 from gwtn_dist.stages.imitate import (
@@ -74,7 +75,7 @@ def test_every_block_points_give_one_block_per_phase(thin):
 
 def test_pairs_join_the_phase_that_uses_them():
     cfg = ModelConfig(blocks=[1, 1, 1], inner_widths=[4, 4, 4], stem_width=8,
-                      widen=WideningConfig(inner_mult=2, boundary_mult=2))
+                      widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
     points = imitation_points(thin, "stages")
     bridges = Bridges(thin, wide, points)
@@ -86,7 +87,7 @@ def test_pairs_join_the_phase_that_uses_them():
 
 def test_run_prefix_applies_passed_pairs_only():
     cfg = ModelConfig(blocks=[1, 1, 1], inner_widths=[4, 4, 4], stem_width=8,
-                      widen=WideningConfig(inner_mult=1, boundary_mult=2))
+                      widen=ResNetWidening(inner_mult=1, boundary_mult=2))
     thin, wide = build_thin(cfg).eval(), build_wide(cfg)
     points = imitation_points(thin, "stages")
     bridges = Bridges(thin, wide, points)
@@ -106,7 +107,7 @@ def test_run_prefix_applies_passed_pairs_only():
 
 def _bridged_twins():
     cfg = ModelConfig(blocks=[1, 1, 1], inner_widths=[4, 4, 4], stem_width=8,
-                      widen=WideningConfig(inner_mult=2, boundary_mult=2))
+                      widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg).train(), build_wide(cfg).eval()
     points = imitation_points(thin, "stages")
     return thin, wide, points, Bridges(thin, wide, points)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gwtn_dist.config import WideningConfig, load_config
+from gwtn_dist.config import load_config
 from gwtn_dist.models.bridge import Bridges, merge_bridges
 from gwtn_dist.models.family import build_thin, build_wide
-from gwtn_dist.models.resnet.config import ResNetModelConfig
+from gwtn_dist.models.resnet.config import ResNetModelConfig, ResNetWidening
 from gwtn_dist.models.resnet.net import imitation_points, point_block_index
 from tests.conftest import REPO
 
@@ -31,7 +31,7 @@ def test_twins_share_names_and_widen_the_inner_width():
 
 
 def test_boundary_widening_multiplies_block_outputs():
-    cfg = small_cfg(widen=WideningConfig(inner_mult=2, boundary_mult=3))
+    cfg = small_cfg(widen=ResNetWidening(inner_mult=2, boundary_mult=3))
     thin, wide = build_thin(cfg), build_wide(cfg)
     for (_, tb), (_, wb) in zip(thin.blocks()[1:], wide.blocks()[1:]):
         assert wb.conv3.out_channels == 3 * tb.conv3.out_channels
@@ -64,7 +64,7 @@ def test_imagenet_geometries_match_the_standard_resnets(name, params):
 
 def test_merged_bridges_compute_the_same_function():
     torch.manual_seed(0)
-    cfg = small_cfg(widen=WideningConfig(inner_mult=2, boundary_mult=2))
+    cfg = small_cfg(widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
     points = imitation_points(thin, "stages")
     bridges = Bridges(thin, wide, points)
@@ -91,7 +91,8 @@ def test_merged_bridges_compute_the_same_function():
 
 
 def test_fresh_pair_is_the_identity():
-    thin, wide = build_thin(small_cfg()), build_wide(small_cfg(widen=WideningConfig(1, 4)))
+    widen = ResNetWidening(inner_mult=1, boundary_mult=4)
+    thin, wide = build_thin(small_cfg()), build_wide(small_cfg(widen=widen))
     pair = Bridges(thin, wide, ["layer1"]).pair("layer1")
     assert torch.allclose(pair.product(), torch.eye(pair.product().shape[0]), atol=1e-5)
     # Row-major: DeepSpeed broadcasts each parameter as a byte view, which needs stride 1 last.
@@ -99,7 +100,7 @@ def test_fresh_pair_is_the_identity():
 
 
 def test_merge_refuses_identity_shortcuts():
-    cfg = small_cfg(widen=WideningConfig(inner_mult=1, boundary_mult=2))
+    cfg = small_cfg(widen=ResNetWidening(inner_mult=1, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
     bridges = Bridges(thin, wide, ["layer1.0"])  # followed by layer1.1: identity shortcut
     with pytest.raises(ValueError, match="identity shortcut"):

@@ -9,6 +9,19 @@ from ...config import ModelConfig, WideningConfig
 
 
 @dataclass
+class BertWidening(WideningConfig):
+    """A BERT twin. The paper does not say how it widened BERT; inner widening at the same
+    hidden size is MobileBERT's choice, so ``boundary_mult`` (the hidden size) defaults to 1 and
+    a twin with a wider hidden size gets lifts only. attention_mult multiplies each head's width,
+    so the attention inner width heads × head_dim grows while the number of heads stays and
+    attention maps correspond head by head (default 4); ffn_mult multiplies the feed-forward
+    width (default 4)."""
+
+    attention_mult: int = 4
+    ffn_mult: int = 4
+
+
+@dataclass
 class BertModelConfig(ModelConfig):
     """The thin BERT (trained on ``data.dataset: text``); the wide twin follows from ``widen``
     (``attention_mult``, ``ffn_mult``, ``boundary_mult``).
@@ -21,7 +34,7 @@ class BertModelConfig(ModelConfig):
     """
 
     family: Literal["bert"] = "bert"
-    widen: WideningConfig = field(default_factory=WideningConfig)
+    widen: BertWidening = field(default_factory=BertWidening)
     hidden: int = 768
     layers: int = 12
     heads: int = 12

@@ -9,6 +9,14 @@ from ...config import ModelConfig, WideningConfig
 
 
 @dataclass
+class ResNetWidening(WideningConfig):
+    """A ResNet twin: inner_mult multiplies every bottleneck's inner 3×3 width (the paper's
+    ResNet reading: 4); ``boundary_mult`` the stage output widths (default 1)."""
+
+    inner_mult: int = 4
+
+
+@dataclass
 class ResNetModelConfig(ModelConfig):
     """The thin ResNet; the wide twin follows from ``widen`` (``inner_mult``, ``boundary_mult``).
 
@@ -25,5 +33,5 @@ class ResNetModelConfig(ModelConfig):
     blocks: list[int] = field(default_factory=lambda: [4, 4, 4])
     inner_widths: list[int] = field(default_factory=lambda: [8, 16, 32])
     expansion: int = 4
-    widen: WideningConfig = field(default_factory=WideningConfig)
+    widen: ResNetWidening = field(default_factory=ResNetWidening)
     imitation_points: Literal["stages", "blocks"] = "stages"
