@@ -110,6 +110,11 @@ def test_tiny_bert_pretrains_through_all_stages(tmp_path, text_shards):
         losses = [r["loss"] for r in recs if r["point"] == point]
         assert sum(losses[-4:]) < sum(losses[:4]), point
     curve = [json.loads(line) for line in (run_dir / "wide" / "metrics.jsonl").open()]
+    timed = [r for r in curve if "step_s" in r]
+    max_len = load_config(REPO / "configs/bert_tiny_cpu.yaml").model.max_len
+    assert timed and all(  # tokens/s: more than a token per sequence, at most max_len of them
+        r["samples_per_s"] < r["tokens_per_s"] <= r["samples_per_s"] * max_len * 1.001
+        for r in timed)
     assert any("val_mlm_accuracy" in r for r in curve)  # curves read val …
     assert not any("mlm_accuracy" in r for r in curve)  # … and never test
     table = (run_dir / "results.md").read_text()

@@ -33,6 +33,7 @@ def test_every_log_every_steps_a_record_carries_time_memory_and_grad_norm(profil
     for r in timed:
         assert r["step_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 10 and r["grad_norm"] > 0
+        assert "tokens_per_s" not in r  # images: no tokens
     assert all("step_s" not in r for r in records if r["step"] % 10)
 
 

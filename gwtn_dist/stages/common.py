@@ -125,6 +125,7 @@ def loop_context(rt: Runtime, cfg: Config, stage_dir: Path, modules: dict[str, n
                                     split=task_for(cfg).curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset, log_every=cfg.log_every,
         profile=cfg.profile, logging=cfg.logging, prefetch=cfg.data.prefetch,
+        tokens=task_for(cfg).tokens,
     )
 
 

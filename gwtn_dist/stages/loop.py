@@ -96,18 +96,23 @@ class StepTiming:
     steps: int = 0
     step_s: float = 0.0
     data_s: float = 0.0
+    tokens: torch.Tensor | None = None  # this rank's unpadded tokens since the last record (text)
 
     def record(self, samples_per_step: int, device: torch.device,
-               grad_norm: float | None) -> dict:
-        """The logged fields (means per step since the last record), then start over."""
+               grad_norm: float | None, ranks: int = 1) -> dict:
+        """The logged fields (means per step since the last record), then start over. Text
+        adds tokens_per_s: this rank's unpadded tokens × ranks over the time (one host read
+        per record, on the step that reads the grad norm anyway)."""
         n = max(self.steps, 1)
         out = {"step_s": round(self.step_s / n, 5), "data_s": round(self.data_s / n, 5),
                "samples_per_s": round(samples_per_step * n / self.step_s, 2)
                if self.step_s > 0 else None,
                "peak_mem_mb": round(profiling.peak_memory_mb(device), 1)}
+        if self.tokens is not None and self.step_s > 0:
+            out["tokens_per_s"] = round(float(self.tokens) * ranks / self.step_s, 1)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
-        self.steps, self.step_s, self.data_s = 0, 0.0, 0.0
+        self.steps, self.step_s, self.data_s, self.tokens = 0, 0.0, 0.0, None
         return out
 
 
@@ -130,6 +135,7 @@ class LoopContext:
     evaluate(model) → metrics dict (test accuracy …), called every ``eval_every`` global steps.
     step_offset: thin-net steps already taken before this stage (for accuracy-vs-steps curves).
     prefetch: batches made ahead in a background thread (``data.prefetch``; 0: none).
+    tokens(x) → the batch's unpadded tokens (a 0-d device tensor) for tokens/s, or None.
     """
 
     stage_dir: Path
@@ -149,6 +155,7 @@ class LoopContext:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     prefetch: int = 2
+    tokens: Callable[[object], torch.Tensor | None] | None = None
 
 
 class MetricsLog:
@@ -480,6 +487,9 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                 with profiling.region("data"):
                     batch = feed.next(index, step)
                     x, y = batch if on_host else ctx.prepare(*batch)
+                    tokens = ctx.tokens(x) if ctx.tokens is not None else None
+                    if tokens is not None:  # text: a 0-d device tensor, summed without a sync
+                        timing.tokens = tokens if timing.tokens is None else timing.tokens + tokens
                 timing.data_s += time.perf_counter() - tick
                 loss, extra = _forward_backward(rt, phase, engine, x, y, ctx.device)
                 logged = (step + 1) % ctx.log_every == 0
@@ -505,7 +515,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                 if logged or saving or stop:
                     if logged:
                         record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
-                                                    grad_norm))
+                                                    grad_norm, ranks=rt.world_size))
                     with profiling.region("collectives"):
                         done_records, stop = pending.flush(asked)
                     with profiling.region("bookkeeping"):

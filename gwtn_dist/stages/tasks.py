@@ -52,6 +52,11 @@ class ScoredTask:
         logits, targets = self.scored(model, x, y)  # (N, classes), (N,)
         return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
 
+    def tokens(self, x) -> torch.Tensor | None:
+        """The batch's real (unpadded) tokens as a 0-d device tensor, for the tokens/s of the
+        step metrics; None for tasks whose inputs are not token sequences."""
+        return None
+
     def eval_sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, classes) logits and (N,) targets → [correct, N, summed cross-entropy], float64."""
         return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),

@@ -67,6 +67,10 @@ class TextTask(ScoredTask):
         return {k: v.to(device, non_blocking=True) for k, v in x.items()}, \
             y.to(device, non_blocking=True)  # asynchronous from pinned memory
 
+    def tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's unpadded tokens: attention_mask (b, T) summed, on the device (no sync)."""
+        return x["attention_mask"].sum()
+
     def scored(self, model, x: dict[str, torch.Tensor], y: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, V) and original ids (N,) of the N masked tokens (the decoder runs there
