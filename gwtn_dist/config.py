@@ -275,7 +275,9 @@ class CompareConfig:
     lists). Each point runs on ``tune_seeds``, which are never reported seeds, and is scored
     on the validation split only (no tuning run reads the test split); the best point per arm
     (mean over tuning seeds; ties go to the first) is what the reported seeds run with. Every
-    arm of ``arms`` gets a grid of the same size (equal tuning effort). Keys an arm may tune:
+    arm of ``arms`` gets a grid of the same size (equal tuning effort); grids of arms not in
+    ``arms`` are checked and left unused (so ``arms=[…]`` can narrow a comparison without
+    editing the grids). Keys an arm may tune:
     ``imitate.*`` and ``finetune.*`` for ``win``, ``baseline.*`` for the baselines.
     budget_mults: thin-net budgets to report, as multiples of the method's (e.g. [1, 2]: does
     a gain last or is it a head start); each runs every arm and seed with the tuned choice.
@@ -829,9 +831,10 @@ def _check_compare(cfg: Config) -> None:
         if arm not in c.tune:
             raise ConfigError(f"compare.tune: every arm gets the same tuning effort; give "
                               f"{arm!r} a grid too (or drop it from arms)")
-    for arm, grid in c.tune.items():
-        if arm not in cfg.arms:
-            raise ConfigError(f"compare.tune.{arm}: not one of arms {cfg.arms}")
+    for arm, grid in c.tune.items():  # grids of arms left out of `arms` are checked, unused
+        if arm not in ARMS:
+            raise ConfigError(f"compare.tune.{arm}: {arm!r} is not an arm; choose from "
+                              f"{', '.join(ARMS)}")
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"compare.tune.{arm}: expected a mapping of dotted keys to lists "
                               f"of values, got {grid!r}")
@@ -845,7 +848,8 @@ def _check_compare(cfg: Config) -> None:
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"compare.tune.{arm}.{key}: expected a list of values, got "
                                   f"{values!r}")
-        sizes[arm] = len(tune_points(grid))
+        if arm in cfg.arms:
+            sizes[arm] = len(tune_points(grid))
     if len(set(sizes.values())) > 1:
         raise ConfigError(f"compare.tune: every arm gets the same tuning effort, but the grids "
                           f"have {sizes} points")
