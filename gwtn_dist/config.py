@@ -9,6 +9,7 @@ Every setting the paper leaves open is a field here with its default stated in t
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 import time
@@ -55,12 +56,28 @@ class ModelConfig:
     family: str = DEFAULT_FAMILY
     TAG: ClassVar[str] = "family"  # the key whose value selects the section's class
 
+    # the ``data.dataset`` values this family trains on
+    DATASETS: ClassVar[tuple[str, ...]] = ()
+    _variants: ClassVar[dict[str, type[ModelConfig]]] = {}
+
+    @classmethod
+    def register(cls, name: str, config_class: type[ModelConfig]) -> None:
+        """Make ``config_class`` the ``model`` section of ``model.family: name`` (each family's
+        ``config`` module registers its class; ``register_family`` does it for added ones)."""
+        ModelConfig._variants[name] = config_class
+
     @classmethod
     def variants(cls) -> dict[str, type[ModelConfig]]:
         """The ``model`` section's class of every registered family, by ``model.family``."""
-        from .models.family import known_families  # the families import this module
+        from .models import BUILTIN_FAMILIES  # the family config modules import this module
 
-        return {name: f.config_class for name, f in known_families().items()}
+        for package in BUILTIN_FAMILIES.values():
+            importlib.import_module(f"{package}.config")
+        return dict(ModelConfig._variants)
+
+    def check(self, cfg: Config) -> None:
+        """Raise ConfigError naming the key for any ``model.*`` value (and any family-specific
+        key elsewhere: ``compare.deeper_*``, ``imitate.attention_weight``) that cannot work."""
 
 
 def default_model() -> ModelConfig:
@@ -730,17 +747,15 @@ def _check_optim(prefix: str, o: OptimConfig, batch_size: int) -> None:
 
 
 def _check_model(cfg: Config) -> None:
-    """The model section through its family (which also checks the family's keys elsewhere,
-    such as ``compare.deeper_*``), and that the family trains on the data it is given."""
-    from .models.family import family_for  # the families import this module
-
-    family = family_for(cfg.model)
-    if cfg.data.dataset not in family.datasets:
+    """The model section through its family's class (which also checks the family's keys
+    elsewhere, such as ``compare.deeper_*``), and that the family trains on the data given."""
+    datasets = type(cfg.model).DATASETS
+    if cfg.data.dataset not in datasets:
         raise ConfigError(
-            f"data.dataset: {cfg.data.dataset!r} does not fit model.family {family.name!r}, "
-            f"which trains on {' or '.join(repr(d) for d in family.datasets)}")
+            f"data.dataset: {cfg.data.dataset!r} does not fit model.family "
+            f"{cfg.model.family!r}, which trains on {' or '.join(repr(d) for d in datasets)}")
     _positive("model.widen.boundary_mult", cfg.model.widen.boundary_mult)
-    family.check_config(cfg)
+    cfg.model.check(cfg)
 
 
 # What each arm may tune: the method its own stages, the baselines their recipe.

@@ -23,21 +23,14 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config
-from .batches import (
-    GlobalBatches,
-    RankBatches,
-    TrainBatches,
-    checked_text_stream,
-    split_mlm,
-    text_eval_split,
-    token_split_samples,
-    validation,
-)
-from .fashion_mnist import write_fashion_mnist
-from .shards import eval_batches, to_model_input
-from .streams import image_stream
+
+# The readers (torch, webdataset) are imported where a batch is made, so that the config checks
+# that ask this registry a question (is a validation split carved out?) load no torch.
+if TYPE_CHECKING:
+    from .batches import TrainBatches
 
 log = logging.getLogger("gwtn")
 
@@ -96,14 +89,21 @@ class FashionMnist(Dataset):
         return cfg.data.val_samples
 
     def write_shards(self, cfg: Config) -> None:
+        from .fashion_mnist import write_fashion_mnist
+
         write_fashion_mnist(Path(cfg.data.shards), None, progress=cfg.progress)
 
     def train_batches(self, cfg: Config, stream_seed: int, rank: int,
                       world: int) -> TrainBatches:
+        from .batches import GlobalBatches
+
         return GlobalBatches(cfg, stream_seed, rank, world)
 
     def eval_batches(self, cfg: Config, limit: int, rank: int, world: int,
                      split: str) -> Iterator[tuple]:
+        from .batches import validation
+        from .shards import eval_batches, to_model_input
+
         # Every rank reads all batches and keeps every world-th.
         d = cfg.data
         if split == "val":
@@ -127,6 +127,9 @@ class ImageFolder(Dataset):
 
     def train_batches(self, cfg: Config, stream_seed: int, rank: int,
                       world: int) -> TrainBatches:
+        from .batches import RankBatches
+        from .streams import image_stream
+
         d = cfg.data
         return RankBatches(image_stream(d.shards, train=True, batch_size=d.batch_size // world,
                                         rank=rank, world_size=world,
@@ -136,6 +139,8 @@ class ImageFolder(Dataset):
 
     def eval_batches(self, cfg: Config, limit: int, rank: int, world: int,
                      split: str) -> Iterator[tuple]:
+        from .streams import image_stream
+
         d = cfg.data  # one held-out split, val, read for both val and test
         loader = image_stream(d.shards, train=False, batch_size=d.eval_batch_size, rank=rank,
                               world_size=world, num_workers=d.num_workers, size=d.image_size,
@@ -147,6 +152,8 @@ class Text(Dataset):
     name = "text"
 
     def split_samples(self, cfg: Config) -> dict[str, int]:
+        from .batches import token_split_samples
+
         return token_split_samples(cfg.data.shards)
 
     def test_split_identity(self, cfg: Config) -> dict:
@@ -166,11 +173,15 @@ class Text(Dataset):
 
     def train_batches(self, cfg: Config, stream_seed: int, rank: int,
                       world: int) -> TrainBatches:
+        from .batches import RankBatches, checked_text_stream, split_mlm
+
         return RankBatches(checked_text_stream(cfg, True, cfg.data.batch_size // world, rank,
                                                world, seed=stream_seed), split_mlm)
 
     def eval_batches(self, cfg: Config, limit: int, rank: int, world: int,
                      split: str) -> Iterator[tuple]:
+        from .batches import checked_text_stream, split_mlm, text_eval_split
+
         d = cfg.data
         loader = checked_text_stream(cfg, False, d.eval_batch_size, rank, world,
                                      split=text_eval_split(d.shards, split))

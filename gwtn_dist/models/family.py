@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
+from . import BUILTIN_FAMILIES
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -44,16 +45,13 @@ class Family(Protocol):
     """
 
     name: str  # the value of ``model.family``
-    config_class: type[ModelConfig]  # the ``model`` section's dataclass for this family
-    datasets: tuple[str, ...]  # the ``data.dataset`` values this family trains on
+    # The ``model`` section's dataclass: it also names the datasets the family trains on
+    # (``DATASETS``) and checks the family's keys (``check``), without importing torch.
+    config_class: type[ModelConfig]
     depth_label: str  # what the deeper baseline's depth counts ("blocks", "layers")
     docs: str  # the docs page that describes the family's shapes and weights
     lift_only: bool  # bridges are lifts P only (no trained back map Q; see models/bridge.py)
     takes_images: bool  # nets take (B, model.in_channels, H, W) images (the step benchmarks' input)
-
-    def check_config(self, cfg: Config) -> None:
-        """Raise ConfigError naming the key for any ``model.*`` value (and any family-specific
-        key elsewhere: ``compare.deeper_*``, ``imitate.attention_weight``) that cannot work."""
 
     def shape(self, m: ModelConfig, wide: bool, depth: Depth | None = None) -> Shape:
         """The thin net's shape (``wide=False``) or its twin's; ``depth`` overrides the depth."""
@@ -108,14 +106,16 @@ class Family(Protocol):
 
 
 _families: dict[str, Family] = {}
-# The families that come with gwtn_dist, imported on first use: their packages import torch
-# and the config module, which must load without them.
-_BUILTIN = {"resnet": "gwtn_dist.models.resnet.family", "bert": "gwtn_dist.models.bert.family"}
+# The families that come with gwtn_dist, imported on first use (they import torch; the config
+# module loads their config classes only).
+_BUILTIN = {name: f"{package}.family" for name, package in BUILTIN_FAMILIES.items()}
 
 
 def register_family(name: str, family: Family) -> None:
-    """Make ``family`` the one ``model.family: name`` selects (replacing any before it)."""
+    """Make ``family`` the one ``model.family: name`` selects (replacing any before it), and
+    its config class that ``model`` section's."""
     _families[name] = family
+    ModelConfig.register(name, family.config_class)
 
 
 def known_families() -> dict[str, Family]:

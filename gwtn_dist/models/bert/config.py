@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ...config import ModelConfig, WideningConfig
+from ...config import Config, ConfigError, ModelConfig, WideningConfig, _positive
 
 
 @dataclass
@@ -34,6 +34,7 @@ class BertModelConfig(ModelConfig):
     """
 
     family: Literal["bert"] = "bert"
+    DATASETS: ClassVar[tuple[str, ...]] = ("text",)
     widen: BertWidening = field(default_factory=BertWidening)
     hidden: int = 768
     layers: int = 12
@@ -43,3 +44,20 @@ class BertModelConfig(ModelConfig):
     vocab_size: int = 30522
     max_len: int = 512
     dropout: float = 0.1
+
+    def check(self, cfg: Config) -> None:
+        for key in ("hidden", "layers", "heads", "head_dim", "ffn", "max_len"):
+            _positive(f"model.{key}", getattr(self, key))
+        for key in ("attention_mult", "ffn_mult"):
+            _positive(f"model.widen.{key}", getattr(self.widen, key))
+        if self.vocab_size < 8:
+            raise ConfigError(f"model.vocab_size: must be at least 8, got {self.vocab_size}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if cfg.compare.deeper_layers < 0:
+            raise ConfigError(f"compare.deeper_layers: must be >= 0, got "
+                              f"{cfg.compare.deeper_layers}")
+        _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
+
+
+ModelConfig.register("bert", BertModelConfig)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import Config, ConfigError, _positive
+from ...config import Config
 from ..bridge import Bridges
 from ..family import register_family
 from .config import BertModelConfig
@@ -38,26 +38,10 @@ class BertFamily:
 
     name = "bert"
     config_class = BertModelConfig
-    datasets = ("text",)
     depth_label = "layers"
     docs = "docs/bert.md"
     lift_only = True
     takes_images = False
-
-    def check_config(self, cfg: Config) -> None:
-        m = cfg.model
-        for key in ("hidden", "layers", "heads", "head_dim", "ffn", "max_len"):
-            _positive(f"model.{key}", getattr(m, key))
-        for key in ("attention_mult", "ffn_mult"):
-            _positive(f"model.widen.{key}", getattr(m.widen, key))
-        if m.vocab_size < 8:
-            raise ConfigError(f"model.vocab_size: must be at least 8, got {m.vocab_size}")
-        if not 0 <= m.dropout < 1:
-            raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-        if cfg.compare.deeper_layers < 0:
-            raise ConfigError(f"compare.deeper_layers: must be >= 0, got "
-                              f"{cfg.compare.deeper_layers}")
-        _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
 
     def shape(self, m: BertModelConfig, wide: bool, depth: int | None = None) -> BertShape:
         return bert_shape(m, wide, depth)

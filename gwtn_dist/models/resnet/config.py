@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ...config import ModelConfig, WideningConfig
+from ...config import Config, ConfigError, ModelConfig, WideningConfig, _positive
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ResNetModelConfig(ModelConfig):
     """
 
     family: Literal["resnet"] = "resnet"
+    DATASETS: ClassVar[tuple[str, ...]] = ("fashion-mnist", "imagefolder")
     geometry: Literal["small", "imagenet"] = "small"
     in_channels: int = 1
     num_classes: int = 10
@@ -35,3 +36,43 @@ class ResNetModelConfig(ModelConfig):
     expansion: int = 4
     widen: ResNetWidening = field(default_factory=ResNetWidening)
     imitation_points: Literal["stages", "blocks"] = "stages"
+
+    def check(self, cfg: Config) -> None:
+        if not self.blocks or any(b < 1 for b in self.blocks):
+            raise ConfigError(f"model.blocks: one positive block count per stage, got {self.blocks}")
+        if len(self.inner_widths) != len(self.blocks):
+            raise ConfigError(
+                f"model.inner_widths: needs one width per stage ({len(self.blocks)} stages in "
+                f"model.blocks), got {self.inner_widths}"
+            )
+        for key, value in [
+            ("model.inner_widths", min(self.inner_widths)),
+            ("model.stem_width", self.stem_width),
+            ("model.expansion", self.expansion),
+            ("model.in_channels", self.in_channels),
+            ("model.widen.inner_mult", self.widen.inner_mult),
+        ]:
+            _positive(key, value)
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes: must be at least 2, got {self.num_classes}")
+        if self.widen.boundary_mult > 1 and self.imitation_points == "blocks":
+            raise ConfigError(
+                "model.imitation_points: 'blocks' cannot be used with model.widen.boundary_mult "
+                "> 1: a linear pair in front of a block with an identity shortcut cannot be "
+                "merged exactly; use 'stages' (pairs sit in front of projection shortcuts or "
+                "the head)"
+            )
+        if cfg.data.dataset == "imagefolder" and self.in_channels != 3:
+            raise ConfigError(f"model.in_channels: image-folder shards hold RGB images "
+                              f"(3 channels), got {self.in_channels}")
+        if cfg.imitate.attention_weight:
+            raise ConfigError("imitate.attention_weight: attention-map transfer is for BERT only")
+        deeper = cfg.compare.deeper_blocks
+        if len(deeper) != len(self.blocks) or any(b < 1 for b in deeper):
+            raise ConfigError(
+                f"compare.deeper_blocks: one positive count per stage ({len(self.blocks)}), "
+                f"got {deeper}"
+            )
+
+
+ModelConfig.register("resnet", ResNetModelConfig)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import Config, ConfigError, _positive
+from ...config import Config
 from ..bridge import Bridges
 from ..family import register_family
 from ..weights import read_state_dict
@@ -41,49 +41,10 @@ class ResNetFamily:
 
     name = "resnet"
     config_class = ResNetModelConfig
-    datasets = ("fashion-mnist", "imagefolder")
     depth_label = "blocks"
     docs = "docs/resnet.md"
     lift_only = False
     takes_images = True
-
-    def check_config(self, cfg: Config) -> None:
-        m = cfg.model
-        if not m.blocks or any(b < 1 for b in m.blocks):
-            raise ConfigError(f"model.blocks: one positive block count per stage, got {m.blocks}")
-        if len(m.inner_widths) != len(m.blocks):
-            raise ConfigError(
-                f"model.inner_widths: needs one width per stage ({len(m.blocks)} stages in "
-                f"model.blocks), got {m.inner_widths}"
-            )
-        for key, value in [
-            ("model.inner_widths", min(m.inner_widths)),
-            ("model.stem_width", m.stem_width),
-            ("model.expansion", m.expansion),
-            ("model.in_channels", m.in_channels),
-            ("model.widen.inner_mult", m.widen.inner_mult),
-        ]:
-            _positive(key, value)
-        if m.num_classes < 2:
-            raise ConfigError(f"model.num_classes: must be at least 2, got {m.num_classes}")
-        if m.widen.boundary_mult > 1 and m.imitation_points == "blocks":
-            raise ConfigError(
-                "model.imitation_points: 'blocks' cannot be used with model.widen.boundary_mult "
-                "> 1: a linear pair in front of a block with an identity shortcut cannot be "
-                "merged exactly; use 'stages' (pairs sit in front of projection shortcuts or "
-                "the head)"
-            )
-        if cfg.data.dataset == "imagefolder" and m.in_channels != 3:
-            raise ConfigError(f"model.in_channels: image-folder shards hold RGB images "
-                              f"(3 channels), got {m.in_channels}")
-        if cfg.imitate.attention_weight:
-            raise ConfigError("imitate.attention_weight: attention-map transfer is for BERT only")
-        deeper = cfg.compare.deeper_blocks
-        if len(deeper) != len(m.blocks) or any(b < 1 for b in deeper):
-            raise ConfigError(
-                f"compare.deeper_blocks: one positive count per stage ({len(m.blocks)}), "
-                f"got {deeper}"
-            )
 
     def shape(self, m: ResNetModelConfig, wide: bool, depth: list[int] | None = None
               ) -> ResNetShape:
