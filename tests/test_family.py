@@ -53,12 +53,16 @@ def test_an_unknown_family_names_model_family_and_the_known_ones():
 
 
 def test_a_registered_family_is_found(monkeypatch):
+    from gwtn_dist.config import ModelConfig
     from gwtn_dist.models import family as family_module
 
     monkeypatch.setattr(family_module, "_families", dict(family_module._families))
+    monkeypatch.setattr(ModelConfig, "_variants", dict(ModelConfig.variants()))
     resnet = family_for("resnet")
     register_family("resnet2", resnet)
     assert family_for("resnet2") is resnet and "resnet2" in known_families()
+    # … and the config loader knows its model section
+    assert ModelConfig.variants()["resnet2"] is resnet.config_class
 
 
 @pytest.mark.parametrize("path, override, words", [
