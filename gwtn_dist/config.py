@@ -682,13 +682,13 @@ def flat_model_section(m: ModelConfig) -> dict:
 
 def upgrade_saved_tree(tree: dict) -> dict:
     """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
-    written before each family had its own (every family's keys, flat, ``widen`` included) keeps
-    only the keys of its ``model.family``, which are all that ever decided what the run computed. The two arm
-    lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``) become the one
+    written before each family had its own (every family's keys, flat, ``widen`` included)
+    keeps only the keys of its ``model.family``, which are all that ever decided what the run
+    computed. The two arm lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``) become the one
     ``arms``: the compared arms, then any other baseline that was trained."""
     if "baselines" in tree or "arms" in (tree.get("compare") or {}):
         compare = dict(tree.get("compare") or {})
-        arms = list(compare.pop("arms", ["scratch", "kd", "win", "deeper"]))
+        arms = list(compare.pop("arms", ARMS))  # ARMS was compare.arms's default
         arms += [a for a in tree.get("baselines") or [] if a not in arms]
         tree = {**{k: v for k, v in tree.items() if k != "baselines"}, "arms": arms,
                 "compare": compare}

@@ -39,7 +39,9 @@ def regime(rt: Runtime, cfg: Config) -> dict:
     for labels, overrides in regime_cells(cfg):
         name = cell_name(labels)
         log.info("regime: cell %s (%s)", name, overrides)
-        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name)})
+        # resume=true: the regime folder's guard above already decided whether this command may
+        # continue; a cell another worker started first is the same run, not a clash.
+        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name), "resume": True})
         table = compare(rt, ccfg)
         budget = table["budgets"][0]
         rows.append({"labels": labels, "overrides": overrides, "cell": name,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import tarfile
 from collections import Counter
@@ -299,7 +300,7 @@ def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
     """
     bound = _bound_after(limit, frozenset(), only)
     urls = tuple(shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0))
-    stamp = tuple((Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls)
+    stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, urls))
     return _slices(urls, stamp, bound, only, batch_size)
 
 
