@@ -8,7 +8,8 @@
 #   3. a short single-GPU imitation run in bf16 with each loss backend (triton, reference) and
 #      each schedule, on synthetic in-memory batches: step times (benchmarks/imitation_run.py).
 #
-# Usage, from anywhere:  bash benchmarks/gpu_check.sh [OUT_DIR] [--quick]
+# Usage, from anywhere:  [PYTHON=python] bash benchmarks/gpu_check.sh [OUT_DIR] [--quick]
+# PYTHON defaults to the repo's .venv when ./setup.sh made one, else python3.
 # OUT_DIR defaults to $OUT; everything it writes (logs, CSVs) goes there. --quick: one shape per
 # benchmark sweep and fewer imitation steps (about 3 minutes on an H100-class GPU, plus compiles).
 # Exit status: 0 when every part ran (goal misses are reported, not failures), 1 when a part
@@ -21,7 +22,7 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=--quick ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT_DIR=$arg ;;
   esac
@@ -32,7 +33,11 @@ if [ -z "$OUT_DIR" ]; then
 fi
 mkdir -p "$OUT_DIR" || { echo "gpu_check.sh: cannot create $OUT_DIR" >&2; exit 2; }
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-PY=${PYTHON:-python3}
+# The Python to run: $PYTHON, else the repo's own environment (./setup.sh makes .venv), else the
+# machine's python3 (a GPU machine with torch and triton installed system-wide).
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
+else PY=python3; fi
 command -v "$PY" >/dev/null || { echo "gpu_check.sh: no python: $PY not found" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 

@@ -26,7 +26,8 @@ def test_the_script_parses():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_a_gpu_every_part_refuses_in_one_line_with_status_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    # PYTHON: the script must reach this interpreter's torch, whatever python3 is on PATH.
+    env = {**{k: v for k, v in os.environ.items() if k != "OUT"}, "PYTHON": sys.executable}
     for cmd in (["bash", str(SCRIPT), str(tmp_path / "out")],
                 [sys.executable, str(REPO / "benchmarks" / "kernel_check.py"), str(tmp_path)],
                 [sys.executable, str(REPO / "benchmarks" / "imitation_run.py"), str(tmp_path)]):
