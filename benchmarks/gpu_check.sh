@@ -22,7 +22,7 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=--quick ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT_DIR=$arg ;;
   esac
