@@ -71,6 +71,41 @@ def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
     assert not torch.equal(next_epoch[0], first[0][0])  # a new order every epoch
 
 
+def test_training_tars_kept_in_memory_give_the_batches_read_from_disk(shard_dir, monkeypatch):
+    from gwtn_dist.data import shards
+
+    def three_epochs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stream = TrainStream(shard_dir, batch_size=100, seed=5, shuffle_buffer=300)
+        return [next(stream) for _ in range(36)]  # 12 batches per epoch
+
+    monkeypatch.setattr(shards, "_tar_cache", {})
+    monkeypatch.setattr(shards, "TAR_CACHE_BYTES", 0)  # nothing kept: every epoch from disk
+    from_disk = three_epochs()
+    assert shards._tar_cache == {}
+    monkeypatch.setattr(shards, "TAR_CACHE_BYTES", 1 << 30)
+    cached = three_epochs()
+    urls = set(shard_urls(shard_dir, "train"))
+    assert {key[0] for key in shards._tar_cache} == urls  # every training tar kept
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(from_disk, cached, strict=True))
+
+
+def test_a_rewritten_training_tar_is_read_again_not_served_from_memory(tmp_path):
+    import numpy as np
+
+    from gwtn_dist.data.shards import write_image_shards
+
+    def write(value: int) -> None:
+        images = np.full((20, 4, 4), value, dtype=np.uint8)
+        write_image_shards(tmp_path, {"train": (images, np.arange(20) % 2)}, "train", ["a", "b"],
+                           progress=False)
+
+    write(1)
+    assert int(next(TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10))[0].max()) == 1
+    write(3)
+    assert int(next(TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10))[0].max()) == 3
+
+
 def test_seek_resumes_the_exact_batch(shard_dir):
     a = TrainStream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
     for _ in range(23):  # crosses an epoch boundary (18 batches per epoch)
