@@ -3,8 +3,9 @@
 ``step``: the framework's training step (a ``scratch`` baseline of the config run through the
 one training loop: data stream, augmentation, engine, schedule, metrics, checkpoints) against
 a bare PyTorch loop of the same net, batch, memory format and optimizer on one batch kept in
-memory. The ratio is the framework's overhead; the breakdown of the framework's sampled steps
-(``profiling``) says where it goes.
+memory. The ratio is the framework's steady-state overhead (its warm-up — building the stream,
+the first batches — is paid once per run and reported apart, as ``framework_warmup_s``); the
+breakdown of the framework's sampled steps (``profiling``) says where it goes.
 
 ``imitate``: one imitation step at the top imitation point (the costliest: the whole trunk)
 with each loss backend — ``reference`` (plain PyTorch), ``compiled`` (``torch.compile`` of the
@@ -20,6 +21,7 @@ Absolute times describe only the machine they ran on; the ratios are the result.
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import tempfile
 import time
@@ -82,16 +84,28 @@ def _bare_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], N
     return step
 
 
-def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path) -> tuple[float, dict]:
-    """Seconds per step of ``steps`` label steps through the training loop, and the breakdown
-    of its sampled steps."""
+def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
+                       ) -> tuple[float, float, dict]:
+    """Seconds per step of the training loop in steady state, seconds of its warm-up, and the
+    breakdown of its sampled steps.
+
+    The loop runs one logging window (``log_every`` = min(10, steps) steps) more than
+    ``steps``; the first window holds the warm-up (building the stream, the first batches, the
+    first backward), which a long run pays once, and is reported apart. The steady state is
+    the mean step time of the other windows, from ``metrics.jsonl``, as a run logs it.
+    """
     from .stages.finetune import train_thin
 
+    window = min(10, steps)
     cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
-                               "profile.sample_every": 5})
+                               "profile.sample_every": 5, "log_every": window})
     record = train_thin(rt, cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
-                        label_steps=steps + 1, optim=cfg.baseline.optim)
-    return record["wall_s"] / (steps + 1), record["phases"][0].get("breakdown", [{}])[0]
+                        label_steps=steps + window, optim=cfg.baseline.optim)
+    timed = [r for r in map(json.loads, (folder / "bench" / "metrics.jsonl").open())
+             if "step_s" in r]
+    warmup, steady = timed[0], timed[1:]
+    seconds = sum(r["step_s"] for r in steady) / len(steady)
+    return seconds, warmup["step_s"] * window, record["phases"][0].get("breakdown", [{}])[0]
 
 
 def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
@@ -102,13 +116,14 @@ def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> 
     for r in range(rounds):
         bare = _timed(_bare_step(rt, cfg, device), steps, device)
         with tempfile.TemporaryDirectory() as tmp:
-            framework, breakdown = _framework_seconds(rt, cfg, steps, Path(tmp))
+            framework, warmup, breakdown = _framework_seconds(rt, cfg, steps, Path(tmp))
         data = breakdown.get("regions", {}).get("data", 0.0)
         rows.append({"round": r, "bare_ms": bare * 1e3, "framework_ms": framework * 1e3,
-                     "ratio": framework / bare, "framework_data_ms": data})
+                     "ratio": framework / bare, "framework_data_ms": data,
+                     "framework_warmup_s": warmup})
     rows.append({"round": "median", **{k: statistics.median(row[k] for row in rows)
                                        for k in ("bare_ms", "framework_ms", "ratio",
-                                                 "framework_data_ms")}})
+                                                 "framework_data_ms", "framework_warmup_s")}})
     _write_csv(rows, out / "bench_step.csv")
     return rows
 

@@ -96,6 +96,7 @@ def test_gwtn_bench_step_and_imitate_print_side_by_side_ratios(tmp_path, shard_d
     assert median["round"] == "median" and float(first["bare_ms"]) > 0
     assert float(median["ratio"]) == pytest.approx(float(median["framework_ms"])
                                                    / float(median["bare_ms"]))
+    assert float(first["framework_warmup_s"]) > 0  # the first window, reported apart
     assert "| median |" in capsys.readouterr().out
     assert main(["-q", "bench", "imitate", *common]) == 0
     rows = {r["step"]: r for r in _csv(tmp_path / "bench" / "bench_imitate.csv")}
