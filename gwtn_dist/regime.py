@@ -97,26 +97,29 @@ def plot_regime(path: Path, summary: dict) -> None:
     rows = list(dict.fromkeys(c["labels"][0] for c in cells))
     cols = list(dict.fromkeys(c["labels"][1] for c in cells)) if len(axes) > 1 else [""]
     gain = np.full((len(rows), len(cols)), np.nan)
+    words = {}  # (row, col) → "mean\n± sd\nwins/seeds": what a reader needs to judge a colour
     for c in cells:
         d = c["paired"].get("win-scratch")
         if d is not None:
-            j = cols.index(c["labels"][1]) if len(axes) > 1 else 0
-            gain[rows.index(c["labels"][0]), j] = d["mean"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 3, 0.8 * len(rows) + 2))
+            i, j = rows.index(c["labels"][0]), cols.index(c["labels"][1]) if len(axes) > 1 else 0
+            gain[i, j] = d["mean"]
+            words[i, j] = f"{d['mean']:+.4f}\n± {d['sd']:.4f}\n{d['wins']}/{d['seeds']} ahead"
+    # At least 6.5 in wide, so that a one-column map still has room for its colour bar and
+    # title; aspect "auto" lets the cells stretch instead of leaving a thin square strip.
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.8 * len(cols) + 3), 1.0 * len(rows) + 2))
     bound = np.nanmax(np.abs(gain)) if np.isfinite(gain).any() else 1.0
-    image = ax.imshow(gain, cmap="RdBu", vmin=-bound, vmax=bound)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if np.isfinite(gain[i, j]):
-                dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours
-                ax.text(j, i, f"{gain[i, j]:+.4f}", ha="center", va="center", fontsize=9,
-                        color="white" if dark else "black")
+    image = ax.imshow(gain, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    for (i, j), text in words.items():
+        dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours
+        ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                color="white" if dark else "black")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel(axes[0])
     if len(axes) > 1:
         ax.set_xlabel(axes[1])
-    ax.set_title(f"method − scratch, {summary['metric'].replace('_', ' ')} (paired mean)")
+    ax.set_title(f"method − scratch, {summary['metric'].replace('_', ' ')}\n"
+                 f"(paired mean ± sd over seeds; seeds where the method is ahead)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
