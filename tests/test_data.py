@@ -33,15 +33,20 @@ def test_eval_visits_every_test_sample_once_in_order(shard_dir, idx_dir):
     assert torch.equal(limited, y[:100])
 
 
-def test_a_split_read_again_comes_from_memory_until_its_shards_are_rewritten(tmp_path):
+def _write_constant_shards(folder, split: str, value: int, count: int) -> None:
+    """(Re)write ``folder`` with one split of ``count`` 4×4 images, every pixel ``value``."""
     import numpy as np
 
     from gwtn_dist.data.shards import write_image_shards
 
+    images = np.full((count, 4, 4), value, dtype=np.uint8)
+    write_image_shards(folder, {split: (images, np.arange(count) % 2)}, "test", ["a", "b"],
+                       progress=False)
+
+
+def test_a_split_read_again_comes_from_memory_until_its_shards_are_rewritten(tmp_path):
     def write(value: int) -> None:
-        images = np.full((10, 4, 4), value, dtype=np.uint8)
-        write_image_shards(tmp_path, {"test": (images, np.arange(10) % 2)}, "test", ["a", "b"],
-                           progress=False)
+        _write_constant_shards(tmp_path, "test", value, count=10)
 
     write(1)
     first = [x for x, _ in eval_batches(tmp_path, batch_size=4)]
@@ -91,19 +96,18 @@ def test_training_tars_kept_in_memory_give_the_batches_read_from_disk(shard_dir,
 
 
 def test_a_rewritten_training_tar_is_read_again_not_served_from_memory(tmp_path):
-    import numpy as np
+    from gwtn_dist.data import shards
 
-    from gwtn_dist.data.shards import write_image_shards
+    def epoch_and_a_batch_max() -> int:
+        # 3 batches of 10 out of 20 images: epoch 0 reads the tar to its end, so it is kept.
+        stream = TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10)
+        return max(int(next(stream)[0].max()) for _ in range(3))
 
-    def write(value: int) -> None:
-        images = np.full((20, 4, 4), value, dtype=np.uint8)
-        write_image_shards(tmp_path, {"train": (images, np.arange(20) % 2)}, "train", ["a", "b"],
-                           progress=False)
-
-    write(1)
-    assert int(next(TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10))[0].max()) == 1
-    write(3)
-    assert int(next(TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10))[0].max()) == 3
+    _write_constant_shards(tmp_path, "train", 1, count=20)
+    assert epoch_and_a_batch_max() == 1
+    assert any(key[0].startswith(str(tmp_path)) for key in shards._tar_cache)  # it was kept
+    _write_constant_shards(tmp_path, "train", 3, count=20)
+    assert epoch_and_a_batch_max() == 3
 
 
 def test_seek_resumes_the_exact_batch(shard_dir):

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,9 +191,11 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
 # Tars read whole and without error are kept in memory for the process, keyed by (path, size,
 # mtime): a small training set is re-read every epoch (5k Fashion-MNIST images: an epoch every
 # 39 steps), and reading and untarring the same file again cost more than the step's data
-# work. Bounded, so a large dataset streams from disk as before.
+# work. Bounded, so a large dataset streams from disk as before. The prefetch thread and an
+# evaluation on the training thread may read at once, hence the lock.
 TAR_CACHE_BYTES = 1 << 30
 _tar_cache: dict[tuple[str, int, int], tuple[int, list[dict]]] = {}  # key → (bytes, samples)
+_tar_cache_lock = threading.Lock()
 
 
 def _tar_key(url: str) -> tuple[str, int, int] | None:
@@ -207,16 +210,23 @@ def _sample_bytes(sample: dict) -> int:
     return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
 
 
+def _cache_room() -> int:
+    with _tar_cache_lock:
+        return TAR_CACHE_BYTES - sum(used for used, _ in _tar_cache.values())
+
+
 def _read_tars(handler: Callable[[Exception], bool]):
     """webdataset's tar reader (``tarfile_to_samples``) with the in-memory cache above.
 
-    A tar is cached only once read to its end with no error handed to ``handler``, so a
-    damaged tar is read (and its bad data counted) again on every pass, as before."""
+    A tar is cached only once read to its end with no error handed to ``handler`` and only if
+    it fits, so a damaged tar is read (and its bad data counted) again on every pass, as
+    before, and a tar that cannot be kept is not held while it is read."""
 
     def stage(sources):
         for source in sources:
             key = _tar_key(source["url"])
-            cached = _tar_cache.get(key) if key else None
+            with _tar_cache_lock:
+                cached = _tar_cache.get(key) if key else None
             if cached is not None:
                 yield from (dict(sample) for sample in cached[1])  # copies: stages may edit them
                 continue
@@ -226,17 +236,23 @@ def _read_tars(handler: Callable[[Exception], bool]):
                 errors.append(exc)
                 return handler(exc)
 
-            kept: list[dict] = []
+            room = _cache_room() if key else 0
+            kept: list[dict] | None = [] if room > 0 else None
+            size = 0
             for sample in wds.tarfile_to_samples(handler=noting)(iter([source])):
-                kept.append(dict(sample))
+                if kept is not None:
+                    size += _sample_bytes(sample)
+                    kept.append(dict(sample))
+                    if size > room:
+                        kept = None  # will not fit: stop holding it
                 yield sample
-            if not key or errors:
+            if kept is None or errors:
                 continue
-            for old in [k for k in _tar_cache if k[0] == key[0]]:  # a rewritten shard
-                del _tar_cache[old]
-            size = sum(_sample_bytes(s) for s in kept)
-            if sum(used for used, _ in _tar_cache.values()) + size <= TAR_CACHE_BYTES:
-                _tar_cache[key] = (size, kept)
+            with _tar_cache_lock:
+                for old in [k for k in _tar_cache if k[0] == key[0]]:  # a rewritten shard
+                    del _tar_cache[old]
+                if sum(used for used, _ in _tar_cache.values()) + size <= TAR_CACHE_BYTES:
+                    _tar_cache[key] = (size, kept)
 
     return stage
 
