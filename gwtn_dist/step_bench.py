@@ -3,8 +3,8 @@
 ``step``: the framework's training step (a ``scratch`` baseline of the config run through the
 one training loop: data stream, augmentation, engine, schedule, metrics, checkpoints) against
 a bare PyTorch loop of the same net, batch, memory format and optimizer on one batch kept in
-memory. The ratio is the framework's steady-state overhead (its warm-up — building the stream,
-the first batches — is paid once per run and reported apart, as ``framework_warmup_s``); the
+memory. The ratio is the framework's steady-state overhead (its first logging window, which
+holds the warm-up a run pays once, is reported apart, as ``framework_warmup_s``); the
 breakdown of the framework's sampled steps (``profiling``) says where it goes.
 
 ``imitate``: one imitation step at the top imitation point (the costliest: the whole trunk)
@@ -86,26 +86,28 @@ def _bare_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], N
 
 def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
                        ) -> tuple[float, float, dict]:
-    """Seconds per step of the training loop in steady state, seconds of its warm-up, and the
-    breakdown of its sampled steps.
+    """Seconds per step of the training loop in steady state, seconds of its first logging
+    window, and the breakdown of its sampled steps.
 
-    The loop runs one logging window (``log_every`` = min(10, steps) steps) more than
-    ``steps``; the first window holds the warm-up (building the stream, the first batches, the
-    first backward), which a long run pays once, and is reported apart. The steady state is
-    the mean step time of the other windows, from ``metrics.jsonl``, as a run logs it.
+    The loop logs a record every ``log_every`` = min(10, steps) steps (a window) and runs one
+    window more than the ``steps`` rounded up to whole windows, since only whole windows are
+    logged. The first window holds the warm-up (the first batches, the first backward), which
+    a long run pays once: its seconds are reported apart. The steady state is the mean step
+    time of the other windows, from ``metrics.jsonl``, as a run logs it.
     """
     from .stages.finetune import train_thin
 
     window = min(10, steps)
+    windows = -(-steps // window) + 1  # the steady windows, rounded up, plus the first
     cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
                                "profile.sample_every": 5, "log_every": window})
     record = train_thin(rt, cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
-                        label_steps=steps + window, optim=cfg.baseline.optim)
-    timed = [r for r in map(json.loads, (folder / "bench" / "metrics.jsonl").open())
-             if "step_s" in r]
-    warmup, steady = timed[0], timed[1:]
+                        label_steps=windows * window, optim=cfg.baseline.optim)
+    with open(folder / "bench" / "metrics.jsonl") as f:
+        timed = [r for r in map(json.loads, f) if "step_s" in r]  # one per window
+    first, steady = timed[0], timed[1:]
     seconds = sum(r["step_s"] for r in steady) / len(steady)
-    return seconds, warmup["step_s"] * window, record["phases"][0].get("breakdown", [{}])[0]
+    return seconds, first["step_s"] * window, record["phases"][0].get("breakdown", [{}])[0]
 
 
 def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
