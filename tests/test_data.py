@@ -288,6 +288,39 @@ def test_prefetched_batches_and_checkpointed_position_match_the_training_thread(
         rest.close()
 
 
+def test_the_prefetch_thread_computes_on_one_core_and_leaves_the_training_threads_alone(
+        shard_dir):
+    # Its own OpenMP team would put more compute threads than cores on a small machine.
+    import threading
+
+    from gwtn_dist.data.prefetch import Prefetcher
+
+    seen = {}
+
+    def host(batch):
+        seen[threading.current_thread().name] = torch.get_num_threads()
+        return batch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feed = Prefetcher(_global_batches(shard_dir), iter([(0, 0), (0, 1)]), host=host, depth=2)
+        try:
+            feed.next(0, 0)
+            feed.next(0, 1)
+        finally:
+            feed.close()
+        assert seen == {"gwtn-prefetch": 1}
+        assert torch.get_num_threads() == 2
+        fresh = {}
+        probe = threading.Thread(target=lambda: fresh.update(n=torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert fresh["n"] == 2  # the default of threads started later is put back
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_failure_in_the_prefetch_thread_reaches_the_training_thread(shard_dir):
     from gwtn_dist.data.prefetch import Prefetcher
 

@@ -16,6 +16,11 @@ checkpoint saves, the same as without prefetching. Augmentation draws from (seed
 step), not from the order of calls, so a batch made early is the batch made on time.
 
 ``depth=0`` makes each batch on the training thread when it is asked for (no thread).
+
+The thread's tensor work runs on one core. Left alone, its first torch op above the
+intra-op grain size would start an OpenMP team of its own (``torch.get_num_threads()``
+threads), so a 2-core machine ran four compute threads for two cores, and the step's team
+waited on a core the data thread held.
 """
 
 from __future__ import annotations
@@ -67,9 +72,15 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         if depth > 0:
             self._queue: queue.Queue = queue.Queue(maxsize=depth)
-            self._thread = threading.Thread(target=self._fill, name="gwtn-prefetch",
-                                            daemon=True)
+            threads = torch.get_num_threads()  # the training thread's
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._fill, args=(started,),
+                                            name="gwtn-prefetch", daemon=True)
             self._thread.start()
+            started.wait()
+            # torch.set_num_threads also sets the default of threads not yet started; put it
+            # back (this thread's own team keeps its size, the prefetch thread keeps one).
+            torch.set_num_threads(threads)
 
     def _make(self, key: tuple[int, int]) -> tuple:
         batch = self.host(self.batches.next(*key))
@@ -84,7 +95,13 @@ class Prefetcher:
                 continue
         return False
 
-    def _fill(self) -> None:
+    def _fill(self, started: threading.Event) -> None:
+        # This thread only (see the module's docstring). get_num_threads first: torch sizes a
+        # thread's team lazily, on its first parallel call, from the process default, which
+        # would undo the 1 once the default is put back.
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        started.set()
         try:
             for key in self._keys:
                 if not self._put(self._make(key)):
