@@ -104,6 +104,41 @@ def test_gwtn_bench_step_and_imitate_print_side_by_side_ratios(tmp_path, shard_d
     assert float(rows["floor"]["ratio_to_floor"]) == 1.0
 
 
+def test_the_bare_loop_leaves_a_logging_window_untimed_and_round_0_is_not_in_the_median(
+        monkeypatch):
+    # The framework's first window is reported apart; the bare loop must not pay its own
+    # warm-up inside the timed steps either, or the ratio flatters the framework.
+    import statistics
+
+    import torch
+
+    from gwtn_dist import step_bench
+
+    calls, timed_from = [], []
+    clock = iter(range(1000))
+    monkeypatch.setattr(step_bench.time, "perf_counter", lambda: timed_from.append(len(calls))
+                        or next(clock))
+    assert step_bench._timed(lambda: calls.append(1), 5, torch.device("cpu"), warmup=3) == 0.2
+    assert len(calls) == 8 and timed_from == [3, 8]  # 3 untimed, then 5 between the clocks
+    seen, bare = [], iter([0.3, 0.1, 0.2])  # round 0's bare loop slow, as on a 2-core CPU
+    monkeypatch.setattr(step_bench, "_timed", lambda step, steps, device, warmup=1:
+                        seen.append(warmup) or next(bare))
+    monkeypatch.setattr(step_bench, "_bare_step", lambda rt, cfg, device: None)
+    monkeypatch.setattr(step_bench, "_framework_seconds",
+                        lambda rt, cfg, steps, folder: (0.1, 1.0, {}))
+    monkeypatch.setattr(step_bench, "_write_csv", lambda rows, path: None)
+    monkeypatch.setattr(step_bench, "resolve_device", lambda rt, cfg: torch.device("cpu"))
+    from pathlib import Path
+
+    from gwtn_dist.config import Config
+
+    rows = step_bench.bench_step(None, Config(), steps=50, rounds=3, out=Path("unused"))
+    assert seen == [10, 10, 10]  # every round leaves the framework's window untimed
+    median = rows[-1]
+    assert median["round"] == "median" and median["bare_ms"] == pytest.approx(150)
+    assert median["ratio"] == pytest.approx(statistics.median([1.0, 0.5]))  # rounds 1, 2 only
+
+
 def test_progress_in_a_log_file_is_plain_lines_not_carriage_returns(tmp_path, shard_dir):
     from tests.test_pipeline import gwtn
 
