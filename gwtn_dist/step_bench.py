@@ -73,6 +73,12 @@ def _batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x, torch.randint(0, m.num_classes, (b,), device=device)
 
 
+def _window(steps: int) -> int:
+    """Steps in one logging window of the framework's run: its first is left untimed, and the
+    bare loop leaves as many untimed."""
+    return min(10, steps)
+
+
 def _bare_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One step of a bare PyTorch loop: the thin net, cross-entropy, the baseline optimizer."""
     net = place(rt, build_thin(cfg.model), cfg, device).train()
@@ -92,15 +98,15 @@ def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
     """Seconds per step of the training loop in steady state, seconds of its first logging
     window, and the breakdown of its sampled steps.
 
-    The loop logs a record every ``log_every`` = min(10, steps) steps (a window) and runs one
-    window more than the ``steps`` rounded up to whole windows, since only whole windows are
-    logged. The first window holds the warm-up (the first batches, the first backward), which
+    The loop logs a record every ``log_every`` = ``_window(steps)`` steps (a window) and runs
+    one window more than the ``steps`` rounded up to whole windows, since only whole windows
+    are logged. The first window holds the warm-up (the first batches, the first backward), which
     a long run pays once: its seconds are reported apart. The steady state is the mean step
     time of the other windows, from ``metrics.jsonl``, as a run logs it.
     """
     from .stages.finetune import train_thin
 
-    window = min(10, steps)
+    window = _window(steps)
     windows = -(-steps // window) + 1  # the steady windows, rounded up, plus the first
     cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
                                "profile.sample_every": 5, "log_every": window})
@@ -121,7 +127,7 @@ def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> 
     for r in range(rounds):
         # Both sides leave a logging window untimed: the framework its first window (see
         # _framework_seconds), the bare loop as many steps.
-        bare = _timed(_bare_step(rt, cfg, device), steps, device, warmup=min(10, steps))
+        bare = _timed(_bare_step(rt, cfg, device), steps, device, warmup=_window(steps))
         with tempfile.TemporaryDirectory() as tmp:
             framework, warmup, breakdown = _framework_seconds(rt, cfg, steps, Path(tmp))
         data = breakdown.get("regions", {}).get("data", 0.0)

@@ -99,9 +99,11 @@ class Prefetcher:
         # This thread only (see the module's docstring). get_num_threads first: torch sizes a
         # thread's team lazily, on its first parallel call, from the process default, which
         # would undo the 1 once the default is put back.
-        torch.get_num_threads()
-        torch.set_num_threads(1)
-        started.set()
+        try:
+            torch.get_num_threads()
+            torch.set_num_threads(1)
+        finally:
+            started.set()  # the training thread waits on it: never leave it unset
         try:
             for key in self._keys:
                 if not self._put(self._make(key)):
