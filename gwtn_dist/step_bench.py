@@ -94,9 +94,10 @@ def _bare_step(rt: Runtime, cfg: Config, device: torch.device) -> Callable[[], N
 
 
 def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
-                       ) -> tuple[float, float, dict]:
+                       ) -> tuple[float, float, float, dict]:
     """Seconds per step of the training loop in steady state, seconds of its first logging
-    window, and the breakdown of its sampled steps.
+    window, CPU seconds per step of making the batches (steady state; the prefetch thread's),
+    and the breakdown of its sampled steps.
 
     The loop logs a record every ``log_every`` = ``_window(steps)`` steps (a window) and runs
     one window more than the ``steps`` rounded up to whole windows, since only whole windows
@@ -116,7 +117,9 @@ def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
         timed = [r for r in map(json.loads, f) if "step_s" in r]  # one per window
     first, steady = timed[0], timed[1:]
     seconds = sum(r["step_s"] for r in steady) / len(steady)
-    return seconds, first["step_s"] * window, record["phases"][0].get("breakdown", [{}])[0]
+    data_cpu = sum(r["data_cpu_s"] for r in steady) / len(steady)
+    return (seconds, first["step_s"] * window, data_cpu,
+            record["phases"][0].get("breakdown", [{}])[0])
 
 
 def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> list[dict]:
@@ -129,18 +132,20 @@ def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> 
         # _framework_seconds), the bare loop as many steps.
         bare = _timed(_bare_step(rt, cfg, device), steps, device, warmup=_window(steps))
         with tempfile.TemporaryDirectory() as tmp:
-            framework, warmup, breakdown = _framework_seconds(rt, cfg, steps, Path(tmp))
+            framework, warmup, data_cpu, breakdown = _framework_seconds(rt, cfg, steps,
+                                                                        Path(tmp))
         data = breakdown.get("regions", {}).get("data", 0.0)
         rows.append({"round": r, "bare_ms": bare * 1e3, "framework_ms": framework * 1e3,
                      "ratio": framework / bare, "framework_data_ms": data,
-                     "framework_warmup_s": warmup})
+                     "data_cpu_ms": data_cpu * 1e3, "framework_warmup_s": warmup})
     # Round 0 is shown but left out of the median when there are later rounds: on a 2-core
     # CPU its bare loop ran 20-50% slower than in later rounds in 9 of 11 runs (cause not
     # found; an untimed warm-up round before it did not help), which flattered the framework.
     steady = rows[1:] or rows
     rows.append({"round": "median", **{k: statistics.median(row[k] for row in steady)
                                        for k in ("bare_ms", "framework_ms", "ratio",
-                                                 "framework_data_ms", "framework_warmup_s")}})
+                                                 "framework_data_ms", "data_cpu_ms",
+                                                 "framework_warmup_s")}})
     _write_csv(rows, out / "bench_step.csv")
     return rows
 

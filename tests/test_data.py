@@ -333,3 +333,40 @@ def test_a_failure_in_the_prefetch_thread_reaches_the_training_thread(shard_dir)
             feed.next(0, 0)
     finally:
         feed.close()
+
+
+class _ConstantBatches:
+    """A batch source that costs nothing: what the host function spends is all there is."""
+
+    position, skipped = {"epoch": 0, "batch": 0}, {}
+
+    def next(self, phase_index: int, step: int):
+        return torch.zeros(2), torch.zeros(2)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_the_prefetcher_reports_the_cpu_time_spent_making_each_batch_not_its_wall_time(depth):
+    # A loaded machine stretches wall time; the data thread's CPU per batch is what it takes
+    # from the step's cores, and it must not count time spent waiting.
+    import time
+
+    from gwtn_dist.data.prefetch import Prefetcher
+
+    def busy(batch):  # 30 ms of CPU
+        start = time.thread_time()
+        while time.thread_time() - start < 0.03:
+            pass
+        return batch
+
+    def idle(batch):  # 30 ms of waiting
+        time.sleep(0.03)
+        return batch
+
+    for host, low, high in ((busy, 0.03, 1.0), (idle, 0.0, 0.02)):
+        feed = Prefetcher(_ConstantBatches(), iter([(0, 0), (0, 1)]), host=host, depth=depth)
+        try:
+            for step in range(2):
+                feed.next(0, step)
+                assert low <= feed.cpu_s < high, (host.__name__, feed.cpu_s)
+        finally:
+            feed.close()

@@ -31,7 +31,7 @@ def test_every_log_every_steps_a_record_carries_time_memory_and_grad_norm(profil
     timed = [r for r in records if "step_s" in r]
     assert [r["step"] for r in timed] == [10, 20] * 3  # three points of 20 steps
     for r in timed:
-        assert r["step_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
+        assert r["step_s"] > 0 and 0 <= r["data_s"] <= r["step_s"] and r["data_cpu_s"] > 0
         assert r["samples_per_s"] > 0 and r["peak_mem_mb"] > 10 and r["grad_norm"] > 0
         assert "tokens_per_s" not in r  # images: no tokens
     assert all("step_s" not in r for r in records if r["step"] % 10)
@@ -97,6 +97,7 @@ def test_gwtn_bench_step_and_imitate_print_side_by_side_ratios(tmp_path, shard_d
     assert float(median["ratio"]) == pytest.approx(float(median["framework_ms"])
                                                    / float(median["bare_ms"]))
     assert float(first["framework_warmup_s"]) > 0  # the first window, reported apart
+    assert float(first["data_cpu_ms"]) > 0  # the batches cost the prefetch thread CPU
     assert "| median |" in capsys.readouterr().out
     assert main(["-q", "bench", "imitate", *common]) == 0
     rows = {r["step"]: r for r in _csv(tmp_path / "bench" / "bench_imitate.csv")}
@@ -125,7 +126,7 @@ def test_the_bare_loop_leaves_a_logging_window_untimed_and_round_0_is_not_in_the
                         seen.append(warmup) or next(bare))
     monkeypatch.setattr(step_bench, "_bare_step", lambda rt, cfg, device: None)
     monkeypatch.setattr(step_bench, "_framework_seconds",
-                        lambda rt, cfg, steps, folder: (0.1, 1.0, {}))
+                        lambda rt, cfg, steps, folder: (0.1, 1.0, 0.002, {}))
     monkeypatch.setattr(step_bench, "_write_csv", lambda rows, path: None)
     monkeypatch.setattr(step_bench, "resolve_device", lambda rt, cfg: torch.device("cpu"))
     from pathlib import Path

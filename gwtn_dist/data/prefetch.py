@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -58,7 +59,9 @@ class Prefetcher:
     each ``host(batches.next(*key))``, made up to ``depth`` ahead in a daemon thread.
 
     position / skipped: the source's position and bad-data counts right after the last batch
-    taken with :meth:`next` (what a checkpoint stores). Call :meth:`close` when done (the loop
+    taken with :meth:`next` (what a checkpoint stores). cpu_s: the CPU time the thread that made
+    that batch spent on it (``time.thread_time``: reading, decoding, augmenting, ``host``), which
+    a loaded machine does not inflate as it does wall time. Call :meth:`close` when done (the loop
     does, also on errors), which stops the thread.
     """
 
@@ -67,6 +70,7 @@ class Prefetcher:
         self.batches, self.host, self.depth = batches, host, depth
         self.position = batches.position
         self.skipped = batches.skipped
+        self.cpu_s = 0.0
         self._keys = iter(keys)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,8 +87,10 @@ class Prefetcher:
             torch.set_num_threads(threads)
 
     def _make(self, key: tuple[int, int]) -> tuple:
+        start = time.thread_time()
         batch = self.host(self.batches.next(*key))
-        return key, batch, self.batches.position, self.batches.skipped
+        return (key, batch, self.batches.position, self.batches.skipped,
+                time.thread_time() - start)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -114,12 +120,12 @@ class Prefetcher:
     def next(self, phase_index: int, step: int):
         """The batch of ``(phase_index, step)``: it must be the next key of the sequence."""
         if self._thread is None:
-            key, batch, self.position, self.skipped = self._make(next(self._keys))
+            key, batch, self.position, self.skipped, self.cpu_s = self._make(next(self._keys))
         else:
             item = self._queue.get()
             if isinstance(item, _Failed):
                 raise item.exc
-            key, batch, self.position, self.skipped = item
+            key, batch, self.position, self.skipped, self.cpu_s = item
         if key != (phase_index, step):
             raise RuntimeError(f"prefetcher: made the batch of phase {key[0]} step {key[1]}, "
                                f"but the loop asked for phase {phase_index} step {step}")

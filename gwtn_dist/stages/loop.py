@@ -96,6 +96,7 @@ class StepTiming:
     steps: int = 0
     step_s: float = 0.0
     data_s: float = 0.0
+    data_cpu_s: float = 0.0  # CPU time spent making the batches (the prefetch thread's)
     tokens: torch.Tensor | None = None  # this rank's unpadded tokens since the last record (text)
 
     def record(self, samples_per_step: int, device: torch.device,
@@ -105,6 +106,7 @@ class StepTiming:
         per record, on the step that reads the grad norm anyway)."""
         n = max(self.steps, 1)
         out = {"step_s": round(self.step_s / n, 5), "data_s": round(self.data_s / n, 5),
+               "data_cpu_s": round(self.data_cpu_s / n, 5),
                "samples_per_s": round(samples_per_step * n / self.step_s, 2)
                if self.step_s > 0 else None,
                "peak_mem_mb": round(profiling.peak_memory_mb(device), 1)}
@@ -112,7 +114,7 @@ class StepTiming:
             out["tokens_per_s"] = round(float(self.tokens) * ranks / self.step_s, 1)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
-        self.steps, self.step_s, self.data_s, self.tokens = 0, 0.0, 0.0, None
+        self.steps, self.step_s, self.data_s, self.data_cpu_s, self.tokens = 0, 0.0, 0.0, 0.0, None
         return out
 
 
@@ -486,6 +488,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
                 # ids and attention mask (b, T) and masked-LM labels (b, T).
                 with profiling.region("data"):
                     batch = feed.next(index, step)
+                    timing.data_cpu_s += feed.cpu_s
                     x, y = batch if on_host else ctx.prepare(*batch)
                     tokens = ctx.tokens(x) if ctx.tokens is not None else None
                     if tokens is not None:  # text: a 0-d device tensor, summed without a sync
