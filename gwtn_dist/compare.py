@@ -267,10 +267,11 @@ def compare(rt: Runtime, cfg: Config) -> dict:
     }
     if not rt.is_main:
         return table
-    curves = {arm: [read_curve(
-        [plan.seed_dir(c.budget_mults[0], s) / st for st in
+    # One line per arm and budget: "<arm>" at the first budget, "<arm>@x<m>" at the others.
+    curves = {arm if i == 0 else f"{arm}@x{mult:g}": [read_curve(
+        [plan.seed_dir(mult, s) / st for st in
          (["imitate", "finetune"] if arm == "win" else [arm])], task.select_metric)
-        for s in c.seeds] for arm in cfg.arms}
+        for s in c.seeds] for i, mult in enumerate(c.budget_mults) for arm in cfg.arms}
     write_compare(out_dir, table, curves)
     print((out_dir / "compare.md").read_text())
     return table

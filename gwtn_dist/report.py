@@ -253,11 +253,14 @@ def write_compare(out_dir: Path, table: dict, curves: dict[str, list[list[tuple[
 
 def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
                 table: dict, teacher_accuracy: float | None = None,
-                label: str = "test accuracy") -> None:
+                label: str = "test accuracy") -> list[str]:
     """``label`` (test accuracy, or held-out MLM accuracy) against thin-net steps, one line per
-    arm (mean over seeds, band = min..max).
+    arm (mean over seeds, band = min..max); returns the legend's labels.
 
-    The wide teacher's final accuracy, if given, is a dashed line for reference.
+    A key ``"<arm>@x<m>"`` is that arm at ``m`` × the thin-net budget
+    (``compare.budget_mults``): drawn dotted, in its arm's colour, so a head start that the
+    longer run catches up with shows as lines that meet. The wide teacher's final accuracy, if
+    given, is a grey dashed line for reference.
     """
     import matplotlib
 
@@ -265,15 +268,21 @@ def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, per_seed in curves.items():
+    colours: dict[str, str] = {}
+    for key, per_seed in curves.items():
+        arm, _, mult = key.partition("@x")
+        colour = colours.setdefault(arm, f"C{len(colours)}")
         per_seed = [c for c in per_seed if c]
         if not per_seed:
             continue
         steps = sorted({s for c in per_seed for s, _ in c})
         by_step = [[acc for c in per_seed for s2, acc in c if s2 == s] for s in steps]
         mean = [statistics.fmean(v) for v in by_step]
-        ax.plot(steps, mean, marker=".", label=ARM_LABELS.get(arm, arm))
-        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step], alpha=0.15)
+        name = ARM_LABELS.get(arm, arm) + (f" (×{mult} budget)" if mult else "")
+        ax.plot(steps, mean, marker=".", color=colour, linestyle=":" if mult else "-",
+                label=name)
+        ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step],
+                        color=colour, alpha=0.15)
     if teacher_accuracy is not None:
         ax.axhline(teacher_accuracy, color="grey", linestyle="--", linewidth=1,
                    label=f"wide twin (teacher), {teacher_accuracy:.3f}")
@@ -284,4 +293,7 @@ def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    legend = ax.get_legend()
+    labels = [text.get_text() for text in legend.get_texts()] if legend else []
     plt.close(fig)
+    return labels

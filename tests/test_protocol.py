@@ -143,6 +143,41 @@ def test_two_workers_share_one_comparison(tmp_path, shard_dir):
     assert "unit " in err and "unit " in second.stderr
 
 
+def test_twice_the_budget_runs_every_arm_again_and_draws_both_budgets(tmp_path, shard_dir,
+                                                                      monkeypatch):
+    # Head start or lasting gain: every arm at 2× the method's budget, reported and drawn
+    # beside ×1, so a gain that scratch catches up with shows in the table and the plot.
+    from gwtn_dist import report
+
+    drawn: dict = {}
+    draw = report.plot_curves
+
+    def spy(path, curves, table, **kwargs):
+        drawn["curves"] = curves
+        drawn["labels"] = draw(path, curves, table, **kwargs)
+        return drawn["labels"]
+
+    monkeypatch.setattr(report, "plot_curves", spy)
+    run_dir = tmp_path / "cmp"
+    assert main(["-q", "compare", *fast_args(run_dir, shard_dir, "arms=[scratch,win]",
+                                             "compare.seeds=[0]",
+                                             "compare.budget_mults=[1,2]")]) == 0
+    out = run_dir / "compare"
+    table = json.loads((out / "compare.json").read_text())
+    budget = 3 * 12 + 22  # the method's thin-net steps at ×1 (fast_args)
+    assert [b["budget_mult"] for b in table["budgets"]] == [1, 2]
+    assert [b["budget_steps"] for b in table["budgets"]] == [budget, 2 * budget]
+    doubled = json.loads((out / "x2" / "seed0" / "summary.json").read_text())["stages"]
+    assert doubled["scratch"]["steps"] == 2 * budget
+    assert doubled["imitate"]["steps"] == 3 * 24 and doubled["finetune"]["steps"] == 2 * 22
+    assert "Head start or lasting gain" in (out / "compare.md").read_text()
+    assert list(drawn["curves"]) == ["scratch", "win", "scratch@x2", "win@x2"]
+    assert all(curve for per_seed in drawn["curves"].values() for curve in per_seed)
+    assert drawn["labels"][:4] == ["thin from scratch", "thin, Go Wide Then Narrow",
+                                   "thin from scratch (×2 budget)",
+                                   "thin, Go Wide Then Narrow (×2 budget)"]
+
+
 def test_the_teacher_cache_trains_a_teacher_once(tmp_path, shard_dir):
     cache = tmp_path / "teachers"
     for name in ("a", "b"):
