@@ -1,5 +1,5 @@
-"""An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`;
-torch is required as a range that holds the version the set-up installs, not as a pin."""
+"""An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`,
+and in the checkout `import kernels` is never this folder; torch is required as a range that holds the version the set-up installs, not as a pin."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -44,6 +45,38 @@ def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def _import_kernels_in_the_checkout(pythonpath: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    # `python -c` puts the working directory, the checkout, first on sys.path.
+    code = "import kernels; print(getattr(kernels, 'WHO', kernels.__file__))"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_in_the_checkout_import_kernels_reaches_another_projects_kernels(tmp_path):
+    # transformers >= 5.25 imports Hugging Face's `kernels`, and its setuptools plugin loads in
+    # every build; from the checkout's root our kernels/ folder must not stand in for it.
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("from kernels.part import WHO\n")
+    (other / "part.py").write_text("WHO = 'the other kernels'\n")
+    proc = _import_kernels_in_the_checkout(str(tmp_path / "site"))
+    assert proc.returncode == 0 and proc.stdout.strip() == "the other kernels", proc.stderr
+
+
+def test_in_the_checkout_import_kernels_alone_is_not_found():
+    if subprocess.run([sys.executable, "-c", "import importlib.metadata as m; m.version('kernels')"],
+                      cwd="/", capture_output=True, check=False).returncode == 0:
+        proc = _import_kernels_in_the_checkout(None)  # Hugging Face's is installed: it wins
+        assert proc.returncode == 0, proc.stderr
+        assert not Path(proc.stdout.strip()).is_relative_to(REPO / "kernels"), proc.stdout
+        return
+    proc = _import_kernels_in_the_checkout(None)
+    assert proc.returncode == 1 and "is gwtn_dist.kernels" in proc.stderr, proc.stderr
 
 
 def _install_requires() -> list[str]:
