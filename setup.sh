@@ -15,8 +15,11 @@
 #      TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh   CUDA 12.8 build
 #    (without it pip's own configuration decides which build it gets; PyPI's Linux torch is a
 #    CUDA build). docs/setup.md has the details.
-# 4. gwtn_dist itself, editable, with the test tools: pip install -e ".[test]".
-# Running it again is safe and quick: what is there is kept (a changed setup.py reinstalls).
+# 4. gwtn_dist itself, editable, with the test tools: pip install -e ".[test]", held to the
+#    versions in constraints.txt (the ones the tests last passed with); GWTN_CONSTRAINTS= (empty)
+#    takes the newest of everything, GWTN_CONSTRAINTS=FILE another list.
+# Running it again is safe and quick: what is there is kept (a changed setup.py or constraints.txt
+# reinstalls).
 set -euo pipefail
 cd "$(dirname "$0")"
 say() { echo "setup: $*"; }
@@ -25,6 +28,8 @@ fail() { echo "setup: error: $*" >&2; exit 1; }
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+CONSTRAINTS=${GWTN_CONSTRAINTS-constraints.txt}
+[ -z "$CONSTRAINTS" ] || [ -f "$CONSTRAINTS" ] || fail "GWTN_CONSTRAINTS=$CONSTRAINTS: no such file"
 VENV=.venv
 
 # --- which environment: an active one, or .venv here
@@ -135,12 +140,12 @@ fi
 
 # --- 4. gwtn_dist (again only when setup.py changed or another checkout was installed there)
 stamp="$VENV/.gwtn-setup"
-want="$(pwd -P) $(sha256sum setup.py | cut -d' ' -f1)"
+want="$(pwd -P) $(cat setup.py ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/gwtn" --version >/dev/null 2>&1; then
   say "gwtn_dist is installed from here (editable)"
 else
-  say "pip install -e .[test]"
-  "${pip[@]}" -e ".[test]"
+  say "pip install -e .[test]${CONSTRAINTS:+ -c $CONSTRAINTS}"
+  "${pip[@]}" -e ".[test]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
   "$VENV/bin/gwtn" --version >/dev/null || fail "gwtn did not install"
   echo "$want" > "$stamp"
 fi

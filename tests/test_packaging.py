@@ -1,6 +1,7 @@
 """An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`,
 and in the checkout `import kernels` is never this folder; torch is required as a range that
-holds the version the set-up installs, not as a pin."""
+holds the version the set-up installs, not as a pin; every other dependency is pinned, for the
+tested Python, in constraints.txt."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
+import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from tests.conftest import REPO
@@ -114,3 +118,44 @@ def test_ci_runs_exactly_the_readme_commands():
     (main_line,), (quick_line,) = main_run, quick_run
     assert quick_line.startswith(main_line + " ")
     assert all("=" in word for word in quick_line[len(main_line):].split())
+
+
+def _constraints() -> dict[str, Requirement]:
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    reqs = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {canonicalize_name(r.name): r for r in reqs}
+
+
+def test_constraints_pin_every_dependency_but_torch_on_the_tested_python():
+    # A fresh set-up must get the versions the suite passed with (a new transformers once
+    # broke CI), yet leave a cluster's torch, and another Python's choice of releases, alone.
+    pins = _constraints()
+    extras = ast.literal_eval(next(
+        k.value for n in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"
+        for k in n.keywords if k.arg == "extras_require"))
+    wanted = {canonicalize_name(Requirement(r).name) for r in [*_install_requires(), *extras["test"]]}
+    assert wanted - {"torch", "triton"} <= set(pins), wanted - set(pins)
+    assert not {"torch", "triton", "sympy", "networkx", "jinja2"} & set(pins)
+    for req in pins.values():
+        (spec,) = req.specifier
+        assert spec.operator == "==", req
+        assert str(req.marker) == 'python_version == "3.11"', req
+    assert re.search(r'-c "\$CONSTRAINTS"', (REPO / "setup.sh").read_text())
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true" or sys.version_info[:2] != (3, 11),
+                    reason="checks a fresh ./setup.sh environment on the tested Python (CI=true)")
+def test_a_fresh_set_up_installed_the_pinned_versions():
+    wrong = {name: (str(req.specifier), version(name))
+             for name, req in _constraints().items()
+             if _installed(name) and not req.specifier.contains(version(name))}
+    assert not wrong, f"installed versions differ from constraints.txt: {wrong}"
+
+
+def _installed(name: str) -> bool:
+    try:
+        version(name)
+    except PackageNotFoundError:
+        return False
+    return True
