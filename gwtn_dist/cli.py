@@ -246,6 +246,13 @@ def _quiet_first(argv: list[str]) -> list[str]:
     return (["-q"] if len(head) < end else []) + head + argv[end:]
 
 
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write. ``print`` writes the text and its newline
+    apart, so two ranks sharing one stderr (torchrun, srun) could run their lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _quiet_first(_without_local_rank(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -255,20 +262,19 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         runtime.barrier()  # no rank tears the process group down while another still uses it
     except (ConfigError, DataSourceError, StageOrderError, LaunchError, ExportError) as exc:
-        print(f"gwtn: error: {exc}", file=sys.stderr)
+        _say(f"gwtn: error: {exc}")
         return 2
     except preempt.Preempted as exc:
-        print(f"gwtn: {exc}", file=sys.stderr)
+        _say(f"gwtn: {exc}")
         return preempt.EXIT_CODE
     except FloatingPointError as exc:
-        print(f"gwtn: error: training diverged: {exc}", file=sys.stderr)
+        _say(f"gwtn: error: training diverged: {exc}")
         return EXIT_DIVERGED
     except CheckpointError as exc:
-        print(f"gwtn: error: {exc}", file=sys.stderr)
+        _say(f"gwtn: error: {exc}")
         return EXIT_CHECKPOINT
     except OSError as exc:  # after the data errors above (DataSourceError is an OSError too)
-        print(f"gwtn: error: {exc.strerror or exc}"
-              f"{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        _say(f"gwtn: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         return EXIT_IO
     finally:
         from .pipeline import release_locks

@@ -80,6 +80,32 @@ def test_an_unreadable_checkpoint_and_an_unwritable_run_dir_are_one_line(tmp_pat
     assert err.startswith("gwtn: error:") and "a-file" in err and "Traceback" not in err
 
 
+class WritesRecorder:
+    """A stderr stand-in that keeps each ``write`` call apart."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_line_reaches_stderr_in_one_write(tmp_path, shard_dir, monkeypatch):
+    """Ranks share one stderr under torchrun or srun; a line written in two parts (``print``
+    writes its newline apart) can be run together with another rank's line."""
+    recorder = WritesRecorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["-q", "wide", *fast_args(blocker / "run", shard_dir)]) == EXIT_IO
+    errors = [w for w in recorder.writes if "gwtn: error:" in w]
+    assert len(errors) == 1 and errors[0].startswith("gwtn: error:") and errors[0].endswith("\n")
+
+
 @pytest.mark.parametrize("override, words", [
     ("device=cuda", ["device", "no CUDA device"]),
     ("imitate.loss_backend=triton", ["imitate.loss_backend", "CUDA"]),
