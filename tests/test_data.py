@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gwtn_dist.data.fashion_mnist import DataSourceError, load_split, read_idx
-from gwtn_dist.data.shards import TrainStream, augment, eval_batches, read_index, shard_urls
+from gwtn_dist.data.shards import TrainStream, augment, eval_batches, shard_urls
+from gwtn_dist.data.streams import read_index
 
 
 def test_index_counts_match_the_source(shard_dir, idx_dir):

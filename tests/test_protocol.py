@@ -16,7 +16,8 @@ import yaml
 import gwtn_dist.compare as compare_module
 import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
-from gwtn_dist.data.shards import TrainStream, eval_batches, read_index, validation_indices
+from gwtn_dist.data.shards import TrainStream, eval_batches, validation_indices
+from gwtn_dist.data.streams import read_index
 from gwtn_dist.stats import paired, pays
 from tests.conftest import REPO
 from tests.test_pipeline import fast_args

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import npy
 from .errors import DataSourceError
+from .streams import ResumablePosition, indexed_shards, read_index
 from .writer import ShardSink
 
 log = logging.getLogger("gwtn")
@@ -83,35 +84,16 @@ def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.n
     return index
 
 
-def read_index(shard_dir: Path | str) -> dict:
-    """The index.json of a shard folder, with an error that says how to make one."""
-    path = Path(shard_dir) / "index.json"
-    if not path.is_file():
-        raise DataSourceError(
-            f"{path} not found: write the shards first, e.g. "
-            f"`gwtn shards fashion-mnist {shard_dir}`"
-        )
-    return json.loads(path.read_text())
-
-
 def shard_urls(shard_dir: Path | str, split: str, limit: int = 0) -> list[str]:
     """Paths of ``split``'s shards; with ``limit``, only those holding the first ``limit`` samples.
 
     Shards hold consecutive sample indices in order, so the first N samples live in a prefix of
     the shard list, and reading the other shards would only be filtered away.
     """
-    index = read_index(shard_dir)
-    if split not in index["splits"]:
-        raise DataSourceError(f"{shard_dir}: no {split!r} split in index.json")
-    info = index["splits"][split]
-    names = info["shards"]
+    urls, info = indexed_shards(shard_dir, split)
     if limit and "shard_samples" in info:
-        ends = [sum(info["shard_samples"][: i + 1]) for i in range(len(names))]
-        names = names[: next((i + 1 for i, e in enumerate(ends) if e >= limit), len(names))]
-    urls = [str(Path(shard_dir) / name) for name in names]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise DataSourceError(f"{shard_dir}: shards listed in index.json are missing: {missing}")
+        ends = np.cumsum(info["shard_samples"])
+        urls = urls[: next((i + 1 for i, e in enumerate(ends) if e >= limit), len(urls))]
     return urls
 
 
@@ -297,7 +279,7 @@ def _image_pairs(handler: Callable[[Exception], bool]):
     return stage
 
 
-class TrainStream:
+class TrainStream(ResumablePosition):
     """Endless shuffled training batches with a resumable position.
 
     Yields ``(images, labels)``: uint8 (B, C, H, W) and int64 (B,). ``position`` is
@@ -322,15 +304,6 @@ class TrainStream:
         self.skipped: Counter = Counter()
         self._replaying = False
         self._it: Iterator | None = None
-
-    @property
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
-
-    def seek(self, position: dict) -> None:
-        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
-        self.skipped = Counter(position.get("skipped", {}))
-        self._it = None
 
     def _skip(self, exc: Exception) -> bool:
         """webdataset's handler: count and log bad data, then go on (True)."""

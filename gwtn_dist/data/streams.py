@@ -77,6 +77,29 @@ def count_samples(url: str, skipped: Counter) -> int:
     return keys
 
 
+def read_index(folder: str | Path) -> dict:
+    """The index.json of a shard folder, with an error that says how to make one."""
+    path = Path(folder) / "index.json"
+    if not path.is_file():
+        raise DataSourceError(f"{path} not found: write the shards first with `gwtn shards …` "
+                              f"(e.g. `gwtn shards fashion-mnist {folder}`)")
+    return json.loads(path.read_text())
+
+
+def indexed_shards(folder: str | Path, split: str) -> tuple[list[str], dict]:
+    """(paths of ``split``'s shards, the split's entry of index.json), every listed tar
+    present."""
+    index = read_index(folder)
+    if split not in index["splits"]:
+        raise DataSourceError(f"{folder}: no {split!r} split in index.json")
+    info = index["splits"][split]
+    urls = [str(Path(folder) / name) for name in info["shards"]]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise DataSourceError(f"{folder}: shards listed in index.json are missing: {missing}")
+    return urls, info
+
+
 def resolve_shards(source: str | Path, split: str,
                    skipped: Counter | None = None) -> tuple[list[str], list[int]]:
     """(urls, sample counts) of ``split``: from ``source/index.json`` when ``source`` is a folder,
@@ -84,17 +107,7 @@ def resolve_shards(source: str | Path, split: str,
     counted from their headers (damaged ones are added to ``skipped``)."""
     source = str(source)
     if Path(source).is_dir():
-        path = Path(source) / "index.json"
-        if not path.is_file():
-            raise DataSourceError(f"{path} not found: write shards with `gwtn shards …`")
-        index = json.loads(path.read_text())
-        if split not in index["splits"]:
-            raise DataSourceError(f"{source}: no {split!r} split in index.json")
-        info = index["splits"][split]
-        urls = [str(Path(source) / name) for name in info["shards"]]
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise DataSourceError(f"{source}: shards listed in index.json are missing: {missing}")
+        urls, info = indexed_shards(source, split)
         return urls, list(info["shard_samples"])
     urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
     if not urls:
@@ -160,6 +173,28 @@ def buffer_shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class ResumablePosition:
+    """A training stream's place: the next batch ``(epoch, batch)`` and the bad data skipped so
+    far, by reason. ``position`` is what a checkpoint saves; ``seek`` to it makes the next batch
+    the one that would have come (the subclass rebuilds its iterator, ``_it``, from there)."""
+
+    epoch: int
+    batch: int
+    skipped: Counter
+    _it: Iterator | None
+
+    @property
+    def position(self) -> dict:
+        """``{"epoch": e, "batch": b, "skipped": {reason: n}}``."""
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
+
+    def seek(self, position: dict) -> None:
+        """Continue from a saved ``position``."""
+        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self.skipped = Counter(position.get("skipped", {}))
+        self._it = None
 
 
 class ShardStream(IterableDataset):
@@ -277,7 +312,7 @@ class ShardStream(IterableDataset):
             batch += 1
 
 
-class ShardLoader:
+class ShardLoader(ResumablePosition):
     """Batches of a :class:`ShardStream` through a torch DataLoader with ``num_workers``.
 
     Training streams are endless and resumable (``position``/``seek``); evaluation streams yield
@@ -300,17 +335,6 @@ class ShardLoader:
         """Rank batches per training epoch (the same on every rank)."""
         workers = max(1, self.num_workers)
         return workers * self.stream.batches_per_worker(workers)
-
-    @property
-    def position(self) -> dict:
-        """The next batch and the skips so far: ``{"epoch": e, "batch": b, "skipped": {…}}``."""
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
-
-    def seek(self, position: dict) -> None:
-        """Continue from a saved ``position``: the next batch is the one that would have come."""
-        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
-        self.skipped = Counter(position.get("skipped", {}))
-        self._it = None
 
     def _loader(self) -> Iterator:
         self.stream.epoch, self.stream.start_batch = self.epoch, self.batch
