@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gwtn_dist.data.fashion_mnist import DataSourceError, load_split, read_idx
-from gwtn_dist.data.shards import TrainStream, augment, eval_batches, shard_urls
+from gwtn_dist.data.shards import augment, eval_batches, shard_urls, train_stream
 from gwtn_dist.data.streams import read_index
 
 
@@ -59,9 +59,9 @@ def test_a_split_read_again_comes_from_memory_until_its_shards_are_rewritten(tmp
 
 
 def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
-    a = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
-    b = TrainStream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
-    c = TrainStream(shard_dir, batch_size=100, seed=4, shuffle_buffer=500)
+    a = train_stream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
+    b = train_stream(shard_dir, batch_size=100, seed=3, shuffle_buffer=500)
+    c = train_stream(shard_dir, batch_size=100, seed=4, shuffle_buffer=500)
     first = [next(a) for _ in range(12)]  # exactly one epoch of 1200
     assert a.position == {"epoch": 0, "batch": 12, "skipped": {}}
     labels = torch.cat([y for _, y in first])
@@ -78,53 +78,99 @@ def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
 
 
 def test_training_tars_kept_in_memory_give_the_batches_read_from_disk(shard_dir, monkeypatch):
-    from gwtn_dist.data import shards
+    from gwtn_dist.data import streams
 
     def three_epochs() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        stream = TrainStream(shard_dir, batch_size=100, seed=5, shuffle_buffer=300)
+        stream = train_stream(shard_dir, batch_size=100, seed=5, shuffle_buffer=300)
         return [next(stream) for _ in range(36)]  # 12 batches per epoch
 
-    monkeypatch.setattr(shards, "_tar_cache", {})
-    monkeypatch.setattr(shards, "TAR_CACHE_BYTES", 0)  # nothing kept: every epoch from disk
+    monkeypatch.setattr(streams, "_tar_cache", {})
+    monkeypatch.setattr(streams, "TAR_CACHE_BYTES", 0)  # nothing kept: every epoch from disk
     from_disk = three_epochs()
-    assert shards._tar_cache == {}
-    monkeypatch.setattr(shards, "TAR_CACHE_BYTES", 1 << 30)
+    assert streams._tar_cache == {}
+    monkeypatch.setattr(streams, "TAR_CACHE_BYTES", 1 << 30)
     cached = three_epochs()
     urls = set(shard_urls(shard_dir, "train"))
-    assert {key[0] for key in shards._tar_cache} == urls  # every training tar kept
+    assert {key[0] for key in streams._tar_cache} == urls  # every training tar kept
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                for a, b in zip(from_disk, cached, strict=True))
 
 
 def test_a_rewritten_training_tar_is_read_again_not_served_from_memory(tmp_path):
-    from gwtn_dist.data import shards
+    from gwtn_dist.data import streams
 
     def epoch_and_a_batch_max() -> int:
         # 3 batches of 10 out of 20 images: epoch 0 reads the tar to its end, so it is kept.
-        stream = TrainStream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10)
+        stream = train_stream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10)
         return max(int(next(stream)[0].max()) for _ in range(3))
 
     _write_constant_shards(tmp_path, "train", 1, count=20)
     assert epoch_and_a_batch_max() == 1
-    assert any(key[0].startswith(str(tmp_path)) for key in shards._tar_cache)  # it was kept
+    assert any(key[0].startswith(str(tmp_path)) for key in streams._tar_cache)  # it was kept
     _write_constant_shards(tmp_path, "train", 3, count=20)
     assert epoch_and_a_batch_max() == 3
 
 
+def _webdataset_order(folder, seed: int, epoch: int, buffer: int, bound: int,
+                      exclude: frozenset[int], batch_size: int) -> list[list[int]]:
+    """An epoch's batches of sample indices as webdataset's own pipeline orders them: the
+    reference the global stream must keep (Fashion-MNIST's published numbers were measured
+    with this pipeline)."""
+    import random
+
+    import webdataset as wds
+
+    shuffle_seed = random.Random(seed * 1_000_003 + epoch).randrange(2**31)
+    urls = shard_urls(folder, "train", bound)
+
+    def index(sample) -> int:
+        return int(sample["__key__"].rsplit("-", 1)[1])
+
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(urls), wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed),
+        wds.tarfile_to_samples(), wds.select(lambda s: index(s) < bound and index(s) not in exclude),
+        wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1), wds.map(index),
+        wds.batched(batch_size, collation_fn=list, partial=False))
+    return list(pipe)
+
+
+def test_the_global_stream_orders_an_epoch_as_webdatasets_pipeline_does(tmp_path, monkeypatch):
+    import numpy as np
+
+    from gwtn_dist.data import shards
+
+    monkeypatch.setattr(shards, "SHARD_SIZE", 60)  # 250 images → 5 shards: their order shuffles
+    index = np.arange(250)
+    images = np.zeros((250, 4, 4), dtype=np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = index // 256, index % 256  # each image names its index
+    shards.write_image_shards(tmp_path, {"train": (images, index % 2)}, "test", ["a", "b"],
+                              progress=False)
+    exclude = frozenset(range(3, 250, 7))
+    stream = train_stream(tmp_path, batch_size=16, seed=5, shuffle_buffer=40, limit=150,
+                          exclude=exclude)
+    bound = 175  # the first 175 indices hold 150 not excluded (25 of them are)
+    assert len([i for i in range(bound) if i not in exclude]) == 150
+    for epoch in range(2):
+        expected = _webdataset_order(tmp_path, 5, epoch, 40, bound, exclude, 16)
+        assert len(expected) == 9
+        got = [next(stream)[0][:, 0, 0] for _ in expected]  # (16, 4) uint8 each
+        assert [(x[:, 0].long() * 256 + x[:, 1].long()).tolist() for x in got] == expected
+
+
 def test_seek_resumes_the_exact_batch(shard_dir):
-    a = TrainStream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
+    a = train_stream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
     for _ in range(23):  # crosses an epoch boundary (18 batches per epoch)
         next(a)
     pos = a.position
     expected = next(a)
-    b = TrainStream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
+    b = train_stream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
     b.seek(pos)
     got = next(b)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_train_samples_limit_uses_only_the_first_samples(shard_dir):
-    s = TrainStream(shard_dir, batch_size=50, seed=0, shuffle_buffer=100, limit=200)
+    s = train_stream(shard_dir, batch_size=50, seed=0, shuffle_buffer=100, limit=200)
     batches = [next(s) for _ in range(4)]
     assert s.position == {"epoch": 0, "batch": 4, "skipped": {}}
     first = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train", limit=200)])
@@ -210,7 +256,7 @@ def test_a_shard_folder_being_written_is_refused_and_a_killed_rewrite_lists_noth
         shards.ShardSink.close = original
     assert not (out / "index.json").exists() and not (out / ".lock").exists()
     with pytest.raises(DataSourceError, match="write the shards first"):
-        TrainStream(out, batch_size=10, seed=0)
+        train_stream(out, batch_size=10, seed=0)
 
 
 def _with_undecodable_samples(shard_dir, out, count: int):
@@ -237,12 +283,12 @@ def _with_undecodable_samples(shard_dir, out, count: int):
 
 def test_the_training_reader_counts_undecodable_samples_once_across_a_resume(shard_dir, tmp_path):
     bad = _with_undecodable_samples(shard_dir, tmp_path / "bad", count=3)
-    stream = TrainStream(bad, batch_size=100, seed=0, shuffle_buffer=500)
+    stream = train_stream(bad, batch_size=100, seed=0, shuffle_buffer=500)
     for _ in range(11):  # 1197 good samples → 11 full batches: one whole epoch
         next(stream)
     assert stream.skipped == {"undecodable sample": 3}
     assert stream.position["skipped"] == {"undecodable sample": 3}
-    resumed = TrainStream(bad, batch_size=100, seed=0, shuffle_buffer=500)
+    resumed = train_stream(bad, batch_size=100, seed=0, shuffle_buffer=500)
     resumed.seek({"epoch": 0, "batch": 6, "skipped": {"undecodable sample": 2}})
     next(resumed)  # the replay of batches 0…5 counts nothing again
     assert resumed.skipped["undecodable sample"] <= 3

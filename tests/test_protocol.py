@@ -16,7 +16,7 @@ import yaml
 import gwtn_dist.compare as compare_module
 import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
-from gwtn_dist.data.shards import TrainStream, eval_batches, validation_indices
+from gwtn_dist.data.shards import eval_batches, train_stream, validation_indices
 from gwtn_dist.data.streams import read_index
 from gwtn_dist.stats import paired, pays
 from tests.conftest import REPO
@@ -49,7 +49,7 @@ def test_validation_split_is_stratified_seeded_and_never_trained_on(shard_dir):
     for c, n in everywhere.items():  # each class's share, to within one image
         assert abs(per_class[c] - n * 200 / len(labels)) <= 1
     # One epoch of the training stream is exactly the training images outside the split.
-    stream = TrainStream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, exclude=val)
+    stream = train_stream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, exclude=val)
     trained = torch.cat([next(stream)[0] for _ in range(10)]).flatten(1).sum(1).sort().values
     every = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train")]).flatten(1)
     keep = torch.tensor([i not in val for i in range(len(labels))])
@@ -58,7 +58,7 @@ def test_validation_split_is_stratified_seeded_and_never_trained_on(shard_dir):
     held = torch.cat([x for x, _ in eval_batches(shard_dir, 64, split="train", only=val)])
     assert torch.equal(held.flatten(1), every[sorted(val)])
     # train_samples counts training images after the split is taken out.
-    limited = TrainStream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, limit=300,
+    limited = train_stream(shard_dir, batch_size=100, seed=0, shuffle_buffer=300, limit=300,
                           exclude=val)
     assert sum(len(next(limited)[1]) for _ in range(3)) == 300
     assert limited.position == {"epoch": 0, "batch": 3, "skipped": {}}

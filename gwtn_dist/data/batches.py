@@ -28,7 +28,7 @@ import torch
 
 from ..config import Config
 from .errors import DataSourceError
-from .shards import TrainStream, augment, to_model_input, validation_indices
+from .shards import augment, to_model_input, train_stream, validation_indices
 from .streams import ShardLoader, text_stream
 
 
@@ -56,7 +56,7 @@ class TrainBatches:
     makes the next batch the one that would have come.
     """
 
-    source: TrainStream | ShardLoader
+    source: ShardLoader
     # True when each rank reads its own stream (its skips are its own, summed over ranks);
     # False when every rank reads the one global stream (every rank sees the same skips).
     per_rank: bool = True
@@ -90,9 +90,9 @@ class GlobalBatches(TrainBatches):
     def __init__(self, cfg: Config, stream_seed: int, rank: int = 0, world: int = 1):
         d = cfg.data
         self.cfg, self.seed, self.rank, self.world = cfg, cfg.seed, rank, world
-        self.source = TrainStream(d.shards, d.batch_size, seed=stream_seed,
-                                  shuffle_buffer=d.shuffle_buffer, limit=d.train_samples,
-                                  exclude=validation(cfg))
+        self.source = train_stream(d.shards, d.batch_size, seed=stream_seed,
+                                   shuffle_buffer=d.shuffle_buffer, limit=d.train_samples,
+                                   exclude=validation(cfg))
 
     def _slice(self, batch: torch.Tensor) -> torch.Tensor:
         b = batch.shape[0] // self.world

@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import image_transforms as T
-from . import shards
+from . import streams
 from .imagefolder import write_imagefolder_shards
-from .shards import TrainStream, write_image_shards
+from .shards import train_stream, write_image_shards
 from .streams import image_stream, text_stream
 from .text_shards import write_text_shards
 
@@ -187,19 +187,19 @@ def main(argv: list[str] | None = None) -> None:
         # batches re-read the tars about four times; with and without the in-memory tar cache.
         per_batch = {}
         for label, cache_bytes in (("tars re-read every epoch", 0),
-                                   ("tars kept in memory", shards.TAR_CACHE_BYTES)):
-            shards._tar_cache.clear()
-            saved, shards.TAR_CACHE_BYTES = shards.TAR_CACHE_BYTES, cache_bytes
+                                   ("tars kept in memory", streams.TAR_CACHE_BYTES)):
+            streams._tar_cache.clear()
+            saved, streams.TAR_CACHE_BYTES = streams.TAR_CACHE_BYTES, cache_bytes
             try:
-                stream = TrainStream(tmp / "fmnist", batch_size=128, seed=0, limit=5000)
+                stream = train_stream(tmp / "fmnist", batch_size=128, seed=0, limit=5000)
                 next(stream)
                 start = time.perf_counter()
                 for _ in range(150):
                     next(stream)
                 per_batch[label] = ms = (time.perf_counter() - start) / 150 * 1000
             finally:
-                shards.TAR_CACHE_BYTES = saved
-            record(f"Fashion-MNIST 5k TrainStream, {label}", 0, 128 / ms * 1000, "img/s",
+                streams.TAR_CACHE_BYTES = saved
+            record(f"Fashion-MNIST 5k training stream, {label}", 0, 128 / ms * 1000, "img/s",
                    f"{ms:.1f} ms per batch of 128")
         ratio = per_batch["tars re-read every epoch"] / per_batch["tars kept in memory"]
         print(f"Fashion-MNIST 5k stream: {ratio:.2f}x the ms per batch when the tars are re-read")

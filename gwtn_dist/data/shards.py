@@ -8,9 +8,10 @@ The validation split (``validation_indices``) is a seeded, class-stratified set 
 indices: training streams skip it, and ``eval_batches(..., only=indices)`` reads just it, so
 choices (lr, steps, …) are made on data that is neither trained on nor the test split.
 
-Training batches come from an endless, deterministic stream: epoch ``e`` shuffles the shard
-order and a sample buffer with seeds derived from (seed, e), so a position (epoch, batch) is
-enough to resume exactly where a run stopped.
+Training batches (``train_stream``) are the one shard reader's global stream
+(``streams.ShardStream``): endless and deterministic, epoch ``e`` shuffles the shard order and a
+sample buffer with seeds derived from (seed, e), so a position (epoch, batch) is enough to resume
+exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -19,21 +20,24 @@ import functools
 import json
 import logging
 import os
-import random
-import tarfile
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from . import npy
 from .errors import DataSourceError
-from .streams import ResumablePosition, indexed_shards, read_index
+from .streams import (
+    ShardLoader,
+    ShardStream,
+    indexed_shards,
+    read_index,
+    read_whole_tar,
+    sample_index,
+)
 from .writer import ShardSink
 
 log = logging.getLogger("gwtn")
@@ -97,29 +101,6 @@ def shard_urls(shard_dir: Path | str, split: str, limit: int = 0) -> list[str]:
     return urls
 
 
-def _sample_index(key: str) -> int:
-    return int(key.rsplit("-", 1)[1])
-
-
-def _select(bound: int, exclude: frozenset[int], include: frozenset[int] | None,
-            ordered: bool):
-    """Keep samples with index < bound that are not in ``exclude`` (and, if given, are in
-    ``include``); in file order, stop reading at the first index past the bound."""
-
-    def stage(samples):
-        for sample in samples:
-            i = _sample_index(sample["__key__"])
-            if i >= bound:
-                if ordered:
-                    return
-                continue
-            if i in exclude or (include is not None and i not in include):
-                continue
-            yield sample
-
-    return stage
-
-
 def validation_indices(shard_dir: Path | str, samples: int, seed: int = 0) -> frozenset[int]:
     """``samples`` training indices, stratified by class and drawn with ``seed``: the
     validation split. Each class gets its share of ``samples`` (largest remainders round)."""
@@ -163,7 +144,14 @@ def _bound_after(count: int, exclude: frozenset[int], include: frozenset[int] | 
     return bound
 
 
-def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _npy_pair(sample: dict, rng: None) -> tuple[np.ndarray, int]:
+    # uint8 (H, W) or (H, W, C), and the label; npy.loads parses a shard's one header once
+    # (a tenth of what webdataset's generic decode cost per image).
+    return npy.loads(sample["npy"]), int(sample["cls"])
+
+
+def _collate(samples: list[tuple[np.ndarray, int]], rng: None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     images = np.stack([s[0] for s in samples])  # (B, H, W) or (B, H, W, C) uint8
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
     images = torch.from_numpy(np.ascontiguousarray(images))  # (B, C, H, W) uint8
@@ -171,182 +159,23 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch
     return images, labels
 
 
-# Tars read whole and without error are kept in memory for the process, keyed by (path, size,
-# mtime): a small training set is re-read every epoch (5k Fashion-MNIST images: an epoch every
-# 39 steps), and reading and untarring the same file again cost more than the step's data
-# work. Bounded, so a large dataset streams from disk as before. The prefetch thread and an
-# evaluation on the training thread may read at once, hence the lock.
-TAR_CACHE_BYTES = 1 << 30
-_tar_cache: dict[tuple[str, int, int], tuple[int, list[dict]]] = {}  # key → (bytes, samples)
-_tar_cache_lock = threading.Lock()
-
-
-def _tar_key(url: str) -> tuple[str, int, int] | None:
-    try:
-        st = os.stat(url)
-    except OSError:  # not a local file (a pipe: or http URL): always streamed
-        return None
-    return url, st.st_size, st.st_mtime_ns
-
-
-def _sample_bytes(sample: dict) -> int:
-    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
-
-
-def _cache_room() -> int:
-    with _tar_cache_lock:
-        return TAR_CACHE_BYTES - sum(used for used, _ in _tar_cache.values())
-
-
-def _read_tars(handler: Callable[[Exception], bool]):
-    """webdataset's tar reader (``tarfile_to_samples``) with the in-memory cache above.
-
-    A tar is cached only once read to its end with no error handed to ``handler`` and only if
-    it fits, so a damaged tar is read (and its bad data counted) again on every pass, as
-    before, and a tar that cannot be kept is not held while it is read."""
-
-    def stage(sources):
-        for source in sources:
-            key = _tar_key(source["url"])
-            with _tar_cache_lock:
-                cached = _tar_cache.get(key) if key else None
-            if cached is not None:
-                yield from (dict(sample) for sample in cached[1])  # copies: stages may edit them
-                continue
-            errors: list[Exception] = []
-
-            def noting(exc: Exception, errors: list[Exception] = errors) -> bool:
-                errors.append(exc)
-                return handler(exc)
-
-            room = _cache_room() if key else 0
-            kept: list[dict] | None = [] if room > 0 else None
-            size = 0
-            for sample in wds.tarfile_to_samples(handler=noting)(iter([source])):
-                if kept is not None:
-                    size += _sample_bytes(sample)
-                    kept.append(dict(sample))
-                    if size > room:
-                        kept = None  # will not fit: stop holding it
-                yield sample
-            if kept is None or errors:
-                continue
-            with _tar_cache_lock:
-                for old in [k for k in _tar_cache if k[0] == key[0]]:  # a rewritten shard
-                    del _tar_cache[old]
-                if sum(used for used, _ in _tar_cache.values()) + size <= TAR_CACHE_BYTES:
-                    _tar_cache[key] = (size, kept)
-
-    return stage
-
-
-def _pipeline(urls: list[str], batch_size: int, *, shuffle_seed: int | None, buffer: int,
-              bound: int, exclude: frozenset[int], include: frozenset[int] | None,
-              partial: bool, handler: Callable[[Exception], bool] = wds.warn_and_continue
-              ) -> wds.DataPipeline:
-    """handler(exc) → True: bad data (a damaged tar, an undecodable member) is skipped."""
-    stages: list = [wds.SimpleShardList(urls)]
-    if shuffle_seed is not None:
-        stages.append(wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed))
-    # No split_by_node: every rank reads the whole (global-batch) stream and the training loop
-    # takes its slice, so N ranks see exactly what one rank would; eval strides batches by rank.
-    stages += [wds.split_by_worker, _read_tars(handler)]
-    if bound < NO_BOUND or exclude or include is not None:
-        stages.append(_select(bound, exclude, include, ordered=shuffle_seed is None))
-    if shuffle_seed is not None:
-        stages.append(wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1))
-    stages += [_image_pairs(handler),
-               wds.batched(batch_size, collation_fn=_collate, partial=partial)]
-    return wds.DataPipeline(*stages)
-
-
-def _image_pairs(handler: Callable[[Exception], bool]):
-    """Each sample → (image, label): uint8 (H, W) or (H, W, C) and int. What webdataset's
-    ``decode`` + ``to_tuple("npy", "cls")`` did, at a tenth of the data thread's cost per
-    image (``npy.loads`` parses a shard's one header once). A sample that fails goes to
-    ``handler``: True skips it, False ends the stream (webdataset's handler contract)."""
-
-    def stage(samples):
-        for sample in samples:
-            try:
-                pair = npy.loads(sample["npy"]), int(sample["cls"])
-            except Exception as exc:  # noqa: BLE001 — any bad sample is the handler's to judge
-                if handler(exc):
-                    continue
-                break
-            yield pair
-
-    return stage
-
-
-class TrainStream(ResumablePosition):
-    """Endless shuffled training batches with a resumable position.
+def train_stream(shard_dir: Path | str, batch_size: int, seed: int, shuffle_buffer: int = 5000,
+                 limit: int = 0, exclude: frozenset[int] = frozenset()) -> ShardLoader:
+    """Endless shuffled training batches of image shards, with a resumable position: the
+    global stream of ``streams.ShardStream`` (every rank reads it and takes its slice), whole
+    tars kept in memory.
 
     Yields ``(images, labels)``: uint8 (B, C, H, W) and int64 (B,). ``position`` is
-    ``{"epoch": e, "batch": b, "skipped": {reason: n}}`` — the next batch to be yielded and the
-    bad data skipped so far — and ``seek`` restores it by replaying epoch ``e``'s deterministic
-    order up to batch ``b`` (the replay counts nothing twice). ``exclude``: training indices
-    never yielded (the validation split); ``limit``: only the first ``limit`` of the remaining
-    samples, in index order.
+    ``{"epoch": e, "batch": b, "skipped": {reason: n}}``; ``seek`` replays epoch ``e`` up to
+    batch ``b``. ``exclude``: training indices never yielded (the validation split);
+    ``limit``: only the first ``limit`` of the remaining samples, in index order.
     """
-
-    def __init__(self, shard_dir: Path | str, batch_size: int, seed: int,
-                 shuffle_buffer: int = 5000, limit: int = 0,
-                 exclude: frozenset[int] = frozenset()):
-        self.bound = _bound_after(limit, exclude, None)
-        self.urls = shard_urls(shard_dir, "train", self.bound if self.bound < NO_BOUND else 0)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.buffer = shuffle_buffer
-        self.exclude = exclude
-        self.epoch = 0
-        self.batch = 0
-        self.skipped: Counter = Counter()
-        self._replaying = False
-        self._it: Iterator | None = None
-
-    def _skip(self, exc: Exception) -> bool:
-        """webdataset's handler: count and log bad data, then go on (True)."""
-        if not self._replaying:
-            reason = "damaged tar" if isinstance(exc, (tarfile.TarError, EOFError)) \
-                else "undecodable sample"
-            self.skipped[reason] += 1
-            log.warning("training shards: %s skipped (%s: %s)", reason, type(exc).__name__, exc)
-        return True
-
-    def _epoch_iter(self) -> Iterator:
-        # A different, reproducible order every epoch: seeds from (seed, epoch).
-        shuffle_seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
-        it = iter(_pipeline(self.urls, self.batch_size, shuffle_seed=shuffle_seed,
-                            buffer=self.buffer, bound=self.bound, exclude=self.exclude,
-                            include=None, partial=False, handler=self._skip))
-        self._replaying = True  # the batches before the position were counted already
-        try:
-            for _ in range(self.batch):
-                next(it)
-        finally:
-            self._replaying = False
-        return it
-
-    def __iter__(self) -> TrainStream:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        for _ in range(2):
-            if self._it is None:
-                self._it = self._epoch_iter()
-            try:
-                out = next(self._it)
-            except StopIteration:
-                if self.batch == 0:
-                    break
-                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
-                continue
-            self.batch += 1
-            return out
-        raise DataSourceError(
-            f"the training shards {self.urls[0]}… yield no full batch of {self.batch_size}"
-        )
+    bound = _bound_after(limit, exclude, None)
+    stream = ShardStream(shard_dir, "train", batch_size=batch_size, decode=_npy_pair,
+                         collate=_collate, train=True, seed=seed, shuffle_buffer=shuffle_buffer,
+                         global_batch=True, below=0 if bound == NO_BOUND else bound,
+                         exclude=exclude, tar_cache=True)
+    return ShardLoader(stream)
 
 
 def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
@@ -381,11 +210,28 @@ def _decoded_split(urls: tuple[str, ...], stamp: tuple, bound: int,
                    only: frozenset[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selected samples of ``urls`` decoded: uint8 (N, C, H, W) and int64 (N,)."""
     del stamp  # part of the cache key only
-    batches = list(_pipeline(list(urls), 1024, shuffle_seed=None, buffer=0, bound=bound,
-                             exclude=frozenset(), include=only, partial=True))
-    if not batches:
+    pairs = []
+    for sample in _samples_below(urls, bound):
+        if only is not None and sample_index(sample) not in only:
+            continue
+        try:
+            pairs.append(_npy_pair(sample, None))
+        except (ValueError, KeyError) as exc:
+            log.warning("sample %s: undecodable, left out of the evaluation (%s)",
+                        sample.get("__key__"), exc)
+    if not pairs:
         return torch.zeros((0, 1, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return _collate(pairs)
+
+
+def _samples_below(urls: tuple[str, ...], bound: int) -> Iterator[dict]:
+    """The samples of ``urls`` in file order, up to the first index at or past ``bound``
+    (damaged tars are logged by the reader and read as far as they go)."""
+    for url in urls:
+        for sample in read_whole_tar(url, Counter(), cache=False):
+            if sample_index(sample) >= bound:
+                return
+            yield sample
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int,

@@ -1,40 +1,56 @@
-"""Multi-rank, multi-worker shard readers with exact epochs and exact resume.
+"""The one shard reader: multi-rank, multi-worker, with exact epochs and exact resume.
 
 A split is a list of shards with known sample counts (from ``index.json``, or counted from the
-tar headers when a glob/brace pattern is given). Reading is planned on *sample positions*:
+tar headers when a glob/brace pattern is given). Training splits are shared out one of two ways:
 
-- **train**, epoch ``e``: the shards are shuffled with a seed from (seed, e) and laid end to end;
-  rank ``r`` of ``W`` gets the contiguous ``r``-th ``1/W`` of the positions, and its logical
-  worker ``j`` of ``K`` the ``j``-th ``1/K`` of that. Ranges may start and end inside shards, so
-  more ranks than shards, or uneven shards, leave no rank dry. A worker shuffles its range through
-  a seeded buffer and yields ``q = N // (W·K) // batch_size`` batches, the same number on every
-  rank and worker (the remainder, < W·K·batch_size samples, changes each epoch). A rank's batches
-  interleave its workers: rank batch ``b`` is worker ``b % K``'s batch ``b // K``, which is the
-  order a torch DataLoader returns them in.
-- **eval**: no shuffling; the positions ``0 … N`` are split into ``W·K`` contiguous slots, so every
-  sample is read exactly once across all ranks and workers; the last batch of a worker may be short.
+- **per rank** (image folders, token shards): epoch ``e`` shuffles the shards with a seed from
+  (seed, e) and lays them end to end; rank ``r`` of ``W`` gets the contiguous ``r``-th ``1/W`` of
+  the sample positions, and its logical worker ``j`` of ``K`` the ``j``-th ``1/K`` of that.
+  Ranges may start and end inside shards, so more ranks than shards, or uneven shards, leave no
+  rank dry. A worker shuffles its range through a seeded buffer and yields
+  ``q = N // (W·K) // batch_size`` batches, the same number on every rank and worker (the
+  remainder, < W·K·batch_size samples, changes each epoch). A rank's batches interleave its
+  workers: rank batch ``b`` is worker ``b % K``'s batch ``b // K``, which is the order a torch
+  DataLoader returns them in.
+- **one global stream** (``global_batch=True``; Fashion-MNIST's ``npy`` shards): every rank reads
+  the same epoch and the caller takes its rank's slice of each batch, so N ranks × b see exactly
+  what one rank × N·b sees. Epoch ``e`` shuffles the shard order, then the samples through a
+  seeded buffer (webdataset's ``shuffle``, seeds from (seed, e): the order Fashion-MNIST's
+  published numbers were measured with). Samples can be selected by index (below a bound, not in
+  an excluded set: the validation split), and whole tars kept in memory for the process
+  (``tar_cache``): a small training set is re-read every few dozen steps.
+
+**Eval** (per rank): no shuffling; the positions ``0 … N`` are split into ``W·K`` contiguous
+slots, so every sample is read exactly once across all ranks and workers; the last batch of a
+worker may be short.
 
 Resume: a position ``{"epoch", "batch"}`` is the next batch of the rank. Seeking restarts the
-epoch's plan, each worker skips its batches before it by reading raw tar members (no decode), and
-worker ids are rotated so the DataLoader's first worker is the one that owns batch ``b``. Resuming
-needs the same seed, world size, worker count and batch size, and is exact as long as the
-skipped batches held no undecodable sample (the writers check every image). Random augmentation and masking
-draw from a generator seeded by (seed, epoch, rank, worker, batch), so skipped batches cost no
-random state and a resumed batch is bit-identical.
+epoch. Per rank, each worker skips its batches before the position by reading raw tar members (no
+decode), and worker ids are rotated so the DataLoader's first worker is the one that owns batch
+``b``; that is exact as long as the skipped batches held no undecodable sample (the writers check
+every image), and needs the same seed, world size, worker count and batch size. The global
+stream replays its epoch up to the position, decoding, so it is exact past bad samples too, and
+counts nothing it met twice. Random augmentation and masking draw from a generator seeded by
+(seed, epoch, rank, worker, batch) (the global stream's caller: by (seed, phase, step)), so
+skipped batches cost no random state and a resumed batch is bit-identical.
 
-Bad data — an unreadable or truncated tar, a member that does not decode — is skipped, logged and
-counted, never a crash. Every batch travels with the skips its worker met since the batch before
-(``ShardStream`` yields ``(batch, skipped)``), so :class:`ShardLoader.skipped` holds the counts of
-every worker of this rank, and a checkpoint's ``position`` keeps them across a resume. A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
+Bad data — an unreadable or truncated tar, a member that does not decode — is skipped, logged
+and counted, never a crash. Every batch travels with the skips its worker met since the batch
+before (``ShardStream`` yields ``(batch, skipped)``), so :class:`ShardLoader.skipped` holds the
+counts of every worker of this rank, and a checkpoint's ``position`` keeps them across a resume.
+A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
+import os
 import random
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -43,6 +59,7 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import image_transforms as T
@@ -157,6 +174,62 @@ def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sam
         log.warning("%s: %s, skipped from sample %d on (%s)", url, reason, max(index, 0), exc)
 
 
+# Whole tars read without error are kept in memory for the process when a stream asks
+# (``tar_cache``), keyed by (path, size, mtime): a small training set is re-read every epoch (5k
+# Fashion-MNIST images: an epoch every 39 steps), and reading and untarring the same file again
+# cost more than the step's data work. Bounded, so a large dataset streams from disk as before;
+# off for the per-rank streams, whose DataLoader workers would each hold a copy. The prefetch
+# thread and an evaluation on the training thread may read at once, hence the lock.
+TAR_CACHE_BYTES = 1 << 30
+_tar_cache: dict[tuple[str, int, int], tuple[int, list[Sample]]] = {}  # key → (bytes, samples)
+_tar_cache_lock = threading.Lock()
+
+
+def _tar_key(url: str) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None
+    return url, st.st_size, st.st_mtime_ns
+
+
+def read_whole_tar(url: str, skipped: Counter, cache: bool) -> Iterator[Sample]:
+    """Every sample of a tar shard (``read_piece`` from its start to its end); with ``cache``,
+    from memory when this file was read whole before. A tar is kept only once read to its end
+    with nothing added to ``skipped`` and only if it fits, so a damaged tar is read (and its bad
+    data counted) again on every pass, and a tar that cannot be kept is not held while read."""
+    key = _tar_key(url) if cache else None
+    with _tar_cache_lock:
+        cached = _tar_cache.get(key) if key else None
+    if cached is not None:
+        yield from cached[1]  # nothing downstream edits a sample
+        return
+    before = sum(skipped.values())
+    with _tar_cache_lock:
+        room = TAR_CACHE_BYTES - sum(used for used, _ in _tar_cache.values()) if key else 0
+    kept: list[Sample] | None = [] if room > 0 else None
+    size = 0
+    for sample in read_piece(url, 0, 1 << 62, skipped):
+        if kept is not None:
+            size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
+            kept.append(sample)
+            if size > room:
+                kept = None  # will not fit: stop holding it
+        yield sample
+    if kept is None or sum(skipped.values()) != before:
+        return
+    with _tar_cache_lock:
+        for old in [k for k in _tar_cache if k[0] == url]:  # a rewritten shard
+            del _tar_cache[old]
+        if sum(used for used, _ in _tar_cache.values()) + size <= TAR_CACHE_BYTES:
+            _tar_cache[key] = (size, kept)
+
+
+def sample_index(sample: Sample) -> int:
+    """The index a shard writer put in a sample's key (``"<split>-<index>"``)."""
+    return int(sample["__key__"].rsplit("-", 1)[1])
+
+
 def buffer_shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
     """Shuffle a stream through a buffer of ``size`` items (1 = keep the order)."""
     buf: list = []
@@ -175,53 +248,51 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-class ResumablePosition:
-    """A training stream's place: the next batch ``(epoch, batch)`` and the bad data skipped so
-    far, by reason. ``position`` is what a checkpoint saves; ``seek`` to it makes the next batch
-    the one that would have come (the subclass rebuilds its iterator, ``_it``, from there)."""
-
-    epoch: int
-    batch: int
-    skipped: Counter
-    _it: Iterator | None
-
-    @property
-    def position(self) -> dict:
-        """``{"epoch": e, "batch": b, "skipped": {reason: n}}``."""
-        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
-
-    def seek(self, position: dict) -> None:
-        """Continue from a saved ``position``."""
-        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
-        self.skipped = Counter(position.get("skipped", {}))
-        self._it = None
-
-
 class ShardStream(IterableDataset):
     """One rank's batches of a shard split; iterate it through :class:`ShardLoader`.
 
     ``decode(sample, rng)`` turns a raw sample into an item (raising ``ValueError``/``OSError``/
     ``KeyError`` on bad data, which is then skipped and counted) and ``collate(items, rng)`` makes
-    a batch; ``rng`` is a numpy Generator seeded by (seed, epoch, rank, worker, batch).
+    a batch; ``rng`` is a numpy Generator seeded by (seed, epoch, rank, worker, batch), or None
+    for the global stream (its caller draws augmentation from (seed, phase, step)).
+
+    global_batch: one training stream for every rank (the module docstring); ``rank`` and
+    ``world_size`` stay 0 and 1 and the caller slices. Only then may samples be selected by
+    index: ``below`` (0 = no bound) and ``exclude``; and ``tar_cache`` keep whole tars in memory.
     """
 
     def __init__(self, source: str | Path, split: str, *, batch_size: int,
-                 decode: Callable[[Sample, np.random.Generator], object],
-                 collate: Callable[[list, np.random.Generator], object], train: bool,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000):
+                 decode: Callable[[Sample, np.random.Generator | None], object],
+                 collate: Callable[[list, np.random.Generator | None], object], train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 global_batch: bool = False, below: int = 0,
+                 exclude: frozenset[int] = frozenset(), tar_cache: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0 … world_size-1 = {world_size - 1}")
+        if (below or exclude or tar_cache) and not global_batch:
+            raise ValueError("below, exclude and tar_cache belong to the global stream")
         self.skipped: Counter = Counter()
         self.urls, self.counts = resolve_shards(source, split, self.skipped)
         self.batch_size, self.decode, self.collate, self.train = batch_size, decode, collate, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.global_batch, self.below, self.exclude = global_batch, below, exclude
+        self.tar_cache = tar_cache
+        if below:  # shards hold consecutive indices: those past the bound are never read
+            starts = np.cumsum([0, *self.counts[:-1]])
+            n = int(np.count_nonzero(starts < below))
+            self.urls, self.counts = self.urls[:n], self.counts[:n]
         self.epoch = 0
         self.start_batch = 0  # the rank batch the next iteration starts at (train only)
 
     @property
     def samples(self) -> int:
-        return sum(self.counts)
+        """Samples an epoch draws from (for the global stream: those selected)."""
+        total = sum(self.counts)
+        if not self.global_batch:
+            return total
+        end = min(self.below, total) if self.below else total
+        return end - sum(1 for i in self.exclude if i < end)
 
     def batches_per_worker(self, workers: int) -> int:
         """Training batches each worker yields per epoch (the same on every rank)."""
@@ -268,6 +339,9 @@ class ShardStream(IterableDataset):
         if not self.train:
             yield from self._eval(k, workers)
             return
+        if self.global_batch:
+            yield from self._global_batches()
+            return
         b = self.start_batch
         j = (k + b) % workers  # rotate: the DataLoader's first worker owns rank batch b
         first = max(0, -(-(b - j) // workers))  # this worker's batches before rank batch b
@@ -300,6 +374,36 @@ class ShardStream(IterableDataset):
                                       f"{[self.urls[p[0]] for p in pieces]}")
             passes += 1
 
+    def _selected(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            i = sample_index(sample)
+            if (self.below and i >= self.below) or i in self.exclude:
+                continue
+            yield sample
+
+    def _global_batches(self) -> Iterator:
+        """The epoch's global batches from ``start_batch`` on (the epoch replayed up to it)."""
+        # A different, reproducible order every epoch: seeds from (seed, epoch).
+        seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
+        n = len(self.urls)
+        order = wds.shuffle(n, initial=n, seed=seed)(iter(range(n)))
+        raw = self._selected(s for i in order
+                             for s in read_whole_tar(self.urls[i], self.skipped, self.tar_cache))
+        raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed + 1)(raw)
+        counted = Counter(self.skipped)
+        for batch in itertools.count():
+            if batch == self.start_batch:  # what the replay met was counted before the seek
+                self.skipped.clear()
+                self.skipped.update(counted)
+            items = self._decoded(raw, None, self.batch_size)
+            if len(items) < self.batch_size:  # the rest of the epoch: dropped
+                if batch == 0:
+                    raise DataSourceError(f"the training shards {self.urls[0]}… yield no full "
+                                          f"batch of {self.batch_size}")
+                return
+            if batch >= self.start_batch:
+                yield self.collate(items, None)
+
     def _eval(self, k: int, workers: int) -> Iterator:
         raw = self._raw(self._slot(k, workers, list(range(len(self.urls)))))
         batch = 0
@@ -312,7 +416,7 @@ class ShardStream(IterableDataset):
             batch += 1
 
 
-class ShardLoader(ResumablePosition):
+class ShardLoader:
     """Batches of a :class:`ShardStream` through a torch DataLoader with ``num_workers``.
 
     Training streams are endless and resumable (``position``/``seek``); evaluation streams yield
@@ -325,10 +429,24 @@ class ShardLoader(ResumablePosition):
         self.epoch, self.batch = 0, 0
         self.skipped = Counter(stream.skipped)  # damaged shards found while indexing them
         self._it: Iterator | None = None
+        if stream.global_batch and num_workers:
+            raise ValueError("the global stream is read by one process (num_workers 0)")
         if stream.train and stream.batches_per_worker(max(1, num_workers)) == 0:
             raise DataSourceError(
                 f"{stream.samples} training samples are too few for {stream.world_size} rank(s) "
                 f"× {max(1, num_workers)} worker(s) × batch {stream.batch_size}")
+
+    @property
+    def position(self) -> dict:
+        """``{"epoch": e, "batch": b, "skipped": {reason: n}}``: the next batch and the bad data
+        skipped so far (what a checkpoint saves)."""
+        return {"epoch": self.epoch, "batch": self.batch, "skipped": dict(self.skipped)}
+
+    def seek(self, position: dict) -> None:
+        """Continue from a saved ``position``: the next batch is the one that would have come."""
+        self.epoch, self.batch = int(position["epoch"]), int(position["batch"])
+        self.skipped = Counter(position.get("skipped", {}))
+        self._it = None
 
     @property
     def batches_per_epoch(self) -> int:
