@@ -157,6 +157,26 @@ def test_the_global_stream_orders_an_epoch_as_webdatasets_pipeline_does(tmp_path
         assert [(x[:, 0].long() * 256 + x[:, 1].long()).tolist() for x in got] == expected
 
 
+def test_shards_whose_keys_hold_no_index_are_refused_in_one_line(tmp_path):
+    import io
+    import tarfile
+
+    from gwtn_dist.data.errors import DataSourceError
+
+    _write_constant_shards(tmp_path, "train", 1, count=20)
+    shard = tmp_path / read_index(tmp_path)["splits"]["train"]["shards"][0]
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf]
+    with tarfile.open(shard, "w") as tf:  # keys "image<i>": written by some other tool
+        for m, data in members:
+            m.name = m.name.replace("train-", "image")
+            tf.addfile(m, io.BytesIO(data))
+    stream = train_stream(tmp_path, batch_size=10, seed=0, shuffle_buffer=10,
+                          exclude=frozenset({3}))
+    with pytest.raises(DataSourceError, match="has no index"):
+        next(stream)
+
+
 def test_seek_resumes_the_exact_batch(shard_dir):
     a = train_stream(shard_dir, batch_size=64, seed=0, shuffle_buffer=300)
     for _ in range(23):  # crosses an epoch boundary (18 batches per epoch)

@@ -37,6 +37,7 @@ from .streams import (
     read_index,
     read_whole_tar,
     sample_index,
+    shards_below,
 )
 from .writer import ShardSink
 
@@ -89,15 +90,11 @@ def write_image_shards(out: Path | str, splits: dict[str, tuple[np.ndarray, np.n
 
 
 def shard_urls(shard_dir: Path | str, split: str, limit: int = 0) -> list[str]:
-    """Paths of ``split``'s shards; with ``limit``, only those holding the first ``limit`` samples.
-
-    Shards hold consecutive sample indices in order, so the first N samples live in a prefix of
-    the shard list, and reading the other shards would only be filtered away.
-    """
+    """Paths of ``split``'s shards; with ``limit``, only those holding the first ``limit``
+    samples (``streams.shards_below``)."""
     urls, info = indexed_shards(shard_dir, split)
     if limit and "shard_samples" in info:
-        ends = np.cumsum(info["shard_samples"])
-        urls = urls[: next((i + 1 for i, e in enumerate(ends) if e >= limit), len(urls))]
+        urls = urls[: shards_below(info["shard_samples"], limit)]
     return urls
 
 

@@ -227,7 +227,19 @@ def read_whole_tar(url: str, skipped: Counter, cache: bool) -> Iterator[Sample]:
 
 def sample_index(sample: Sample) -> int:
     """The index a shard writer put in a sample's key (``"<split>-<index>"``)."""
-    return int(sample["__key__"].rsplit("-", 1)[1])
+    key = sample["__key__"]
+    try:
+        return int(key.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise DataSourceError(f"sample key {key!r} has no index (\"<split>-<index>\"): these "
+                              f"shards were not written by `gwtn shards`") from None
+
+
+def shards_below(counts: list[int], bound: int) -> int:
+    """How many leading shards hold indices below ``bound`` (shards hold consecutive indices
+    in order, so the rest would only be filtered away)."""
+    starts = np.cumsum([0, *counts[:-1]])
+    return int(np.count_nonzero(starts < bound))
 
 
 def buffer_shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -278,9 +290,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.global_batch, self.below, self.exclude = global_batch, below, exclude
         self.tar_cache = tar_cache
-        if below:  # shards hold consecutive indices: those past the bound are never read
-            starts = np.cumsum([0, *self.counts[:-1]])
-            n = int(np.count_nonzero(starts < below))
+        if below:  # the shards past the bound are never read
+            n = shards_below(self.counts, below)
             self.urls, self.counts = self.urls[:n], self.counts[:n]
         self.epoch = 0
         self.start_batch = 0  # the rank batch the next iteration starts at (train only)
@@ -375,6 +386,9 @@ class ShardStream(IterableDataset):
             passes += 1
 
     def _selected(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        if not (self.below or self.exclude):
+            yield from samples
+            return
         for sample in samples:
             i = sample_index(sample)
             if (self.below and i >= self.below) or i in self.exclude:
