@@ -108,6 +108,31 @@ def test_resume_continues_the_same_order(uneven, workers):
         assert [next(resumed) for _ in range(3)] == stream[stop : stop + 3], stop
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_does_not_count_again_the_damage_it_skips_over(uneven, tmp_path, workers):
+    """A tar cut short after it was indexed is met while reading; a resume past that point
+    skips over it again, and the position it started from already counts it."""
+    for f in uneven.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tar = tmp_path / "train-w01-00000.tar"  # 40 samples by the index
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+
+    def stream():
+        return key_stream(tmp_path, train=True, num_workers=workers, seed=3)
+
+    ref = stream()
+    positions = [ref.position]
+    while not ref.skipped:  # read until the damage is met
+        next(ref)
+        positions.append(ref.position)
+    assert ref.skipped == Counter({"truncated tar": 1})
+    for _ in range(2):  # a batch of each worker: the skips travel with a worker's batches
+        next(ref)
+    resumed = stream()
+    resumed.seek(positions[-1])
+    for _ in range(2):
+        next(resumed)
+    assert resumed.position == ref.position
 def test_a_pattern_that_matches_nothing_names_the_pattern(tmp_path):
     pattern = str(tmp_path / "train-{000..009}.tar")
     with pytest.raises(DataSourceError, match=r"train-\{000\.\.009\}\.tar"):

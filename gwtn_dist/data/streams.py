@@ -29,8 +29,9 @@ epoch. Per rank, each worker skips its batches before the position by reading ra
 decode), and worker ids are rotated so the DataLoader's first worker is the one that owns batch
 ``b``; that is exact as long as the skipped batches held no undecodable sample (the writers check
 every image), and needs the same seed, world size, worker count and batch size. The global
-stream replays its epoch up to the position, decoding, so it is exact past bad samples too, and
-counts nothing it met twice. Random augmentation and masking draw from a generator seeded by
+stream replays its epoch up to the position, decoding, so it is exact past bad samples too.
+Neither counts twice what it meets again before the position (a damaged tar): the position
+already holds it. Random augmentation and masking draw from a generator seeded by
 (seed, epoch, rank, worker, batch) (the global stream's caller: by (seed, phase, step)), so
 skipped batches cost no random state and a resumed batch is bit-identical.
 
@@ -361,6 +362,7 @@ class ShardStream(IterableDataset):
         random.Random(_seed(self.seed, self.epoch)).shuffle(order)
         pieces = self._slot(j, workers, order)
         batch, passes = 0, 0
+        counted, replayed = Counter(self.skipped), first > 0
         while batch < quota:
             # A second pass over the range only happens when bad samples ate into the quota.
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, j, passes))
@@ -373,6 +375,10 @@ class ShardStream(IterableDataset):
                     if got < self.batch_size:
                         break
                     continue
+                if replayed:  # what the skip met was counted before the position was saved
+                    self.skipped.clear()
+                    self.skipped.update(counted)
+                    replayed = False
                 brng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, j, batch))
                 items = self._decoded(raw, brng, self.batch_size)
                 produced += len(items)
