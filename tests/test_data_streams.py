@@ -121,7 +121,9 @@ def test_a_resume_does_not_count_again_the_damage_it_skips_over(uneven, tmp_path
         return key_stream(tmp_path, train=True, num_workers=workers, seed=3)
 
     ref = stream()
-    while not ref.skipped:  # read until the damage is met
+    for _ in range(ref.batches_per_epoch):  # read until the damage is met
+        if ref.skipped:
+            break
         next(ref)
     assert ref.skipped == Counter({"truncated tar": 1})
     position = ref.position  # counts the damage
@@ -132,6 +134,18 @@ def test_a_resume_does_not_count_again_the_damage_it_skips_over(uneven, tmp_path
     for _ in range(2):
         next(resumed)
     assert resumed.position == ref.position
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_unreadable_after_indexing_end_in_one_line(uneven, tmp_path, workers):
+    """No readable sample where the index promised some: one line, whether a DataLoader
+    worker (which torch wraps with its traceback) or the process itself found it."""
+    for f in uneven.iterdir():
+        data = f.read_bytes() if f.suffix == ".json" else b"not a tar" * 500
+        (tmp_path / f.name).write_bytes(data)
+    with pytest.raises(DataSourceError, match="no readable sample") as caught:
+        next(key_stream(tmp_path, train=True, num_workers=workers))
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
 def test_a_pattern_that_matches_nothing_names_the_pattern(tmp_path):

@@ -375,9 +375,8 @@ class ShardStream(IterableDataset):
                     if got < self.batch_size:
                         break
                     continue
-                if replayed:  # what the skip met was counted before the position was saved
-                    self.skipped.clear()
-                    self.skipped.update(counted)
+                if replayed:
+                    self._forget_replay(counted)
                     replayed = False
                 brng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, j, batch))
                 items = self._decoded(raw, brng, self.batch_size)
@@ -390,6 +389,13 @@ class ShardStream(IterableDataset):
                 raise DataSourceError(f"rank {self.rank} worker {j}: no readable sample in "
                                       f"{[self.urls[p[0]] for p in pieces]}")
             passes += 1
+
+    def _forget_replay(self, counted: Counter) -> None:
+        """Back to the skips ``counted`` before a resume's replay up to its position: what the
+        replay met again (a damaged tar) is in the position already. In place, since the readers
+        still open hold this Counter."""
+        self.skipped.clear()
+        self.skipped.update(counted)
 
     def _selected(self, samples: Iterator[Sample]) -> Iterator[Sample]:
         if not (self.below or self.exclude):
@@ -412,9 +418,8 @@ class ShardStream(IterableDataset):
         raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed + 1)(raw)
         counted = Counter(self.skipped)
         for batch in itertools.count():
-            if batch == self.start_batch:  # what the replay met was counted before the seek
-                self.skipped.clear()
-                self.skipped.update(counted)
+            if batch == self.start_batch:
+                self._forget_replay(counted)
             items = self._decoded(raw, None, self.batch_size)
             if len(items) < self.batch_size:  # the rest of the epoch: dropped
                 if batch == 0:
@@ -476,8 +481,9 @@ class ShardLoader:
 
     def _loader(self) -> Iterator:
         self.stream.epoch, self.stream.start_batch = self.epoch, self.batch
-        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory))
+        return _one_line_errors(iter(DataLoader(self.stream, batch_size=None,
+                                                num_workers=self.num_workers,
+                                                pin_memory=self.pin_memory)))
 
     def _counted(self, pair: tuple[object, dict[str, int]]):
         batch, skipped = pair
@@ -501,6 +507,19 @@ class ShardLoader:
             out = next(self._it)
         self.batch += 1
         return self._counted(out)
+
+
+def _one_line_errors(batches: Iterator) -> Iterator:
+    """``batches``, with a DataLoader worker's :class:`DataSourceError` as the one line it was
+    raised with: torch raises it again in this process with the worker's traceback in the
+    message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
+    try:
+        yield from batches
+    except DataSourceError as exc:
+        text = str(exc)
+        if not text.startswith("Caught "):
+            raise
+        raise DataSourceError(text.rsplit("DataSourceError: ", 1)[-1].strip()) from None
 
 
 def _image_item(sample: Sample, rng, transform) -> tuple[np.ndarray, int]:
