@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .compare import compare
 from .config import Config, RegimeConfig, regime_cells, with_overrides
 from .distributed.runtime import Runtime
@@ -85,32 +87,45 @@ def _gain(cell: dict, key: str) -> str:
     return f"{d['mean']:+.4f} ± {d['sd']:.4f}, {d['wins']}/{d['seeds']}: {verdict}"
 
 
-def plot_regime(path: Path, summary: dict) -> None:
-    """A heat map of the method's mean paired gain over scratch per cell (one axis: a row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def gain_grid(summary: dict) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """The heat map's content: row and column labels, the method's mean paired gain over
+    scratch per cell (rows × cols; NaN where a combination has no such pair, e.g. a cell not
+    run), and the words printed in each cell."""
     cells, axes = summary["cells"], summary["axes"]
     rows = list(dict.fromkeys(c["labels"][0] for c in cells))
     cols = list(dict.fromkeys(c["labels"][1] for c in cells)) if len(axes) > 1 else [""]
     gain = np.full((len(rows), len(cols)), np.nan)
-    words = {}  # (row, col) → "mean\n± sd\nwins/seeds": what a reader needs to judge a colour
+    # (row, col) → "mean\n± sd\nwins/seeds": what a reader needs to judge a colour; a blank
+    # cell would read as a zero gain on this colour scale, so an empty one says so.
+    words = {(i, j): "not\nmeasured" for i in range(len(rows)) for j in range(len(cols))}
     for c in cells:
         d = c["paired"].get("win-scratch")
         if d is not None:
             i, j = rows.index(c["labels"][0]), cols.index(c["labels"][1]) if len(axes) > 1 else 0
             gain[i, j] = d["mean"]
             words[i, j] = f"{d['mean']:+.4f}\n± {d['sd']:.4f}\n{d['wins']}/{d['seeds']} ahead"
+    return rows, cols, gain, words
+
+
+def plot_regime(path: Path, summary: dict) -> None:
+    """A heat map of the method's mean paired gain over scratch per cell (one axis: a row);
+    combinations without a gain are grey and say "not measured"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = summary["axes"]
+    rows, cols, gain, words = gain_grid(summary)
     # At least 6.5 in wide, so that a one-column map still has room for its colour bar and
     # title; aspect "auto" lets the cells stretch instead of leaving a thin square strip.
     fig, ax = plt.subplots(figsize=(max(6.5, 1.8 * len(cols) + 3), 1.0 * len(rows) + 2))
     bound = np.nanmax(np.abs(gain)) if np.isfinite(gain).any() else 1.0
-    image = ax.imshow(gain, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    cmap = plt.get_cmap("RdBu").copy()
+    cmap.set_bad("lightgrey")
+    image = ax.imshow(gain, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto")
     for (i, j), text in words.items():
-        dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours
+        dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours (False for NaN)
         ax.text(j, i, text, ha="center", va="center", fontsize=9,
                 color="white" if dark else "black")
     ax.set_yticks(range(len(rows)), rows)

@@ -5,6 +5,7 @@ workers sharing one comparison, and the teacher cache."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -18,6 +19,7 @@ import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
 from gwtn_dist.data.shards import eval_batches, train_stream, validation_indices
 from gwtn_dist.data.streams import read_index
+from gwtn_dist.regime import gain_grid
 from gwtn_dist.stats import paired, pays
 from tests.conftest import REPO
 from tests.test_pipeline import fast_args
@@ -215,3 +217,21 @@ def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_
     assert (out / "regime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = yaml.safe_load((out / "deep" / "compare" / "config.yaml").read_text())
     assert saved["model"]["blocks"] == [2, 1, 1] and saved["regime"]["axes"] == {}
+
+
+def test_heat_map_marks_a_combination_without_a_gain_instead_of_showing_zero():
+    """A grid with a cell missing (a 2×2 map drawn from three cells): the missing one is NaN
+    and says so in words, since a blank cell on the red–blue scale would read as no gain."""
+    def cell(depth, size, mean):
+        pair = {"per_seed": {"0": mean}, "mean": mean, "sd": 0.001, "wins": int(mean > 0),
+                "seeds": 1}
+        return {"labels": [depth, size], "paired": {"win-scratch": pair}}
+
+    summary = {"axes": ["depth", "data"], "metric": "test_accuracy",
+               "cells": [cell("2,2,2", "5k", -0.0147), cell("2,2,2", "20k", 0.0021),
+                         cell("8,8,8", "5k", -0.0181)]}
+    rows, cols, gain, words = gain_grid(summary)
+    assert rows == ["2,2,2", "8,8,8"] and cols == ["5k", "20k"]
+    assert gain[0, 0] == -0.0147 and gain[0, 1] == 0.0021 and gain[1, 0] == -0.0181
+    assert math.isnan(gain[1, 1]) and words[1, 1] == "not\nmeasured"
+    assert words[0, 1] == "+0.0021\n± 0.0010\n1/1 ahead"
