@@ -103,7 +103,7 @@ class ComparePlan:
         c, units = self.c, []
         for s in self.teacher_seeds():
             root = self.teacher_root(s)
-            units.append(Unit(self._teacher_name(s), root / ".lock-wide",
+            units.append(Unit(self.teacher_unit(s), root / ".lock-wide",
                               run=lambda s=s, root=root: train_wide(self.rt, self.teacher_cfg(s),
                                                                     root),
                               done=lambda root=root: stage_done(root / "wide")))
@@ -142,11 +142,12 @@ class ComparePlan:
             return [self.cfg.seed]
         return list(dict.fromkeys([*(c.tune_seeds if c.tune else []), *c.seeds]))
 
-    def _teacher_name(self, seed: int) -> str:
+    def teacher_unit(self, seed: int) -> str:
+        """The name of the unit that trains (or fetches) the teacher of ``seed``."""
         return "teacher" if self.c.share_teacher else f"teacher/seed{seed}"
 
     def _teacher_needs(self, arm: str, seed: int) -> list[str]:
-        return [self._teacher_name(self.cfg.seed if self.c.share_teacher else seed)] \
+        return [self.teacher_unit(self.cfg.seed if self.c.share_teacher else seed)] \
             if arm in NEEDS_TEACHER else []
 
     # -- choices
@@ -241,11 +242,22 @@ def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
 
 def compare(rt: Runtime, cfg: Config) -> dict:
     """Train every unit of ``cfg.compare`` for every arm of ``cfg.arms`` (with any other worker
-    on the same folder), then
-    write and return the report."""
-    out_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "compare", exclusive=False)
-    plan = ComparePlan(rt, cfg, out_dir)
+    on the same folder), then write and return the report."""
+    plan = plan_compare(rt, cfg)
     run_units(rt, plan.units())
+    return report_compare(plan)
+
+
+def plan_compare(rt: Runtime, cfg: Config) -> ComparePlan:
+    """Check or create ``run_dir/compare/`` (config.yaml, as for a resume) and plan its units."""
+    out_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "compare", exclusive=False)
+    return ComparePlan(rt, cfg, out_dir)
+
+
+def report_compare(plan: ComparePlan) -> dict:
+    """The comparison's table from its finished units; rank 0 writes ``compare.md``,
+    ``compare.json`` and ``compare.png`` and prints the markdown."""
+    rt, cfg, out_dir = plan.rt, plan.cfg, plan.out
     c, task = plan.c, plan.task
     family = family_for(cfg.model)
     depth = f"{family.thin_depth(cfg.model)} {family.depth_label}"

@@ -3,9 +3,10 @@ the method's paired gain over the thin net from scratch.
 
 Each cell of ``regime.axes`` (e.g. thin depth × training-set size) is one ``gwtn compare`` with
 the cell's overrides, under ``run_dir/regime/<cell>/compare/``: its own teacher, tuning grid and
-seeds, so every cell is judged by the same protocol. Cells run in order and each is resumable
-and shareable between workers like any comparison (``resume=true``), so a long grid can be run
-in chunks. The summary is ``run_dir/regime/regime.{md,json,png}``.
+seeds, so every cell is judged by the same protocol. The cells' units form one list, taken in
+order by every worker (``resume=true``) as far as their dependencies allow, so a worker never
+waits on one cell's teacher while another cell has work; a long grid can be run in chunks.
+The summary is ``run_dir/regime/regime.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import compare
+from .compare import ComparePlan, plan_compare, report_compare
 from .config import Config, RegimeConfig, regime_cells, with_overrides
 from .distributed.runtime import Runtime
 from .pipeline import prepare_run_dir
 from .report import ARM_LABELS, atomic_write
+from .stages.teacher_cache import cache_dir
+from .workers import Unit, run_units
 
 log = logging.getLogger("gwtn")
 
@@ -37,16 +40,20 @@ def regime(rt: Runtime, cfg: Config) -> dict:
     """Run every cell's comparison, then write the regime table, JSON and heat map."""
     out = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "regime", exclusive=False)
     base = dataclasses.replace(cfg, regime=RegimeConfig())
-    rows = []
+    cells = []
     for labels, overrides in regime_cells(cfg):
-        name = cell_name(labels)
-        log.info("regime: cell %s (%s)", name, overrides)
         # resume=true: the regime folder's guard above already decided whether this command may
         # continue; a cell another worker started first is the same run, not a clash.
-        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name), "resume": True})
-        table = compare(rt, ccfg)
+        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / cell_name(labels)),
+                                     "resume": True})
+        cells.append((labels, overrides, plan_compare(rt, ccfg)))
+    run_units(rt, regime_units([(cell_name(labels), plan) for labels, _, plan in cells]))
+    rows = []
+    for labels, overrides, plan in cells:
+        log.info("regime: cell %s (%s)", cell_name(labels), overrides)
+        table = report_compare(plan)
         budget = table["budgets"][0]
-        rows.append({"labels": labels, "overrides": overrides, "cell": name,
+        rows.append({"labels": labels, "overrides": overrides, "cell": cell_name(labels),
                      "arms": {a: {"mean": r["mean"], "std": r["std"]}
                               for a, r in table["arms"].items()},
                      "paired": budget["paired"], "verdicts": budget["verdicts"],
@@ -59,6 +66,29 @@ def regime(rt: Runtime, cfg: Config) -> dict:
         plot_regime(out / "regime.png", summary)
         print((out / "regime.md").read_text())
     return summary
+
+
+def regime_units(plans: list[tuple[str, ComparePlan]]) -> list[Unit]:
+    """Every cell's units as one list, names prefixed by the cell, cells in order.
+
+    One list rather than one comparison after another: a worker with nothing ready in a cell
+    (its teacher training in another worker) takes the next cell's work, a teacher first,
+    instead of waiting. A teacher that an earlier cell's teacher unit also trains (the same
+    ``wide.cache`` key: cells that differ only downstream of the teacher) waits for that one
+    and is then copied from the cache rather than trained twice at once."""
+    units, first_with_key = [], {}
+    for name, plan in plans:
+        teachers = {plan.teacher_unit(s): cache_dir(plan.teacher_cfg(s))
+                    for s in plan.teacher_seeds()}
+        for unit in plan.units():
+            needs = [f"{name}/{n}" for n in unit.needs]
+            key = teachers.get(unit.name)
+            if key is not None:  # None: not a teacher, or no cache to share through
+                first = first_with_key.setdefault(key, f"{name}/{unit.name}")
+                if first != f"{name}/{unit.name}":
+                    needs.append(first)
+            units.append(dataclasses.replace(unit, name=f"{name}/{unit.name}", needs=needs))
+    return units
 
 
 def regime_markdown(summary: dict) -> str:
@@ -121,8 +151,7 @@ def plot_regime(path: Path, summary: dict) -> None:
     # title; aspect "auto" lets the cells stretch instead of leaving a thin square strip.
     fig, ax = plt.subplots(figsize=(max(6.5, 1.8 * len(cols) + 3), 1.0 * len(rows) + 2))
     bound = np.nanmax(np.abs(gain)) if np.isfinite(gain).any() else 1.0
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="lightgrey")
     image = ax.imshow(gain, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto")
     for (i, j), text in words.items():
         dark = abs(gain[i, j]) > 0.6 * bound  # white text on the deep colours (False for NaN)

@@ -4,10 +4,14 @@ workers sharing one comparison, and the teacher cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -15,12 +19,17 @@ import torch
 import yaml
 
 import gwtn_dist.compare as compare_module
+import gwtn_dist.regime as regime_module
 import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
+from gwtn_dist.compare import plan_compare
+from gwtn_dist.config import RegimeConfig, load_config, regime_cells, with_overrides
 from gwtn_dist.data.shards import eval_batches, train_stream, validation_indices
 from gwtn_dist.data.streams import read_index
-from gwtn_dist.regime import gain_grid
+from gwtn_dist.distributed.runtime import Runtime
+from gwtn_dist.regime import gain_grid, regime_units
 from gwtn_dist.stats import paired, pays
+from gwtn_dist.workers import run_units
 from tests.conftest import REPO
 from tests.test_pipeline import fast_args
 
@@ -199,14 +208,45 @@ def test_the_teacher_cache_trains_a_teacher_once(tmp_path, shard_dir):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
 
 
-def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_dir):
+def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_dir,
+                                                               monkeypatch):
+    """Two cells, each a whole comparison. When the worker starts taking units, the first
+    cell's teacher is held by another (live) process: the worker must train the second cell's
+    teacher meanwhile rather than wait, take over the first one's lock when its holder dies,
+    and finish the grid."""
     run_dir = tmp_path / "reg"
     axes = ("regime.axes={depth: [{label: shallow, model.blocks: [1,1,1]}, "
             "{label: deep, model.blocks: [2,1,1]}]}")
-    assert main(["-q", "regime", *fast_args(
-        run_dir, shard_dir, "arms=[scratch,win]", "compare.seeds=[0]",
-        "compare.share_teacher=true", "eval_every=0", "wide.steps=10",
-        "imitate.steps_per_point=4", "finetune.kd_steps=0", "finetune.label_steps=6", axes)]) == 0
+    shared = {c: run_dir / "regime" / c / "compare" / "shared" for c in ("shallow", "deep")}
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+    def held_by_another_worker_first(rt, units):  # the run folders exist by now
+        shared["shallow"].mkdir(parents=True)
+        (shared["shallow"] / ".lock-wide").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": holder.pid, "since": time.time()}))
+        run_units(rt, units)
+
+    def release_when_the_other_teacher_is_done():  # or after 2 min, if it never starts
+        deadline = time.monotonic() + 120
+        while not (shared["deep"] / "wide" / "DONE").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        holder.kill()
+        holder.wait()
+
+    monkeypatch.setattr(regime_module, "run_units", held_by_another_worker_first)
+    watcher = threading.Thread(target=release_when_the_other_teacher_is_done)
+    watcher.start()
+    try:
+        assert main(["-q", "regime", *fast_args(
+            run_dir, shard_dir, "arms=[scratch,win]", "compare.seeds=[0]",
+            "compare.share_teacher=true", "eval_every=0", "wide.steps=10",
+            "imitate.steps_per_point=4", "finetune.kd_steps=0", "finetune.label_steps=6",
+            axes)]) == 0
+    finally:
+        holder.kill()
+        watcher.join()
+    done = {c: (shared[c] / "wide" / "DONE").stat().st_mtime for c in shared}
+    assert done["deep"] < done["shallow"]
     out = run_dir / "regime"
     summary = json.loads((out / "regime.json").read_text())
     assert [c["labels"] for c in summary["cells"]] == [["shallow"], ["deep"]]
@@ -217,6 +257,28 @@ def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_
     assert (out / "regime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = yaml.safe_load((out / "deep" / "compare" / "config.yaml").read_text())
     assert saved["model"]["blocks"] == [2, 1, 1] and saved["regime"]["axes"] == {}
+
+
+def test_regime_cells_with_one_teacher_train_it_once(tmp_path):
+    """Cells that differ only after the teacher (here the fine-tuning lr) share its cache key:
+    the later cell's teacher unit waits for the earlier one, to copy it, instead of training
+    the same teacher at the same time in another worker. Without a cache nothing is shared."""
+    axes = ("regime.axes={lr: [{label: a, finetune.optim.lr: 0.02}, "
+            "{label: b, finetune.optim.lr: 0.05}, {label: c, model.blocks: [2,1,1]}]}")
+    for cache, b_needs in ((tmp_path / "cache", ["a/teacher"]), (None, [])):
+        extra = [f"wide.cache={cache}"] if cache else []
+        cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
+            f"run_dir={tmp_path / f'reg{bool(cache)}'}", "arms=[scratch,win]", "compare.tune={}",
+            "compare.share_teacher=true", "compare.seeds=[0]", axes, *extra])
+        base = dataclasses.replace(cfg, regime=RegimeConfig())
+        plans = [(labels[0], plan_compare(Runtime(), with_overrides(
+            base, {**o, "run_dir": str(tmp_path / f"reg{bool(cache)}" / labels[0])})))
+            for labels, o in regime_cells(cfg)]
+        units = {u.name: u for u in regime_units(plans)}
+        assert units["a/teacher"].needs == [] and units["c/teacher"].needs == []
+        assert units["b/teacher"].needs == b_needs
+        assert units["b/x1/seed0/win"].needs == ["b/teacher"]  # a cell's units need its own
+        assert all(n in units for u in units.values() for n in u.needs)
 
 
 def test_heat_map_marks_a_combination_without_a_gain_instead_of_showing_zero():
