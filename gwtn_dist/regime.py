@@ -71,9 +71,9 @@ def regime(rt: Runtime, cfg: Config) -> dict:
 def regime_units(plans: list[tuple[str, ComparePlan]]) -> list[Unit]:
     """Every cell's units as one list, names prefixed by the cell, cells in order.
 
-    One list rather than one comparison after another: a worker with nothing ready in a cell
-    (its teacher training in another worker) takes the next cell's work, a teacher first,
-    instead of waiting. A teacher that an earlier cell's teacher unit also trains (the same
+    One list rather than one comparison after another: a worker with nothing left to take in a
+    cell (its last units held by another worker, or waiting for a teacher another worker
+    trains) takes the next cell's work instead of waiting. A teacher that an earlier cell's teacher unit also trains (the same
     ``wide.cache`` key: cells that differ only downstream of the teacher) waits for that one
     and is then copied from the cache rather than trained twice at once."""
     units, first_with_key = [], {}
