@@ -281,6 +281,16 @@ def test_regime_cells_with_one_teacher_train_it_once(tmp_path):
         assert all(n in units for u in units.values() for n in u.needs)
 
 
+def test_regime_with_an_absent_teacher_init_ends_in_the_config_line(tmp_path, shard_dir, capsys):
+    """The regime plans every cell's teacher (its cache key hashes wide.init's weights) before
+    any training: an absent wide.init is the one-line config error, exit 2, as in compare."""
+    axes = "regime.axes={depth: [{label: a, model.blocks: [1,1,1]}]}"
+    assert main(["-q", "regime", *fast_args(
+        tmp_path / "reg", shard_dir, f"wide.init={tmp_path / 'absent.pt'}",
+        f"wide.cache={tmp_path / 'cache'}", "compare.share_teacher=true", axes)]) == 2
+    assert capsys.readouterr().err.strip() == f"gwtn: error: wide.init: {tmp_path / 'absent.pt'} not found"
+
+
 def test_heat_map_marks_a_combination_without_a_gain_instead_of_showing_zero():
     """A grid with a cell missing (a 2×2 map drawn from three cells): the missing one is NaN
     and says so in words, since a blank cell on the red–blue scale would read as no gain."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..config import Config, flat_model_section, to_dict
 from ..data.datasets import dataset_of
+from .common import check_init
 
 log = logging.getLogger("gwtn")
 FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
@@ -32,6 +33,7 @@ def teacher_settings(cfg: Config) -> dict:
     data = {k: v for k, v in tree["data"].items() if k not in ("num_workers", "eval_batch_size")}
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
     if cfg.wide.init:  # the same path may hold other weights later: key on what it holds
+        check_init(cfg.wide.init, "wide.init")  # absent: the config's error, not an I/O one
         wide["init"] = _weights_sha256(Path(cfg.wide.init))
     else:  # keys of teachers trained before wide.init existed stay what they were
         wide.pop("init", None)
