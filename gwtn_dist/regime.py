@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,24 +37,26 @@ def cell_name(labels: list[str]) -> str:
     return "__".join(safe)
 
 
+class Cell(NamedTuple):
+    """One cell of the grid: its folder name, axis labels, overrides and planned comparison."""
+
+    name: str
+    labels: list[str]
+    overrides: dict
+    plan: ComparePlan
+
+
 def regime(rt: Runtime, cfg: Config) -> dict:
     """Run every cell's comparison, then write the regime table, JSON and heat map."""
     out = prepare_run_dir(rt, cfg, Path(cfg.run_dir) / "regime", exclusive=False)
-    base = dataclasses.replace(cfg, regime=RegimeConfig())
-    cells = []
-    for labels, overrides in regime_cells(cfg):
-        # resume=true: the regime folder's guard above already decided whether this command may
-        # continue; a cell another worker started first is the same run, not a clash.
-        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / cell_name(labels)),
-                                     "resume": True})
-        cells.append((labels, overrides, plan_compare(rt, ccfg)))
-    run_units(rt, regime_units([(cell_name(labels), plan) for labels, _, plan in cells]))
+    cells = plan_cells(rt, cfg, out)
+    run_units(rt, regime_units(cells))
     rows = []
-    for labels, overrides, plan in cells:
-        log.info("regime: cell %s (%s)", cell_name(labels), overrides)
-        table = report_compare(plan)
+    for cell in cells:
+        log.info("regime: cell %s (%s)", cell.name, cell.overrides)
+        table = report_compare(cell.plan)
         budget = table["budgets"][0]
-        rows.append({"labels": labels, "overrides": overrides, "cell": cell_name(labels),
+        rows.append({"labels": cell.labels, "overrides": cell.overrides, "cell": cell.name,
                      "arms": {a: {"mean": r["mean"], "std": r["std"]}
                               for a, r in table["arms"].items()},
                      "paired": budget["paired"], "verdicts": budget["verdicts"],
@@ -68,26 +71,42 @@ def regime(rt: Runtime, cfg: Config) -> dict:
     return summary
 
 
-def regime_units(plans: list[tuple[str, ComparePlan]]) -> list[Unit]:
+def plan_cells(rt: Runtime, cfg: Config, out: Path) -> list[Cell]:
+    """Every cell's comparison, planned (its folder checked or created) under ``out``."""
+    base = dataclasses.replace(cfg, regime=RegimeConfig())
+    cells = []
+    for labels, overrides in regime_cells(cfg):
+        name = cell_name(labels)
+        # resume=true: the regime folder's guard already decided whether this command may
+        # continue; a cell another worker started first is the same run, not a clash.
+        ccfg = with_overrides(base, {**overrides, "run_dir": str(out / name), "resume": True})
+        cells.append(Cell(name, labels, overrides, plan_compare(rt, ccfg)))
+    return cells
+
+
+def regime_units(cells: list[Cell]) -> list[Unit]:
     """Every cell's units as one list, names prefixed by the cell, cells in order.
 
     One list rather than one comparison after another: a worker with nothing left to take in a
     cell (its last units held by another worker, or waiting for a teacher another worker
-    trains) takes the next cell's work instead of waiting. A teacher that an earlier cell's teacher unit also trains (the same
-    ``wide.cache`` key: cells that differ only downstream of the teacher) waits for that one
-    and is then copied from the cache rather than trained twice at once."""
+    trains) takes the next cell's work instead of waiting. A teacher that an earlier cell's
+    teacher unit also trains (the same ``wide.cache`` key: cells that differ only downstream of
+    the teacher) waits for that one and is then copied from the cache rather than trained twice
+    at once."""
     units, first_with_key = [], {}
-    for name, plan in plans:
+    for cell in cells:
+        plan = cell.plan
         teachers = {plan.teacher_unit(s): cache_dir(plan.teacher_cfg(s))
                     for s in plan.teacher_seeds()}
         for unit in plan.units():
-            needs = [f"{name}/{n}" for n in unit.needs]
+            name = f"{cell.name}/{unit.name}"
+            needs = [f"{cell.name}/{n}" for n in unit.needs]
             key = teachers.get(unit.name)
             if key is not None:  # None: not a teacher, or no cache to share through
-                first = first_with_key.setdefault(key, f"{name}/{unit.name}")
-                if first != f"{name}/{unit.name}":
+                first = first_with_key.setdefault(key, name)
+                if first != name:
                     needs.append(first)
-            units.append(dataclasses.replace(unit, name=f"{name}/{unit.name}", needs=needs))
+            units.append(dataclasses.replace(unit, name=name, needs=needs))
     return units
 
 

@@ -4,10 +4,8 @@ workers sharing one comparison, and the teacher cache."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import socket
 import subprocess
 import sys
 import threading
@@ -22,12 +20,11 @@ import gwtn_dist.compare as compare_module
 import gwtn_dist.regime as regime_module
 import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
-from gwtn_dist.compare import plan_compare
-from gwtn_dist.config import RegimeConfig, load_config, regime_cells, with_overrides
+from gwtn_dist.config import load_config
 from gwtn_dist.data.shards import eval_batches, train_stream, validation_indices
 from gwtn_dist.data.streams import read_index
 from gwtn_dist.distributed.runtime import Runtime
-from gwtn_dist.regime import gain_grid, regime_units
+from gwtn_dist.regime import gain_grid, plan_cells, regime_units
 from gwtn_dist.stats import paired, pays
 from gwtn_dist.workers import run_units
 from tests.conftest import REPO
@@ -208,6 +205,11 @@ def test_the_teacher_cache_trains_a_teacher_once(tmp_path, shard_dir):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
 
 
+# Another worker: takes a lock with the workers' own FileLock, says so, and holds it until killed.
+HOLD_LOCK = ("import sys, time; from gwtn_dist.workers import FileLock; "
+             "assert FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+
+
 def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_dir,
                                                                monkeypatch):
     """Two cells, each a whole comparison. When the worker starts taking units, the first
@@ -218,20 +220,22 @@ def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_
     axes = ("regime.axes={depth: [{label: shallow, model.blocks: [1,1,1]}, "
             "{label: deep, model.blocks: [2,1,1]}]}")
     shared = {c: run_dir / "regime" / c / "compare" / "shared" for c in ("shallow", "deep")}
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    holder = []  # the other worker: a process that takes the lock itself, then sleeps
 
     def held_by_another_worker_first(rt, units):  # the run folders exist by now
-        shared["shallow"].mkdir(parents=True)
-        (shared["shallow"] / ".lock-wide").write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": holder.pid, "since": time.time()}))
+        holder.append(subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(shared["shallow"] / ".lock-wide")],
+            stdout=subprocess.PIPE, text=True))
+        assert holder[0].stdout.readline().strip() == "held"
         run_units(rt, units)
 
     def release_when_the_other_teacher_is_done():  # or after 2 min, if it never starts
         deadline = time.monotonic() + 120
         while not (shared["deep"] / "wide" / "DONE").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        holder.kill()
-        holder.wait()
+        for process in holder:
+            process.kill()
+            process.wait()
 
     monkeypatch.setattr(regime_module, "run_units", held_by_another_worker_first)
     watcher = threading.Thread(target=release_when_the_other_teacher_is_done)
@@ -243,7 +247,8 @@ def test_regime_runs_one_comparison_per_cell_and_draws_the_gain(tmp_path, shard_
             "imitate.steps_per_point=4", "finetune.kd_steps=0", "finetune.label_steps=6",
             axes)]) == 0
     finally:
-        holder.kill()
+        for process in holder:
+            process.kill()
         watcher.join()
     done = {c: (shared[c] / "wide" / "DONE").stat().st_mtime for c in shared}
     assert done["deep"] < done["shallow"]
@@ -270,11 +275,8 @@ def test_regime_cells_with_one_teacher_train_it_once(tmp_path):
         cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
             f"run_dir={tmp_path / f'reg{bool(cache)}'}", "arms=[scratch,win]", "compare.tune={}",
             "compare.share_teacher=true", "compare.seeds=[0]", axes, *extra])
-        base = dataclasses.replace(cfg, regime=RegimeConfig())
-        plans = [(labels[0], plan_compare(Runtime(), with_overrides(
-            base, {**o, "run_dir": str(tmp_path / f"reg{bool(cache)}" / labels[0])})))
-            for labels, o in regime_cells(cfg)]
-        units = {u.name: u for u in regime_units(plans)}
+        cells = plan_cells(Runtime(), cfg, tmp_path / f"reg{bool(cache)}")
+        units = {u.name: u for u in regime_units(cells)}
         assert units["a/teacher"].needs == [] and units["c/teacher"].needs == []
         assert units["b/teacher"].needs == b_needs
         assert units["b/x1/seed0/win"].needs == ["b/teacher"]  # a cell's units need its own
@@ -285,10 +287,11 @@ def test_regime_with_an_absent_teacher_init_ends_in_the_config_line(tmp_path, sh
     """The regime plans every cell's teacher (its cache key hashes wide.init's weights) before
     any training: an absent wide.init is the one-line config error, exit 2, as in compare."""
     axes = "regime.axes={depth: [{label: a, model.blocks: [1,1,1]}]}"
+    absent = tmp_path / "absent.pt"
     assert main(["-q", "regime", *fast_args(
-        tmp_path / "reg", shard_dir, f"wide.init={tmp_path / 'absent.pt'}",
-        f"wide.cache={tmp_path / 'cache'}", "compare.share_teacher=true", axes)]) == 2
-    assert capsys.readouterr().err.strip() == f"gwtn: error: wide.init: {tmp_path / 'absent.pt'} not found"
+        tmp_path / "reg", shard_dir, f"wide.init={absent}", f"wide.cache={tmp_path / 'cache'}",
+        "compare.share_teacher=true", axes)]) == 2
+    assert capsys.readouterr().err.strip() == f"gwtn: error: wide.init: {absent} not found"
 
 
 def test_heat_map_marks_a_combination_without_a_gain_instead_of_showing_zero():
