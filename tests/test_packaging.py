@@ -25,6 +25,10 @@ import importlib.util, pathlib, sys
 import gwtn_dist, gwtn_dist.kernels
 from gwtn_dist.kernels import imitation_mse, select_imitation_mse
 from gwtn_dist.kernels.bench import imitation_bench
+from gwtn_dist.config import load_config
+from gwtn_dist.models.family import build_thin
+for family, data in (("resnet", "fashion-mnist"), ("bert", "text")):  # each family ships
+    build_thin(load_config(None, [f"model.family={family}", f"data.dataset={data}"]).model)
 site = pathlib.Path(sys.argv[1]).resolve()
 assert pathlib.Path(gwtn_dist.kernels.__file__).resolve().is_relative_to(site), gwtn_dist.kernels.__file__
 assert not (site / "kernels").exists(), "a top-level kernels package was installed"
