@@ -60,7 +60,7 @@ def arm_record(seed_dir: Path, arm: str) -> dict:
         return read_stage(seed_dir / arm)
     imit, fine = read_stage(seed_dir / "imitate"), read_stage(seed_dir / "finetune")
     after = {k: v for k, v in imit.items()
-             if k.endswith(("_accuracy", "perplexity")) or k == "relative_error"}
+             if k.endswith(("_accuracy", "perplexity")) or k in ("relative_error", "health")}
     return {**fine, "wall_s": imit["wall_s"] + fine["wall_s"], "after_imitation": after}
 
 

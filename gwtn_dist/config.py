@@ -224,6 +224,19 @@ class ImitateStageConfig:
     per point after the parallel phase (lower_lr_mult applies there), where each segment
     meets the thin net's own input instead of the teacher's; must be < steps_per_point.
     Default 0 (none).
+    channel_reduction: how the MSE reduces over a point's channels: ``mean`` (the default,
+    an average over every element, so its scale, and SGD's step on each channel's weights,
+    falls as 1/C with the width C) or ``sum`` (summed over channels, averaged over positions:
+    the same per-channel scale at every width). Adam-type optimizers barely see the
+    difference; SGD's effective lr is C times larger with ``sum``.
+    point_site: ResNet only; ``output`` compares each imitation point's block output (after
+    its final ReLU, the default) and ``preact`` the sum before that ReLU, as feature
+    distillation commonly does (Heo et al., ICCV 2019): where the thin net is negative and
+    the teacher positive, the ReLU output gives no gradient. Needs ``schedule: sequential``
+    and equal boundary widths (``model.widen.boundary_mult: 1``).
+    health_max_error: after the stage, a point whose relative error (MSE over the target's
+    variance, 0 = exact, 1 = the teacher's mean) stays above this logs a warning that the warm
+    start did not reach the teacher; stage.json and compare.md record it. Default 0.3.
     init: the thin net's starting weights for imitation (empty, the default: a fresh init);
     a Hugging Face BertForMaskedLM folder (or a weights file in HF's or our names) for a BERT, a
     state dict in our, torchvision's or timm's names for a ResNet, whose shape ``model.*`` must
@@ -238,6 +251,9 @@ class ImitateStageConfig:
     attention_weight: float = 0.0
     schedule: Literal["sequential", "parallel"] = "sequential"
     parallel_polish_steps: int = 0
+    channel_reduction: Literal["mean", "sum"] = "mean"
+    point_site: Literal["output", "preact"] = "output"
+    health_max_error: float = 0.3
     init: str = ""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=0.05, weight_decay=0.0)
@@ -908,6 +924,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"imitate.parallel_polish_steps: must be < imitate.steps_per_point "
                           f"({cfg.imitate.steps_per_point}), the budget it comes out of; "
                           f"got {polish}")
+    _positive("imitate.health_max_error", cfg.imitate.health_max_error)
+    if cfg.imitate.point_site == "preact" and cfg.imitate.schedule != "sequential":
+        raise ConfigError("imitate.point_site: preact needs imitate.schedule=sequential (a "
+                          "parallel segment starts from the teacher's output after the ReLU)")
     f = cfg.finetune
     _positive("finetune.kd_steps", f.kd_steps, allow_zero=True)
     _positive("finetune.label_steps", f.label_steps, allow_zero=True)

@@ -160,6 +160,15 @@ def _after_imitation_lines(table: dict, budget: dict) -> list[str]:
         errors = ", ".join(f"{p} {e:.3f}" for p, e in rec.get("relative_error", {}).items())
         cells = "".join(f" {rec.get(c, float('nan')):.4f} |" for c in cols)
         lines.append(f"| {seed} |{cells} {errors} |")
+    short = {seed: rec["health"] for seed, rec in after.items()
+             if "health" in rec and not rec["health"]["reached"]}
+    if short:
+        worst = max(h["max_relative_error"] for h in short.values())
+        threshold = next(iter(short.values()))["threshold"]
+        lines += ["", (f"**Warning: the warm start did not reach the teacher** on seed"
+                       f"{'s' if len(short) > 1 else ''} {', '.join(short)} (a point's relative "
+                       f"error up to {worst:.3f}, above imitate.health_max_error {threshold:g}): "
+                       f"the method cannot be judged from this comparison.")]
     return lines
 
 

@@ -189,6 +189,8 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
     blocks = [module for _, module in thin.blocks()]
     student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
     task = task_for(cfg)
+    # Where a point is read: a ResNet block's output or its sum before the final ReLU.
+    site = {"preact": True} if ic.point_site == "preact" else {}
 
     def point_loss(k: int, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +209,8 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
                             mask=mask)
         # A 0-d tensor: the loop fetches it with the loss, in one transfer.
         rel = value.detach() / masked_variance(target.detach(), mask).clamp_min(1e-12)
+        if ic.channel_reduction == "sum":  # the mean over elements × C: summed over channels
+            value = value * target.shape[task.channel_dim]
         return value, rel
 
     def make_phase(k: int, steps: int, name: str) -> Phase:
@@ -242,8 +246,8 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
                 extra["attention_kl"] = kl.detach()
             else:
                 # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
-                target = wide(x, upto=end)  # no grad
-                h = task.features(thin, x, end, bridges, bridged)
+                target = wide(x, upto=end, **site)  # no grad
+                h = task.features(thin, x, end, bridges, bridged, **site)
             value, rel = point_loss(k, h, target, mask)
             if ic.attention_weight:
                 value = value + ic.attention_weight * kl
@@ -307,8 +311,11 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
         phases = [make_phase(k, n, f"{STAGE}/{points[k]}") for k, n in enumerate(steps)]
     results = run_phases(ctx, phases)
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
-    log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
-             ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items()))
+    teacher_score = read_stage(teacher_path.parent).get(task.select_metric)
+    health = {"max_relative_error": max(rel_errors.values()),
+              "threshold": ic.health_max_error,
+              "reached": max(rel_errors.values()) <= ic.health_max_error,
+              "metric": task.select_metric, "teacher": teacher_score}
     head = family_for(cfg.model).init_head(cfg, thin, wide, bridges, points[-1])
     if bridges is not None:
         merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
@@ -319,8 +326,33 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
                           "steps_per_point": ic.steps_per_point,
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head,
                           "attention_weight": ic.attention_weight, "schedule": ic.schedule,
-                          "parallel_polish_steps": ic.parallel_polish_steps}}
-    return finish_stage(rt, cfg, run_dir, STAGE, thin, results, meta, extra)
+                          "parallel_polish_steps": ic.parallel_polish_steps,
+                          "channel_reduction": ic.channel_reduction,
+                          "point_site": ic.point_site, "optim": ic.optim.name,
+                          "lr": ic.optim.lr},
+             "health": health}
+    record = finish_stage(rt, cfg, run_dir, STAGE, thin, results, meta, extra)
+    if rt.is_main:
+        log_health(rel_errors, health, record.get(task.select_metric))
+    return record
+
+
+def log_health(rel_errors: dict[str, float], health: dict, score: float | None) -> None:
+    """Say whether the warm start reached the teacher: each point's relative error, and the
+    thin net's validation score after imitation beside the teacher's; a warning when a point
+    stays above ``imitate.health_max_error``."""
+    errors = ", ".join(f"{p} {e:.3f}" for p, e in rel_errors.items())
+    log.info("imitation relative error per point (0 = exact, 1 = the teacher's mean): %s",
+             errors)
+    metric, teacher = health["metric"].replace("_", " "), health["teacher"]
+    if score is not None and teacher is not None:
+        log.info("after imitation: %s %.4f, the teacher's %.4f (gap %+.4f)", metric, score,
+                 teacher, score - teacher)
+    if not health["reached"]:
+        worst = max(rel_errors, key=rel_errors.get)
+        log.warning("the warm start did not reach the teacher (%s: relative error %.3f > %g, "
+                    "imitate.health_max_error); the method cannot be judged from this run",
+                    worst, rel_errors[worst], health["threshold"])
 
 
 def final_relative_errors(metrics_path: Path, last: int = 20) -> dict[str, float]:

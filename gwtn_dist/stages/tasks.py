@@ -38,6 +38,10 @@ class ScoredTask:
     """What every family's task evaluates the same way: this rank's share of the held-out
     split, and [correct, scored items, summed cross-entropy] of a batch's scored outputs."""
 
+    # The channel axis of an imitation point's output: (b, T, D) for text; an image task
+    # says 1, for (B, C, H, W). ``imitate.channel_reduction: sum`` sums the MSE over it.
+    channel_dim = -1
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
 

@@ -40,8 +40,11 @@ def teacher_settings(cfg: Config) -> dict:
     if periods := dataset_of(cfg).test_split_identity(cfg):
         data["token_splits"] = periods
     # The model section in its flat form: keys of teachers cached before each family had its
-    # own section stay what they were.
-    return {"model": flat_model_section(cfg.model), "data": data, "wide": wide, "seed": cfg.seed,
+    # own section stay what they were. Where the thin net imitates does not decide the
+    # teacher: that key keeps its default (the one older keys were taken with).
+    model = flat_model_section(cfg.model)
+    model["imitation_points"] = flat_model_section(type(cfg.model)())["imitation_points"]
+    return {"model": model, "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
 
 

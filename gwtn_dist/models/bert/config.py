@@ -58,6 +58,9 @@ class BertModelConfig(ModelConfig):
             raise ConfigError(f"compare.deeper_layers: must be >= 0, got "
                               f"{cfg.compare.deeper_layers}")
         _positive("imitate.attention_weight", cfg.imitate.attention_weight, allow_zero=True)
+        if cfg.imitate.point_site != "output":
+            raise ConfigError("imitate.point_site: preact is for ResNet blocks; a BERT's points "
+                              "are its layer outputs")
 
 
 ModelConfig.register("bert", BertModelConfig)

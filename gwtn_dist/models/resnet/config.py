@@ -62,6 +62,10 @@ class ResNetModelConfig(ModelConfig):
                 "merged exactly; use 'stages' (pairs sit in front of projection shortcuts or "
                 "the head)"
             )
+        if cfg.imitate.point_site == "preact" and self.widen.boundary_mult > 1:
+            raise ConfigError(
+                "imitate.point_site: preact needs model.widen.boundary_mult 1: a linear pair "
+                "after a point maps the block's output (after the ReLU), not its sum before it")
         if cfg.data.dataset == "imagefolder" and self.in_channels != 3:
             raise ConfigError(f"model.in_channels: image-folder shards hold RGB images "
                               f"(3 channels), got {self.in_channels}")

@@ -62,11 +62,13 @@ class Bottleneck(nn.Module):
     def has_projection(self) -> bool:
         return not isinstance(self.shortcut, nn.Identity)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_ch, H, W) → (B, out_ch, H/s, W/s)
+    def forward(self, x: torch.Tensor, preact: bool = False) -> torch.Tensor:
+        """(B, in_ch, H, W) → (B, out_ch, H/s, W/s); with ``preact`` the sum of the residual
+        branch and the shortcut before the final ReLU (the block's output is its ReLU)."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
+        out = self.bn3(self.conv3(out)) + self.shortcut(x)
+        return out if preact else self.relu(out)
 
 
 class ResNet(nn.Module):
@@ -139,30 +141,41 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(features), 1))
 
     def forward(self, x: torch.Tensor, upto: int | None = None,
-                points: list[int] | None = None):
+                points: list[int] | None = None, preact: bool = False):
         """Logits (B, classes) of x (B, C_in, H, W); with ``upto``, the output of block ``upto``
         of ``blocks()`` instead (blocks after it are not run); with ``points`` (block indices,
         ascending), the tuple of those blocks' outputs from one pass (blocks after the last
-        are not run)."""
+        are not run). ``preact``: a returned block output is taken before the block's final
+        ReLU (``imitate.point_site: preact``; a bottleneck's, not the stem's)."""
         if points is not None:
             outs = []
             for i, (_, block) in enumerate(self.blocks()[: points[-1] + 1]):
-                x = block(x)
+                x = run_block(block, x, preact and i in points)
                 if i in points:
                     outs.append(x)
+                    x = torch.relu(x) if preact else x
             return tuple(outs)
         for i, (_, block) in enumerate(self.blocks()):
-            x = block(x)
+            x = run_block(block, x, preact and i == upto)
             if i == upto:
                 return x
         return self.head(x)
 
-    def run_blocks(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, start: int, end: int,
+                   preact: bool = False) -> torch.Tensor:
         """Blocks ``start``..``end`` (inclusive) of ``blocks()`` on h, block ``start``'s input
-        (B, c, H, W); returns block ``end``'s output."""
-        for _, block in self.blocks()[start : end + 1]:
-            h = block(h)
+        (B, c, H, W); returns block ``end``'s output (before its final ReLU with ``preact``)."""
+        for i, (_, block) in enumerate(self.blocks()[start : end + 1], start):
+            h = run_block(block, h, preact and i == end)
         return h
+
+
+def run_block(block: nn.Module, x: torch.Tensor, preact: bool) -> torch.Tensor:
+    """One block of ``ResNet.blocks()`` on x; ``preact`` asks a bottleneck for its output before
+    the final ReLU (the stem has no residual sum: it always gives its ordinary output)."""
+    if preact and isinstance(block, Bottleneck):
+        return block(x, preact=True)
+    return block(x)
 
 
 def imitation_points(model: ResNet, where: str) -> list[str]:

@@ -12,16 +12,18 @@ from ...config import Config
 from ...data.datasets import dataset_of
 from ...stages.tasks import ScoredTask
 from ..bridge import Bridges
+from .net import run_block
 
 
 def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None,
-               bridged: dict[int, str] | None = None) -> torch.Tensor:
-    """Run blocks 0..last of a ResNet on x (B, C_in, H, W); returns block ``last``'s output.
+               bridged: dict[int, str] | None = None, preact: bool = False) -> torch.Tensor:
+    """Run blocks 0..last of a ResNet on x (B, C_in, H, W); returns block ``last``'s output
+    (before its final ReLU with ``preact``).
 
     ``bridged`` maps a block index to the point whose pair (Q P) follows that block.
     """
     for i, (_, block) in enumerate(model.blocks()[: last + 1]):
-        x = block(x)
+        x = run_block(block, x, preact and i == last)
         if bridges is not None and bridged and i in bridged and i != last:
             x = bridges.pair(bridged[i])(x)
     return x
@@ -29,6 +31,8 @@ def run_prefix(model, x: torch.Tensor, last: int, bridges: Bridges | None = None
 
 class ImageTask(ScoredTask):
     """Image classification with a ResNet: test accuracy and cross-entropy."""
+
+    channel_dim = 1  # block outputs are (B, C, H, W)
 
     metric = "test_accuracy"
     metric_label = "test accuracy"
@@ -64,15 +68,17 @@ class ImageTask(ScoredTask):
                 f"{split}_loss": loss_sum / max(total, 1), f"{split}_samples": int(total)}
 
     def features(self, model, x: torch.Tensor, end: int, bridges: Bridges | None,
-                 bridged: dict[int, str]) -> torch.Tensor:
-        """Block ``end``'s output (b, c, H', W'), through the pairs already passed."""
-        return run_prefix(model, x, end, bridges, bridged).float()
+                 bridged: dict[int, str], preact: bool = False) -> torch.Tensor:
+        """Block ``end``'s output (b, c, H', W'), through the pairs already passed (before
+        its final ReLU with ``preact``)."""
+        return run_prefix(model, x, end, bridges, bridged, preact).float()
 
     def segment(self, model, x: torch.Tensor, start: int, end: int, h: torch.Tensor,
-                attention: bool = False) -> torch.Tensor:
+                attention: bool = False, preact: bool = False) -> torch.Tensor:
         """Blocks ``start``..``end`` run on h (b, c, H, W), block ``start``'s input (the
-        parallel imitation schedule's teacher-fed segment); block ``end``'s output in float32."""
-        return model.run_blocks(h, start, end).float()
+        parallel imitation schedule's teacher-fed segment); block ``end``'s output in float32
+        (before its final ReLU with ``preact``)."""
+        return model.run_blocks(h, start, end, preact).float()
 
     def feature_mask(self, x: torch.Tensor) -> None:
         return None  # every position of an image counts
