@@ -65,14 +65,16 @@ class ImageTask(ScoredTask):
 
     def features(self, model, x: torch.Tensor, end: int, bridges: Bridges | None,
                  bridged: dict[int, str]) -> torch.Tensor:
-        """Block ``end``'s output (b, c, H', W'), through the pairs already passed."""
-        return run_prefix(model, x, end, bridges, bridged).float()
+        """Block ``end``'s output (b, c, H', W'), through the pairs already passed, in the
+        dtype the forward computed it in (bf16/fp16 under autocast: the loss reads 16 bits)."""
+        return run_prefix(model, x, end, bridges, bridged)
 
     def segment(self, model, x: torch.Tensor, start: int, end: int, h: torch.Tensor,
                 attention: bool = False) -> torch.Tensor:
         """Blocks ``start``..``end`` run on h (b, c, H, W), block ``start``'s input (the
-        parallel imitation schedule's teacher-fed segment); block ``end``'s output in float32."""
-        return model.run_blocks(h, start, end).float()
+        parallel imitation schedule's teacher-fed segment); block ``end``'s output, in the
+        forward's dtype."""
+        return model.run_blocks(h, start, end)
 
     def feature_mask(self, x: torch.Tensor) -> None:
         return None  # every position of an image counts
