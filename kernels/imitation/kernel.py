@@ -65,7 +65,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 # ---------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused linear kernel on GPU; the
-# autotuner picks one per (D_in, D_out, dtypes). The epilogue holds the accumulator plus target
+# autotuner picks one per (D_in, D_out, rows bucket, dtypes). The epilogue holds the accumulator plus target
 # / residual tiles in registers, so tiles stay at <= 64 accumulator values per thread: checked by
 # compiling for sm_90 (128x256 tiles or 4-warp 128x128 tiles spilled). float32 inputs use
 # BLOCK_K = 32 to fit shared memory; the other list is pruned by dtype.
