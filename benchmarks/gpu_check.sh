@@ -65,7 +65,9 @@ case "${TRITON_INTERPRET:-}" in 1|true|TRUE|yes|on) REHEARSAL=1 ;; esac
 [ "$REHEARSAL" = 1 ] && echo "gpu_check.sh: CPU rehearsal (TRITON_INTERPRET=1): kernels in Triton's interpreter, tiny shapes; every timing below is meaningless"
 
 # The checkout as the installed package looks (setup.py installs kernels/ as gwtn_dist.kernels),
-# first on PYTHONPATH, with the compile timer beside it.
+# first on PYTHONPATH, with benchmarks/ beside it; the parts run their scripts from this copy, so
+# every import, the compile timer's included, finds one gwtn_dist (whether or not one is
+# installed).
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 cp -r "$REPO/gwtn_dist" "$SITE/gwtn_dist" && cp -r "$REPO/kernels" "$SITE/gwtn_dist/kernels" \
@@ -83,13 +85,13 @@ run_part() {  # run_part NAME LIMIT_S COMMAND…: log to OUT_DIR/NAME.log, time 
   STATUS[$name]=${PIPESTATUS[0]}
   SECONDS_TAKEN[$name]=$((SECONDS - start))
   local line=""
-  [ -f "$compile_log" ] && line="; $("$PY" -m benchmarks.compile_timer --summary "$compile_log" 2>&1 | tail -1)"
+  [ -f "$compile_log" ] && line="; $(cd "$SITE" && "$PY" -m benchmarks.compile_timer --summary "$compile_log" 2>&1 | tail -1)"
   echo "[$name] ${SECONDS_TAKEN[$name]} s$line" | tee -a "$log"
 }
 timer=("$PY" -m benchmarks.compile_timer)  # runs a script with the compile timer on
 
 part_env() {
-  run_part env 120 "$PY" "$REPO/benchmarks/gpu_env.py"
+  run_part env 120 "$PY" "$SITE/benchmarks/gpu_env.py"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total \
     --format=csv >> "$OUT_DIR/env.log" 2>&1
   return 0
@@ -117,7 +119,7 @@ part_kernel_tests() {
 part_kernel_bench() {
   local extra=()
   [ "$REHEARSAL" = 1 ] && extra=(--allow-cpu)
-  run_part kernel-bench 470 "${timer[@]}" "$REPO/benchmarks/kernel_check.py" "$OUT_DIR/kernel" \
+  run_part kernel-bench 470 "${timer[@]}" "$SITE/benchmarks/kernel_check.py" "$OUT_DIR/kernel" \
     $QUICK $NO_COMPILE "${extra[@]}"
 }
 
@@ -130,7 +132,7 @@ part_train() {
     steps=2 config="$REPO/configs/tiny_cpu.yaml"
     extra=(--allow-cpu --compile-backend aot_eager data.batch_size=4 threads=1)
   fi
-  run_part train 470 "${timer[@]}" "$REPO/benchmarks/imitation_run.py" "$OUT_DIR/imitation" \
+  run_part train 470 "${timer[@]}" "$SITE/benchmarks/imitation_run.py" "$OUT_DIR/imitation" \
     --config "$config" --steps "$steps" --precision bf16 "${compiled[@]}" "${extra[@]}"
 }
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.checkout import stub_if_missing, use_checkout
 
-WHEEL_HINT = "carry its wheel (docs/profiling.md, 'Wheels')"
+WHEEL_HINT = "carry wheels (docs/profiling.md, 'What env may say is missing')"
 
 
 def main() -> int:
@@ -118,20 +118,37 @@ def main() -> int:
                 for m in ("xdist", "matplotlib", "deepspeed", "webdataset")}
     facts.append(", ".join(f"{m} {'yes' if v else 'no'}" for m, v in optional.items()))
 
-    # The checkout's own modules, as the parts import them (webdataset stood in for).
-    try:
-        use_checkout()
-        stub_if_missing("webdataset")
-        for module in ("gwtn_dist.kernels", "gwtn_dist.stages.imitate",
-                       "gwtn_dist.distributed.runtime", "benchmarks.kernel_check",
-                       "benchmarks.imitation_run"):
-            importlib.import_module(module)
-        if triton_ok:
-            importlib.import_module("gwtn_dist.kernels.imitation.kernel")
+    # The checkout's own modules, as the parts import them (webdataset and braceexpand stood in
+    # for, as the training part does). Each missing module is stood in for in turn, so one run names all.
+    use_checkout()
+    from benchmarks.imitation_run import STOOD_IN  # what the training part stands in for
+
+    for name in STOOD_IN:
+        stub_if_missing(name)
+    absent: list[str] = []
+    for _ in range(12):
+        try:
+            for module in ("gwtn_dist.kernels", "gwtn_dist.stages.imitate",
+                           "gwtn_dist.distributed.runtime", "benchmarks.kernel_check",
+                           "benchmarks.imitation_run"):
+                importlib.import_module(module)
+            if triton_ok:
+                importlib.import_module("gwtn_dist.kernels.imitation.kernel")
+            break
+        except ImportError as e:
+            name = (e.name or str(e)).split(".")[0]
+            if name in absent or name.startswith(("gwtn_dist", "benchmarks")):
+                absent.append(f"{name} ({e})")
+                break
+            absent.append(name)
+            stub_if_missing(name)
+            for loaded in [m for m in sys.modules if m.startswith(("gwtn_dist.", "benchmarks."))]:
+                if loaded != "gwtn_dist.kernels" and not loaded.startswith("gwtn_dist.kernels."):
+                    del sys.modules[loaded]  # import them again, past the stand-in
+    if absent:
+        missing.append(f"{', '.join(absent)} (imported by the checkout): {WHEEL_HINT}")
+    else:
         facts.append("the checkout imports")
-    except ImportError as e:
-        name = e.name or str(e)
-        missing.append(f"{name} (imported by the checkout): {WHEEL_HINT}")
 
     for fact in facts:
         print(f"  {fact}")
