@@ -31,8 +31,9 @@ setup(
         "gwtn_dist.kernels.imitation": "kernels/imitation",
     },
     install_requires=[
+        # No triton line: a CUDA build of torch requires the triton it was built with, and a
+        # second, unpinned line could install another; ./setup.sh adds one to a CPU build.
         "torch>=2.13,<3",
-        "triton",
         "deepspeed>=0.19",
         "webdataset>=1.0",
         "numpy",

@@ -2,8 +2,10 @@
 # Set up gwtn_dist on this machine, in one command, from the repository's root:
 #   ./setup.sh
 # 1. Debian/Ubuntu packages: Fashion-MNIST and the KJV Bible (the default run's data and a text
-#    corpus), slurm-wlm and munge (the SLURM tests), python3-venv when venv is missing. Only the
-#    missing ones, with sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
+#    corpus), slurm-wlm and munge (the SLURM tests), python3-venv when venv is missing, and what
+#    Triton compiles its GPU driver with at first launch (a C compiler, Python's headers) and
+#    torch.compile's CPU code with (a C++ compiler) when missing. Only the missing ones, with
+#    sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
 # 2. A Python environment: the active venv or conda env (VIRTUAL_ENV, CONDA_PREFIX) if there is
 #    one, else .venv here, made from $PYTHON (default python3; Debian's own Python refuses pip
 #    installs outside a venv). `.venv` then always names the environment: in the first case it is
@@ -14,7 +16,11 @@
 #      TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh     CPU build
 #      TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh   CUDA 12.8 build
 #    (without it pip's own configuration decides which build it gets; PyPI's Linux torch is a
-#    CUDA build). docs/setup.md has the details.
+#    CUDA build). docs/setup.md has the details. On a machine where nvidia-smi answers, a CPU
+#    build of torch is replaced by the CUDA build from TORCH_INDEX_URL, or, without one, the
+#    script stops with one line naming the TORCH_INDEX_URL to pass. triton comes with a CUDA
+#    build of torch (its own pin); with a CPU build, TRITON_SPEC (default triton==3.9.0, the
+#    version the tests ran the kernels with in Triton's CPU interpreter) is installed.
 # 4. gwtn_dist itself, editable, with the test tools: pip install -e ".[test]", held to the
 #    versions in constraints.txt (the ones the tests last passed with); GWTN_CONSTRAINTS= (empty)
 #    takes the newest of everything, GWTN_CONSTRAINTS=FILE another list.
@@ -28,6 +34,7 @@ fail() { echo "setup: error: $*" >&2; exit 1; }
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+TRITON_SPEC=${TRITON_SPEC:-triton==3.9.0}
 CONSTRAINTS=${GWTN_CONSTRAINTS-constraints.txt}
 [ -z "$CONSTRAINTS" ] || [ -f "$CONSTRAINTS" ] || fail "GWTN_CONSTRAINTS=$CONSTRAINTS: no such file"
 VENV=.venv
@@ -40,8 +47,36 @@ fi
 make_venv=0
 [ -n "$active" ] || [ -x "$VENV/bin/python" ] || make_venv=1
 
+# --- the GPU, if any: nvidia-smi answering means torch must be a CUDA build here
+gpu="" driver_cuda=""
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  gpu=${gpu:-an NVIDIA GPU}
+  # "CUDA Version: 13.0" in nvidia-smi's banner: the newest CUDA the driver runs
+  driver_cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9]*\).*/\1/p' | head -1)
+fi
+cuda_index_hint() {  # the PyTorch index of the driver's CUDA, e.g. .../whl/cu130 for 13.0
+  local tag
+  tag=$(echo "${driver_cuda:-12.8}" | awk -F. '{printf "cu%d%d", $1, $2}')
+  echo "https://download.pytorch.org/whl/$tag"
+}
+
 # --- 1. system packages (Debian/Ubuntu)
 packages=(dataset-fashion-mnist bible-kjv slurm-wlm munge)
+# Triton builds a small C driver on its first GPU launch (a C compiler and Python.h of the Python
+# that runs it); torch.compile's CPU code needs a C++ compiler.
+command -v gcc >/dev/null || command -v clang >/dev/null || packages+=(gcc)
+command -v g++ >/dev/null || command -v clang++ >/dev/null || packages+=(g++)
+hdr_py=$PYTHON
+[ -z "$active" ] || hdr_py="$active/bin/python"
+[ -n "$active" ] || [ ! -x "$VENV/bin/python" ] || hdr_py="$VENV/bin/python"
+if command -v "$hdr_py" >/dev/null && ! "$hdr_py" -c '
+import os, sys, sysconfig
+sys.exit(0 if os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
+' 2>/dev/null; then
+  ver=$("$hdr_py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  packages+=(python3-dev "python$ver-dev")
+fi
 if [ "$make_venv" = 1 ]; then
   if ! command -v "$PYTHON" >/dev/null; then
     [ "$PYTHON" != python3 ] || packages+=(python3 python3-venv)  # a bare image
@@ -122,20 +157,49 @@ EOF
 
 # --- 3. torch
 range=$(sed -n 's/.*"torch\([<>=!~][^"]*\)".*/\1/p' setup.py | head -1)
-if "$py" - "$range" <<'EOF'
+# What is there: "none", "old" (outside the range), "cpu" or "cuda" (a build within it).
+have=$("$py" - "$range" <<'EOF'
 import sys
 try:
     import torch
     from pip._vendor.packaging.specifiers import SpecifierSet
 except Exception:
-    sys.exit(1)
-sys.exit(0 if SpecifierSet(sys.argv[1]).contains(torch.__version__.split("+")[0]) else 1)
+    print("none"); sys.exit()
+if not SpecifierSet(sys.argv[1]).contains(torch.__version__.split("+")[0]):
+    print("old")
+else:
+    print("cuda" if torch.version.cuda else "cpu")
 EOF
-then
-  say "keeping torch $("$py" -c 'import torch; print(torch.__version__)') (within $range)"
+)
+cpu_index=0
+case "$TORCH_INDEX_URL" in */cpu|*/cpu/) cpu_index=1 ;; esac
+torch_now() { "$py" -c 'import torch; print(torch.__version__)'; }
+if [ "$have" = cpu ] && [ -n "$gpu" ] && [ "$cpu_index" = 0 ]; then
+  # A CPU build on a GPU machine: the GPU check would only say "no CUDA GPU", hiding why.
+  [ -n "$TORCH_INDEX_URL" ] || fail "this machine has $gpu (nvidia-smi: CUDA ${driver_cuda:-?}) but torch $(torch_now) is a CPU build: run TORCH_INDEX_URL=$(cuda_index_hint) ./setup.sh (your driver's CUDA version, or an older one torch is built for)"
+  say "torch $(torch_now) is a CPU build on a machine with $gpu: replacing it with $TORCH_SPEC from $TORCH_INDEX_URL"
+  "$py" -m pip uninstall -q -y torch
+  have=none
+fi
+if [ "$have" = cpu ] || [ "$have" = cuda ]; then
+  say "keeping torch $(torch_now) (within $range)"
 else
   say "installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
   "${pip[@]}" "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+if [ -n "$gpu" ] && [ "$cpu_index" = 0 ] \
+    && ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  fail "torch $(torch_now) (CUDA $("$py" -c 'import torch; print(torch.version.cuda)')) cannot use $gpu (nvidia-smi: CUDA ${driver_cuda:-?}): remove $VENV and run TORCH_INDEX_URL=$(cuda_index_hint) ./setup.sh (your driver's CUDA version, or an older one torch is built for)"
+fi
+# triton: a CUDA build of torch requires the triton it was built with (installed with it, or
+# there with the torch kept); nothing here installs another. A CPU build has none, and the
+# kernel tests run in Triton's CPU interpreter: TRITON_SPEC then.
+if "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
+  "$py" -c 'import triton' 2>/dev/null \
+    || say "warning: torch $(torch_now) came without triton: the fused imitation kernels cannot run (imitate.loss_backend auto uses the reference)"
+elif ! "$py" -c 'import triton' 2>/dev/null; then
+  say "installing $TRITON_SPEC (Triton's CPU interpreter, for the kernel tests)"
+  "${pip[@]}" "$TRITON_SPEC"
 fi
 
 # --- 4. gwtn_dist (again only when setup.py changed or another checkout was installed there)

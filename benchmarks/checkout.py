@@ -22,12 +22,15 @@ def use_checkout() -> None:
         sys.path.insert(0, str(REPO))
     import gwtn_dist
 
-    if Path(gwtn_dist.__file__).resolve().parent != REPO / "gwtn_dist":
+    package = Path(gwtn_dist.__file__).resolve().parent
+    if package != REPO / "gwtn_dist":
         return  # another copy was imported first: leave it alone
     init = REPO / "kernels" / "__init__.py"
     found = importlib.util.find_spec("gwtn_dist.kernels")
-    if found is not None and found.origin and Path(found.origin).resolve() == init:
-        return
+    if found is not None and found.origin:
+        origin = Path(found.origin).resolve()
+        if origin == init or origin.is_relative_to(package):
+            return  # this checkout's kernels, or a copy laid out as installed (the GPU check's)
     spec = importlib.util.spec_from_file_location(
         "gwtn_dist.kernels", init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)

@@ -4,17 +4,19 @@ The real ``imitate`` stage (its phases, the training loop, the torch engine with
 loss backends, checkpoints) runs on a config's nets, freshly initialised (a step's time does not
 depend on the weights), with two things swapped so that neither data nor DeepSpeed is needed:
 batches are synthetic and in memory (images (B, C, S, S) or token ids (B, T) of the config's
-shapes), and the finished stage is not scored (its metrics are NaN). webdataset, which the data
-modules import at the top, is replaced by a stand-in when it is not installed; DeepSpeed is
-never imported on one process.
+shapes), and the finished stage is not scored (its metrics are NaN). webdataset and braceexpand,
+which the data modules import at the top, are replaced by stand-ins when they are not installed;
+DeepSpeed is never imported on one process.
 
     python3 benchmarks/imitation_run.py OUT_DIR [--config C] [--steps N] [--backends triton,reference]
-        [--schedules sequential,parallel] [overrides …]
+        [--schedules sequential,parallel] [--compiled triton] [overrides …]
 
 For each schedule and backend it writes ``OUT_DIR/<schedule>-<backend>/`` (the stage's files) and
 one row of ``OUT_DIR/imitation_run.csv``: the median logged step time (the first logged window of
-each phase left out: autotuning and cuDNN's choices happen there), samples/s, peak memory and
-the stage's wall time. Exit status 2 without a CUDA GPU.
+each phase left out: autotuning, cuDNN's choices and torch.compile happen there), samples/s, peak
+memory and the stage's wall time. ``--compiled B1,B2`` adds a run per named backend with
+``model.compile=true`` (first schedule only; ``<schedule>-<backend>-compiled/``). Exit status 2
+without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.checkout import REPO, require_cuda, stub_if_missing, use_checkout
 
-FIELDS = ["schedule", "backend", "precision", "batch", "steps", "step_ms", "samples_per_s",
-          "peak_mem_mb", "stage_wall_s", "final_loss"]
+# The data modules import these at the top; the synthetic batches never call them (the lent
+# GPU machine had neither when last described).
+STOOD_IN = ("webdataset", "braceexpand")
+
+FIELDS = ["schedule", "backend", "compiled", "precision", "batch", "steps", "step_ms",
+          "samples_per_s", "peak_mem_mb", "stage_wall_s", "final_loss"]
 
 
 class SyntheticBatches:
@@ -115,7 +121,7 @@ def step_summary(stage_dir: Path) -> dict:
 
 
 def run_one(config: str, out: Path, schedule: str, backend: str, precision: str, steps: int,
-            overrides: list[str]) -> dict:
+            overrides: list[str], compiled: bool = False) -> dict:
     """One imitation stage under a fresh teacher; its row of the table."""
     import torch
 
@@ -125,14 +131,15 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
     from gwtn_dist.models.family import build_wide, shape_meta
     from gwtn_dist.stages import common, imitate
 
-    run_dir = out / f"{schedule}-{backend}"
+    run_dir = out / f"{schedule}-{backend}{'-compiled' if compiled else ''}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(config, [
         f"run_dir={run_dir}", "dist.engine=torch", f"dist.precision={precision}",
         f"imitate.loss_backend={backend}", f"imitate.schedule={schedule}",
         f"imitate.steps_per_point={steps}", "progress=false", "eval_every=0",
         f"log_every={min(10, max(1, steps // 2))}",  # at least two timed windows per phase
-        f"checkpoint.every={10 * steps}", "wide.cache=", *overrides])
+        f"checkpoint.every={10 * steps}", "wide.cache=", *overrides,
+        *(["model.compile=true"] if compiled else [])])
     rt = runtime.setup(cfg)
     torch.manual_seed(cfg.seed)
     (run_dir / "wide").mkdir(parents=True)
@@ -145,8 +152,9 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
         imitate.imitate(rt, cfg, run_dir)
     finally:
         imitate.loop_context, common.evaluate = saved
-    return {"schedule": schedule, "backend": backend, "precision": precision,
-            "batch": cfg.data.batch_size, **step_summary(run_dir / "imitate")}
+    return {"schedule": schedule, "backend": backend, "compiled": compiled,
+            "precision": precision, "batch": cfg.data.batch_size,
+            **step_summary(run_dir / "imitate")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="triton,reference")
     p.add_argument("--schedules", default="sequential,parallel")
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--compiled", default="",
+                   help="backends to run once more with model.compile=true (first schedule)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend for those runs (the CPU rehearsal: aot_eager)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run on CPU (reference backend only): a smoke test of this script")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
@@ -164,30 +176,43 @@ def main(argv: list[str] | None = None) -> int:
     if not args.allow_cpu:
         require_cuda()
     use_checkout()
-    if stub_if_missing("webdataset"):
-        print("webdataset is not installed: its modules import a stand-in (never called; the "
-              "batches are synthetic)", flush=True)
+    for name in STOOD_IN:
+        if stub_if_missing(name):
+            print(f"{name} is not installed: its modules import a stand-in (never called; the "
+                  f"batches are synthetic)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from gwtn_dist.models import compiled
+
+    compiled.BACKEND = args.compile_backend
+    schedules = args.schedules.split(",")
+    runs = [(s, b, False) for s in schedules for b in args.backends.split(",")]
+    runs += [(schedules[0], b, True) for b in args.compiled.split(",") if b]
     rows = []
-    for schedule in args.schedules.split(","):
-        for backend in args.backends.split(","):
-            row = run_one(args.config, out, schedule, backend, args.precision, args.steps,
-                          args.overrides)
-            rows.append(row)
-            print(f"  {schedule} {backend}: {row['step_ms']:.2f} ms/step, "
-                  f"{row['samples_per_s']:.0f} samples/s, peak {row['peak_mem_mb']:.0f} MB, "
-                  f"stage {row['stage_wall_s']:.1f} s", flush=True)
-    with (out / "imitation_run.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    by = {(r["schedule"], r["backend"]): r for r in rows}
-    for schedule in args.schedules.split(","):
+    for schedule, backend, compile_nets in runs:
+        row = run_one(args.config, out, schedule, backend, args.precision, args.steps,
+                      args.overrides, compile_nets)
+        rows.append(row)
+        print(f"  {schedule} {backend}{' compiled' if compile_nets else ''}: "
+              f"{row['step_ms']:.2f} ms/step, "
+              f"{row['samples_per_s']:.0f} samples/s, peak {row['peak_mem_mb']:.0f} MB, "
+              f"stage {row['stage_wall_s']:.1f} s", flush=True)
+        # Written after every run: a check stopped at its time limit keeps what it timed.
+        with (out / "imitation_run.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    by = {(r["schedule"], r["backend"]): r for r in rows if not r["compiled"]}
+    for schedule in schedules:
         fused, ref = by.get((schedule, "triton")), by.get((schedule, "reference"))
         if fused and ref:
             print(f"{schedule}: reference/triton step time {ref['step_ms'] / fused['step_ms']:.2f}x "
                   f"({args.precision})")
+    for r in rows:
+        eager = by.get((r["schedule"], r["backend"]))
+        if r["compiled"] and eager:
+            print(f"{r['schedule']} {r['backend']}: eager/compiled step time "
+                  f"{eager['step_ms'] / r['step_ms']:.2f}x ({args.precision})")
     print(f"wrote {out / 'imitation_run.csv'}")
     return 0
 

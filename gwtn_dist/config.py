@@ -51,9 +51,13 @@ class ModelConfig:
     text``); it selects this section's class and with it the other keys a ``model`` section
     may hold (``ResNetModelConfig`` in ``models/resnet/config.py``, ``BertModelConfig`` in
     ``models/bert/config.py``; a key of another family is an error naming it).
+
+    compile: run every block of the thin and wide nets under ``torch.compile`` (default false;
+    compiled in place, so checkpoints do not change; see ``models/compiled.py``).
     """
 
     family: str = DEFAULT_FAMILY
+    compile: bool = False
     TAG: ClassVar[str] = "family"  # the key whose value selects the section's class
 
     # the ``data.dataset`` values this family trains on

@@ -6,8 +6,9 @@ tolerances below measure only the fused path's own rounding:
 * loss: the fused kernel forms y in float32 registers and sums in float32, so the loss is tight
   for every dtype;
 * gradients: g = dloss/dy is stored in the input dtype (for float16 without a mean's 1/count,
-  which would underflow) and dx / d_residual are rounded to it, then rounded again after the
-  scaling by grad_output in backward, so 16-bit gradients carry about two roundings of that dtype.
+  which would underflow) and dx / d_residual are rounded to it (float16's are kept in float32),
+  then rounded again after the scaling by grad_output in backward, so 16-bit gradients carry
+  about two roundings of that dtype.
 
 Where the Triton kernels run
 ----------------------------
@@ -26,9 +27,12 @@ import csv
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +48,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KERNEL_MODULE = "gwtn_dist.kernels.imitation.kernel"
+# Not tests.conftest's REPO: the GPU check runs this file without the conftest (--noconftest),
+# whose data fixtures need modules a GPU machine may lack.
+REPO = Path(__file__).resolve().parents[1]
 
 # (loss rtol, gradient rtol); gradient atol is the same fraction of the largest |gradient|.
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 2e-2), torch.float16: (1e-4, 4e-3)}
@@ -279,14 +286,27 @@ def test_fp16_mean_with_loss_scaling(triton_kernels, weight, mask):
 
 
 class _CountingLaunches:
-    """Stands in for a @triton.jit / autotuned kernel object; counts ``kernel[grid](...)``."""
+    """Stands in for a @triton.jit / autotuned kernel object; counts ``kernel[grid](...)``,
+    through the autotuner or (pinned tiles) its ``.fn``, and keeps each launch's arguments by
+    name."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+    def __init__(self, kernel, owner=None):
+        self.kernel, self.owner = kernel, owner or self
+        self.launches, self.calls = 0, []
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        self.owner.launches += 1
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            names = getattr(self.kernel, "arg_names", None) or []
+            self.owner.calls.append({**dict(zip(names, args)), **kwargs})
+            return launch(*args, **kwargs)
+        return call
+
+    @property
+    def fn(self):
+        return _CountingLaunches(self.kernel.fn, owner=self.owner)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -305,6 +325,160 @@ def test_one_kernel_launch_per_chunk_and_backward(triton_kernels, monkeypatch, d
     check(inputs, dtype)
     assert {k: c.launches for k, c in counters.items()} == {
         "_linear_mse_kernel": 3, "_eltwise_mse_kernel": 0, "_finish_grads_kernel": 1}
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["autotuned", "pinned"])
+def test_tuned_arguments_are_tensors_and_the_key_has_the_rows(triton_kernels, monkeypatch,
+                                                              pinned):
+    """Every argument the autotuner zeroes is a tensor on every path (no bias gradient, no grad
+    at all), as triton releases that zero without a None check need; the tuning key holds the
+    chunk's rows, bucketed, the same for a call's shorter last chunk; GWTN_PIN_TILES=1 launches
+    the fixed tile without the autotuner."""
+    from gwtn_dist.kernels.imitation import fused
+    from gwtn_dist.kernels.imitation import kernel as K
+
+    monkeypatch.setenv(K.PIN_TILES_ENV, "1" if pinned else "0")
+    assert K.pinned_tiles() is pinned
+    assert "M_BUCKET" in K._linear_mse_kernel.keys
+    assert [K.rows_bucket(n) for n in (1, 128, 129, 1000, 70000)] == [128, 128, 256, 1024, 131072]
+    counter = _CountingLaunches(K._linear_mse_kernel)
+    monkeypatch.setattr(K, "_linear_mse_kernel", counter)
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 260 * 40)  # chunks of 256 rows: 256 + 44
+    inputs = make_inputs((300, 24), 40, bias=False, mask="random")
+    check(inputs, torch.float16)  # gradients wanted, none for a bias
+    x, t, w = (inputs[k].to(DEVICE) for k in ("x", "target", "weight"))
+    with torch.no_grad():  # the loss alone
+        imitation_mse(x, t, w.requires_grad_())
+    assert counter.launches == len(counter.calls) == 4
+    for args in counter.calls:
+        for name in K._linear_mse_kernel.kernel.reset_to_zero:
+            assert torch.is_tensor(args[name]), name
+        assert args["M_BUCKET"] == 256  # the chunk's 256 rows, for the 44-row chunk too
+        assert ("BLOCK_M" in args) is pinned  # the fixed tile is given to the kernel itself
+    if pinned:
+        assert (counter.calls[0]["BLOCK_M"], counter.calls[0]["BLOCK_N"]) == K.pinned_tile(2)[:2]
+
+
+def test_pinned_tiles_under_several_ranks(tmp_path):
+    """Two real processes (gloo): each pins the tile instead of tuning on its own timings, and
+    both compute the same loss bits (here from the same inputs)."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        os.environ["TRITON_INTERPRET"] = "{'0' if CUDA else '1'}"
+        sys.path.insert(0, {str(REPO)!r})
+        from benchmarks.checkout import use_checkout
+        use_checkout()
+        import torch, torch.distributed as dist
+        from gwtn_dist.kernels import imitation_mse
+        from gwtn_dist.kernels.imitation import kernel as K
+        os.environ.pop(K.PIN_TILES_ENV, None)
+        assert not K.pinned_tiles()
+        dist.init_process_group("gloo")
+        assert K.pinned_tiles(), "several ranks must pin the tile"
+        dev = "{DEVICE.type}"
+        g = torch.Generator().manual_seed(0)
+        x, t, w = (torch.randn(*s, generator=g).to(dev) for s in ((70, 24), (70, 40), (40, 24)))
+        loss = imitation_mse(x, t, w.requires_grad_())
+        loss.backward()
+        out = torch.tensor([loss.item(), float(w.grad.double().abs().sum())], dtype=torch.float64)
+        got = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
+        dist.all_gather(got, out)
+        assert torch.equal(got[0], got[1]), got
+        dist.destroy_process_group()
+        print("ok", float(out[0]))
+    """))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 500),
+           "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.startswith("ok"), out
+
+
+def _scaled_truth(inputs, loss_scale):
+    """float64 gradients of loss * loss_scale on the float16-rounded inputs."""
+    return ground_truth(inputs, dtype=torch.float16, loss_factor=loss_scale)
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["linear", "eltwise"])
+@pytest.mark.parametrize("loss_scale", [2.0**16, 2.0**24], ids=["2^16", "2^24"])
+def test_fp16_gradients_finite_under_loss_scaling(triton_kernels, weight, loss_scale):
+    """float16 with a GradScaler's loss scale as grad_output: every gradient whose scaled value
+    fits float16 comes back finite and right.
+
+    2^16: a mean over 128k elements (more than the scale), so each scaled gradient is half its
+    sum-reduction size; that size (|dx| about 96k, |d_residual| 80k) exceeds float16's 65504, and
+    an inf kept there would stay inf at every scale a GradScaler tried. 2^24: small differences
+    (|y - t| ~ 1e-2 over 48k elements), whose unscaled mean gradient (4e-7) float16 would hold in
+    a few subnormal bits only: the scale must come in before the one rounding to float16."""
+    g = torch.Generator().manual_seed(11)
+    if loss_scale == 2.0**16:
+        rows, d_in, d_out = (2048, 16, 64) if weight else (4096, 32, 32)
+        x = torch.randn(rows, d_in, generator=g)
+        w = torch.full((d_out, d_in), 1.5) if weight else None
+        y = x @ w.T if weight else x * 100
+        r = torch.zeros(rows, d_out)
+        t = y - (500.0 if weight else 40000.0)  # |2 (y - t) W| summed over D_out: 96000
+        if not weight:
+            x = x * 100  # y = x (±400), target 40000 below: |2 (y - t)| = 80000
+    else:
+        rows, d_in, d_out = (1200, 40, 40)
+        x = torch.randn(rows, d_in, generator=g)
+        w = torch.randn(d_out, d_in, generator=g) / d_in**0.5 if weight else None
+        y = x @ w.T if weight else x.clone()
+        r = torch.randn(rows, d_out, generator=g)
+        t = y + r + 1e-2 * torch.randn(rows, d_out, generator=g)
+    inputs = {"x": x, "target": t, "weight": w, "bias": None, "residual": r, "mask": None}
+    _, grads = run(imitation_mse, inputs, dtype=torch.float16, device=DEVICE,
+                   loss_factor=loss_scale)
+    _, truth = _scaled_truth(inputs, loss_scale)
+    for name, ref in truth.items():
+        assert ref.abs().max() < 65504, name  # the scaled gradient fits float16 ...
+        got = grads[name]
+        assert got.dtype == torch.float16 and torch.isfinite(got).all(), name  # ... so must ours
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=4e-3,
+                                   atol=4e-3 * float(ref.abs().max()),
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_failed_float32_gemm_warns_once_and_is_recorded(triton_kernels, monkeypatch):
+    """A device that should take torch.mm(..., out_dtype=float32) and refuses: a warning, once,
+    kept in ``notes()`` for stage.json, and the same gradients from float32 operands."""
+    from gwtn_dist.kernels.imitation import fused, notes
+
+    monkeypatch.setattr(fused, "_MM_OUT_DTYPE_OK", {DEVICE.type: True})
+    monkeypatch.setattr(notes, "_NOTES", [])
+    real_mm = torch.mm
+
+    def refusing_mm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            raise NotImplementedError("aten::mm.dtype is not here")
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", refusing_mm)
+    inputs = make_inputs((90, 24), 40)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            check(inputs, torch.bfloat16)
+    said = [w for w in seen if re.search("out_dtype=float32.*failed", str(w.message))]
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+    assert len(notes.notes()) == 1 and "aten::mm.dtype is not here" in notes.notes()[0]
+
+
+def test_reference_accumulates_16bit_in_float32():
+    """The eager reference forms y + residual - target in float32 for 16-bit x, as the fused
+    kernel does: an elementwise bf16 loss whose differences bfloat16 could not hold exactly
+    matches float64 to float32 rounding."""
+    inputs = make_inputs((64, 48), 0, weight=False, mask="random", seed=9)
+    inputs["target"] = inputs["x"] + inputs["residual"] - 1e-3 * inputs["target"]  # tiny diffs
+    loss, _ = run(imitation_mse_reference, inputs, dtype=torch.bfloat16, device="cpu")
+    truth, _ = ground_truth(inputs, dtype=torch.bfloat16)
+    torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=0)
 
 
 def test_partial_requires_grad(triton_kernels):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import Config
+from ..models.compiled import compile_blocks
 from ..models.family import build_wide
 from ..profiling import region
 from .engines import full_state_dict, held_bytes, shard_frozen
@@ -58,7 +59,9 @@ class Teacher:
     Image inputs (B, C, H, W) are cast to the training precision (token ids stay integers);
     other keywords go to the net's forward (a BERT's ``select``, ``attention``; ``points`` for
     several blocks' outputs from one pass); outputs, or each output of a (nested) tuple, come
-    back as float32.
+    back in the training's compute dtype (the autocast dtype, else the weights'): imitation
+    targets reach the loss in 16 bits under bf16/fp16, where float32 copies would double the
+    bytes the loss reads (the loss accumulates in float32 itself).
     """
 
     def __init__(self, module: nn.Module, net, mode: str, reason: str, rt: Runtime):
@@ -66,6 +69,7 @@ class Teacher:
         self.net = net  # what runs the forward: the module itself or its ZeRO-3 engine
         self.mode, self.reason = mode, reason
         self.dtype = rt.dtype  # the training precision
+        self.compute_dtype = rt.autocast or rt.dtype  # what the forward computes in
         self.world_size = rt.world_size
 
     @torch.no_grad()
@@ -73,7 +77,7 @@ class Teacher:
         with region("teacher_forward"):
             if torch.is_tensor(x):
                 x = x.to(self.dtype)
-            return _as_float(self.net(x, upto=upto, **kwargs))
+            return _in_dtype(self.net(x, upto=upto, **kwargs), self.compute_dtype)
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's weight (classes, C) and bias (classes,), whole, in float32."""
@@ -92,11 +96,11 @@ class Teacher:
                 "param_bytes_per_rank": held, "param_bytes_total": total}
 
 
-def _as_float(out):
-    """A tensor, or a (nested) tuple of tensors and Nones, in float32."""
+def _in_dtype(out, dtype: torch.dtype):
+    """A tensor, or a (nested) tuple of tensors and Nones, in ``dtype`` (a no-op where it is)."""
     if isinstance(out, tuple):
-        return tuple(_as_float(o) for o in out)
-    return None if out is None else out.float()
+        return tuple(_in_dtype(o, dtype) for o in out)
+    return None if out is None else out.to(dtype)
 
 
 def load_teacher(rt: Runtime, cfg: Config, path: Path, device: torch.device) -> Teacher:
@@ -116,4 +120,6 @@ def load_teacher(rt: Runtime, cfg: Config, path: Path, device: torch.device) -> 
     else:
         net = wide.to(device=device, dtype=rt.dtype, memory_format=torch.channels_last
                       if cfg.channels_last else torch.contiguous_format)
+        if cfg.model.compile:  # (a sharded teacher gathers its blocks by hooks: left eager)
+            compile_blocks(net)
     return Teacher(wide, net, mode, reason, rt)

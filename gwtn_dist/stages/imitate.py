@@ -37,6 +37,7 @@ from ..config import Config
 from ..distributed.runtime import Runtime
 from ..distributed.teacher import load_teacher
 from ..kernels import select_imitation_mse
+from ..kernels.imitation.backend import describe_run
 from ..models.bridge import Bridges, merge_bridges
 from ..models.family import (
     build_thin,
@@ -126,8 +127,8 @@ def schedule_steps(steps_per_point: int, n_points: int, schedule: str,
 def parallel_outputs(thin: nn.Module, task, x, targets: tuple[torch.Tensor, ...],
                      points: list[str], ends: list[int], bridges: Bridges | None,
                      dtype: torch.dtype, attention: bool = False) -> list:
-    """Every thin segment's output under the parallel schedule, in float32: segment 0 runs
-    on the batch x, segment k > 0 on the teacher's output at point k−1 (``targets[k−1]``,
+    """Every thin segment's output under the parallel schedule, in the forward's dtype:
+    segment 0 runs on the batch x, segment k > 0 on the teacher's output at point k−1 (``targets[k−1]``,
     without grad), mapped down to the thin width through that point's pair where widths
     differ and cast to ``dtype`` (the thin net's input dtype); never on the thin net's own
     output, so no gradient crosses a segment boundary. Images: (b, c_k, H_k, W_k); text:
@@ -185,6 +186,9 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
     bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
     ctx.modules = {"thin": thin, **({"bridges": bridges} if bridges is not None else {})}
     mse = select_imitation_mse(cfg.imitate.loss_backend, device)
+    # Features and targets reach the loss in the compute dtype (bf16/fp16 under autocast); the
+    # loss accumulates in float32 itself.
+    compute = rt.autocast or rt.dtype
     ic = cfg.imitate
     blocks = [module for _, module in thin.blocks()]
     student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
@@ -199,11 +203,12 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
         better than predicting the target's mean; comparable across points). Images:
         h (b, c, H, W) vs target (b, C_wide, H, W); text: (b, T, D) vs (b, T, D')."""
         pair = bridges.pair(points[k]) if bridges is not None else None
+        h, target = h.to(compute), target.to(compute)  # no-ops but for BERT's fp32 layer norms
         with region("imitation_loss"):
             if ic.target_norm == "layernorm":
                 lifted = pair.lifted(h) if pair is not None else h
-                target = task.normalize(target)
-                value = mse(task.normalize(lifted), target, mask=mask)
+                target = task.normalize(target).to(compute)  # autocast's layer norm: fp32
+                value = mse(task.normalize(lifted).to(compute), target, mask=mask)
             else:
                 value = mse(h, target, weight=pair.lift if pair is not None else None,
                             mask=mask)
@@ -322,6 +327,7 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
     meta = {"stage": STAGE, **shape_meta(cfg.model, wide=False)}
     extra = {"points": points, "relative_error": rel_errors, "head": head,
              "bridges": bridges is not None, "teacher": wide.record(),
+             "imitation_loss": describe_run(mse, compute),
              "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
                           "steps_per_point": ic.steps_per_point,
                           "loss_backend": ic.loss_backend, "init_head": ic.init_head,

@@ -71,7 +71,9 @@ class ScoredTask:
 def attention_kl(wide: torch.Tensor, thin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(wide ‖ thin) of attention probabilities (B, H, T, T), summed over keys, averaged over
     heads and unpadded query positions (mask (B, T)). Padded keys have probability exactly 0 in
-    both nets (see ``models.bert.net.attention_bias``), so they add nothing."""
+    both nets (see ``models.bert.net.attention_bias``), so they add nothing. Computed in
+    float32 whatever the maps' dtype (the teacher's come in the compute dtype)."""
+    wide, thin = wide.float(), thin.float()
     eps = torch.finfo(thin.dtype).tiny
     per_query = (wide * (wide.clamp_min(eps).log() - thin.clamp_min(eps).log())).sum(-1)
     per_query = per_query.mean(1)  # (B, T): the average over heads

@@ -83,3 +83,20 @@ def select_imitation_mse(backend: str, device: torch.device | str) -> Callable[.
         return imitation_mse if usable else imitation_mse_reference
     require_triton(device)
     return imitation_mse
+
+
+def describe_run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> dict:
+    """What a stage records of the imitation loss it ran: ``backend`` (``triton`` or
+    ``reference``), the feature ``dtype`` it was given, for the kernels whether their tiles were
+    ``pinned`` or ``autotuned``, and any ``notes`` (fallbacks taken, see ``notes.py``)."""
+    from .notes import notes
+    from .op import imitation_mse
+
+    record = {"backend": "triton" if fn is imitation_mse else "reference",
+              "dtype": str(dtype).removeprefix("torch.")}
+    if fn is imitation_mse:
+        from .kernel import pinned_tiles  # imports triton: the kernels ran, so it is there
+
+        record["tiles"] = "pinned" if pinned_tiles() else "autotuned"
+    record["notes"] = notes()
+    return record

@@ -14,10 +14,14 @@ so nothing of size M x D_out outlives a chunk, and y is never written at all. Eq
 Gradients of x and residual come out in their dtype, d_weight and d_bias in float32. For float32
 and bfloat16 they are already multiplied by the loss scale (1/count for a mean) and backward only
 multiplies them by grad_output; float16 ones are left unscaled (their values 1/count smaller
-would underflow, see ``kernel.py``) and backward multiplies them by ``scale * grad_output``.
-Backward (one launch, ``kernel.finish_grads``) applies the factor in float32: d_weight and d_bias
-are rounded to their dtype once, after it; dx and d_residual, stored in their dtype, are rounded
-again only when the factor is not 1, and never at a size where float16 underflows.
+would underflow, see ``kernel.py``), kept in float32 until backward (at sum-reduction size they
+could overflow float16 where the scaled gradient does not), and backward multiplies them by
+``scale * grad_output``. Backward (one launch, ``kernel.finish_grads``) applies the factor in
+float32: d_weight and d_bias, and float16's dx and d_residual, are rounded to their dtype once,
+after it; float32 and bfloat16 dx and d_residual, stored in their dtype, are rounded again only
+when the factor is not 1. So a float16 gradient is finite whenever its scaled value fits float16,
+and one that does not is inf, which a GradScaler answers by lowering its scale. Left: the chunk
+buffer g (float16, ``2 (y - t)``, the GEMMs' operand) overflows only where |y - t| > 32752.
 
 Launches per call: one ``mask.sum()`` for a masked mean (the kernels divide by it on the device),
 one zero-fill of the partial sums, per chunk kernel (a) and the two GEMMs, then one sum for the
@@ -40,6 +44,7 @@ from .layout import (
     rows2d_to_shape,
     rows3d,
 )
+from .notes import note
 
 # Budget of the transient gradient chunk g, in elements (8M = 16 MiB in bf16). Chunks are never
 # smaller than a few thousand rows at real widths, which keeps the cuBLAS calls efficient.
@@ -52,8 +57,9 @@ _CHUNK_ALIGN = 128  # rows; chunk starts stay tile-aligned on GPU
 class FusedGrads:
     """Gradients of the loss before grad_output; None where not requested.
 
-    ``x`` and ``residual`` have their final dtype; ``weight`` and ``bias`` are float32 (rounded to
-    ``dtype`` in backward) unless already in ``dtype``. ``pending`` is the part of the loss scale
+    ``x`` and ``residual`` have their final dtype (float32 for float16 inputs, see
+    ``grad_buffer_dtype``); ``weight`` and ``bias`` are float32; each is rounded to ``dtype`` in
+    backward unless already in it. ``pending`` is the part of the loss scale
     not yet applied: 1 when the forward folded it in, else the whole loss scale (float16).
     """
 
@@ -78,6 +84,12 @@ def folds_scale(dtype: torch.dtype) -> bool:
     True for float32 and bfloat16 (float32's exponent range), False for float16.
     """
     return torch.finfo(dtype).tiny <= torch.finfo(torch.float32).tiny
+
+
+def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype dx and d_residual are kept in until backward: float32 for float16 inputs
+    (unscaled, they may exceed float16's range), else the inputs' dtype."""
+    return dtype if folds_scale(dtype) else torch.float32
 
 
 def chunk_rows(rows: int, d_out: int) -> int:
@@ -149,10 +161,11 @@ def _eltwise_forward(problem, x, target, residual, mask_u8, scale, needs):
     need_x, _, _, need_r = needs
     grads = FusedGrads()
     dx3 = dr3 = None
+    keep = grad_buffer_dtype(x.dtype)
     if need_x:
-        grads.x, dx3 = empty_rows_like(x)
+        grads.x, dx3 = empty_rows_like(x, keep)
     if need_r and residual is not None:
-        grads.residual, dr3 = empty_rows_like(residual)
+        grads.residual, dr3 = empty_rows_like(residual, keep)
     partials = K.launch_eltwise_mse(
         rows3d(x),
         rows3d(residual) if residual is not None else None,
@@ -185,13 +198,14 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
     g = torch.empty((c, d_out), dtype=dtype, device=dev) if need_g else None  # (C, D_out)
 
     grads = FusedGrads()
+    keep = grad_buffer_dtype(dtype)
     dx2d = None
     if need_x:
-        dx2d = torch.empty((rows, d_in), dtype=dtype, device=dev)  # (M, D_in)
+        dx2d = torch.empty((rows, d_in), dtype=keep, device=dev)  # (M, D_in)
         grads.x = rows2d_to_shape(dx2d, problem.x_shape)
     dr3 = None
     if need_r:
-        grads.residual, dr3 = empty_rows_like(residual)
+        grads.residual, dr3 = empty_rows_like(residual, keep)
     # dW accumulates in float32 over the chunks and is rounded in backward (after the scales).
     dw_acc = None
     fold = folds_scale(dtype)
@@ -214,12 +228,15 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
             g=g, dr3=dr3,
             loss_part=loss_part[i],
             db_part=db_part[i] if db_part is not None else None,
+            chunk=c,
         )
         if not need_g:
             continue
         g_c = g[:n]  # (n, D_out)
-        if need_x:
+        if need_x and keep == dtype:
             torch.mm(g_c, weight, out=dx2d[start:start + n])  # (n, D_in)
+        elif need_x:  # float16: the unscaled product, kept in float32
+            dx2d[start:start + n] = _gemm_float32(g_c, weight)
         if need_w:
             x_c = x2d[start:start + n]  # (n, D_in)
             dw_acc = _accumulate_gemm(dw_acc, g_c.t(), x_c)  # (D_out, D_in) float32
@@ -232,24 +249,35 @@ def _linear_forward(problem, x, target, weight, bias, residual, mask_u8, scale, 
 _MM_OUT_DTYPE_OK: dict[str, bool] = {}
 
 
+def _gemm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of 16-bit operands as a float32 result (no rounding to 16 bits, which could
+    overflow: float16 gradients are kept without a mean's 1/count, so a sum over many rows may
+    exceed 65504, or lose bits).
+
+    A 16-bit GEMM with a float32 output where torch offers one (``torch.mm(..., out_dtype=)``,
+    CUDA), else float32 operands, which is slower and costs two casts: when a device that should
+    have it refuses, a warning says so once and the stage records it (``notes``).
+    """
+    dev = a.device.type
+    if _MM_OUT_DTYPE_OK.get(dev, dev == "cuda"):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            _MM_OUT_DTYPE_OK[dev] = False
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            note(f"imitation loss: torch.mm(..., out_dtype=float32) failed on {dev} with torch "
+                 f"{torch.__version__} ({type(e).__name__}: {first[:160]}); its 16-bit gradient "
+                 f"GEMMs run on float32 copies of the operands instead (slower, same result)")
+    return torch.mm(a.float(), b.float())
+
+
 def _accumulate_gemm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc (float32) += a @ b``; allocates acc on first use."""
     if a.dtype == torch.float32:
         if acc is None:
             return torch.mm(a, b)
         return acc.addmm_(a, b)
-    prod = None
-    dev = a.device.type
-    if _MM_OUT_DTYPE_OK.get(dev, dev == "cuda"):
-        # bf16/fp16 GEMM with a float32 result (no intermediate rounding), where supported.
-        try:
-            prod = torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE_OK[dev] = False
-    if prod is None:
-        # float32 operands: a 16-bit result could overflow (float16 gradients are stored without
-        # the 1/count of a mean, so a sum over many rows may exceed 65504) or lose bits.
-        prod = torch.mm(a.float(), b.float())
+    prod = _gemm_float32(a, b)
     if acc is None:
         return prod
     return acc.add_(prod)

@@ -26,8 +26,17 @@ Why the loss scale may be left to backward: a stored gradient is rounded to its 
 grad_output is known. For a mean, ``2 (y - t) / count`` is tiny (4e-8 for |y - t| = 1e-3 and
 48k elements); float32 and bfloat16 hold it fine (their smallest normal is 1e-38), but float16
 flushes it to zero or a few subnormal bits (smallest subnormal 6e-8), and a loss scale of 2**16
-applied afterwards cannot bring the bits back. So float16 gradients are stored as ``2 (y - t)``
-(sum-reduction size) and multiplied by ``scale * grad_output`` before their one rounding.
+applied afterwards cannot bring the bits back. So float16 gradients are kept as ``2 (y - t)``
+(sum-reduction size) and multiplied by ``scale * grad_output`` before their one rounding. The
+kept dx and d_residual are float32 (``fused.grad_buffer_dtype``): at sum-reduction size they can
+exceed float16's 65504 where the final, scaled gradient does not (a mean over more elements than
+the loss scale), and an inf stored there would survive every loss scale a GradScaler tries.
+
+Tiles of the linear kernel: autotuned per (D_in, D_out, rows-per-chunk bucket, dtypes), or one
+fixed tile per dtype (``pinned_tiles``): when ``GWTN_PIN_TILES=1`` (the GPU check's tests: one
+compile per specialisation instead of one per candidate tile) and whenever several ranks train,
+since each rank would tune by its own timings and could pick another tile, and with it another
+summation order, so the ranks' losses would differ in their last bits.
 
 Partial sums go to small float32 buffers reduced by torch afterwards (deterministic, unlike
 atomics). Tensors shaped like y are addressed as ``(outer, inner, feature)`` with explicit strides
@@ -40,9 +49,11 @@ float32 accumulation: the same numbers a GPU tensor core produces, up to summati
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -54,7 +65,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 # ---------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused linear kernel on GPU; the
-# autotuner picks one per (D_in, D_out, dtypes). The epilogue holds the accumulator plus target
+# autotuner picks one per (D_in, D_out, rows bucket, dtypes). The epilogue holds the accumulator plus target
 # / residual tiles in registers, so tiles stay at <= 64 accumulator values per thread: checked by
 # compiling for sm_90 (128x256 tiles or 4-warp 128x128 tiles spilled). float32 inputs use
 # BLOCK_K = 32 to fit shared memory; the other list is pruned by dtype.
@@ -83,6 +94,39 @@ _ALL_TILES = list(dict.fromkeys(t for tiles in _LINEAR_TILES.values() for t in t
 LINEAR_PART_M = min(t[0] for t in _ALL_TILES)
 LINEAR_PART_N = min(t[1] for t in _ALL_TILES)
 GROUP_M = 8  # programs along M that share W tiles in L2 (grouped launch order)
+
+
+PIN_TILES_ENV = "GWTN_PIN_TILES"
+_TRUTHY = {"1", "true", "yes", "on", "y"}
+
+
+def pinned_tiles() -> bool:
+    """Whether the linear kernel runs its fixed tile (the dtype's first) instead of autotuning.
+
+    True with ``GWTN_PIN_TILES=1`` and whenever this process is one of several ranks: the tile
+    decides the order of the loss's partial sums, and ranks tuning on their own timings could
+    choose different ones (hence losses that differ in their last bits across ranks).
+    """
+    if os.environ.get(PIN_TILES_ENV, "").strip().lower() in _TRUTHY:
+        return True
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def pinned_tile(element_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fixed tile for x's element
+    size: the first of the dtype's list, a 128x128 tile that suits training-sized problems."""
+    return _LINEAR_TILES["32bit" if element_size == 4 else "16bit"][0]
+
+
+# Autotuning keys on the rows of a chunk rounded up to a power of two (at least 128): the best
+# tile for a thousand rows is not the best for 64k, and a bucket rather than the exact count
+# keeps the tunings few (a call's chunks share one: the last, shorter chunk uses the call's).
+MIN_ROWS_BUCKET = 128
+
+
+def rows_bucket(rows: int) -> int:
+    """The autotuning key's row count: ``rows`` rounded up to a power of two, >= 128."""
+    return max(MIN_ROWS_BUCKET, triton.next_power_of_2(max(rows, 1)))
 
 
 def _linear_configs() -> list[triton.Config]:
@@ -179,9 +223,11 @@ def _grad_of_y(diff, s, FOLD_SCALE: tl.constexpr):
 
 @triton.autotune(
     configs=_linear_configs(),
-    key=["D_in", "D_out"],
+    key=["D_in", "D_out", "M_BUCKET"],  # and the dtypes of the tensor arguments (triton adds them)
     prune_configs_by={"early_config_prune": _prune_by_dtype},
-    # Trial runs with other tile sizes write other partial slots: zero them after tuning.
+    # Trial runs with other tile sizes write other partial slots: zero them after tuning. Both
+    # are always tensors (a dummy when d_bias is not wanted): several triton releases zero
+    # every named argument without looking, and None.zero_() raises.
     reset_to_zero=["loss_part_ptr", "db_part_ptr"],
 )
 @triton.heuristics({"EVEN_K": lambda args: args["D_in"] % args["BLOCK_K"] == 0})
@@ -189,7 +235,7 @@ def _grad_of_y(diff, s, FOLD_SCALE: tl.constexpr):
 def _linear_mse_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, t_ptr, mask_ptr, count_ptr,  # inputs
     g_ptr, dr_ptr, loss_part_ptr, db_part_ptr,  # outputs
-    row_start, n_rows, inner, D_in, D_out,
+    row_start, n_rows, inner, D_in, D_out, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
     stride_ro, stride_ri, stride_rn,
     stride_to, stride_ti, stride_tn,
@@ -207,7 +253,7 @@ def _linear_mse_kernel(
 
     Outputs (chunk-local): g (n_rows, D_out) row stride stride_gm; loss_part (rows of PART_M,
     cols of PART_N) float32, already times the loss scale; db_part (rows of PART_M, D_out)
-    float32, column sums of g.
+    float32, column sums of g. M_BUCKET is read by the autotuner only (``rows_bucket``).
     """
     # Grouped ordering: GROUP_M consecutive programs walk down M for one N tile, so the W tile
     # (BLOCK_K x BLOCK_N slices) is reused from L2.
@@ -445,6 +491,16 @@ def linear_partial_shapes(n_rows: int, d_out: int) -> tuple[tuple[int, int], tup
     return (part_rows, triton.cdiv(d_out, LINEAR_PART_N)), (part_rows, d_out)
 
 
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor on ``device`` that stands for an output not written."""
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _PLACEHOLDERS[device]
+
+
 def launch_linear_mse(
     x2d: torch.Tensor,  # (M, D_in), any strides
     weight: torch.Tensor,  # (D_out, D_in), any strides
@@ -461,6 +517,7 @@ def launch_linear_mse(
     dr3: torch.Tensor | None,  # d_residual (outer, inner, D_out), or None
     loss_part: torch.Tensor,  # float32, linear_partial_shapes(...)[0], zero-filled
     db_part: torch.Tensor | None,  # float32, linear_partial_shapes(...)[1], zero-filled, or None
+    chunk: int | None = None,  # rows of the call's full chunks (the tuning key); n_rows if None
 ) -> None:
     """Run kernel (a) on rows [row_start, row_start + n_rows)."""
     d_out, d_in = weight.shape
@@ -469,10 +526,20 @@ def launch_linear_mse(
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
-    _linear_mse_kernel[grid](
+    tile = {}
+    kernel = _linear_mse_kernel
+    if pinned_tiles():
+        kernel = _linear_mse_kernel.fn  # the heuristics (EVEN_K) and the kernel, untuned
+        bm, bn, bk, warps, stages = pinned_tile(x2d.element_size())
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M,
+                "num_warps": warps, "num_stages": stages}
+    write_db = db_part is not None
+    if db_part is None:  # never written (WRITE_DB is off), but the autotuner zeroes it
+        db_part = _placeholder(x2d.device)
+    kernel[grid](
         x2d, weight, bias, r3, t3, mask, count,
         g, dr3, loss_part, db_part,
-        row_start, n_rows, inner, d_in, d_out,
+        row_start, n_rows, inner, d_in, d_out, rows_bucket(chunk or n_rows),
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
         *_strides3(r3), *_strides3(t3), *_strides3(dr3),
@@ -481,10 +548,11 @@ def launch_linear_mse(
         scale_value,
         HAS_BIAS=bias is not None, HAS_RES=r3 is not None, HAS_MASK=mask is not None,
         HAS_COUNT=count is not None, FOLD_SCALE=fold_scale,
-        WRITE_G=g is not None, WRITE_DR=dr3 is not None, WRITE_DB=db_part is not None,
+        WRITE_G=g is not None, WRITE_DR=dr3 is not None, WRITE_DB=write_db,
         UPCAST_DOT=INTERPRETED, INPUT_PRECISION=_dot_precision(x2d.dtype),
         PART_M=LINEAR_PART_M, PART_N=LINEAR_PART_N,
         INDEX_64=_needs_int64(x2d, weight, r3, t3, g, dr3, mask),
+        **tile,
     )
 
 

@@ -188,15 +188,17 @@ def flat_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).contiguous().view(torch.uint8)
 
 
-def empty_rows_like(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An uninitialised tensor shaped like ``t`` (same layout when possible) and its rows3d view.
+def empty_rows_like(t: torch.Tensor, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised tensor shaped like ``t`` (same layout when possible; ``dtype``, default
+    t's) and its rows3d view.
 
     The view is guaranteed to alias the tensor, so kernels can write gradients through it.
     """
-    buf = torch.empty_like(t, memory_format=torch.preserve_format)
+    buf = torch.empty_like(t, dtype=dtype, memory_format=torch.preserve_format)
     view = rows3d(buf)
     if view.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr():
         # A dense 4-D layout whose H, W do not merge: channels-last always merges.
-        buf = torch.empty_like(t, memory_format=torch.channels_last)
+        buf = torch.empty_like(t, dtype=dtype, memory_format=torch.channels_last)
         view = rows3d(buf)
     return buf, view

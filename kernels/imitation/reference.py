@@ -38,8 +38,10 @@ def imitation_mse_reference(
             loss is 0 (not NaN) and every gradient is 0.
 
     Returns:
-        A float32 scalar (float64 for float64 x, for ground-truth runs): the squares are summed
-        in float32.
+        A float32 scalar (float64 for float64 x, for ground-truth runs). As in the fused kernel,
+        everything after the matrix product is float32: 16-bit ``y`` (the product's one rounding,
+        its sums accumulated in float32 by the GEMM) is widened before the residual and the
+        target are added and subtracted, and the squares are summed in float32.
 
     Dtypes (the same rule for the fused :func:`imitation_mse`): x's dtype is the compute dtype.
     weight, bias and residual are cast to it when they differ (a differentiable cast: their
@@ -61,7 +63,8 @@ def imitation_mse_reference(
         # Work feature-last: (..., D). For 4-D inputs these are channels-last views.
         y = feature_last(x)
         if weight is not None:
-            y = F.linear(y, weight, bias)  # (..., D_out)
+            y = F.linear(y, weight, bias)  # (..., D_out) in x's dtype
+        y = y.to(acc_dtype) if y.dtype.itemsize < 4 else y  # 16-bit: float32 from here on
         if residual is not None:
             y = y + feature_last(residual)
         diff = y - feature_last(target).detach()  # promoted with target's dtype

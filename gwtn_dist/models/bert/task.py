@@ -91,16 +91,16 @@ class TextTask(ScoredTask):
     def features(self, model, x: dict[str, torch.Tensor], end: int, bridges: Bridges | None,
                  bridged: dict[int, str]) -> torch.Tensor:
         """Block ``end``'s output (b, T, D) (BERT pairs are lifts only: nothing is inserted
-        between layers)."""
-        return model(x, upto=end).float()
+        between layers), in the forward's dtype (imitation casts it to the compute dtype)."""
+        return model(x, upto=end)
 
     def segment(self, model, x: dict[str, torch.Tensor], start: int, end: int, h: torch.Tensor,
                 attention: bool = False):
         """Layers ``start``..``end`` (block indices, ≥ 1) run on h (b, T, D), block ``start``'s
-        input, under x's attention mask; block ``end``'s output in float32, and with
-        ``attention`` also its attention maps (b, H, T, T)."""
+        input, under x's attention mask; block ``end``'s output in the forward's dtype, and
+        with ``attention`` also its attention maps (b, H, T, T) in float32."""
         out = model.run_blocks(h, start, end, x["attention_mask"], attention=attention)
-        return tuple(t.float() for t in out) if attention else out.float()
+        return (out[0], out[1].float()) if attention else out
 
     def feature_mask(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         return x["attention_mask"].bool()  # (b, T): padded positions are left out of the loss

@@ -70,15 +70,16 @@ class ImageTask(ScoredTask):
     def features(self, model, x: torch.Tensor, end: int, bridges: Bridges | None,
                  bridged: dict[int, str], preact: bool = False) -> torch.Tensor:
         """Block ``end``'s output (b, c, H', W'), through the pairs already passed (before
-        its final ReLU with ``preact``)."""
-        return run_prefix(model, x, end, bridges, bridged, preact).float()
+        its final ReLU with ``preact``), in the dtype the forward computed it in (bf16/fp16
+        under autocast: the loss reads 16 bits)."""
+        return run_prefix(model, x, end, bridges, bridged, preact)
 
     def segment(self, model, x: torch.Tensor, start: int, end: int, h: torch.Tensor,
                 attention: bool = False, preact: bool = False) -> torch.Tensor:
         """Blocks ``start``..``end`` run on h (b, c, H, W), block ``start``'s input (the
-        parallel imitation schedule's teacher-fed segment); block ``end``'s output in float32
-        (before its final ReLU with ``preact``)."""
-        return model.run_blocks(h, start, end, preact).float()
+        parallel imitation schedule's teacher-fed segment); block ``end``'s output (before its
+        final ReLU with ``preact``), in the forward's dtype."""
+        return model.run_blocks(h, start, end, preact)
 
     def feature_mask(self, x: torch.Tensor) -> None:
         return None  # every position of an image counts
