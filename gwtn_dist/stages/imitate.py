@@ -316,7 +316,11 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
         phases = [make_phase(k, n, f"{STAGE}/{points[k]}") for k, n in enumerate(steps)]
     results = run_phases(ctx, phases)
     rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
-    teacher_score = read_stage(teacher_path.parent).get(task.select_metric)
+    # The teacher's own score, where its stage folder has one (a teacher handed over as a
+    # bare model.pt has none).
+    teacher_stage = teacher_path.parent / "stage.json"
+    teacher_score = (read_stage(teacher_path.parent).get(task.select_metric)
+                     if teacher_stage.is_file() else None)
     health = {"max_relative_error": max(rel_errors.values()),
               "threshold": ic.health_max_error,
               "reached": max(rel_errors.values()) <= ic.health_max_error,
