@@ -140,12 +140,16 @@ def test_teacher_cache_keys_hash_the_flat_model_section(path):
 
     cfg = load_config(path)
     model = teacher_settings(cfg)["model"]
-    assert model == {**to_dict(load_config(None))["model"], "hidden": 768, "layers": 12,
-                     "heads": 12, "head_dim": 64, "ffn": 3072, "vocab_size": 30522,
-                     "max_len": 512, "dropout": 0.1, **to_dict(cfg)["model"],
-                     # the one widen section of then: every family's multipliers
-                     "widen": {"inner_mult": 4, "boundary_mult": 1, "attention_mult": 4,
-                               "ffn_mult": 4, **to_dict(cfg)["model"]["widen"]}}
+    expected = {**to_dict(load_config(None))["model"], "hidden": 768, "layers": 12,
+                "heads": 12, "head_dim": 64, "ffn": 3072, "vocab_size": 30522,
+                "max_len": 512, "dropout": 0.1, **to_dict(cfg)["model"],
+                # the one widen section of then: every family's multipliers
+                "widen": {"inner_mult": 4, "boundary_mult": 1, "attention_mult": 4,
+                          "ffn_mult": 4, **to_dict(cfg)["model"]["widen"]}}
+    expected.pop("compile")  # how the net runs, not what it is: keys from before it stay
+    assert model == expected
+    compiled = load_config(path, ["model.compile=true"])
+    assert teacher_settings(compiled) == teacher_settings(cfg)
 
 
 @pytest.mark.parametrize("path", [BERT, RESNET], ids=["bert", "resnet"])

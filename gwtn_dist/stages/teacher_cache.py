@@ -44,6 +44,9 @@ def teacher_settings(cfg: Config) -> dict:
     # teacher: that key keeps its default (the one older keys were taken with).
     model = flat_model_section(cfg.model)
     model["imitation_points"] = flat_model_section(type(cfg.model)())["imitation_points"]
+    # How the net is executed (torch.compile or eager) is not what it is: keys taken before
+    # model.compile existed stay valid.
+    model.pop("compile", None)
     return {"model": model, "data": data, "wide": wide, "seed": cfg.seed,
             "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
 
