@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,9 +87,21 @@ def load(path: Path | str) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # any failure to unpickle means "not readable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be read safely ({first[:200]}); it is torn, "
-                              f"corrupt, or not a file written by gwtn") from exc
+        raise CheckpointError(f"{path} cannot be read safely ({why_unreadable(exc)}); it is "
+                              f"torn, corrupt, or not a file written by gwtn") from exc
+
+
+def why_unreadable(exc: BaseException) -> str:
+    """A short reason for a failed safe load. torch's own weights-only message opens with how
+    to turn the check off; that is never the advice here, so only what the file held is kept."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        held = f" ({found.group(1)})" if found else ""
+        return f"it holds a Python object{held}, not plain tensors, and gwtn runs no code from " \
+               f"a file"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:200]
 
 
 def load_with_fallback(path: Path | str) -> Any:

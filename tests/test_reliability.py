@@ -26,8 +26,11 @@ class Exploit:
 def test_files_that_are_not_plain_tensors_are_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"state_dict": {}, "meta": Exploit()}, path)
-    with pytest.raises(checkpoint.CheckpointError, match="cannot be read safely"):
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read safely") as refused:
         checkpoint.load(path)
+    # What the file held, never torch's advice to load it with weights_only=False.
+    assert "it holds a Python object (print)" in str(refused.value)
+    assert "False" not in str(refused.value) and "Re-running" not in str(refused.value)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="junk.pt"):
         checkpoint.load(tmp_path / "junk.pt")
