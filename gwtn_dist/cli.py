@@ -14,9 +14,11 @@ Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the sam
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
 
 Exit codes: 0 done; 2 a bad config, command line, data source or stage order; 3 training
-diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable checkpoint or
-weights file; 74 an I/O error (an unwritable or full run folder); 75 stopped on request
-(preemption: resume later). Each prints one line naming the problem, never a traceback.
+diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable or damaged
+file: a checkpoint, weights, a shard index, or an evaluation split read short of its index;
+74 an I/O error (an unwritable or full run folder); 75 stopped on request (preemption, SIGTERM
+or Ctrl-C after the checkpoint: resume later). Each prints one line naming the problem, never
+a traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.datasets import ensure_shards
-from .data.errors import DataSourceError
+from .data.errors import DamagedDataError, DataSourceError
 from .distributed import preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
         runtime.barrier()  # no rank tears the process group down while another still uses it
+    except DamagedDataError as exc:  # before the data errors it is one of
+        _say(f"gwtn: error: {exc}")
+        return EXIT_CHECKPOINT
     except (ConfigError, DataSourceError, StageOrderError, LaunchError, ExportError) as exc:
         _say(f"gwtn: error: {exc}")
         return 2

@@ -113,6 +113,11 @@ class DataConfig:
     the random-resized crop and of the eval centre crop (default 224); eval_resize: eval images'
     shorter side before the centre crop (default 256); mlm_probability: share of tokens chosen
     for masked-LM (default 0.15, BERT's).
+
+    eval_missing_ok: the fraction of an evaluation split (validation or test) that damaged
+    shards or undecodable samples may take away before an evaluation refuses to score (exit 4,
+    naming the shard); default 0: every sample ``index.json`` lists must be read. Damaged
+    training data is skipped and counted (``skipped_samples``) instead.
     """
 
     dataset: Literal["fashion-mnist", "imagefolder", "text"] = "fashion-mnist"
@@ -132,6 +137,7 @@ class DataConfig:
     image_size: int = 224
     eval_resize: int = 256
     mlm_probability: float = 0.15
+    eval_missing_ok: float = 0.0
 
 
 @dataclass
@@ -895,6 +901,8 @@ def validate(cfg: Config) -> None:
     _positive("data.eval_resize", d.eval_resize)
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
+    if not 0 <= d.eval_missing_ok < 1:
+        raise ConfigError(f"data.eval_missing_ok: a fraction in [0, 1), got {d.eval_missing_ok}")
     _check_wide(cfg)
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:

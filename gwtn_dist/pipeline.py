@@ -31,7 +31,7 @@ from .workers import FileLock
 log = logging.getLogger("gwtn")
 # Keys that do not change what a run computes: a resume may change them.
 VOLATILE = {"resume", "progress", "threads", "log_every", "profile.sample_every",
-            "profile.trace_start", "profile.trace_steps"}
+            "profile.trace_start", "profile.trace_steps", "data.eval_missing_ok"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
