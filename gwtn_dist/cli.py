@@ -17,8 +17,9 @@ Exit codes: 0 done; 2 a bad config, command line, data source or stage order; 3 
 diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable or damaged
 file: a checkpoint, weights, a shard index, or an evaluation split read short of its index;
 74 an I/O error (an unwritable or full run folder); 75 stopped on request (preemption, SIGTERM
-or Ctrl-C after the checkpoint: resume later). Each prints one line naming the problem, never
-a traceback.
+or Ctrl-C: checkpointed at the next step, resume later); 130 / 143 a second Ctrl-C / SIGTERM
+(stopped at once, without a checkpoint). Each prints one line naming the problem, never a
+traceback (docs/bad_inputs.md lists the bad inputs tested and what each gives).
 """
 
 from __future__ import annotations
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    preempt.install_outside_training()
     try:
         code = args.func(args)
         runtime.barrier()  # no rank tears the process group down while another still uses it
@@ -272,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     except preempt.Preempted as exc:
         _say(f"gwtn: {exc}")
         return preempt.EXIT_CODE
+    except preempt.Interrupted as exc:
+        _say(f"gwtn: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were set
+        _say("gwtn: SIGINT: stopped")
+        return 130
     except FloatingPointError as exc:
         _say(f"gwtn: error: training diverged: {exc}")
         return EXIT_DIVERGED
@@ -286,4 +294,5 @@ def main(argv: list[str] | None = None) -> int:
 
         release_locks()
         runtime.leave()
+        preempt.restore()
     return code or 0

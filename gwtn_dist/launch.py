@@ -230,7 +230,11 @@ def launch(args: argparse.Namespace) -> int:
         preempt.stop_file(run_dir).touch()
         requested.append(signum)
 
-    signal.signal(preempt.signal_number(args.signal), on_signal)
+    # Ctrl-C and SIGTERM ask the ranks to stop the same way (the launched command may get them
+    # too: from the terminal, or torchrun passes them on), never requeued: someone wants the
+    # job to end. The launcher itself waits for the ranks, so that none is killed mid-save.
+    for sig in {preempt.signal_number(args.signal), *preempt.INTERRUPTS}:
+        preempt.handle(sig, on_signal)
     log.info("launching (%s): %s", args.style, shlex.join(plan.command))
     env = {**os.environ, **plan.env, preempt.SIGNAL_VARIABLE: args.signal}
     try:
@@ -247,7 +251,10 @@ def launch(args: argparse.Namespace) -> int:
     # failure (torchrun reports its ranks' exit as 1).
     if not (requested or code == preempt.EXIT_CODE):
         return code
-    if alloc.job_id and not args.no_requeue:
+    interrupted = any(s in preempt.INTERRUPTS for s in requested)
+    if interrupted and code in (128 + s for s in preempt.INTERRUPTS):
+        return code  # a second Ctrl-C or SIGTERM stopped the ranks at once
+    if alloc.job_id and not args.no_requeue and not interrupted:
         _requeue(alloc.job_id)
     return preempt.EXIT_CODE
 

@@ -146,8 +146,7 @@ def test_stop_requests_by_file_or_signal_are_consumed(tmp_path):
         assert preempt.stop_requested()
         assert not preempt.stop_requested()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        preempt._run_dir = None
+        preempt.restore()
     assert preempt.signal_number("usr2") == preempt.signal_number("SIGUSR2") == signal.SIGUSR2
 
 
@@ -162,8 +161,7 @@ def test_a_stop_file_older_than_the_run_is_ignored(tmp_path):
         stale.touch()  # written now: a real request
         assert preempt.asked_here()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        preempt._run_dir = None
+        preempt.restore()
 
 
 def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_dir):

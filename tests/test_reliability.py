@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -166,3 +168,88 @@ def test_per_rank_skip_counts_are_summed_over_ranks():
     mp.spawn(_sum_counts_worker, args=(port, queue), nprocs=2)
     totals = dict(queue.get(timeout=10) for _ in range(2))
     assert totals[0] == totals[1] == {"undecodable sample": 1, "truncated tar": 5}
+
+
+# Ctrl-C and SIGTERM: a checkpoint at the next step, one line, exit 75, the lock released, and a
+# resume that ends with the weights of a run never stopped.
+
+STOP_ARGS = ["progress=false", "threads=1", "eval_every=0", "wide.steps=60", "checkpoint.every=5",
+             "data.train_samples=0"]
+
+
+def _wide_command(run_dir, shard_dir, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gwtn_dist", "-q", *extra, "wide",
+            str(REPO / "configs/tiny_cpu.yaml"), f"run_dir={run_dir}", f"data.shards={shard_dir}",
+            *STOP_ARGS]
+
+
+@pytest.fixture(scope="module")
+def straight_wide(tmp_path_factory, shard_dir) -> dict:
+    """The wide stage's weights from a run that was never stopped."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    proc = subprocess.run(_wide_command(run_dir, shard_dir), cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return checkpoint.load(run_dir / "wide" / "model.pt")["state_dict"]
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGTERM to gwtn launch"])
+def test_ctrl_c_and_sigterm_stop_at_a_checkpoint_that_resumes_bit_exact(
+        tmp_path, shard_dir, straight_wide, how):
+    """The signal while the wide stage trains (to the process itself, or to ``gwtn launch``,
+    which asks its ranks through the run's stop file and does not requeue)."""
+    run_dir = tmp_path / "run"
+    launcher = ["launch", "--style", "local", "--"] if "launch" in how else []
+    cmd = _wide_command(run_dir, shard_dir)
+    if launcher:
+        cmd = cmd[:4] + launcher + cmd[4:]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "wide" / "checkpoint.pt").exists():
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    job.send_signal(getattr(signal, how.split()[0]))
+    _, err = job.communicate(timeout=240)
+    assert job.returncode == 75, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("gwtn:")]
+    assert len(lines) == 1 and lines[0].startswith("gwtn: stopped on request after step "), err
+    assert "Traceback" not in err and not (run_dir / ".lock").exists()
+    stopped_at = checkpoint.load(run_dir / "wide" / "checkpoint.pt")["step"]
+    assert 5 <= stopped_at < 60
+
+    proc = subprocess.run(_wide_command(run_dir, shard_dir), cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (resume,) = json.loads((run_dir / "wide" / "stage.json").read_text())["resumes"]
+    assert resume["step"] == stopped_at
+    resumed = checkpoint.load(run_dir / "wide" / "model.pt")["state_dict"]
+    for name, tensor in straight_wide.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_second_ctrl_c_stops_at_once_and_outside_training_too(tmp_path):
+    """The first SIGINT asks for a checkpoint (a flag the loop reads at the step's end); a
+    second one while it is pending raises Interrupted at once (exit 130: 128 + SIGINT).
+    Before training starts, SIGTERM ends a command the same way, with one line."""
+    from gwtn_dist.distributed import preempt
+    from gwtn_dist.distributed.runtime import Runtime
+
+    preempt.install(tmp_path, Runtime())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preempt.asked_here()
+        with pytest.raises(preempt.Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert caught.value.exit_code == 130 and "without a checkpoint" in str(caught.value)
+    finally:
+        preempt.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys; from gwtn_dist.cli import main; "
+        "from gwtn_dist import cli; cli._load = lambda *a, **k: os.kill(os.getpid(), "
+        "signal.SIGTERM); sys.exit(main(['wide', 'c.yaml']))")],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip() == "gwtn: SIGTERM: stopped", err
