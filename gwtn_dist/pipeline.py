@@ -80,7 +80,7 @@ def prepare_run_dir(rt: Runtime, cfg: Config, run_dir: Path, *, continuing: bool
     # A folder with files but no saved config: not ours for gwtn run; a stage command may
     # continue it (stages handed over by path, e.g. a teacher copied into run_dir/wide).
     foreign = not continuing and run_dir.exists() and not saved.is_file() and any(
-        p.name != ".lock" for p in run_dir.iterdir())
+        not p.name.startswith(".lock") for p in run_dir.iterdir())  # the lock's own files
     if exclusive and not foreign:
         _lock(rt, run_dir)
     if saved.is_file():

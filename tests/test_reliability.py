@@ -253,3 +253,73 @@ def test_a_second_ctrl_c_stops_at_once_and_outside_training_too(tmp_path):
         cwd=REPO, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.strip() == "gwtn: SIGTERM: stopped", err
+
+
+# The run folder's lock: never held by two processes at once.
+
+RACERS, TRIALS = 12, 200
+
+
+def _race(lock_path, start, decided, results) -> None:
+    """One contender: every trial, acquire at the barrier, report, hold until every contender
+    has decided, release."""
+    from gwtn_dist.workers import FileLock
+
+    for _ in range(TRIALS):
+        start.wait()
+        lock = FileLock(lock_path)
+        results.put(lock.acquire())
+        decided.wait()
+        lock.release()
+        start.wait()
+
+
+def test_racing_processes_never_both_hold_the_lock(tmp_path):
+    """12 processes call FileLock.acquire at the same moment, 200 times; every other trial
+    starts from a stale lock (a dead process of this host). Exactly one must hold it each time.
+    (The lock before this change: 16 of 1000 such trials had two or more holders.)"""
+    import multiprocessing
+    import socket
+
+    ctx = multiprocessing.get_context("fork")
+    start, decided = ctx.Barrier(RACERS + 1), ctx.Barrier(RACERS + 1)
+    results = ctx.Queue()
+    lock_path = tmp_path / "run" / ".lock"
+    racers = [ctx.Process(target=_race, args=(lock_path, start, decided, results))
+              for _ in range(RACERS)]
+    for p in racers:
+        p.start()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holders = []
+    try:
+        for trial in range(TRIALS):
+            lock_path.parent.mkdir(exist_ok=True)
+            if trial % 2:
+                lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+            start.wait(timeout=60)
+            holders.append(sum(results.get(timeout=60) for _ in range(RACERS)))
+            decided.wait(timeout=60)
+            start.wait(timeout=60)
+            assert not lock_path.exists()  # the holder released it
+    finally:
+        for p in racers:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert holders == [1] * TRIALS, {n: holders.count(n) for n in set(holders)}
+
+
+def test_a_lock_is_taken_over_only_from_the_dead_and_released_only_by_its_holder(tmp_path):
+    from gwtn_dist.workers import FileLock
+
+    path = tmp_path / ".lock"
+    path.write_text("")  # unreadable (an older gwtn killed mid-write): stale
+    first = FileLock(path)
+    assert first.acquire() and first.holder()["pid"] == os.getpid()
+    assert not FileLock(path).acquire()  # held by a live process (this one)
+    path.write_text(json.dumps({"host": "another-host", "pid": 1}))  # replaced behind its back
+    first.release()
+    assert path.exists()  # not its lock any more: left alone
+    assert not FileLock(path).acquire()  # another host's holder cannot be checked: busy
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".lock.guard"] == [".lock"]
