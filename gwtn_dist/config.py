@@ -712,8 +712,17 @@ def upgrade_saved_tree(tree: dict) -> dict:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (what the run actually used)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (what the run actually used), atomically: a full disk
+    leaves the old file or none, never a torn one that a resume would read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tmp.replace(path)
+    except OSError as exc:  # a full disk: name the file
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

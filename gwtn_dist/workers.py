@@ -73,8 +73,11 @@ class FileLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
               "token": token}
         tmp = self.path.with_name(f"{self.path.name}.{token}.tmp")
-        tmp.write_text(json.dumps(me))
         try:
+            try:
+                tmp.write_text(json.dumps(me))
+            except OSError as exc:  # a full disk: name the lock
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
             while True:
                 try:
                     os.link(tmp, self.path)  # fails if the lock exists; never half-written

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,3 +325,178 @@ def test_a_lock_is_taken_over_only_from_the_dead_and_released_only_by_its_holder
     assert path.exists()  # not its lock any more: left alone
     assert not FileLock(path).acquire()  # another host's holder cannot be checked: busy
     assert [p.name for p in tmp_path.iterdir() if p.name != ".lock.guard"] == [".lock"]
+
+
+# Files that torch reads but that are not what they should be: one line naming the file, exit 4.
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shard_dir):
+    """A finished run of the three stages (no baseline) to damage copies of."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["-q", "run", *fast_args(run_dir, shard_dir, "arms=[win]")]) == 0
+    return run_dir
+
+
+def _narrowed(state: dict) -> dict:
+    """``state`` with its first weight cut to half its output channels (another net's)."""
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    return {**state, name: state[name][: state[name].shape[0] // 2]}
+
+
+def _again(finished_run, tmp_path, shard_dir, capsys, damage, command="wide", undo=()):
+    """Damage a copy of the run (``damage(run_dir)``), remove ``undo``'s DONE files, run
+    ``gwtn COMMAND`` in it: the exit code and the one line it printed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    for stage in undo:
+        (run_dir / stage / "DONE").unlink()
+    damage(run_dir)
+    code = main(["-q", command, *fast_args(run_dir, shard_dir, "arms=[win]")])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return code, err.strip()
+
+
+@pytest.mark.parametrize("content, words", [
+    ("narrowed", "but the net's has (8, 1, 3, 3): it holds a net of another shape"),
+    ({"a": 1}, "is not a checkpoint of this stage (no stream)"),
+    (torch.zeros(3), "is not a checkpoint of this stage (it holds a Tensor, not a mapping)"),
+])
+def test_a_checkpoint_of_another_shape_or_kind_is_refused(finished_run, tmp_path, shard_dir,
+                                                          capsys, content, words):
+    def damage(run_dir):
+        path = run_dir / "wide" / "checkpoint.pt"
+        if content == "narrowed":
+            state = checkpoint.load(path)
+            state["modules"]["wide"] = _narrowed(state["modules"]["wide"])
+            torch.save(state, path)
+        else:
+            torch.save(content, path)
+
+    code, line = _again(finished_run, tmp_path, shard_dir, capsys, damage, undo=["wide"])
+    assert code == EXIT_CHECKPOINT
+    assert line.startswith(f"gwtn: error: {tmp_path / 'run' / 'wide' / 'checkpoint.pt'}")
+    assert words in line
+
+
+@pytest.mark.parametrize("stage, command", [("wide", "imitate"), ("imitate", "finetune")])
+def test_a_stage_model_of_another_shape_is_refused_by_the_next_stage(
+        finished_run, tmp_path, shard_dir, capsys, stage, command):
+    def damage(run_dir):
+        path = run_dir / stage / "model.pt"
+        blob = checkpoint.load(path)
+        torch.save({**blob, "state_dict": _narrowed(blob["state_dict"])}, path)
+        shutil.rmtree(run_dir / command)
+
+    code, line = _again(finished_run, tmp_path, shard_dir, capsys, damage, command=command)
+    assert code == EXIT_CHECKPOINT
+    assert line.startswith(f"gwtn: error: {tmp_path / 'run' / stage / 'model.pt'}: ")
+    assert "it holds a net of another shape" in line
+
+
+@pytest.mark.parametrize("shape, words", [
+    ({"inner_widths": [-4, 8, 8]}, "the shape it records cannot be built"),
+    ("x", "the shape it records cannot be built"),
+    (None, "the shape it records cannot be built"),
+    ({"blocks": [2, 2, 2]}, "lacks layer1.1.conv1.weight: it holds another net's weights"),
+    ({"blocks": [10**9, 1, 1]}, "the shape it records cannot be built"),
+])
+def test_export_of_a_crafted_shape_is_one_line_naming_the_file(finished_run, tmp_path, capsys,
+                                                               shape, words):
+    blob = checkpoint.load(finished_run / "finetune" / "model.pt")
+    meta = blob["meta"]
+    meta["shape"] = {**meta["shape"], **shape} if isinstance(shape, dict) else shape
+    crafted = tmp_path / "crafted.pt"
+    torch.save(blob, crafted)
+    code = main(["export", str(crafted), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_CHECKPOINT and err.startswith(f"gwtn: error: {crafted}") and words in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# A full disk: one line naming the file, exit 74, no temporary file left, and the run resumes
+# once there is room again.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (where this process may mount one: root), else None."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs",
+                                            str(disk)], capture_output=True,
+                                           check=False).returncode != 0:
+        yield None
+        return
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def _leave_free(disk, kib: int) -> None:
+    """Fill ``disk`` up to ``kib`` KiB of free space."""
+    free = shutil.disk_usage(disk).free - kib * 1024
+    with open(disk / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * max(free, 0))
+        except OSError:
+            pass
+
+
+def _temporaries(folder) -> list:
+    return [p for p in folder.rglob("*") if "tmp" in p.name]
+
+
+def test_a_full_disk_ends_in_one_line_and_exit_74_wherever_it_strikes(small_disk, tmp_path,
+                                                                      shard_dir, capsys,
+                                                                      monkeypatch):
+    """On a 2 MiB tmpfs left with 0 KiB, 8 KiB, 40 % and 90 % of the room the stage needs, the
+    wide stage runs out of it at a different write each time (the lock, config.yaml,
+    metrics.jsonl, a checkpoint, model.pt).
+    Without a tmpfs (not root), torch's writer is made to fail as it does on a full disk
+    (``RuntimeError: … unexpected pos``, with no space left)."""
+    if small_disk is None:
+        calls = []
+
+        def failing_save(obj, f, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the second checkpoint
+                f.write(b"PK\3\4 partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+            return torch_save(obj, f, *args, **kwargs)
+
+        torch_save = torch.save
+        monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                            lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+        levels, disk = [None], tmp_path
+    else:
+        disk = small_disk
+        args = fast_args(disk / "run", shard_dir, "wide.steps=10", "eval_every=0")
+        assert main(["-q", "wide", *args]) == 0
+        needs = sum(p.stat().st_size for p in (disk / "run").rglob("*") if p.is_file()) // 1024
+        shutil.rmtree(disk / "run")
+        levels = [0, 8, needs * 40 // 100, needs * 90 // 100]
+    struck = set()
+    for kib in levels:
+        run_dir = disk / "run"
+        if kib is not None:
+            _leave_free(disk, kib)
+        code = main(["-q", "wide", *fast_args(run_dir, shard_dir, "wide.steps=10",
+                                              "eval_every=0")])
+        err = capsys.readouterr().err.strip()
+        assert code == EXIT_IO, (kib, err)
+        assert err.startswith("gwtn: error: No space left on device: ") and "\n" not in err
+        struck.add(Path(err.rsplit(": ", 1)[1]).name)
+        assert _temporaries(disk) == [], kib
+        if kib is None:
+            monkeypatch.undo()
+        else:
+            (disk / "filler").unlink()  # room again: the same command continues
+        assert main(["-q", "wide", *fast_args(run_dir, shard_dir, "wide.steps=10",
+                                              "eval_every=0", "resume=true")]) == 0
+        assert (run_dir / "wide" / "DONE").is_file() and _temporaries(disk) == []
+        shutil.rmtree(run_dir)
+    assert len(struck) >= (1 if small_disk is None else 3), struck

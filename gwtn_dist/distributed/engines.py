@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, why_unreadable
+from ..checkpoint import CheckpointError, why_unreadable, write_error
 from ..config import DistConfig, OptimConfig
 from ..optim import build_optimizer, schedule
 from ..profiling import region
@@ -248,8 +248,17 @@ class DeepSpeedEngine:
     saves_modules = True  # a DeepSpeed checkpoint holds the module weights (partitioned or not)
 
     def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part)."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part). A write
+        that fails (a full disk) is an ``OSError`` naming the tag: ``checkpoint.pt`` does not
+        point to it yet, so the previous checkpoint stays the one a resume reads."""
+        try:
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(ckpt_dir / tag)) from exc
+        except RuntimeError as exc:
+            if isinstance(exc, torch.distributed.DistError):
+                raise
+            raise write_error(ckpt_dir / tag, exc) from exc
         torch.distributed.barrier()
         return {"deepspeed_tag": tag}
 
