@@ -512,6 +512,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch, numpy and C libraries overflow past int64
+            raise ConfigError(f"{key}: {value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string, not a float
@@ -566,10 +568,26 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently, so a typo'd second ``lr:`` would win unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml(text: str, where: str) -> Any:
-    """Parse YAML; a syntax error is a ConfigError naming ``where`` and the parser's reason."""
+    """Parse YAML; a syntax error or a key given twice is a ConfigError naming ``where`` and
+    the parser's reason."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"{where}: not valid YAML ({reason})") from None
@@ -621,7 +639,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = _yaml(path.read_text(), str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+                              ) from None
+        loaded = _yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         tree = loaded or {}
@@ -732,6 +755,45 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# Bounds on counts that no run reaches, so that a typo (an extra digit group, 1e23 as an
+# integer) is an error naming the key instead of an overflow deep inside torch or a run that
+# never ends: seeds as numpy and torch take them, threads a machine has, steps and samples.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_STEPS = 10**9
+
+
+def _at_most(key: str, value: int, bound: int) -> None:
+    if value > bound:
+        raise ConfigError(f"{key}: at most {bound:,}, got {value:,}")
+
+
+def _check_bounds(cfg: Config) -> None:
+    """The upper bounds above (lower bounds are checked with each key)."""
+    seeds = {"seed": [cfg.seed], "data.val_seed": [cfg.data.val_seed],
+             "compare.seeds": cfg.compare.seeds, "compare.tune_seeds": cfg.compare.tune_seeds}
+    for key, values in seeds.items():
+        for value in values:
+            if not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"{key}: a seed in [0, {MAX_SEED}] (2**32 - 1), got {value}")
+    _at_most("threads", cfg.threads, MAX_THREADS)
+    counts = {"wide.steps": cfg.wide.steps, "imitate.steps_per_point":
+              cfg.imitate.steps_per_point, "finetune.kd_steps": cfg.finetune.kd_steps,
+              "finetune.label_steps": cfg.finetune.label_steps, "eval_every": cfg.eval_every,
+              "eval_samples": cfg.eval_samples, "log_every": cfg.log_every,
+              "checkpoint.every": cfg.checkpoint.every, "data.batch_size": cfg.data.batch_size,
+              "data.eval_batch_size": cfg.data.eval_batch_size,
+              "data.train_samples": cfg.data.train_samples,
+              "data.val_samples": cfg.data.val_samples,
+              "data.shuffle_buffer": cfg.data.shuffle_buffer,
+              "profile.sample_every": cfg.profile.sample_every,
+              "profile.trace_start": cfg.profile.trace_start,
+              "profile.trace_steps": cfg.profile.trace_steps}
+    counts.update({f"{prefix}.warmup_steps": o.warmup_steps for prefix, o in optim_sections(cfg)})
+    for key, value in counts.items():
+        _at_most(key, value, MAX_STEPS)
 
 
 def optim_sections(cfg: Config) -> list[tuple[str, OptimConfig]]:
@@ -895,6 +957,7 @@ def _check_wide(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     check_run_dir(cfg.run_dir)
+    _check_bounds(cfg)
     _check_model(cfg)
     d = cfg.data
     _positive("data.batch_size", d.batch_size)

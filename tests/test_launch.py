@@ -172,7 +172,7 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_di
     def args(run_dir: Path) -> list[str]:
         return ["launch", "--style", "local", "--", "wide", TINY,
                 f"run_dir={run_dir}", f"data.shards={shard_dir}", "progress=false", "threads=1",
-                "eval_every=0", "wide.steps=40", "checkpoint.every=5"]
+                "eval_every=0", "wide.steps=40", "checkpoint.every=5", "data.train_samples=0"]
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}

@@ -208,6 +208,12 @@ def ensure_shards(cfg: Config, is_main: bool, wait_s: float = 600.0) -> None:
     from ..workers import FileLock
 
     shards = Path(cfg.data.shards)
+    if dataset_of(cfg).written_on_first_use and any(c in str(shards) for c in "*?[{"):
+        # A pattern names existing tars; shards written here go into a folder.
+        from .streams import resolve_shards
+
+        resolve_shards(shards, "train")  # a pattern that matches nothing: one line naming it
+        return
     if dataset_of(cfg).written_on_first_use and is_main:
         deadline = time.monotonic() + wait_s
         while FileLock(shards / ".lock").busy() and time.monotonic() < deadline:

@@ -168,6 +168,13 @@ def train_stream(shard_dir: Path | str, batch_size: int, seed: int, shuffle_buff
     batch ``b``. ``exclude``: training indices never yielded (the validation split);
     ``limit``: only the first ``limit`` of the remaining samples, in index order.
     """
+    if limit:
+        total = sum(indexed_shards(shard_dir, "train")[1]["shard_samples"])
+        if limit > total - len(exclude):
+            raise DataSourceError(
+                f"data.train_samples: {limit} is more than the {total - len(exclude)} training "
+                f"samples in {shard_dir}" + (f" (after the {len(exclude)} held out for "
+                                             f"validation)" if exclude else ""))
     bound = _bound_after(limit, exclude, None)
     stream = ShardStream(shard_dir, "train", batch_size=batch_size, decode=_npy_pair,
                          collate=_collate, train=True, seed=seed, shuffle_buffer=shuffle_buffer,

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .env import LaunchError
 from .runtime import Runtime, all_reduce_sum
 
 EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", which is what a requeued job does
@@ -84,11 +85,20 @@ def stop_file(run_dir: Path) -> Path:
 
 
 def signal_number(name: str | None = None) -> signal.Signals:
-    """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` → the signal (default: ``GWTN_PREEMPT_SIGNAL`` or USR1)."""
-    name = (name or os.environ.get(SIGNAL_VARIABLE) or "USR1").upper()
-    if name.isdigit():
-        return signal.Signals(int(name))
-    return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    """``"USR1"``, ``"SIGUSR1"`` or ``"10"`` → the signal (default: ``GWTN_PREEMPT_SIGNAL`` or
+    USR1); a LaunchError for a name that is no signal, or one a process cannot catch."""
+    given = name or os.environ.get(SIGNAL_VARIABLE) or "USR1"
+    text = given.upper()
+    try:
+        sig = signal.Signals(int(text)) if text.isdigit() else \
+            signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise LaunchError(f"stop signal {given!r} (--signal or {SIGNAL_VARIABLE}) is not a "
+                          f"signal; give a name such as USR1 or a number") from None
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise LaunchError(f"stop signal {given!r}: {sig.name} cannot be caught, so it cannot "
+                          f"ask for a checkpoint; use USR1 (or another catchable signal)")
+    return sig
 
 
 def _on_signal(signum, frame) -> None:
