@@ -166,9 +166,16 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(commented_yaml(load_config(args.config, args.overrides)), end="")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a command-line mistake in one line (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwtn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="gwtn", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--version", action="version", version=f"gwtn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -51,9 +51,10 @@ class Preempted(Exception):
         self.stage_dir, self.phase, self.step = stage_dir, phase, step
 
 
-class Interrupted(BaseException):
+class Interrupted(KeyboardInterrupt):
     """A second SIGINT/SIGTERM (or one outside training): stop at once, without a checkpoint.
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+    A KeyboardInterrupt, so that no ``except Exception`` swallows it and code that expects
+    Ctrl-C (a DataLoader worker, which inherits the handlers) treats it as one."""
 
     def __init__(self, signum: int, pending: bool = True):
         name = signal.Signals(signum).name
