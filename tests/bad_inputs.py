@@ -547,7 +547,9 @@ def _torch_save(path: Path, content: object) -> None:
 
 SETUPS: dict[str, Callable[[Path, Path], None]] = {
     "latin1_config": lambda tmp, s: (tmp / "latin1.yaml").write_bytes(b"seed: \xe9t\xe9\n"),
-    "dup_config": lambda tmp, s: (tmp / "twice.yaml").write_text("seed: 1\nseed: 2\n"),
+    # Were it accepted, it would run in {tmp}, not in the current folder's runs/.
+    "dup_config": lambda tmp, s: (tmp / "twice.yaml").write_text(
+        f"run_dir: {tmp / 'run'}\ndata: {{shards: {s}}}\nseed: 1\nseed: 2\n"),
     "broken_config": lambda tmp, s: (tmp / "broken.yaml").write_text("wide: {steps: 3\n"),
     "list_config": lambda tmp, s: (tmp / "list.yaml").write_text("- seed: 1\n"),
     "a_file": lambda tmp, s: (tmp / "a-file").write_text(""),
