@@ -14,9 +14,12 @@ Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the sam
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
 
 Exit codes: 0 done; 2 a bad config, command line, data source or stage order; 3 training
-diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable checkpoint or
-weights file; 74 an I/O error (an unwritable or full run folder); 75 stopped on request
-(preemption: resume later). Each prints one line naming the problem, never a traceback.
+diverged (a non-finite loss: no checkpoint is written after it); 4 an unreadable or damaged
+file: a checkpoint, weights, a shard index, or an evaluation split read short of its index;
+74 an I/O error (an unwritable or full run folder); 75 stopped on request (preemption, SIGTERM
+or Ctrl-C: checkpointed at the next step, resume later); 130 / 143 a second Ctrl-C / SIGTERM
+(stopped at once, without a checkpoint). Each prints one line naming the problem, never a
+traceback (docs/bad_inputs.md lists the bad inputs tested and what each gives).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.datasets import ensure_shards
-from .data.errors import DataSourceError
+from .data.errors import DamagedDataError, DataSourceError
 from .distributed import preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
@@ -163,9 +166,16 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(commented_yaml(load_config(args.config, args.overrides)), end="")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a command-line mistake in one line (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gwtn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="gwtn", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     parser.add_argument("--version", action="version", version=f"gwtn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,15 +268,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[gwtn %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    preempt.install_outside_training()
     try:
         code = args.func(args)
         runtime.barrier()  # no rank tears the process group down while another still uses it
+    except DamagedDataError as exc:  # before the data errors it is one of
+        _say(f"gwtn: error: {exc}")
+        return EXIT_CHECKPOINT
     except (ConfigError, DataSourceError, StageOrderError, LaunchError, ExportError) as exc:
         _say(f"gwtn: error: {exc}")
         return 2
     except preempt.Preempted as exc:
         _say(f"gwtn: {exc}")
         return preempt.EXIT_CODE
+    except preempt.Interrupted as exc:
+        _say(f"gwtn: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were set
+        _say("gwtn: SIGINT: stopped")
+        return 130
     except FloatingPointError as exc:
         _say(f"gwtn: error: training diverged: {exc}")
         return EXIT_DIVERGED
@@ -281,4 +301,5 @@ def main(argv: list[str] | None = None) -> int:
 
         release_locks()
         runtime.leave()
+        preempt.restore()
     return code or 0

@@ -117,6 +117,11 @@ class DataConfig:
     the random-resized crop and of the eval centre crop (default 224); eval_resize: eval images'
     shorter side before the centre crop (default 256); mlm_probability: share of tokens chosen
     for masked-LM (default 0.15, BERT's).
+
+    eval_missing_ok: the fraction of an evaluation split (validation or test) that damaged
+    shards or undecodable samples may take away before an evaluation refuses to score (exit 4,
+    naming the shard); default 0: every sample ``index.json`` lists must be read. Damaged
+    training data is skipped and counted (``skipped_samples``) instead.
     """
 
     dataset: Literal["fashion-mnist", "imagefolder", "text"] = "fashion-mnist"
@@ -136,6 +141,7 @@ class DataConfig:
     image_size: int = 224
     eval_resize: int = 256
     mlm_probability: float = 0.15
+    eval_missing_ok: float = 0.0
 
 
 @dataclass
@@ -526,6 +532,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch, numpy and C libraries overflow past int64
+            raise ConfigError(f"{key}: {value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string, not a float
@@ -580,10 +588,26 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently, so a typo'd second ``lr:`` would win unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml(text: str, where: str) -> Any:
-    """Parse YAML; a syntax error is a ConfigError naming ``where`` and the parser's reason."""
+    """Parse YAML; a syntax error or a key given twice is a ConfigError naming ``where`` and
+    the parser's reason."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"{where}: not valid YAML ({reason})") from None
@@ -635,7 +659,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = _yaml(path.read_text(), str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+                              ) from None
+        loaded = _yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         tree = loaded or {}
@@ -726,8 +755,17 @@ def upgrade_saved_tree(tree: dict) -> dict:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (what the run actually used)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (what the run actually used), atomically: a full disk
+    leaves the old file or none, never a torn one that a resume would read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        tmp.replace(path)
+    except OSError as exc:  # a full disk: name the file
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,6 +775,45 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+# Bounds on counts that no run reaches, so that a typo (an extra digit group, 1e23 as an
+# integer) is an error naming the key instead of an overflow deep inside torch or a run that
+# never ends: seeds as numpy and torch take them, threads a machine has, steps and samples.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_STEPS = 10**9
+
+
+def _at_most(key: str, value: int, bound: int) -> None:
+    if value > bound:
+        raise ConfigError(f"{key}: at most {bound:,}, got {value:,}")
+
+
+def _check_bounds(cfg: Config) -> None:
+    """The upper bounds above (lower bounds are checked with each key)."""
+    seeds = {"seed": [cfg.seed], "data.val_seed": [cfg.data.val_seed],
+             "compare.seeds": cfg.compare.seeds, "compare.tune_seeds": cfg.compare.tune_seeds}
+    for key, values in seeds.items():
+        for value in values:
+            if not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"{key}: a seed in [0, {MAX_SEED}] (2**32 - 1), got {value}")
+    _at_most("threads", cfg.threads, MAX_THREADS)
+    counts = {"wide.steps": cfg.wide.steps, "imitate.steps_per_point":
+              cfg.imitate.steps_per_point, "finetune.kd_steps": cfg.finetune.kd_steps,
+              "finetune.label_steps": cfg.finetune.label_steps, "eval_every": cfg.eval_every,
+              "eval_samples": cfg.eval_samples, "log_every": cfg.log_every,
+              "checkpoint.every": cfg.checkpoint.every, "data.batch_size": cfg.data.batch_size,
+              "data.eval_batch_size": cfg.data.eval_batch_size,
+              "data.train_samples": cfg.data.train_samples,
+              "data.val_samples": cfg.data.val_samples,
+              "data.shuffle_buffer": cfg.data.shuffle_buffer,
+              "profile.sample_every": cfg.profile.sample_every,
+              "profile.trace_start": cfg.profile.trace_start,
+              "profile.trace_steps": cfg.profile.trace_steps}
+    counts.update({f"{prefix}.warmup_steps": o.warmup_steps for prefix, o in optim_sections(cfg)})
+    for key, value in counts.items():
+        _at_most(key, value, MAX_STEPS)
 
 
 def optim_sections(cfg: Config) -> list[tuple[str, OptimConfig]]:
@@ -900,6 +977,7 @@ def _check_wide(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     check_run_dir(cfg.run_dir)
+    _check_bounds(cfg)
     _check_model(cfg)
     d = cfg.data
     _positive("data.batch_size", d.batch_size)
@@ -915,6 +993,8 @@ def validate(cfg: Config) -> None:
     _positive("data.eval_resize", d.eval_resize)
     if not 0 < d.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
+    if not 0 <= d.eval_missing_ok < 1:
+        raise ConfigError(f"data.eval_missing_ok: a fraction in [0, 1), got {d.eval_missing_ok}")
     _check_wide(cfg)
     _positive("imitate.steps_per_point", cfg.imitate.steps_per_point)
     if cfg.imitate.lower_lr_mult < 0:

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from . import checkpoint
+from .checkpoint import CheckpointError
 from .config import ConfigError
 from .models.family import family_for
 
@@ -32,23 +35,56 @@ class ExportError(ValueError):
 
 def _rebuild(blob: dict, weights: Path) -> nn.Module:
     """The net a stage's ``model.pt`` holds, built from the shape its meta records (weights
-    saved before the meta named a family are a ResNet's)."""
+    saved before the meta named a family are a ResNet's). A meta or weights that do not make
+    a net are a ``CheckpointError`` naming the file (exit 4): the shape is first built on the
+    meta device (no memory) and checked against the weights, so a crafted shape allocates
+    nothing."""
     meta = blob.get("meta") if isinstance(blob, dict) else None
     if not isinstance(meta, dict) or "shape" not in meta:
-        raise ExportError(f"{weights} is not a stage's model.pt (no family and shape in it)")
+        raise CheckpointError(f"{weights} is not a stage's model.pt (no family and shape in it)")
     try:
         family = family_for(meta.get("family", "resnet"))
-    except ConfigError:
-        raise ExportError(f"{weights} is not a stage's model.pt (no family and shape in it)"
-                          ) from None
+    except (ConfigError, TypeError):
+        raise CheckpointError(f"{weights} is not a stage's model.pt (its family "
+                              f"{meta.get('family')!r} is not one gwtn knows)") from None
+    state = blob.get("state_dict")
+    tensors = len(state) if isinstance(state, dict) else 0
     try:
-        model = family.build(family.shape_from_meta(meta["shape"]))
-        model.load_state_dict(blob["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as exc:  # a meta or weights from elsewhere
+        shape = family.shape_from_meta(meta["shape"])
+        empty = _build_on_meta(family, shape, tensors)
+    except Exception as exc:  # any failure to build: a shape from elsewhere
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ExportError(f"{weights}: its weights do not fit the shape it records "
-                          f"({reason[:200]})") from exc
+        raise CheckpointError(f"{weights}: the shape it records cannot be built "
+                              f"({reason[:200]})") from exc
+    checkpoint.check_state(empty, state, weights)
+    model = family.build(shape)  # no larger than the weights it was just checked against
+    model.load_state_dict(blob["state_dict"])
     return model
+
+
+class _LargerThanTheWeights(ValueError):
+    pass
+
+
+def _build_on_meta(family, shape, tensors: int) -> nn.Module:
+    """``family.build(shape)`` on the meta device, stopped as soon as it has registered more
+    parameters than the file holds tensors (such a net cannot be the file's; a crafted
+    ``blocks: [10**9, …]`` would otherwise build for hours)."""
+    made = 0
+
+    def count(module, name, param):
+        nonlocal made
+        made += 1
+        if made > tensors:
+            raise _LargerThanTheWeights(f"a net with more parameters than the {tensors} "
+                                        f"tensors the file holds")
+
+    handle = register_module_parameter_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            return family.build(shape)
+    finally:
+        handle.remove()
 
 
 def export_weights(weights: Path, out: Path, tokenizer: Path | None = None) -> list[Path]:

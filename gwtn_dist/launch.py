@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .distributed import preempt
-from .distributed.env import LaunchError, expand_hostlist, rendezvous_port
+from .distributed.env import LaunchError, check_port, expand_hostlist, rendezvous_port
 
 log = logging.getLogger("gwtn")
 STYLES = ("srun", "srun-torchrun", "deepspeed-slurm", "deepspeed-nossh", "deepspeed-hostfile",
@@ -62,12 +62,18 @@ def allocation(environ: Mapping[str, str] = os.environ, nodes: str | None = None
                ranks_per_node: int | None = None) -> Allocation:
     """The allocation from SLURM's variables; ``nodes`` (a SLURM host list) and ``ranks_per_node``
     override them (and stand in for them outside SLURM)."""
+    if nodes is not None and not nodes.strip():
+        raise LaunchError("--nodes is empty: give a SLURM host list such as gpu[01-04]")
     hostlist = nodes or environ.get("SLURM_JOB_NODELIST") or "localhost"
     if ranks_per_node is None:
         ranks_per_node = _per_node(environ, "SLURM_TASKS_PER_NODE", "--ntasks-per-node")
+    if ranks_per_node < 1:
+        raise LaunchError(f"--nproc-per-node {ranks_per_node}: at least 1 rank per node")
+    restarts = environ.get("SLURM_RESTART_COUNT", "0") or "0"
+    if not restarts.isdigit():
+        raise LaunchError(f"SLURM_RESTART_COUNT={restarts!r} is not a count of restarts")
     return Allocation(nodes=expand_hostlist(hostlist), ranks_per_node=ranks_per_node,
-                      job_id=environ.get("SLURM_JOB_ID", ""),
-                      restarts=int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
+                      job_id=environ.get("SLURM_JOB_ID", ""), restarts=int(restarts),
                       cpus_per_node=_per_node(environ, "SLURM_JOB_CPUS_PER_NODE", "--cpus-per-task",
                                               default=0))
 
@@ -77,6 +83,8 @@ def _per_node(environ: Mapping[str, str], key: str, option: str, default: int = 
     if key not in environ:
         return default
     counts = {int(c) for c in re.findall(r"(\d+)(?:\(x\d+\))?", environ[key])}
+    if not counts or 0 in counts:
+        raise LaunchError(f"{key}={environ[key]!r} is not a count per node (like 4 or 4(x2))")
     if len(counts) != 1:
         raise LaunchError(f"{key}={environ[key]!r}: the launch styles need the same count on "
                           f"every node ({option})")
@@ -206,6 +214,9 @@ def launch(args: argparse.Namespace) -> int:
     gwtn_args = list(args.gwtn)
     if gwtn_args[:1] == ["--"]:
         gwtn_args = gwtn_args[1:]
+    preempt.signal_number(args.signal)  # a name that is no signal: refused before anything
+    if args.port is not None:
+        check_port(args.port, "--port")
     alloc = allocation(nodes=args.nodes, ranks_per_node=args.nproc_per_node)
     if alloc.restarts and "resume=true" not in gwtn_args:
         gwtn_args.append("resume=true")  # a requeued job continues the run it started
@@ -230,7 +241,11 @@ def launch(args: argparse.Namespace) -> int:
         preempt.stop_file(run_dir).touch()
         requested.append(signum)
 
-    signal.signal(preempt.signal_number(args.signal), on_signal)
+    # Ctrl-C and SIGTERM ask the ranks to stop the same way (the launched command may get them
+    # too: from the terminal, or torchrun passes them on), never requeued: someone wants the
+    # job to end. The launcher itself waits for the ranks, so that none is killed mid-save.
+    for sig in {preempt.signal_number(args.signal), *preempt.INTERRUPTS}:
+        preempt.handle(sig, on_signal)
     log.info("launching (%s): %s", args.style, shlex.join(plan.command))
     env = {**os.environ, **plan.env, preempt.SIGNAL_VARIABLE: args.signal}
     try:
@@ -247,7 +262,10 @@ def launch(args: argparse.Namespace) -> int:
     # failure (torchrun reports its ranks' exit as 1).
     if not (requested or code == preempt.EXIT_CODE):
         return code
-    if alloc.job_id and not args.no_requeue:
+    interrupted = any(s in preempt.INTERRUPTS for s in requested)
+    if interrupted and code in (128 + s for s in preempt.INTERRUPTS):
+        return code  # a second Ctrl-C or SIGTERM stopped the ranks at once
+    if alloc.job_id and not args.no_requeue and not interrupted:
         _requeue(alloc.job_id)
     return preempt.EXIT_CODE
 

@@ -29,9 +29,10 @@ from .stages.wide import train_wide
 from .workers import FileLock
 
 log = logging.getLogger("gwtn")
-# Keys that do not change what a run computes: a resume may change them.
+# Keys that do not change what a run computes: a resume may change them (run_dir too: a run
+# folder moved or copied elsewhere is resumed where it now is).
 VOLATILE = {"resume", "progress", "threads", "log_every", "profile.sample_every",
-            "profile.trace_start", "profile.trace_steps"}
+            "profile.trace_start", "profile.trace_steps", "data.eval_missing_ok", "run_dir"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -80,7 +81,7 @@ def prepare_run_dir(rt: Runtime, cfg: Config, run_dir: Path, *, continuing: bool
     # A folder with files but no saved config: not ours for gwtn run; a stage command may
     # continue it (stages handed over by path, e.g. a teacher copied into run_dir/wide).
     foreign = not continuing and run_dir.exists() and not saved.is_file() and any(
-        p.name != ".lock" for p in run_dir.iterdir())
+        not p.name.startswith(".lock") for p in run_dir.iterdir())  # the lock's own files
     if exclusive and not foreign:
         _lock(rt, run_dir)
     if saved.is_file():
@@ -99,7 +100,8 @@ def prepare_run_dir(rt: Runtime, cfg: Config, run_dir: Path, *, continuing: bool
                          if k not in VOLATILE and old.get(k) != new.get(k))
         if changed:
             raise ConfigError(
-                f"resume=true but the config differs from the one {run_dir} was started with: "
+                f"{'resume=true but ' if cfg.resume else ''}the config differs from the one "
+                f"{run_dir} was started with: "
                 + ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed)
             )
     elif foreign:

@@ -10,6 +10,8 @@ taken over (and resumed from its checkpoint) by the next worker that finds its l
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,52 +37,98 @@ def _alive(pid: int) -> bool:
 
 
 class FileLock:
-    """An exclusive lock: the file ``path`` created with O_EXCL, holding the holder's host
-    and pid. A lock whose holder is a dead process on this host is stale and taken over (with
-    a warning)."""
+    """An exclusive lock: the file ``path``, holding the holder's host, pid and a token. A lock
+    whose holder is a dead process on this host is stale and taken over (with a warning).
+
+    No moment exists at which two processes both hold it: the lock file is made by
+    ``os.link`` of a temporary file that already holds the record (atomic, also on NFS, and
+    never empty), and a stale lock is replaced by ``os.replace`` (the path never disappears
+    while it is taken over), under an ``fcntl.flock`` of ``<path>.guard`` inside which the lock
+    is judged stale again, so two processes that both found it stale cannot both take it.
+    Takeovers are only ever made by processes on the holder's host (another host's pid cannot
+    be checked), which is where flock holds.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.held = False
+        self._token = ""
 
     def holder(self) -> dict | None:
+        """The holder's record, or None when there is no lock or it cannot be read."""
         try:
-            return json.loads(self.path.read_text())
+            record = json.loads(self.path.read_text())
         except (FileNotFoundError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def busy(self) -> bool:
         """Whether a live process (or one on another host, which cannot be checked) holds it."""
-        held = self.holder()
-        if held is None:
-            return False
-        return held.get("host") != socket.gethostname() or _alive(int(held.get("pid", -1)))
+        return _live(self.holder())
 
     def acquire(self) -> bool:
         """Take the lock if it is free (or stale); False if a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        for _ in range(2):
+        token = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(6).hex()}"
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+              "token": token}
+        tmp = self.path.with_name(f"{self.path.name}.{token}.tmp")
+        try:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held = self.holder()
-                if held is None or (held.get("host") == me["host"]
-                                    and not _alive(int(held.get("pid", -1)))):
+                tmp.write_text(json.dumps(me))
+            except OSError as exc:  # a full disk: name the lock
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            while True:
+                try:
+                    os.link(tmp, self.path)  # fails if the lock exists; never half-written
+                    break
+                except FileExistsError:
+                    pass
+                if _live(self.holder()):
+                    return False
+                with self._guard():  # stale or unreadable: judged again, then replaced
+                    if not self.path.exists():
+                        continue  # released meanwhile: try to create it again
+                    held = self.holder()
+                    if _live(held):
+                        return False  # another process took it over first
                     log.warning("taking over the stale lock %s (%s)", self.path, held)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
-            self.held = True
-            return True
-        return False
+                    os.replace(tmp, self.path)
+                    break
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.held, self._token = True, token
+        return True
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Hold ``<path>.guard`` (flock) for a takeover; processes that die release it."""
+        fd = os.open(self.path.with_name(self.path.name + ".guard"), os.O_RDWR | os.O_CREAT,
+                     0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def release(self) -> None:
+        """Give the lock up (only if the file is still this holder's)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if (self.holder() or {}).get("token") == self._token:
+                self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def _live(held: dict | None) -> bool:
+    """Whether the holder of a lock record is alive: a process on this host that exists, or
+    one on another host (which cannot be checked). None (no record, or unreadable) is not."""
+    if held is None:
+        return False
+    try:
+        pid = int(held.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    return held.get("host") != socket.gethostname() or (pid > 0 and _alive(pid))
 
 
 @dataclass

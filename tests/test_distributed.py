@@ -315,3 +315,54 @@ def test_two_ranks_accumulate_two_micro_batches_per_step_with_lamb(tmp_path, sha
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["train_batch_size"] == 64
     values = losses(run_dir / "wide")
     assert len(values) == 6 and all(math.isfinite(v) for v in values)
+
+
+class _Marker:
+    """A pickle that, loaded unsafely, creates the file ``path`` (what an attacker's would run)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_pickle_in_a_deepspeed_checkpoint_runs_no_code(tmp_path, shard_dir):
+    """DeepSpeed's own loader reads with weights_only=False; ours makes it read safely. A
+    resume from a DeepSpeed tag holding a ``__reduce__`` object stops with one line and exit 4,
+    the object never run; with the tag's real files the same resume ends with the weights of
+    the uninterrupted run (ZeRO-2's optimizer state loads under the allowed classes)."""
+    run_dir = tmp_path / "run"
+    args = ["wide", *tiny(shard_dir, run_dir, "dist.engine=deepspeed", "wide.steps=6",
+                          "checkpoint.every=3")]
+    run(torchrun(1, args))
+    stage = run_dir / "wide"
+    reference = checkpoint.load(stage / "model.pt")["state_dict"]
+    # Back to the mid-phase checkpoint the finished stage kept (step 3, pointing to a DeepSpeed
+    # tag), as if the run had stopped there.
+    os.replace(stage / "checkpoint.prev.pt", stage / "checkpoint.pt")
+    for name in ("DONE", "model.pt", "stage.json"):
+        (stage / name).unlink()
+    tag = stage / "deepspeed" / checkpoint.load(stage / "checkpoint.pt")["engine"]["deepspeed_tag"]
+    states = tag / "mp_rank_00_model_states.pt"
+    original = states.read_bytes()
+    marker = tmp_path / "code-ran"
+    torch.save({**torch.load(states, weights_only=True), "extra": _Marker(marker)}, states)
+
+    proc = subprocess.run(torchrun(1, [*args, "resume=true"]), env=env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gwtn:")]
+    assert proc.returncode != 0 and not marker.exists(), proc.stderr[-3000:]
+    assert errors == [(f"gwtn: error: DeepSpeed checkpoint {tag} cannot be read safely (it "
+                       f"holds a Python object (posix.system), not plain tensors, and gwtn runs "
+                       f"no code from a file); it is torn, corrupt, or not written by gwtn")], \
+        errors
+    assert "exitcode: 4" in proc.stderr  # torchrun's report of the rank's exit code
+
+    states.write_bytes(original)
+    run(torchrun(1, [*args, "resume=true"]))
+    (resume,) = json.loads((stage / "stage.json").read_text())["resumes"]
+    assert resume["step"] == 3
+    resumed = checkpoint.load(stage / "model.pt")["state_dict"]
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name

@@ -146,8 +146,7 @@ def test_stop_requests_by_file_or_signal_are_consumed(tmp_path):
         assert preempt.stop_requested()
         assert not preempt.stop_requested()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        preempt._run_dir = None
+        preempt.restore()
     assert preempt.signal_number("usr2") == preempt.signal_number("SIGUSR2") == signal.SIGUSR2
 
 
@@ -162,8 +161,7 @@ def test_a_stop_file_older_than_the_run_is_ignored(tmp_path):
         stale.touch()  # written now: a real request
         assert preempt.asked_here()
     finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        preempt._run_dir = None
+        preempt.restore()
 
 
 def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_dir):
@@ -174,7 +172,7 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path, shard_di
     def args(run_dir: Path) -> list[str]:
         return ["launch", "--style", "local", "--", "wide", TINY,
                 f"run_dir={run_dir}", f"data.shards={shard_dir}", "progress=false", "threads=1",
-                "eval_every=0", "wide.steps=40", "checkpoint.every=5"]
+                "eval_every=0", "wide.steps=40", "checkpoint.every=5", "data.train_samples=0"]
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}

@@ -143,10 +143,17 @@ def test_resume_with_a_changed_config_names_the_keys(tmp_path, shard_dir):
     proc = gwtn("imitate", *fast_args(run_dir, shard_dir, "imitate.steps_per_point=13"),
                 check=False)
     assert proc.returncode == 2 and "imitate.steps_per_point (12 → 13)" in proc.stderr
-    assert proc.stderr.split(":")[:3] == refusal and len(proc.stderr.splitlines()) == 1
+    assert refusal[2].startswith(" resume=true but the config differs from the one ")
+    # resume=true was not given here, so the line does not say it was.
+    assert proc.stderr.split(":")[:3] == [*refusal[:2], refusal[2].replace(" resume=true but", "")]
+    assert len(proc.stderr.splitlines()) == 1
     assert not (run_dir / "imitate").exists()
     assert (run_dir / "config.yaml").read_bytes() == saved
     assert not list(run_dir.glob("*/config.yaml"))  # one saved config per run, no stage's own
+    # A run folder moved elsewhere resumes there: run_dir is not a key that changes the run.
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    assert main(["-q", "wide", *fast_args(moved, shard_dir, "resume=true")]) == 0
 
 
 def test_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path, shard_dir):

@@ -155,7 +155,8 @@ def checked_text_stream(cfg: Config, train: bool, batch_size: int, rank: int, wo
     d = cfg.data
     loader = text_stream(d.shards, train=train, batch_size=batch_size, split=split, rank=rank,
                          world_size=world, num_workers=d.num_workers, seed=seed,
-                         shuffle_buffer=d.shuffle_buffer, mlm_probability=d.mlm_probability)
+                         shuffle_buffer=d.shuffle_buffer, mlm_probability=d.mlm_probability,
+                         eval_missing_ok=d.eval_missing_ok)
     index = json.loads((Path(d.shards) / "index.json").read_text())  # text_stream checked it
     if index["vocab_size"] > cfg.model.vocab_size or index["seq_len"] > cfg.model.max_len:
         raise DataSourceError(

@@ -108,9 +108,10 @@ class FashionMnist(Dataset):
         d = cfg.data
         if split == "val":
             batches = eval_batches(d.shards, d.eval_batch_size, split="train", limit=limit,
-                                   only=validation(cfg))
+                                   only=validation(cfg), missing_ok=d.eval_missing_ok)
         else:
-            batches = eval_batches(d.shards, d.eval_batch_size, limit=limit)
+            batches = eval_batches(d.shards, d.eval_batch_size, limit=limit,
+                                   missing_ok=d.eval_missing_ok)
         for i, (images, labels) in enumerate(batches):
             if i % world == rank:
                 yield to_model_input(images, d.mean, d.std), labels
@@ -144,7 +145,7 @@ class ImageFolder(Dataset):
         d = cfg.data  # one held-out split, val, read for both val and test
         loader = image_stream(d.shards, train=False, batch_size=d.eval_batch_size, rank=rank,
                               world_size=world, num_workers=d.num_workers, size=d.image_size,
-                              resize=d.eval_resize)
+                              resize=d.eval_resize, eval_missing_ok=d.eval_missing_ok)
         return _rank_share(loader, cfg, limit, world)
 
 
@@ -207,6 +208,12 @@ def ensure_shards(cfg: Config, is_main: bool, wait_s: float = 600.0) -> None:
     from ..workers import FileLock
 
     shards = Path(cfg.data.shards)
+    if dataset_of(cfg).written_on_first_use and any(c in str(shards) for c in "*?[{"):
+        # A pattern names existing tars; shards written here go into a folder.
+        from .streams import resolve_shards
+
+        resolve_shards(shards, "train")  # a pattern that matches nothing: one line naming it
+        return
     if dataset_of(cfg).written_on_first_use and is_main:
         deadline = time.monotonic() + wait_s
         while FileLock(shards / ".lock").busy() and time.monotonic() < deadline:

@@ -29,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from . import npy
-from .errors import DataSourceError
+from .errors import DamagedDataError, DataSourceError
 from .streams import (
     ShardLoader,
     ShardStream,
     indexed_shards,
+    of_split,
     read_index,
     read_whole_tar,
     sample_index,
@@ -167,6 +168,13 @@ def train_stream(shard_dir: Path | str, batch_size: int, seed: int, shuffle_buff
     batch ``b``. ``exclude``: training indices never yielded (the validation split);
     ``limit``: only the first ``limit`` of the remaining samples, in index order.
     """
+    if limit:
+        total = sum(indexed_shards(shard_dir, "train")[1]["shard_samples"])
+        if limit > total - len(exclude):
+            raise DataSourceError(
+                f"data.train_samples: {limit} is more than the {total - len(exclude)} training "
+                f"samples in {shard_dir}" + (f" (after the {len(exclude)} held out for "
+                                             f"validation)" if exclude else ""))
     bound = _bound_after(limit, exclude, None)
     stream = ShardStream(shard_dir, "train", batch_size=batch_size, decode=_npy_pair,
                          collate=_collate, train=True, seed=seed, shuffle_buffer=shuffle_buffer,
@@ -176,7 +184,7 @@ def train_stream(shard_dir: Path | str, batch_size: int, seed: int, shuffle_buff
 
 
 def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
-                 limit: int = 0, only: frozenset[int] | None = None
+                 limit: int = 0, only: frozenset[int] | None = None, missing_ok: float = 0.0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of ``split`` exactly once, in file order (the first ``limit`` if set).
 
@@ -186,49 +194,80 @@ def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
     MNIST-size split is a few MB): a validation pass every ``eval_every`` steps would otherwise
     re-read the training tars, since the validation indices are spread over all of them. The
     cache is keyed by the shard files' size and mtime, so rewritten shards are read again.
+
+    Every tar is read to its index's count and must hold ``split``'s samples; when damaged
+    tars or undecodable samples leave fewer samples than the index lists (more than the
+    fraction ``missing_ok`` of them), a ``DamagedDataError`` names the first damaged tar.
     """
     bound = _bound_after(limit, frozenset(), only)
-    urls = tuple(shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0))
+    urls, info = indexed_shards(shard_dir, split)
+    counts = list(info["shard_samples"])
+    if bound < NO_BOUND:
+        urls, counts = urls[:shards_below(counts, bound)], counts[:shards_below(counts, bound)]
     stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, urls))
-    return _slices(urls, stamp, bound, only, batch_size)
+    return _slices(tuple(urls), tuple(counts), stamp, bound, only, batch_size, split,
+                   missing_ok)
 
 
-def _slices(urls: tuple[str, ...], stamp: tuple, bound: int, only: frozenset[int] | None,
-            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _slices(urls: tuple[str, ...], counts: tuple[int, ...], stamp: tuple, bound: int,
+            only: frozenset[int] | None, batch_size: int, split: str, missing_ok: float
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # A generator, so a shard error surfaces on the first batch, as when streaming.
-    images, labels = _decoded_split(urls, stamp, bound, only)  # uint8 (N, C, H, W), int64 (N,)
+    # uint8 (N, C, H, W), int64 (N,)
+    images, labels = _decoded_split(urls, counts, stamp, bound, only, split, missing_ok)
     for start in range(0, len(labels), batch_size):
         # Copies: a caller may change a batch in place; the cached split must stay as read.
         yield images[start:start + batch_size].clone(), labels[start:start + batch_size].clone()
 
 
 @functools.lru_cache(maxsize=4)
-def _decoded_split(urls: tuple[str, ...], stamp: tuple, bound: int,
-                   only: frozenset[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selected samples of ``urls`` decoded: uint8 (N, C, H, W) and int64 (N,)."""
+def _decoded_split(urls: tuple[str, ...], counts: tuple[int, ...], stamp: tuple, bound: int,
+                   only: frozenset[int] | None, split: str, missing_ok: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected samples of ``urls`` (``counts`` samples each, by the index) decoded:
+    uint8 (N, C, H, W) and int64 (N,); refused when damage leaves too few (``eval_batches``)."""
     del stamp  # part of the cache key only
-    pairs = []
-    for sample in _samples_below(urls, bound):
-        if only is not None and sample_index(sample) not in only:
-            continue
-        try:
-            pairs.append(_npy_pair(sample, None))
-        except (ValueError, KeyError) as exc:
-            log.warning("sample %s: undecodable, left out of the evaluation (%s)",
-                        sample.get("__key__"), exc)
+    pairs, damage = [], []  # damage: what was lost where, in file order
+    past = False  # a sample at or past the bound was met: the rest is not read
+    for url, count in zip(urls, counts):
+        if past:
+            break
+        skipped: Counter = Counter()
+        for sample in of_split(url, read_whole_tar(url, skipped, cache=False, count=count),
+                               split):
+            index = sample_index(sample)
+            if index >= bound:
+                past = True
+                break
+            if only is not None and index not in only:
+                continue
+            try:
+                pairs.append(_npy_pair(sample, None))
+            except (ValueError, KeyError) as exc:
+                damage.append(f"sample {sample['__key__']!r} cannot be decoded ({exc})")
+        if skipped:
+            damage.append(f"{url} is damaged ({', '.join(f'{n} {r}' for r, n in skipped.items())})")
+    _refuse_short(len(pairs), only, bound, sum(counts), damage, split, missing_ok)
     if not pairs:
         return torch.zeros((0, 1, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return _collate(pairs)
 
 
-def _samples_below(urls: tuple[str, ...], bound: int) -> Iterator[dict]:
-    """The samples of ``urls`` in file order, up to the first index at or past ``bound``
-    (damaged tars are logged by the reader and read as far as they go)."""
-    for url in urls:
-        for sample in read_whole_tar(url, Counter(), cache=False):
-            if sample_index(sample) >= bound:
-                return
-            yield sample
+def _refuse_short(got: int, only: frozenset[int] | None, bound: int, total: int,
+                  damage: list[str], split: str, missing_ok: float) -> None:
+    """A ``DamagedDataError`` naming the first damage when fewer than the samples the index
+    lists were read (beyond the fraction ``missing_ok`` of them)."""
+    expected = sum(1 for i in only if i < bound) if only is not None else min(bound, total)
+    if got >= expected - int(missing_ok * expected):
+        if got < expected:
+            log.warning("%s: %d of %d samples read (data.eval_missing_ok allows it): %s", split,
+                        got, expected, "; ".join(damage))
+        return
+    name = f"the validation split (out of {split!r})" if only is not None else f"the {split} split"
+    first = damage[0] if damage else "the shards hold fewer samples than index.json lists"
+    raise DamagedDataError(f"{first}: {name} reads {got} of the {expected} samples its index "
+                           f"lists, and a score over fewer is refused; write the shards again, "
+                           f"or allow a fraction with data.eval_missing_ok")
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int,

@@ -40,6 +40,14 @@ and counted, never a crash. Every batch travels with the skips its worker met si
 before (``ShardStream`` yields ``(batch, skipped)``), so :class:`ShardLoader.skipped` holds the
 counts of every worker of this rank, and a checkpoint's ``position`` keeps them across a resume.
 A shard pattern that matches nothing raises :class:`DataSourceError` with the pattern.
+
+Every tar of an indexed folder is read to the sample count ``index.json`` records for it:
+Python's ``tarfile`` takes a bad header after the start (garbage written into the middle) for
+the end of the archive, so a tar that ends early is counted as damage (``short tar``, and the
+samples it lacks as ``missing samples``) whether or not an error was raised. A tar that goes on
+past its count is another shard's or a rewritten one: :class:`DamagedDataError`. An evaluation
+stream refuses to score over fewer samples than its share of the index (a lost or undecodable
+sample is a ``DamagedDataError`` naming the tar) unless ``eval_missing_ok`` tolerates a fraction.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import image_transforms as T
 from . import npy
-from .errors import DataSourceError
+from .errors import DamagedDataError, DataSourceError
 from .mlm import mask_tokens
 
 log = logging.getLogger("gwtn")
@@ -96,12 +104,53 @@ def count_samples(url: str, skipped: Counter) -> int:
 
 
 def read_index(folder: str | Path) -> dict:
-    """The index.json of a shard folder, with an error that says how to make one."""
+    """The index.json of a shard folder, checked to be a shard index (a ``DamagedDataError``
+    naming the file when it is not), with an error that says how to make one when absent."""
     path = Path(folder) / "index.json"
     if not path.is_file():
         raise DataSourceError(f"{path} not found: write the shards first with `gwtn shards …` "
                               f"(e.g. `gwtn shards fashion-mnist {folder}`)")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise DamagedDataError(f"{path} is not valid JSON ({exc}); write the shards again with "
+                               f"`gwtn shards …`") from None
+    problem = index_problem(index)
+    if problem:
+        raise DamagedDataError(f"{path} is not a shard index: {problem}; write the shards "
+                               f"again with `gwtn shards …`")
+    return index
+
+
+def plain_file_name(name: object) -> bool:
+    """Whether ``name`` names a file inside its folder (no path, no ``..``)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name \
+        and "\\" not in name and "\0" not in name
+
+
+def _counts(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def index_problem(index: object) -> str | None:
+    """What makes ``index`` (a parsed index.json) unusable as a shard index, or None: every
+    split lists its shards by plain file names, one sample count per shard, and labels (when
+    given) as integers."""
+    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
+        return "expected an object with \"splits\""
+    for split, info in index["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            return f"split {split!r} lists no shards"
+        for name in info["shards"]:
+            if not plain_file_name(name):
+                return f"split {split!r} names the shard {name!r}, not a file in the folder"
+        counts = info.get("shard_samples")
+        if not _counts(counts) or len(counts) != len(info["shards"]):
+            return f"split {split!r} has no sample count (shard_samples) for each shard"
+        if "labels" in info and not _counts(info["labels"]):
+            return f"split {split!r} has labels that are not class numbers"
+    return None
 
 
 def indexed_shards(folder: str | Path, split: str) -> tuple[list[str], dict]:
@@ -146,13 +195,19 @@ def plan(counts: list[int], order: list[int], start: int, stop: int) -> list[Pie
     return pieces
 
 
-def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sample]:
+def read_piece(url: str, first: int, end: int, skipped: Counter,
+               count: int | None = None) -> Iterator[Sample]:
     """Samples ``first … end`` of a tar shard as ``{"__key__": key, ext: bytes}``.
 
     Members before ``first`` are seeked over. A tar that cannot be opened or ends early is
-    logged and counted; the samples read before the damage are kept.
+    logged and counted; the samples read before the damage are kept. ``count``: the shard's
+    sample count by its index (None: not known, a pattern's tars). With it, a tar that ends
+    before sample ``end`` without an error (a bad header, which ``tarfile`` takes for the end
+    of the archive) counts as a ``short tar``, every sample short of ``end`` as ``missing
+    samples``, and a tar with a sample past ``count`` is a :class:`DamagedDataError`.
     """
-    index, key, sample = -1, None, {}
+    index, key, sample, yielded = -1, None, {}, 0
+    reason, error = None, None
     try:
         with tarfile.open(url, "r:") as tf:
             for member in tf:
@@ -161,18 +216,35 @@ def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sam
                 name, _, ext = member.name.partition(".")
                 if name != key:
                     if first <= index < end:
+                        yielded += 1
                         yield sample
                     index, key, sample = index + 1, name, {"__key__": name}
                     if index >= end:
+                        if count is not None and index >= count:
+                            raise DamagedDataError(
+                                f"{url} holds more than the {count} samples its index lists "
+                                f"(sample {name!r} is past them): it is another shard's tar or "
+                                f"was rewritten; write the shards again")
                         return
                 if index >= first:
                     sample[ext] = tf.extractfile(member).read()
             if first <= index < end:
+                yielded += 1
                 yield sample
     except (tarfile.TarError, OSError, EOFError) as exc:
-        reason = "unreadable tar" if index < 0 else "truncated tar"
-        skipped[reason] += 1
-        log.warning("%s: %s, skipped from sample %d on (%s)", url, reason, max(index, 0), exc)
+        if isinstance(exc, DataSourceError):
+            raise
+        reason, error = ("unreadable tar" if index < 0 else "truncated tar"), exc
+    missing = end - first - yielded if count is not None else 0
+    if reason is None and missing > 0:
+        reason, error = "short tar", f"it ends after {index + 1} of its {count} samples"
+    if reason is None:
+        return
+    skipped[reason] += 1
+    if missing > 0:
+        skipped["missing samples"] += missing
+    log.warning("%s: %s, skipped from sample %d on (%s)%s", url, reason, max(index, 0), error,
+                f"; {missing} sample(s) of its index missing" if missing > 0 else "")
 
 
 # Whole tars read without error are kept in memory for the process when a stream asks
@@ -194,8 +266,10 @@ def _tar_key(url: str) -> tuple[str, int, int] | None:
     return url, st.st_size, st.st_mtime_ns
 
 
-def read_whole_tar(url: str, skipped: Counter, cache: bool) -> Iterator[Sample]:
-    """Every sample of a tar shard (``read_piece`` from its start to its end); with ``cache``,
+def read_whole_tar(url: str, skipped: Counter, cache: bool,
+                   count: int | None = None) -> Iterator[Sample]:
+    """Every sample of a tar shard (``read_piece`` from its start to its end, checked against
+    its index's ``count`` when given); with ``cache``,
     from memory when this file was read whole before. A tar is kept only once read to its end
     with nothing added to ``skipped`` and only if it fits, so a damaged tar is read (and its bad
     data counted) again on every pass, and a tar that cannot be kept is not held while read."""
@@ -210,7 +284,7 @@ def read_whole_tar(url: str, skipped: Counter, cache: bool) -> Iterator[Sample]:
         room = TAR_CACHE_BYTES - sum(used for used, _ in _tar_cache.values()) if key else 0
     kept: list[Sample] | None = [] if room > 0 else None
     size = 0
-    for sample in read_piece(url, 0, 1 << 62, skipped):
+    for sample in read_piece(url, 0, (1 << 62) if count is None else count, skipped, count):
         if kept is not None:
             size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
             kept.append(sample)
@@ -224,6 +298,19 @@ def read_whole_tar(url: str, skipped: Counter, cache: bool) -> Iterator[Sample]:
             del _tar_cache[old]
         if sum(used for used, _ in _tar_cache.values()) + size <= TAR_CACHE_BYTES:
             _tar_cache[key] = (size, kept)
+
+
+def of_split(url: str, samples: Iterator[Sample], split: str) -> Iterator[Sample]:
+    """``samples`` of the tar ``url``, checked to be ``split``'s (keys ``"<split>-<index>"``,
+    as ``gwtn shards fashion-mnist`` writes them): a tar of another split is a
+    :class:`DamagedDataError` (a test tar in place of a training one would be trained on)."""
+    for sample in samples:
+        sample_index(sample)  # keys without an index: not written by `gwtn shards`
+        if sample["__key__"].rsplit("-", 1)[0] != split:
+            raise DamagedDataError(f"{url} holds {sample['__key__']!r}, a sample of another split "
+                                   f"than {split!r}: the tar was swapped for another's or "
+                                   f"rewritten; write the shards again")
+        yield sample
 
 
 def sample_index(sample: Sample) -> int:
@@ -272,6 +359,11 @@ class ShardStream(IterableDataset):
     global_batch: one training stream for every rank (the module docstring); ``rank`` and
     ``world_size`` stay 0 and 1 and the caller slices. Only then may samples be selected by
     index: ``below`` (0 = no bound) and ``exclude``; and ``tar_cache`` keep whole tars in memory.
+    Its samples' keys must name ``split`` (``of_split``).
+
+    eval_missing_ok: the fraction of an evaluation worker's share that may be lost to damaged
+    tars or undecodable samples before the stream refuses (a ``DamagedDataError`` naming the
+    tar); 0: none may be.
     """
 
     def __init__(self, source: str | Path, split: str, *, batch_size: int,
@@ -279,13 +371,18 @@ class ShardStream(IterableDataset):
                  collate: Callable[[list, np.random.Generator | None], object], train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
                  global_batch: bool = False, below: int = 0,
-                 exclude: frozenset[int] = frozenset(), tar_cache: bool = False):
+                 exclude: frozenset[int] = frozenset(), tar_cache: bool = False,
+                 eval_missing_ok: float = 0.0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0 … world_size-1 = {world_size - 1}")
         if (below or exclude or tar_cache) and not global_batch:
             raise ValueError("below, exclude and tar_cache belong to the global stream")
         self.skipped: Counter = Counter()
         self.urls, self.counts = resolve_shards(source, split, self.skipped)
+        # Counts from index.json are checked while reading; a pattern's come from the headers.
+        self.split, self.indexed = split, Path(source).is_dir()
+        self.eval_missing_ok = eval_missing_ok
+        self._lost, self._may_lose = 0, 0  # an evaluation worker's lost samples, and its bound
         self.batch_size, self.decode, self.collate, self.train = batch_size, decode, collate, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
@@ -321,7 +418,22 @@ class ShardStream(IterableDataset):
 
     def _raw(self, pieces: list[Piece]) -> Iterator[Sample]:
         for shard, first, end in pieces:
-            yield from read_piece(self.urls[shard], first, end, self.skipped)
+            missing = self.skipped["missing samples"]
+            yield from read_piece(self.urls[shard], first, end, self.skipped,
+                                  self.counts[shard] if self.indexed else None)
+            if not self.train and self.skipped["missing samples"] > missing:
+                self._lose(self.urls[shard], self.skipped["missing samples"] - missing,
+                           f"holds {end - first - (self.skipped['missing samples'] - missing)} "
+                           f"of the {end - first} samples its index lists from sample {first}")
+
+    def _lose(self, where: str, n: int, what: str) -> None:
+        """An evaluation worker lost ``n`` samples at ``where``: refused past its bound."""
+        self._lost += n
+        if self._lost > self._may_lose:
+            raise DamagedDataError(
+                f"{where} {what}: a score over the {self.split} split would leave out samples "
+                f"its index lists; write the shards again, or allow a fraction with "
+                f"data.eval_missing_ok")
 
     def _decoded(self, raw: Iterator[Sample], rng: np.random.Generator, count: int) -> list:
         items = []
@@ -332,6 +444,8 @@ class ShardStream(IterableDataset):
                 self.skipped["undecodable sample"] += 1
                 log.warning("sample %s: undecodable, skipped (%s); %d skipped so far",
                             sample.get("__key__"), exc, sum(self.skipped.values()))
+                if not self.train:
+                    self._lose(f"sample {sample.get('__key__')!r}", 1, f"cannot be decoded ({exc})")
                 continue
             if len(items) == count:
                 break
@@ -413,8 +527,9 @@ class ShardStream(IterableDataset):
         seed = random.Random(self.seed * 1_000_003 + self.epoch).randrange(2**31)
         n = len(self.urls)
         order = wds.shuffle(n, initial=n, seed=seed)(iter(range(n)))
-        raw = self._selected(s for i in order
-                             for s in read_whole_tar(self.urls[i], self.skipped, self.tar_cache))
+        raw = self._selected(s for i in order for s in of_split(
+            self.urls[i], read_whole_tar(self.urls[i], self.skipped, self.tar_cache,
+                                         self.counts[i] if self.indexed else None), self.split))
         raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed + 1)(raw)
         counted = Counter(self.skipped)
         for batch in itertools.count():
@@ -430,7 +545,10 @@ class ShardStream(IterableDataset):
                 yield self.collate(items, None)
 
     def _eval(self, k: int, workers: int) -> Iterator:
-        raw = self._raw(self._slot(k, workers, list(range(len(self.urls)))))
+        pieces = self._slot(k, workers, list(range(len(self.urls))))
+        self._lost = 0
+        self._may_lose = int(self.eval_missing_ok * sum(end - first for _, first, end in pieces))
+        raw = self._raw(pieces)
         batch = 0
         while True:
             rng = np.random.default_rng(_seed(self.seed, self.rank, k, batch))
@@ -510,8 +628,8 @@ class ShardLoader:
 
 
 def _one_line_errors(batches: Iterator) -> Iterator:
-    """``batches``, with a DataLoader worker's :class:`DataSourceError` as the one line it was
-    raised with: torch raises it again in this process with the worker's traceback in the
+    """``batches``, with a DataLoader worker's :class:`DataSourceError` (or subclass) as the one
+    line it was raised with: torch raises it again in this process with the worker's traceback in the
     message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
     try:
         yield from batches
@@ -519,7 +637,7 @@ def _one_line_errors(batches: Iterator) -> Iterator:
         text = str(exc)
         if not text.startswith("Caught "):
             raise
-        raise DataSourceError(text.rsplit("DataSourceError: ", 1)[-1].strip()) from None
+        raise type(exc)(text.rsplit(f"{type(exc).__name__}: ", 1)[-1].strip()) from None
 
 
 def _image_item(sample: Sample, rng, transform) -> tuple[np.ndarray, int]:
@@ -540,7 +658,8 @@ def _image_collate(items: list[tuple[np.ndarray, int]], rng, normalize: bool
 def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 1000, size: int = 224, resize: int = 256,
-                 normalize: bool = True, pin_memory: bool = False) -> ShardLoader:
+                 normalize: bool = True, pin_memory: bool = False,
+                 eval_missing_ok: float = 0.0) -> ShardLoader:
     """Image batches ``(x, y)`` from ``gwtn shards imagefolder`` shards.
 
     x: float32 (B, 3, size, size) normalised with ImageNet's mean/std (``normalize=False``: uint8
@@ -553,7 +672,7 @@ def image_stream(source: str | Path, *, train: bool, batch_size: int, split: str
                          decode=partial(_image_item, transform=transform),
                          collate=partial(_image_collate, normalize=normalize), train=train,
                          rank=rank, world_size=world_size, seed=seed,
-                         shuffle_buffer=shuffle_buffer)
+                         shuffle_buffer=shuffle_buffer, eval_missing_ok=eval_missing_ok)
     return ShardLoader(stream, num_workers, pin_memory)
 
 
@@ -574,20 +693,26 @@ def _mlm_collate(items: list[np.ndarray], rng, *, vocab_size: int, specials: dic
 def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str | None = None,
                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                 shuffle_buffer: int = 1000, mlm_probability: float = 0.15,
-                pin_memory: bool = False) -> ShardLoader:
+                pin_memory: bool = False, eval_missing_ok: float = 0.0) -> ShardLoader:
     """Masked-LM batches from ``gwtn shards wikipedia|text`` shards (a folder with index.json).
 
     Each batch is ``{"input_ids", "attention_mask", "labels"}``, int64 (B, seq_len): dynamic BERT
     masking (:func:`mlm.mask_tokens`) drawn fresh per batch; labels are -100 where not masked.
     """
-    path = Path(source) / "index.json"
-    index = json.loads(path.read_text()) if path.is_file() else {}
+    index = read_index(source) if (Path(source) / "index.json").is_file() else {}
     if index.get("format") != "tokens":
         raise DataSourceError(f"{source}: not a token shard folder (write one with "
                               f"`gwtn shards wikipedia|text`)")
+    specials = index.get("special_ids")
+    if not (_counts([index.get("vocab_size"), index.get("seq_len")]) and isinstance(specials, dict)
+            and {"[MASK]", "[PAD]"} <= set(specials) and _counts(list(specials.values()))):
+        raise DamagedDataError(f"{Path(source) / 'index.json'} is not a token shard index: it "
+                               f"needs vocab_size, seq_len and special_ids ([MASK], [PAD]); "
+                               f"write the shards again with `gwtn shards text|wikipedia`")
     collate = partial(_mlm_collate, vocab_size=index["vocab_size"],
                       specials=index["special_ids"], probability=mlm_probability)
     stream = ShardStream(source, split or ("train" if train else "val"), batch_size=batch_size,
                          decode=_token_ids, collate=collate, train=train, rank=rank,
-                         world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer)
+                         world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer,
+                         eval_missing_ok=eval_missing_ok)
     return ShardLoader(stream, num_workers, pin_memory)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointError, why_unreadable, write_error
 from ..config import DistConfig, OptimConfig
 from ..optim import build_optimizer, schedule
 from ..profiling import region
@@ -245,17 +248,37 @@ class DeepSpeedEngine:
     saves_modules = True  # a DeepSpeed checkpoint holds the module weights (partitioned or not)
 
     def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part)."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part). A write
+        that fails (a full disk) is an ``OSError`` naming the tag: ``checkpoint.pt`` does not
+        point to it yet, so the previous checkpoint stays the one a resume reads."""
+        try:
+            self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(ckpt_dir / tag)) from exc
+        except RuntimeError as exc:
+            if isinstance(exc, torch.distributed.DistError):
+                raise
+            raise write_error(ckpt_dir / tag, exc) from exc
         torch.distributed.barrier()
         return {"deepspeed_tag": tag}
 
     def load(self, ckpt_dir: Path, saved: dict) -> None:
-        """Load the DeepSpeed checkpoint ``saved`` names (every rank its part)."""
+        """Load the DeepSpeed checkpoint ``saved`` names (every rank its part), every file
+        read with ``weights_only=True``: a crafted file in it is a ``CheckpointError``."""
         tag = saved["deepspeed_tag"]
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            with weights_only_loads():
+                path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except torch.distributed.DistError:  # a rank went away: not the checkpoint's fault
+            raise
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
+                AssertionError) as exc:
+            raise CheckpointError(f"DeepSpeed checkpoint {ckpt_dir / tag} cannot be read safely "
+                                  f"({why_unreadable(exc)}); it is torn, corrupt, or not "
+                                  f"written by gwtn") from exc
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed checkpoint {ckpt_dir / tag} could not be loaded")
+            raise CheckpointError(f"DeepSpeed checkpoint {ckpt_dir / tag} is missing or "
+                                  f"incomplete")
 
     def module_state(self, module: nn.Module) -> dict:
         """A consolidated fp32 CPU state of ``module`` (collective): trained parameters come
@@ -280,6 +303,42 @@ class DeepSpeedEngine:
             for pname, param in module.named_parameters():  # ZeRO-3 left empty tensors here
                 param.data = states[name][pname].to(param.device)
             module.float().load_state_dict(states[name])
+
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and plain containers: the
+    ZeRO optimizer state's loss scaler, ZeRO stage and fragment addresses (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32 and bf16, sgd,
+    adamw and lamb checkpoints; the dynamic scaler is fp16's)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` reads with ``weights_only=True``, DeepSpeed's own too (its
+    loaders pass ``weights_only=False``; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides an
+    explicit argument), with DeepSpeed's few classes allowed. A pickle that would run code is an
+    ``UnpicklingError`` instead. It sets an environment variable for the whole process: the
+    loop's thread is the one that loads torch files (the data threads read tars and arrays)."""
+    saved = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY,
+                                                          FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def make_engine(rt: Runtime, module: nn.Module, groups: list[dict], optim: OptimConfig,

@@ -36,21 +36,77 @@ class DistEnv:
         return self.rank == 0
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """SLURM's compressed host list → host names: ``"gpu[01-03,7],cpu9"`` → 5 names."""
+# More nodes than any SLURM cluster has: a range past it is a typo (gpu[0-3000000] would print
+# millions of lines), not an allocation.
+MAX_NODES = 65_536
+# A host name as DNS (RFC 1123) and SLURM's NodeName accept it: dot-separated labels of
+# letters, digits, '-' and '_' (SLURM allows '_'), 1-63 characters each, 253 in all.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_hostname(name: str, hostlist: str | None = None) -> str:
+    """``name`` if it is a host name SLURM and DNS accept, else a LaunchError (a newline or a
+    space would add a line to a hostfile or an argument to a command)."""
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        where = f" in the host list {hostlist!r}" if hostlist not in (None, name) else ""
+        raise LaunchError(f"{name!r}{where} is not a host name (letters, digits, '-', '_' and "
+                          f"'.', labels of 1-63 characters)")
+    return name
+
+
+def _split_items(hostlist: str) -> list[str]:
+    """``"a[1-2],b"`` → ``["a[1-2]", "b"]``: commas outside brackets; brackets balanced, not
+    nested."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(hostlist):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(hostlist[start:i])
+            start = i + 1
+        if depth not in (0, 1):
+            raise LaunchError(f"host list {hostlist!r}: brackets nested or closed before "
+                              f"opened")
+    if depth:
+        raise LaunchError(f"host list {hostlist!r}: a '[' is never closed")
+    items.append(hostlist[start:])
+    if any(not item for item in items):
+        raise LaunchError(f"host list {hostlist!r}: an empty name" + (" between commas" if
+                                                                      hostlist else ""))
+    return items
+
+
+def expand_hostlist(hostlist: str, limit: int = MAX_NODES) -> list[str]:
+    """SLURM's compressed host list → host names: ``"gpu[01-03,7],cpu9"`` → 5 names. Every
+    name is checked (``check_hostname``); ranges must run upwards; at most ``limit`` names."""
     hosts: list[str] = []
-    # Split on commas that are not inside brackets.
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", hostlist):
+    for item in _split_items(hostlist):
         match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
         if not match:
-            hosts.append(item)
+            hosts.append(check_hostname(item, hostlist))
             continue
         prefix, ranges, suffix = match.groups()
+        if not ranges:
+            raise LaunchError(f"host list {hostlist!r}: empty brackets (give numbers, e.g. "
+                              f"[01-04])")
         for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            width = len(lo)
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.extend(expand_hostlist(f"{prefix}{n:0{width}d}{suffix}"))
+            numbers = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not numbers:
+                raise LaunchError(f"host list {hostlist!r}: [{ranges}] holds {part!r}, not a "
+                                  f"number or a range of numbers like 01-04")
+            lo, hi = int(numbers[1]), int(numbers[2] or numbers[1])
+            if hi < lo:
+                raise LaunchError(f"host list {hostlist!r}: the range {part} runs backwards")
+            if len(hosts) + hi - lo + 1 > limit:
+                raise LaunchError(f"host list {hostlist!r}: more than {limit:,} nodes")
+            width = len(numbers[1])
+            for n in range(lo, hi + 1):
+                hosts.extend(expand_hostlist(f"{prefix}{n:0{width}d}{suffix}",
+                                             limit - len(hosts)))
+    if len(hosts) > limit:
+        raise LaunchError(f"host list {hostlist!r}: more than {limit:,} nodes")
     return hosts
 
 
@@ -58,8 +114,15 @@ def rendezvous_port(environ: Mapping[str, str] = os.environ) -> int:
     """MASTER_PORT if set, else a port derived from the SLURM job id, so every node of the job
     (and a launcher that starts them) picks the same one without talking to the others."""
     if "MASTER_PORT" in environ:
-        return _int(environ, "MASTER_PORT")
-    return 20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000
+        return check_port(_int(environ, "MASTER_PORT"), "MASTER_PORT")
+    return 20000 + (_int(environ, "SLURM_JOB_ID") if environ.get("SLURM_JOB_ID") else 0) % 20000
+
+
+def check_port(port: int, what: str) -> int:
+    """``port`` if it is a TCP port a rendezvous can listen on (1-65535), else a LaunchError."""
+    if not 1 <= port <= 65535:
+        raise LaunchError(f"{what} {port} is not a TCP port (1-65535)")
+    return port
 
 
 def _int(environ: Mapping[str, str], key: str) -> int:

@@ -11,9 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import why_unreadable
+
 
 class WeightsError(ValueError):
     """A state dict that does not fit the net it is loaded into."""
+
+
+class UnreadableWeights(WeightsError):
+    """A weights file that cannot be read (torn, not a weights file, or a pickle that would
+    run code): an unreadable file (exit 4), not a net of the wrong shape."""
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -31,17 +38,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ImportError:
         raise WeightsError(f"{path}: reading .safetensors needs the safetensors package") from None
     except Exception as exc:  # any failure to read means "not a weights file we can use"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{path} cannot be read as weights ({first[:200]})") from exc
+        raise UnreadableWeights(f"{path} cannot be read as weights "
+                                f"({why_unreadable(exc)})") from exc
     for key in ("state_dict", "model"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]
             break
     if not isinstance(blob, dict) or not blob:
-        raise WeightsError(f"{path} holds no state dict (a mapping of names to tensors)")
+        raise UnreadableWeights(f"{path} holds no state dict (a mapping of names to tensors)")
     for name, value in blob.items():
         if not torch.is_tensor(value):
-            raise WeightsError(f"{path}: {name} is a {type(value).__name__}, not a tensor")
+            raise UnreadableWeights(f"{path}: {name} is a {type(value).__name__}, not a tensor")
     # A DistributedDataParallel wrapper's prefix.
     if all(str(k).startswith("module.") for k in blob):
         blob = {k[len("module."):]: v for k, v in blob.items()}

@@ -23,7 +23,7 @@ from ..distributed.runtime import Runtime, all_reduce_sum, barrier, device_for
 from ..distributed.sync_bn import use_global_batchnorm
 from ..models.compiled import compile_blocks
 from ..models.family import family_for, load_weights
-from ..models.weights import WeightsError
+from ..models.weights import UnreadableWeights, WeightsError
 from .loop import LoopContext, PhaseResult
 from .tasks import task_for
 
@@ -46,6 +46,8 @@ def load_init(model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
     naming the tensor and both shapes."""
     try:
         load_weights(model, Path(path))
+    except UnreadableWeights as exc:  # the file, not the net's shape: exit 4
+        raise checkpoint.CheckpointError(f"{key}: {exc}") from None
     except WeightsError as exc:
         where = "model.* and model.widen.*" if key == "wide.init" else "model.*"
         raise ConfigError(f"{key}: {exc} (the net's shape comes from {where}; "
@@ -178,7 +180,7 @@ def finish_stage(rt: Runtime, cfg: Config, run_dir: Path, stage: str, model: nn.
     }
     if rt.is_main:
         checkpoint.save_weights(model, stage_dir / "model.pt", meta)
-        (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
+        checkpoint.atomic_write_text(stage_dir / "stage.json", json.dumps(record, indent=2))
         (stage_dir / "DONE").write_text("")
         update_summary(run_dir, stage, record)
         task = task_for(cfg)
@@ -201,6 +203,4 @@ def update_summary(run_dir: Path, stage: str, record: dict) -> None:
         for reason, n in rec.get("skipped_samples", {}).items():
             total[reason] = total.get(reason, 0) + n
     summary["skipped_samples"] = total
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    checkpoint.atomic_write_text(path, json.dumps(summary, indent=2))

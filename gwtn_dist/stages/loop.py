@@ -176,8 +176,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: name the file (a torn line is dropped on resume)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         for sink in self.sinks:
             sink.write(record)
 
@@ -201,9 +204,7 @@ class MetricsLog:
                 keep.append(line)
         if torn:
             log.warning("%s: dropped %d unreadable line(s)", self.path, torn)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(self.path)
+        checkpoint.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
 
 class PlainProgress:
@@ -395,6 +396,9 @@ def _resume_state(ctx: LoopContext) -> dict | None:
     if not path.is_file():
         return None
     state = checkpoint.load_with_fallback(path)
+    if not isinstance(state, dict):
+        raise checkpoint.CheckpointError(f"{path} is not a checkpoint of this stage (it holds "
+                                         f"a {type(state).__name__}, not a mapping)")
     saved_world = state.get("world_size", 1)
     if "engine" in state and saved_world != ctx.rt.world_size:
         raise ConfigError(
@@ -405,12 +409,39 @@ def _resume_state(ctx: LoopContext) -> dict | None:
     return state
 
 
+def _check_state(state: object, path: Path, phases: list[Phase],
+                 modules: dict[str, nn.Module]) -> None:
+    """A ``CheckpointError`` naming ``path`` when a readable checkpoint does not describe this
+    stage (another stage's, another config's, or crafted): where it stopped must be a step of
+    these phases, and it must hold either every module's weights or an engine's state."""
+    def refuse(what: str) -> None:
+        raise checkpoint.CheckpointError(f"{path} is not a checkpoint of this stage ({what})")
+
+    if not isinstance(state, dict):
+        refuse("not a mapping")
+    for key, kind in (("stream", dict), ("phase_index", int), ("step", int),
+                      ("results", list), ("recent_losses", list)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            refuse(f"no {key}")
+    phase, step = state["phase_index"], state["step"]
+    if not 0 <= phase <= len(phases) or (phase < len(phases)
+                                         and not 0 <= step < phases[phase].steps):
+        refuse(f"it stopped at step {step} of phase {phase}; this stage has "
+               f"{[p.steps for p in phases]} steps")
+    if "modules" in state:
+        if not isinstance(state["modules"], dict) or set(state["modules"]) != set(modules):
+            refuse(f"it holds the weights of {sorted(state['modules'])!r}, not of "
+                   f"{sorted(modules)!r}" if isinstance(state["modules"], dict) else "no weights")
+    elif not isinstance(state.get("engine"), dict) or step == 0:
+        refuse("neither weights nor an engine's state")
+
+
 def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
     """Keep the generated DeepSpeed config of each phase in ``deepspeed_config.json``."""
     path = stage_dir / "deepspeed_config.json"
     configs = json.loads(path.read_text()) if path.is_file() else {}
     configs[phase] = config
-    path.write_text(json.dumps(configs, indent=2))
+    checkpoint.atomic_write_text(path, json.dumps(configs, indent=2))
 
 
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
@@ -426,11 +457,17 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     results.resumes, results.skipped = [], {}
     first_phase, first_step = 0, 0
     if state is not None:
+        path = ctx.stage_dir / "checkpoint.pt"
+        _check_state(state, path, phases, ctx.modules)
         if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
             for name, module in ctx.modules.items():
-                module.load_state_dict(state["modules"][name])
-        ctx.batches.seek(state["stream"])
-        results.extend(PhaseResult(**r) for r in state["results"])
+                checkpoint.load_state(module, state["modules"][name], path)
+        try:
+            ctx.batches.seek(state["stream"])
+            results.extend(PhaseResult(**r) for r in state["results"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise checkpoint.CheckpointError(f"{path} is not a checkpoint of this stage (its "
+                                             f"stream or results: {exc!r})") from None
         first_phase, first_step = state["phase_index"], state["step"]
         results.resumes = [*state.get("resumes", []), {
             "phase_index": first_phase, "step": first_step, "world_size": rt.world_size,
@@ -470,7 +507,12 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             recent: list[float] = []
             wall = 0.0
             if state is not None and index == first_phase and start > 0:
-                engine.load(ctx.stage_dir / "deepspeed", state["engine"])
+                try:
+                    engine.load(ctx.stage_dir / "deepspeed", state["engine"])
+                except (KeyError, TypeError, ValueError) as exc:  # another run's optimizer
+                    raise checkpoint.CheckpointError(
+                        f"{ctx.stage_dir / 'checkpoint.pt'} is not a checkpoint of this stage "
+                        f"(its optimizer state: {str(exc)[:200]!r})") from None
                 recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
 
             bar = _progress_bar(ctx, phase, start)

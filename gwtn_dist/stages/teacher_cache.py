@@ -97,9 +97,13 @@ def store(cfg: Config, stage_dir: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in FILES:
-        shutil.copy2(stage_dir / name, tmp / name)
-    (tmp / "key.json").write_text(json.dumps(teacher_settings(cfg), indent=2))
+    try:
+        for name in FILES:
+            shutil.copy2(stage_dir / name, tmp / name)
+        (tmp / "key.json").write_text(json.dumps(teacher_settings(cfg), indent=2))
+    except BaseException:  # a full disk: no half-copied teacher left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.replace(target)
     log.info("wide: teacher stored in the cache %s", target)

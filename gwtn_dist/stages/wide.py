@@ -12,6 +12,7 @@ import json
 from functools import partial
 from pathlib import Path
 
+from .. import checkpoint
 from ..config import Config
 from ..distributed.runtime import Runtime, barrier
 from ..models.family import build_wide, shape_meta
@@ -43,7 +44,7 @@ def train_wide(rt: Runtime, cfg: Config, run_dir: Path) -> dict:
     check_init(cfg.wide.init, "wide.init")
     if rt.is_main and teacher_cache.fetch(cfg, stage_dir):
         record = {**read_stage(stage_dir), "from_cache": str(teacher_cache.cache_dir(cfg))}
-        (stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
+        checkpoint.atomic_write_text(stage_dir / "stage.json", json.dumps(record, indent=2))
         update_summary(run_dir, STAGE, record)
     barrier()
     if stage_done(stage_dir):
