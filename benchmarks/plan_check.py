@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,22 @@ def parse(spec: str) -> tuple[str, int, list[str]]:
     return config, int(ranks), extra
 
 
-def rehearse(config: str, ranks: int, extra: list[str], folder: Path) -> None:
+def rehearse(config: str, ranks: int, extra: list[str], folder: Path) -> str | None:
+    """Run the rehearsal; None when it ran, else the one line it ended with (a layout the
+    plan refuses on this machine, or a failed stage)."""
     options = [a for a in extra if a.startswith("--")]
     overrides = [a for a in extra if not a.startswith("--")]
     command = ["nice", "-n", "10", sys.executable, "-m", "gwtn_dist", "rehearse", config,
                *overrides, "--ranks", str(ranks), "--out", str(folder), *options]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "refused.txt").write_text(lines[-1] + "\n")
+    return lines[-1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,17 +70,28 @@ def main(argv: list[str] | None = None) -> None:
     lines, everything = [HEADER], []
     for spec in args.runs:
         config, ranks, extra = parse(spec)
-        folder = out / f"{Path(config).stem}-{ranks}"
+        # Runs with overrides get their own folder: e.g. …-4-widezerostage3.
+        slug = "".join("-" + re.sub(r"[^A-Za-z0-9]+", "", o.split(".")[-1])
+                       for o in extra if not o.startswith("--"))
+        folder = out / f"{Path(config).stem}-{ranks}{slug}"
         done = (folder / "rehearsal.json").is_file() and len(
             read_rehearsal(folder)["stages"]) >= 3
-        if not done and not args.plan_only:
-            rehearse(config, ranks, extra, folder)
+        refused = (folder / "refused.txt").read_text().strip() \
+            if (folder / "refused.txt").is_file() else None
+        if not done and not refused and not args.plan_only:
+            refused = rehearse(config, ranks, extra, folder)
+        if refused:
+            lines.append(f"| {Path(config).stem}{slug} | {ranks} | - | - | - | - | - | - | "
+                         f"not run: {refused.replace('|', '/')} |")
+            everything.append({"config": config, "ranks": ranks, "refused": refused})
+            print(lines[-1], flush=True)
+            continue
         if not (folder / "rehearsal.json").is_file():
             print(f"{folder}: no rehearsal, left out", flush=True)
             continue
         record = read_rehearsal(folder)
         rows = compare(record, plan_of_rehearsal(record))
-        lines.append(check_table(config, ranks, rows))
+        lines.append(check_table(Path(config).stem + slug, ranks, rows))
         everything += [{"config": config, "ranks": ranks, **r} for r in rows]
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from gwtn_dist.config import load_config
 from gwtn_dist.data.synthetic import write_synthetic_images, write_synthetic_tokens
 from gwtn_dist.distributed.teacher import choose_mode
 from gwtn_dist.models.family import build_thin, build_wide
+from gwtn_dist.plan.check import check
 from gwtn_dist.plan.planner import GiB, Layout, Throughput, make_plan, read_throughput
 from gwtn_dist.plan.states import Engine, partitioned, teacher_bytes, trained_states
 from gwtn_dist.plan.trace import trace
@@ -49,17 +50,18 @@ def test_model_states_counted_by_hand():
     assert s.params == 1300
     assert s.optimizer == (4 + 8) * 325 // 4
     assert s.grads == 4 * 325 // 4 + 4 * 325 // 4
-    # On a CPU the gradient bucket holds what is written; on a GPU all of it is allocated.
-    assert s.backward == 4 * 325
+    # On a CPU the gradient bucket holds what is written, and gloo copies it to reduce it; on
+    # a GPU all of it is allocated, and NCCL reduces in place.
+    assert s.backward == 4 * 325 and s.reduce == 2 * 4 * 325
     s = trained_states(engine(zero=2, w=2, cuda=True, reduce_bucket=1000), SIZES, 325, k=8,
                        temp=0, largest_module=220)
-    assert s.backward == 2 * 1000 and s.params == 2 * 325
+    assert s.backward == s.reduce == 2 * 1000 and s.params == 2 * 325
     # ZeRO-3, persistence threshold 100: tensors under 100 elements stay whole beside their part.
     assert partitioned(SIZES, 4, 100) == 50 + (5 + 20) + 25 + (2 + 5)
     s = trained_states(engine(zero=3, persistence=100), SIZES, 325, k=4, temp=0,
                        largest_module=220)
     assert s.params == 4 * 107 and s.optimizer == 4 * 325 // 4  # fp32: master is the weights
-    assert s.build == 4 * 325  # the zeroed gradient buffer of the whole sub-group
+    assert s.grads == 4 * 325 // 4 + 4 * 325  # and the zeroed buffer of the whole sub-group
 
 
 def test_teacher_bytes_sharded_and_replicated():
@@ -198,3 +200,25 @@ def test_synthetic_tokens_have_wikipedias_shape(tmp_path):
     assert ids.shape == (20, 128) and ids.dtype == np.uint16
     assert (ids[:, 0] == index["special_ids"]["[CLS]"]).all()
     assert ids.max() < 30522 and (ids == index["special_ids"]["[SEP]"]).any()
+
+
+def test_a_rehearsal_runs_every_stage_on_two_ranks_and_the_plan_holds(tmp_path):
+    # ImageNet's shapes (224-pixel crops of ~500-pixel JPEGs, 1000 classes) through a ResNet
+    # of the ImageNet geometry cut to one narrow block per stage, so that it runs in the
+    # suite: every stage in its own 2-rank launch, the teacher sharded (ZeRO-3).
+    out = tmp_path / "rehearsal"
+    small = ["model.blocks=[1,1,1,1]", "model.inner_widths=[4,8,8,8]", "model.stem_width=8"]
+    proc = gwtn("rehearse", "configs/imagenet_resnet50.yaml", *small, "--ranks", "2",
+                "--steps", "1", "--micro-batch", "1", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "rehearsal.json").read_text())
+    assert list(record["stages"]) == ["wide", "imitate", "finetune"]
+    index = json.loads((out / "data" / "index.json").read_text())
+    assert len(index["classes"]) == 1000 and index["format"] == "imagefolder"
+    summary = json.loads((out / "run" / "summary.json").read_text())["stages"]
+    assert summary["imitate"]["teacher"]["mode"] == "shard"
+    assert summary["finetune"]["teacher"]["world_size"] == 2
+    for stage in record["stages"].values():
+        assert len(stage["peak_mb"]) == 2 and min(stage["peak_mb"]) > 200
+    text, rows = check(out)
+    assert len(rows) == 6 and all(r["within"] for r in rows), text

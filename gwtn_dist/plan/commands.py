@@ -130,7 +130,9 @@ def add_plan_commands(sub: argparse._SubParsersAction, load: Callable) -> None:
     p.add_argument("config", help="YAML config, e.g. configs/imagenet_resnet50.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dist.wide_zero_stage=3")
     p.add_argument("--ranks", type=int, default=4, help="local processes (default 4)")
-    p.add_argument("--steps", type=int, default=2, help="steps per phase (default 2)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="steps per phase (default 3: a sharded teacher reaches its steady "
+                        "memory at its third forward)")
     p.add_argument("--micro-batch", type=int, default=2,
                    help="samples per rank and step (default 2)")
     p.add_argument("--seq-len", type=int, default=128,

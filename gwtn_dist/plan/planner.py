@@ -110,6 +110,7 @@ class PhasePlan:
     events: dict[str, dict[str, int]]  # each moment's bytes, by what holds them
     comm_bytes: int
     flops: int
+    optimizer: str = "sgd"  # optim.name
     step_s: float | None = None
 
     @property
@@ -308,7 +309,8 @@ def _phase_plan(cfg: Config, layout: Layout, work: Workload, p: PhaseWork, kind:
     events = {
         "step": {**persistent, "activations": acts, "targets": p.targets,
                  "engine buffers": s.backward, "teacher gathered": running},
-        "update": {**persistent, "reduction and update": s.update},
+        "reduce": {**persistent, "gradient reduction": s.reduce},
+        "update": {**persistent, "optimizer step": s.update},
         # The consolidated copy at the phase end is made in host memory, one parameter at a
         # time gathered whole on the device.
         "save": {**persistent, "consolidated copy": 4 * p.largest_param if not cpu
@@ -336,7 +338,7 @@ def _phase_plan(cfg: Config, layout: Layout, work: Workload, p: PhaseWork, kind:
     comm = steps_comm * (o.accumulate if per_micro else 1)
     return PhasePlan(p.stage, p.name, p.steps, f"{kind} ZeRO-{p.zero}" if kind == "deepspeed"
                      else "torch", micro, o.accumulate, terms, events, comm,
-                     p.step.flops * o.accumulate)
+                     p.step.flops * o.accumulate, o.name)
 
 
 def _project_times(plan: Plan, work: Workload, tp: Throughput, bandwidth: float) -> None:
@@ -437,6 +439,9 @@ def suggestion(plan: Plan, p: PhasePlan) -> str:
     highest = 3 if p.stage == "wide" else 2
     zero_key = "dist.wide_zero_stage" if p.stage == "wide" else "dist.student_zero_stage"
     if top in ("params", "grads", "optimizer") and plan.layout.world > 1 and zero < highest:
+        if p.optimizer == "lamb":  # LAMB's trust ratio needs whole parameters: ZeRO-0 only
+            return (f"set {_stage_key(p.stage)}.name=adamw and {zero_key}={highest} (LAMB "
+                    f"runs at ZeRO-0 only; or use more ranks)")
         return f"set {zero_key}={highest} (or use more ranks)"
     return "use more ranks (or ranks with more memory)"
 

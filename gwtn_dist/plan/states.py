@@ -23,10 +23,10 @@ bytes: 4 fp32, 2 bf16/fp16; ``k`` bytes of optimizer state per parameter):
   rank's fp32 gradient partition 4·trainable/world, states k·trainable/world.
 - DeepSpeed ZeRO-3: weights w·(partition), where parameters under
   ``stage3_param_persistence_threshold`` elements stay whole on every rank; the fp32 master
-  partition (shared with the weights when they are fp32); an fp32 gradient partition; at
-  start-up a zeroed gradient buffer the size of the whole net (``initialize_optimizer_states``
-  sizes it by the largest sub-group's full numel); and the gathered working set while it
-  runs (``gathered``).
+  partition (shared with the weights when they are fp32); an fp32 gradient partition, and a
+  zeroed gradient buffer the size of the whole net (``initialize_optimizer_states`` sizes it
+  by the largest sub-group's full numel and keeps it as the partition's ``.grad``); and the
+  gathered working set while it runs (``gathered``).
 
 ZeRO-3's gathered working set, measured here on CPU ranks before it was written down: once
 its first forward has recorded the order of the modules, DeepSpeed prefetches parameters ahead
@@ -101,15 +101,17 @@ class Engine:
 @dataclass(frozen=True)
 class NetStates:
     """Bytes per rank for a trained net: persistent (``params``, ``grads``, ``optimizer``:
-    master weights and states), and the extras of three moments: ``backward`` (buffers
-    alive while gradients are made: buckets, the gathered working set, autocast copies),
-    ``update`` (the reduction and the optimizer step's temporaries), ``build`` (what
-    setting the engine up holds for a moment)."""
+    master weights and states), and the extras of four moments: ``backward`` (buffers alive
+    while gradients are made, beside the activations: the gradient bucket, ZeRO-3's gathered
+    parameters, autocast's copies), ``reduce`` (the gradients' reduction after the backward,
+    when the activations are gone: the bucket and, on a CPU, gloo's copy of it), ``update``
+    (the optimizer step's temporaries), ``build`` (setting the engine up)."""
 
     params: int
     grads: int
     optimizer: int
     backward: int
+    reduce: int
     update: int
     build: int
 
@@ -141,38 +143,42 @@ def trained_states(e: Engine, sizes: list[int], trainable: int, k: int, temp: in
     """The bytes of a trained module of parameter ``sizes`` (every tensor's numel), of which
     ``trainable`` elements train, with ``k`` state bytes per parameter and ``temp`` bytes of
     optimizer-step temporaries over all trainable parameters; ``largest_module``: the most
-    elements one submodule's forward needs at once (ZeRO-3 gathers them)."""
+    elements one submodule's forward needs at once (ZeRO-3 gathers them).
+
+    On a CPU, gloo's all-reduce and reduce-scatter hold a copy of the buffer they reduce (a
+    50 M-parameter net on 2 CPU ranks: ZeRO-0, -2 and -3 all peaked about one gradient copy
+    above these terms without it); NCCL reduces in place."""
     params = sum(sizes)
     w, n = e.weight_bytes, e.world
     autocast_copy = 2 * params if e.autocast else 0
     if e.kind == "torch":
         return NetStates(params=4 * params, grads=4 * trainable, optimizer=k * trainable,
-                         backward=autocast_copy, update=temp, build=0)
+                         backward=autocast_copy, reduce=0, update=temp, build=0)
+    gloo = 1 if not e.cuda else 0  # copies of a reduced buffer the collective holds
     if e.zero == 0:
-        if w == 4:
-            bucket = 4 * min(trainable, e.allreduce_bucket)
-            return NetStates(params=4 * params, grads=4 * trainable, optimizer=k * trainable,
-                             backward=autocast_copy, update=bucket + temp, build=0)
-        # bf16/fp16 at stage 0: DeepSpeed's (unfused) FP16 optimizer keeps a whole fp32
-        # master copy with its states, and makes fp32 gradients from the low-precision ones
-        # at each step; nothing is partitioned.
-        bucket = w * min(trainable, e.allreduce_bucket)
+        # The gradients are flattened into a bucket and all-reduced at the end of the
+        # backward. bf16/fp16 weights: DeepSpeed's (unfused) FP16 optimizer keeps a whole
+        # fp32 master copy with its states and makes fp32 gradients at each step.
+        flat = w * min(trainable, e.allreduce_bucket)
+        master = 0 if w == 4 else 4 * trainable
         return NetStates(params=w * params, grads=w * trainable,
-                         optimizer=(4 + k) * trainable, backward=0,
-                         update=4 * trainable + bucket + temp, build=0)
+                         optimizer=master + k * trainable, backward=autocast_copy,
+                         reduce=flat * (1 + gloo), update=master + temp, build=0)
+    bucket = e.bucket_bytes(e.reduce_bucket, trainable, w)
     if e.zero in (1, 2):
         grads = (w * trainable // n if e.zero == 2 else 0) + 4 * trainable // n
-        bucket = e.bucket_bytes(e.reduce_bucket, trainable, w)
         return NetStates(params=w * params, grads=grads, optimizer=(4 + k) * trainable // n,
-                         backward=bucket + autocast_copy, update=temp // n,
-                         build=w * trainable)
+                         backward=bucket + autocast_copy, reduce=bucket * (1 + gloo),
+                         update=temp // n, build=w * trainable)
     held = partitioned(sizes, n, e.persistence)
     master = 0 if w == 4 else 4 * trainable // n
-    bucket = e.bucket_bytes(e.reduce_bucket, trainable, w)
-    return NetStates(params=w * held, grads=4 * trainable // n,
-                     optimizer=master + k * trainable // n,
-                     backward=gathered(e, params, largest_module) + bucket, update=temp // n,
-                     build=4 * min(trainable, e.sub_group))
+    # The gradient buffer initialize_optimizer_states zeroes is as large as the whole
+    # sub-group and stays alive as the fp32 partition's .grad.
+    grads = 4 * trainable // n + 4 * min(trainable, e.sub_group)
+    live = gathered(e, params, largest_module)
+    return NetStates(params=w * held, grads=grads, optimizer=master + k * trainable // n,
+                     backward=live + bucket, reduce=live + bucket * (1 + gloo),
+                     update=temp // n, build=0)
 
 
 def teacher_bytes(e: Engine, sizes: list[int], mode: str, largest_module: int,
