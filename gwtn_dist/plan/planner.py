@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, optim_sections
 from ..distributed.runtime import precision_dtypes, resolve_precision
 from ..distributed.teacher import choose_mode
 from .states import (
@@ -246,7 +246,7 @@ def make_plan(cfg: Config, layout: Layout, *, config_name: str = "",
     weights, autocast = precision_dtypes(cfg, kind, precision)
     w = torch.finfo(weights).bits // 8
     per_rank = cfg.data.batch_size // world
-    for key, o in _optims(cfg):
+    for key, o in optim_sections(cfg):
         if per_rank % o.accumulate:
             raise ConfigError(f"{key}.accumulate: a rank's batch of {per_rank} does not split "
                               f"into {o.accumulate} equal micro-batches")
@@ -272,11 +272,6 @@ def make_plan(cfg: Config, layout: Layout, *, config_name: str = "",
     if autocast is not None:
         plan.notes.append("autocast: activations traced in the low precision")
     return plan
-
-
-def _optims(cfg: Config):
-    return [("wide.optim", cfg.wide.optim), ("imitate.optim", cfg.imitate.optim),
-            ("finetune.optim", cfg.finetune.optim), ("baseline.optim", cfg.baseline.optim)]
 
 
 def _phase_plan(cfg: Config, layout: Layout, work: Workload, p: PhaseWork, kind: str, w: int,

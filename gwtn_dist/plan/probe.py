@@ -46,8 +46,10 @@ def measure(config: str, overrides: list[str], world: int,
                            "--world", str(world)], env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
     if proc.returncode:
+        from ..config import ConfigError
+
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the memory probe failed: {tail}")
+        raise ConfigError(f"the memory probe of {config} failed: {tail}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return float(out["before_step_mb"]), float(out["peak_mb"])
 
@@ -58,7 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--world", type=int, default=1)
     args = parser.parse_args(argv)
+    from ..config import ConfigError
 
+    try:
+        _probe(args)
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # bad config, data
+        sys.stderr.write(f"{exc}\n")  # one line for the planner to show
+        sys.exit(2)
+
+
+def _probe(args: argparse.Namespace) -> None:
     import torch
 
     from .. import pipeline  # noqa: F401  (what a stage process imports)
@@ -70,10 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if args.world > 1:  # the engine's library and a (one-rank) process group
-        from ..distributed.engines import init_distributed
-
-        init_distributed("gloo", 60)
     task = task_for(cfg)
     device = torch.device("cpu")
     batches = train_batches(cfg, 0, 0, args.world)
@@ -87,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         feed.close()
     for split in task.score_splits:
         next(iter(task.eval_batches(0, 0, args.world, split)), None)
+    if args.world > 1:  # the engine's library and a (one-rank) process group
+        from ..distributed.engines import init_distributed
+
+        init_distributed("gloo", 60)
     before = status_mb("VmHWM")
     _first_step(cfg, args.world)
     print(json.dumps({"before_step_mb": round(before, 1),

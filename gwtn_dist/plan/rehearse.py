@@ -47,7 +47,7 @@ def rehearsal_overrides(cfg: Config, out: Path, ranks: int, steps: int, micro_ba
     distillation phase kept only where the config has one), the global batch ``ranks`` ×
     ``micro_batch``, the final evaluation's batch at most 4 × ``micro_batch``, the teacher
     sharded, no evaluation during training, checkpoints at phase ends only, the data read in
-    the training process."""
+    the training process, no teacher cache."""
     f = cfg.finetune
     values = {
         "run_dir": str(out / "run"), "wide.steps": steps, "imitate.steps_per_point": steps,
@@ -58,6 +58,7 @@ def rehearsal_overrides(cfg: Config, out: Path, ranks: int, steps: int, micro_ba
         "data.num_workers": 0, "eval_every": 0, "eval_samples": 0, "progress": False,
         "checkpoint.every": 10**9, "log_every": steps, "threads": threads,
         "dist.teacher": "shard", "resume": False,
+        "wide.cache": "",  # a rehearsal's teacher is no teacher to keep or reuse
     }
     if shards is not None:
         values["data.shards"] = str(shards)
