@@ -58,6 +58,20 @@ def rehearse(config: str, ranks: int, extra: list[str], folder: Path) -> str | N
     return lines[-1]
 
 
+def wall_table(walls: list[tuple[str, int, dict]]) -> str:
+    """Wall time of every stage's launch (start-up, training, saving, the final evaluation)
+    and of its training loop alone, in seconds, per rehearsal."""
+    stages = list(dict.fromkeys(s for _, _, r in walls for s in r["stages"]))
+    lines = ["| config | ranks | micro-batch | steps | " + " | ".join(stages) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(stages)]
+    for name, ranks, r in walls:
+        cells = [f"{r['stages'][s]['wall_s']:.0f} ({r['stages'][s]['loop_s'] or 0:.0f})"
+                 if s in r["stages"] else "-" for s in stages]
+        lines.append(f"| {name} | {ranks} | {r['micro_batch']} | {r['steps']} | "
+                     + " | ".join(cells) + " |")
+    return "Wall time per stage, s (training loop alone in brackets):\n\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare rehearsals already in OUT")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    lines, everything = [HEADER], []
+    lines, everything, walls = [HEADER], [], []
     for spec in args.runs:
         config, ranks, extra = parse(spec)
         # Runs with overrides get their own folder: e.g. …-4-widezerostage3.
@@ -90,11 +104,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{folder}: no rehearsal, left out", flush=True)
             continue
         record = read_rehearsal(folder)
+        walls.append((Path(config).stem + slug, ranks, record))
         rows = compare(record, plan_of_rehearsal(record))
         lines.append(check_table(Path(config).stem + slug, ranks, rows))
         everything += [{"config": config, "ranks": ranks, **r} for r in rows]
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + wall_table(walls) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_check.md").write_text(text)
     (out / "plan_check.json").write_text(json.dumps(everything, indent=1))

@@ -35,19 +35,23 @@ def _free_port() -> int:
 
 
 def measure(config: str, overrides: list[str], world: int,
-            timeout_s: float = 600) -> tuple[float, float]:
+            timeout_s: float = 1800) -> tuple[float, float]:
     """Peak resident MiB of a fresh probe process for ``config`` as one of ``world`` ranks:
     (before the first step, after it)."""
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gwtn_dist.plan.probe", config, *overrides,
-                           "--world", str(world)], env=env, capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
-    if proc.returncode:
-        from ..config import ConfigError
+    from ..config import ConfigError
 
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gwtn_dist.plan.probe", config,
+                               *overrides, "--world", str(world)], env=env,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"the memory probe of {config} did not finish in {timeout_s:.0f} s "
+                          f"(a busy machine, or DeepSpeed compiling its CPU ops)") from None
+    if proc.returncode:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"the memory probe of {config} failed: {tail}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
