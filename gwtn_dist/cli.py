@@ -9,6 +9,8 @@
     gwtn regime CONFIG [key=value ...]             one comparison per cell of a grid
     gwtn export WEIGHTS OUT [--tokenizer T]        a BERT → Hugging Face; a ResNet → torchvision
     gwtn config CONFIG [key=value ...]             print the resolved config, with help
+    gwtn plan CONFIG --nodes N --gpus-per-node G   memory and time per stage and rank
+    gwtn rehearse CONFIG [key=value ...]           every stage at true size, a few steps
 
 Under a launcher (``torchrun``, ``deepspeed``, ``srun``) every rank runs the same command; the
 rank layout comes from the launcher's environment (see ``gwtn_dist.distributed.env``).
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/fmnist_resnet.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. wide.steps=500")
     p.set_defaults(func=_cmd_config)
+    from .plan.commands import add_plan_commands
+
+    add_plan_commands(sub, load=_load)
     return parser
 
 

@@ -4,6 +4,7 @@
     gwtn shards imagefolder SRC OUT           ImageNet-style class folders → (jpg, cls) shards
     gwtn shards wikipedia DUMP… OUT           pages-articles XML(.bz2) or JSON lines → token shards
     gwtn shards text FILE… OUT                plain UTF-8 text → token shards
+    gwtn shards synthetic imagenet|wikipedia OUT  random data in the real datasets' shapes
     gwtn tokenizer train FILE… --out PATH     a BERT WordPiece tokenizer (tokenizers library)
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .fashion_mnist import write_fashion_mnist
 from .imagefolder import write_imagefolder_shards
+from .synthetic import write_synthetic_images, write_synthetic_tokens
 from .text_shards import iter_texts, write_text_shards
 from .tokenizer import train_tokenizer
 
@@ -47,6 +49,16 @@ def _cmd_text(args: argparse.Namespace) -> None:
                               val_every=args.val_every, test_every=args.test_every,
                               workers=args.workers,
                               maxcount=args.shard_size, progress=not args.quiet)
+    _print_index(index, args.out)
+
+
+def _cmd_synthetic(args: argparse.Namespace) -> None:
+    if args.kind == "imagenet":
+        index = write_synthetic_images(args.out, train=args.train, val=args.val, seed=args.seed)
+    else:
+        index = write_synthetic_tokens(args.out, train=args.train, val=args.val, test=args.val,
+                                       seq_len=args.seq_len, vocab_size=args.vocab_size,
+                                       seed=args.seed)
     _print_index(index, args.out)
 
 
@@ -102,6 +114,20 @@ def add_shard_commands(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("text", help="plain UTF-8 text files → token shards")
     p.add_argument("inputs", nargs="+", metavar="FILE", help="text files (a paragraph = a document)")
     _text_options(p)
+
+    p = kinds.add_parser("synthetic", help="random shards in ImageNet's or Wikipedia's shapes "
+                                           "(for rehearsing a real-size run)")
+    p.add_argument("kind", choices=["imagenet", "wikipedia"])
+    p.add_argument("out", help="output folder")
+    p.add_argument("--train", type=int, default=64, help="training samples (default 64)")
+    p.add_argument("--val", type=int, default=16,
+                   help="held-out samples (val, and test for wikipedia; default 16)")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="wikipedia: tokens per sequence (default 128, as `gwtn shards wikipedia`)")
+    p.add_argument("--vocab-size", type=int, default=30522,
+                   help="wikipedia: vocabulary (default 30522, BERT's)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=_cmd_synthetic)
 
 
 def add_tokenizer_command(sub: argparse._SubParsersAction) -> None:
