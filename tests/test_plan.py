@@ -113,9 +113,10 @@ def test_plan_of_the_tiny_config_matches_its_nets_counted_by_hand():
     assert w.terms["optimizer"] == 4 * sum(wide) // 2 + 4 * sum(wide) // 2  # master + momentum
     imitate = [p for p in plan.phases if p.stage == "imitate"]
     assert all(p.terms["teacher"] == 2 * sum(-(-n // 2) + n for n in wide) for p in imitate)
-    # The imitation target of point k is the wide net's output there, (b, C, H, W) in fp32:
-    # layer1 keeps 28×28 and the thin boundary width (boundary_mult 1), 4 × expansion 4.
-    assert imitate[0].terms["targets"] == 32 * 16 * 28 * 28 * 4
+    # The imitation target of point k is the wide net's output there, (b, C, H, W) in the
+    # compute dtype (bf16: the teacher runs in it): layer1 keeps 28×28 and the thin boundary
+    # width (boundary_mult 1), 4 × expansion 4.
+    assert imitate[0].terms["targets"] == 32 * 16 * 28 * 28 * 2
 
 
 def test_the_teachers_placement_is_the_run_time_rule():
