@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import npy
+from . import npy, remote
 from .errors import DataSourceError
 from .streams import (
     ShardLoader,
@@ -189,8 +189,16 @@ def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
     """
     bound = _bound_after(limit, frozenset(), only)
     urls = tuple(shard_urls(shard_dir, split, bound if bound < NO_BOUND else 0))
-    stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, urls))
+    stamp = tuple(map(_stamp, urls))
     return _slices(urls, stamp, bound, only, batch_size)
+
+
+def _stamp(url: str) -> tuple[int, int]:
+    """(size, mtime) of a shard file; a URL's is taken as unchanging (read once a process)."""
+    if remote.is_url(url):
+        return 0, 0
+    st = os.stat(url)
+    return st.st_size, st.st_mtime_ns
 
 
 def _slices(urls: tuple[str, ...], stamp: tuple, bound: int, only: frozenset[int] | None,

@@ -64,7 +64,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import image_transforms as T
-from . import npy
+from . import npy, remote
 from .errors import DataSourceError
 from .mlm import mask_tokens
 
@@ -81,11 +81,13 @@ def count_samples(url: str, skipped: Counter) -> int:
     """
     keys, last = 0, None
     try:
-        with tarfile.open(url, "r:") as tf:
+        with remote.open_tar(url, skipped) as tf:
             for member in tf:
                 key = member.name.split(".", 1)[0]
                 if member.isfile() and key != last:
                     keys, last = keys + 1, key
+    except remote.NOT_DAMAGE:
+        raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         reason = "truncated tar" if keys else "unreadable tar"
         skipped[reason] += 1
@@ -97,6 +99,8 @@ def count_samples(url: str, skipped: Counter) -> int:
 
 def read_index(folder: str | Path) -> dict:
     """The index.json of a shard folder, with an error that says how to make one."""
+    if remote.is_url(folder):
+        return json.loads(remote.read_bytes(remote.join(str(folder), "index.json")))
     path = Path(folder) / "index.json"
     if not path.is_file():
         raise DataSourceError(f"{path} not found: write the shards first with `gwtn shards …` "
@@ -111,6 +115,8 @@ def indexed_shards(folder: str | Path, split: str) -> tuple[list[str], dict]:
     if split not in index["splits"]:
         raise DataSourceError(f"{folder}: no {split!r} split in index.json")
     info = index["splits"][split]
+    if remote.is_url(folder):  # a missing tar is found when it is read
+        return [remote.join(str(folder), name) for name in info["shards"]], info
     urls = [str(Path(folder) / name) for name in info["shards"]]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
@@ -124,10 +130,13 @@ def resolve_shards(source: str | Path, split: str,
     else ``source`` is a glob or brace pattern of tar files (``data/train-{000..099}.tar``),
     counted from their headers (damaged ones are added to ``skipped``)."""
     source = str(source)
-    if Path(source).is_dir():
+    if Path(source).is_dir() or (remote.is_url(source) and remote.is_folder(source)):
         urls, info = indexed_shards(source, split)
         return urls, list(info["shard_samples"])
-    urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
+    if remote.is_url(source):
+        urls = remote.expand(source)
+    else:
+        urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
     if not urls:
         raise DataSourceError(f"no shard files match the pattern {source!r}")
     skipped = Counter() if skipped is None else skipped
@@ -154,7 +163,7 @@ def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sam
     """
     index, key, sample = -1, None, {}
     try:
-        with tarfile.open(url, "r:") as tf:
+        with remote.open_tar(url, skipped) as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -169,6 +178,8 @@ def read_piece(url: str, first: int, end: int, skipped: Counter) -> Iterator[Sam
                     sample[ext] = tf.extractfile(member).read()
             if first <= index < end:
                 yield sample
+    except remote.NOT_DAMAGE:
+        raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         reason = "unreadable tar" if index < 0 else "truncated tar"
         skipped[reason] += 1
@@ -187,6 +198,8 @@ _tar_cache_lock = threading.Lock()
 
 
 def _tar_key(url: str) -> tuple[str, int, int] | None:
+    if remote.is_url(url):
+        return url, 0, 0
     try:
         st = os.stat(url)
     except OSError:
@@ -515,11 +528,12 @@ def _one_line_errors(batches: Iterator) -> Iterator:
     message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
     try:
         yield from batches
-    except DataSourceError as exc:
+    except remote.NOT_DAMAGE as exc:
         text = str(exc)
         if not text.startswith("Caught "):
             raise
-        raise DataSourceError(text.rsplit("DataSourceError: ", 1)[-1].strip()) from None
+        name = type(exc).__name__
+        raise type(exc)(text.rsplit(f"{name}: ", 1)[-1].strip()) from None
 
 
 def _image_item(sample: Sample, rng, transform) -> tuple[np.ndarray, int]:
@@ -581,7 +595,8 @@ def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str 
     masking (:func:`mlm.mask_tokens`) drawn fresh per batch; labels are -100 where not masked.
     """
     path = Path(source) / "index.json"
-    index = json.loads(path.read_text()) if path.is_file() else {}
+    index = read_index(source) if remote.is_url(str(source)) else \
+        json.loads(path.read_text()) if path.is_file() else {}
     if index.get("format") != "tokens":
         raise DataSourceError(f"{source}: not a token shard folder (write one with "
                               f"`gwtn shards wikipedia|text`)")
