@@ -22,7 +22,7 @@ from pathlib import Path
 class _Handler(SimpleHTTPRequestHandler):
     server_state: ShardServer
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format, *args) -> None:
         pass
 
     def copyfile(self, source, outputfile) -> None:
