@@ -2,10 +2,11 @@
 # Set up gwtn_dist on this machine, in one command, from the repository's root:
 #   ./setup.sh
 # 1. Debian/Ubuntu packages: Fashion-MNIST and the KJV Bible (the default run's data and a text
-#    corpus), slurm-wlm and munge (the SLURM tests), python3-venv when venv is missing, and what
-#    Triton compiles its GPU driver with at first launch (a C compiler, Python's headers) and
-#    torch.compile's CPU code with (a C++ compiler) when missing. Only the missing ones, with
-#    sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
+#    corpus), slurm-wlm and munge (the SLURM tests), iproute2 (the tests' hosts in network
+#    namespaces), curl (shards over http, as webdataset reads them), python3-venv when venv is
+#    missing, and what Triton compiles its GPU driver with at first launch (a C compiler,
+#    Python's headers) and torch.compile's CPU code with (a C++ compiler) when missing. Only the
+#    missing ones, with sudo when not root (python3 too, on a bare image). GWTN_APT=0 skips this.
 # 2. A Python environment: the active venv or conda env (VIRTUAL_ENV, CONDA_PREFIX) if there is
 #    one, else .venv here, made from $PYTHON (default python3; Debian's own Python refuses pip
 #    installs outside a venv). `.venv` then always names the environment: in the first case it is
@@ -62,7 +63,7 @@ cuda_index_hint() {  # the PyTorch index of the driver's CUDA, e.g. .../whl/cu13
 }
 
 # --- 1. system packages (Debian/Ubuntu)
-packages=(dataset-fashion-mnist bible-kjv slurm-wlm munge)
+packages=(dataset-fashion-mnist bible-kjv slurm-wlm munge iproute2 curl)
 # Triton builds a small C driver on its first GPU launch (a C compiler and Python.h of the Python
 # that runs it); torch.compile's CPU code needs a C++ compiler.
 command -v gcc >/dev/null || command -v clang >/dev/null || packages+=(gcc)

@@ -37,7 +37,7 @@ from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.datasets import ensure_shards
 from .data.errors import DamagedDataError, DataSourceError
-from .distributed import preempt, runtime
+from .distributed import peers, preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
 from .kernel_bench import add_arguments as add_kernel_bench_arguments
@@ -301,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # after the data errors above (DataSourceError is an OSError too)
         _say(f"gwtn: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         return EXIT_IO
+    except peers.JoinFailed as exc:
+        _say(f"gwtn: error: {exc}")
+        return peers.EXIT_CODE
+    except RuntimeError as exc:
+        if not peers.is_peer_failure(exc):
+            raise
+        line = peers.explain(exc)  # a lost rank or host: one line from the lowest survivor
+        if line:
+            _say(f"gwtn: error: {line}")
+        return peers.EXIT_CODE
     finally:
         from .pipeline import release_locks
 

@@ -380,7 +380,12 @@ class DistConfig:
     batch (an all-reduce per BN layer), so N ranks × b compute what 1 rank × N·b does; false
     keeps per-rank statistics (cheaper; rank 0's running statistics are saved). Default true.
     timeout_s: a collective that waits longer than this fails, so a job whose rank died exits
-    instead of hanging (the launchers also stop the other ranks when one fails).
+    instead of hanging (the launchers also stop the other ranks when one fails). A lost host
+    (no answer at all) stops the others after this plus a 3 s roll call that names the lost
+    ranks and hosts (exit 69). Default 600.
+    rendezvous_timeout_s: under ``gwtn launch --style srun-torchrun``, how long a node waits to
+    reach the rendezvous host and for every node to join, before it stops with one line (exit
+    69). Default 300.
     deepspeed: DeepSpeed config keys merged last over the generated config (the escape hatch),
     e.g. ``{zero_optimization: {overlap_comm: true}}``. The optimizer and schedule always come
     from the phase's ``optim``.
@@ -396,6 +401,7 @@ class DistConfig:
     teacher_memory_fraction: float = 0.25
     sync_batchnorm: bool = True
     timeout_s: int = 600
+    rendezvous_timeout_s: int = 300
     deepspeed: dict = field(default_factory=dict)
 
 
@@ -1044,6 +1050,7 @@ def validate(cfg: Config) -> None:
     _positive("profile.trace_steps", cfg.profile.trace_steps)
     _positive("threads", cfg.threads, allow_zero=True)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("dist.rendezvous_timeout_s", cfg.dist.rendezvous_timeout_s)
     if not 0 < cfg.dist.teacher_memory_fraction <= 1:
         raise ConfigError(f"dist.teacher_memory_fraction: must be in (0, 1], got "
                           f"{cfg.dist.teacher_memory_fraction}")

@@ -10,7 +10,8 @@ Styles (N nodes × P ranks per node; the rendezvous is on the first node):
 
 - ``srun``: ``srun`` starts N·P tasks, one per rank; each rank reads SLURM_PROCID & co.
 - ``srun-torchrun``: ``srun`` starts one ``torchrun`` per node, which starts P ranks; c10d
-  rendezvous on the first node.
+  rendezvous on the first node (torchrun's agent through ``gwtn_dist.distributed.agent``: the
+  ranks' own exit code, one-line errors, ``dist.rendezvous_timeout_s``).
 - ``deepspeed-slurm``: the ``deepspeed`` launcher with ``--launcher slurm``, which calls ``srun``
   itself; needs neither ssh nor pdsh.
 - ``deepspeed-nossh``: ``srun`` starts ``deepspeed --no_ssh --node_rank=K`` on node K, which starts
@@ -34,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .distributed import preempt
+from .distributed import peers, preempt
 from .distributed.env import LaunchError, check_port, expand_hostlist, rendezvous_port
 
 log = logging.getLogger("gwtn")
@@ -118,8 +119,10 @@ def hostfile_text(alloc: Allocation) -> str:
 
 
 def build(style: str, gwtn_args: list[str], alloc: Allocation, *, port: int,
-          hostfile: Path | None = None, python: str = sys.executable) -> Plan:
-    """The plan for ``style`` (see the module docstring) running ``gwtn GWTN_ARGS`` everywhere."""
+          hostfile: Path | None = None, python: str = sys.executable,
+          rendezvous_timeout_s: int = 300) -> Plan:
+    """The plan for ``style`` (see the module docstring) running ``gwtn GWTN_ARGS`` everywhere;
+    ``rendezvous_timeout_s`` bounds srun-torchrun's wait for the rendezvous host and the nodes."""
     if style not in STYLES:
         raise LaunchError(f"unknown launch style {style!r}; choose one of {', '.join(STYLES)}")
     if style in NEEDS_HOSTFILE and hostfile is None:
@@ -153,10 +156,13 @@ def build(style: str, gwtn_args: list[str], alloc: Allocation, *, port: int,
                                 f"{shlex.join(gwtn)}" for k, node in enumerate(alloc.nodes)},
                     env=rendezvous)
     if style == "srun-torchrun":
-        torchrun = [python, "-m", "torch.distributed.run", f"--nnodes={n}",
+        # torchrun's agent, ending with its ranks' exit code and one-line errors (agent.py)
+        t = rendezvous_timeout_s
+        torchrun = [python, "-m", "gwtn_dist.distributed.agent", f"--nnodes={n}",
                     f"--nproc-per-node={p}", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={first}:{port}", f"--rdzv-id={alloc.job_id or 'gwtn'}",
-                    "--max-restarts=0", "-m", "gwtn_dist", *gwtn_args]
+                    f"--rdzv-conf=join_timeout={t},read_timeout={t}", "--max-restarts=0",
+                    "-m", "gwtn_dist", *gwtn_args]
         return Plan([*srun_nodes, *torchrun], {node: shlex.join(torchrun) for node in alloc.nodes})
     text = hostfile_text(alloc)
     if style == "deepspeed-slurm":
@@ -224,8 +230,12 @@ def launch(args: argparse.Namespace) -> int:
     # In the working directory (the submit directory, shared by the nodes like the run
     # directory, which must hold nothing but the run before the run starts).
     hostfile = Path(args.hostfile or f"gwtn-hostfile-{alloc.job_id or 'local'}")
+    from .config import load_config
+
     plan = build(args.style, gwtn_args, alloc, port=args.port or rendezvous_port(),
-                 hostfile=hostfile if args.style in NEEDS_HOSTFILE else None)
+                 hostfile=hostfile if args.style in NEEDS_HOSTFILE else None,
+                 rendezvous_timeout_s=load_config(gwtn_args[1], gwtn_args[2:])
+                 .dist.rendezvous_timeout_s)
     if args.dry_run:
         print(plan.describe(args.style, alloc))
         return 0
@@ -260,6 +270,11 @@ def launch(args: argparse.Namespace) -> int:
     # Ranks that got the signal themselves (--signal=USR1@N without B:, ranks started by srun)
     # exit with EXIT_CODE, which srun passes on; a stop requested here may come back as any
     # failure (torchrun reports its ranks' exit as 1).
+    if code == peers.EXIT_CODE and alloc.job_id and not args.no_requeue:
+        # A lost rank or host (peers.py): the job goes back in the queue and resumes from its
+        # last checkpoint once SLURM has the nodes again.
+        _requeue(alloc.job_id)
+        return code
     if not (requested or code == preempt.EXIT_CODE):
         return code
     interrupted = any(s in preempt.INTERRUPTS for s in requested)

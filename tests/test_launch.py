@@ -44,10 +44,29 @@ def test_srun_torchrun_starts_one_torchrun_per_node_with_c10d_on_the_first_node(
     assert plan.command[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
                                 "--kill-on-bad-exit=1", "--cpus-per-task=32"]
     node = plan.per_node["gpu02"]
-    for part in ("--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
-                 "--rdzv-endpoint=gpu01:20042", "--rdzv-id=42", "-m gwtn_dist wide c.yaml"):
+    for part in ("-m gwtn_dist.distributed.agent ", "--nnodes=2", "--nproc-per-node=4",
+                 "--rdzv-backend=c10d", "--rdzv-endpoint=gpu01:20042", "--rdzv-id=42",
+                 "--rdzv-conf=join_timeout=300,read_timeout=300", "-m gwtn_dist wide c.yaml"):
         assert part in node
     assert plan.per_node["gpu01"] == node  # c10d hands out node ranks: one command for all
+
+
+@pytest.mark.parametrize(("script", "code", "line"), [
+    ("import sys; sys.exit(75)", 75, None),  # a rank's own code, not torchrun's 1
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + 9,
+     "gwtn: error: rank 0 on "),
+])
+def test_the_node_agent_ends_with_its_ranks_exit_code(tmp_path, script, code, line):
+    (tmp_path / "rank.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "gwtn_dist.distributed.agent", "--standalone",
+                           "--nproc-per-node=1", str(tmp_path / "rank.py")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("gwtn: error")]
+    assert len(errors) == (0 if line is None else 1), proc.stderr[-2000:]
+    if line:
+        assert errors[0].startswith(line) and errors[0].endswith("was killed by SIGKILL")
+        assert "ChildFailedError" not in proc.stderr  # torchrun's report left out
 
 
 def test_srun_starts_one_task_per_rank_with_the_rendezvous_in_the_environment():

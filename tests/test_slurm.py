@@ -1,11 +1,16 @@
-"""The batch scripts on a real SLURM (one node, started by the tests; see slurm_cluster.py).
+"""The batch scripts on a real SLURM of two nodes, started by the tests: one slurmd in each of
+two test hosts (network namespaces with their own address and host name, ``net_hosts.py``;
+``slurm_cluster.py``), so every job runs ``sbatch --nodes=2`` with one rank per node and its
+ranks talk across the hosts' addresses.
 
 The tiny config runs with 2 tasks through ``launch/sbatch_stage.sh``, as a user submits it: once
 straight through (launch style deepspeed-slurm); once with SLURM's warning signal sent to the
 batch shell in the middle of the wide stage (srun-torchrun), after which the job must checkpoint,
-requeue itself, resume and end with the same weights; as three chained jobs from
-``launch/submit.sh``, which must end there too; and one stage with the srun and deepspeed-nossh
-styles.
+requeue itself, resume and end with the same weights; once with node 2 lost in the middle of the
+wide stage (its link down, every process on it killed, slurmd included), after which the job is
+requeued, waits for the node to come back and resumes to the same weights; as three chained jobs
+from ``launch/submit.sh``, which must end there too; and one stage with the srun and
+deepspeed-nossh styles.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from net_hosts import Unavailable as NoHosts
+from net_hosts import start_hosts
 from slurm_cluster import Unavailable, start_cluster
 
 from gwtn_dist import checkpoint
@@ -31,9 +38,19 @@ STAGES = ("wide", "imitate", "finetune")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def hosts():
     try:
-        running = start_cluster(tmp_path_factory.mktemp("slurm"))
+        network = start_hosts(2)
+    except NoHosts as exc:
+        pytest.skip(f"test hosts cannot start here: {exc}")
+    yield network
+    network.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, hosts):
+    try:
+        running = start_cluster(tmp_path_factory.mktemp("slurm"), hosts)
     except Unavailable as exc:
         pytest.skip(f"SLURM cannot start here: {exc}")
     # The jobs import this checkout and run DeepSpeed on the CPU, one thread per rank. The batch
@@ -58,7 +75,7 @@ def tiny(shard_dir: Path, run_dir: Path) -> list[str]:
 
 def submit(cluster, folder: Path, style: str, *gwtn_args: str) -> tuple[str, Path]:
     log = folder / "job.out"
-    job = cluster.sbatch("--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+    job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                          "--time=00:10:00", f"--output={log}", f"--chdir={folder}", SCRIPT,
                          *gwtn_args, env={"GWTN_STYLE": style})
     return job, log
@@ -96,7 +113,8 @@ def test_sbatch_runs_the_tiny_config_on_two_tasks(straight_run):
     assert (straight_run / "results.md").is_file()
     log = (straight_run.parent / "job.out").read_text()
     assert "launching (deepspeed-slurm)" in log
-    assert "rank 1 of 2 (local 1, launcher srun)" in log
+    assert "rank 1 of 2 (local 0, launcher srun)" in log  # one rank on each node
+    assert "on gwtn-h[1-2]:" in log
 
 
 def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes(
@@ -130,8 +148,9 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes(
 def test_submit_chains_the_stages_and_they_end_like_one_run(cluster, straight_run, tmp_path,
                                                            shard_dir):
     run_dir = tmp_path / "run"
-    out = subprocess.run([str(REPO / "launch" / "submit.sh"), "--ntasks-per-node=2",
-                          "--cpus-per-task=1", f"--chdir={tmp_path}", *tiny(shard_dir, run_dir)],
+    out = subprocess.run([*cluster.prefix, str(REPO / "launch" / "submit.sh"), "--nodes=2",
+                          "--ntasks-per-node=1", "--cpus-per-task=1", f"--chdir={tmp_path}",
+                          *tiny(shard_dir, run_dir)],
                          env=cluster.env, capture_output=True, text=True, check=True).stdout
     ids = dict(line.split(": job ") for line in out.splitlines())
     assert list(ids) == list(STAGES)
@@ -159,3 +178,37 @@ def test_the_other_styles_start_two_ranks(cluster, tmp_path, shard_dir, style):
     record = json.loads((run_dir / "wide" / "stage.json").read_text())
     assert (record["world_size"], record["steps"]) == (2, 4)
     assert f"launching ({style})" in log.read_text()
+
+
+def test_a_lost_node_requeues_the_job_which_resumes(cluster, hosts, straight_run, tmp_path,
+                                                    shard_dir):
+    """Node 2 lost mid-stage: its link down, every process on it killed (slurmd too). Node 1's
+    rank stops after dist.timeout_s, SLURM marks the node DOWN after SlurmdTimeout and requeues
+    the job; once the node is back (its slurmd started again) the job resumes and ends with the
+    uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, "srun-torchrun", "wide", *tiny(shard_dir, run_dir),
+                      "dist.timeout_s=20")
+    deadline = time.time() + 240
+    while not (run_dir / "wide" / "checkpoint.pt").exists():
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    lost_at = hosts[1].lose()
+    deadline = time.time() + 180
+    while (info := cluster.job(job))["Restarts"] == "0":
+        assert time.time() < deadline, (info, log.read_text()[-4000:])
+        time.sleep(0.5)
+    requeued = time.time() - lost_at
+    hosts[1].link(True)
+    cluster.start_slurmd(hosts[1])
+    info = cluster.wait(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "resuming wide at phase 0 (wide), step " in text, text[-4000:]
+    resumed = checkpoint.load(run_dir / "wide" / "model.pt")["state_dict"]
+    reference = checkpoint.load(straight_run / "wide" / "model.pt")["state_dict"]
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+    print(f"node gwtn-h2 lost; job {job} requeued after {requeued:.1f} s, completed after "
+          f"{time.time() - lost_at:.1f} s with {info['Restarts']} restart(s)")

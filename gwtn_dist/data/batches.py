@@ -20,16 +20,16 @@ Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids"
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..config import Config
+from . import remote
 from .errors import DataSourceError
 from .shards import augment, to_model_input, train_stream, validation_indices
-from .streams import ShardLoader, text_stream
+from .streams import ShardLoader, read_index, text_stream
 
 
 def _batch_generator(seed: int, phase_index: int, step: int) -> torch.Generator:
@@ -125,8 +125,8 @@ def split_mlm(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 
 @functools.lru_cache(maxsize=16)
-def _token_split_samples(index_path: str, mtime_ns: int) -> dict[str, int]:
-    index = json.loads(Path(index_path).read_text())
+def _token_split_samples(shards: str, mtime_ns: int) -> dict[str, int]:
+    index = read_index(shards)
     if index.get("format") != "tokens":
         return {}
     return {split: int(info["samples"]) for split, info in index["splits"].items()}
@@ -135,9 +135,10 @@ def _token_split_samples(index_path: str, mtime_ns: int) -> dict[str, int]:
 def token_split_samples(shards: str | Path) -> dict[str, int]:
     """Samples per split of the token shards in folder ``shards`` (``{}`` when it holds no
     token index.json; the readers then say what is wrong). Read again when index.json changes."""
-    path = Path(shards) / "index.json"
-    try:
-        return _token_split_samples(str(path), path.stat().st_mtime_ns)
+    try:  # a URL's index is read once
+        mtime = 0 if remote.is_url(str(shards)) else \
+            (Path(shards) / "index.json").stat().st_mtime_ns
+        return _token_split_samples(str(shards), mtime)
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -157,7 +158,7 @@ def checked_text_stream(cfg: Config, train: bool, batch_size: int, rank: int, wo
                          world_size=world, num_workers=d.num_workers, seed=seed,
                          shuffle_buffer=d.shuffle_buffer, mlm_probability=d.mlm_probability,
                          eval_missing_ok=d.eval_missing_ok)
-    index = json.loads((Path(d.shards) / "index.json").read_text())  # text_stream checked it
+    index = read_index(d.shards)  # text_stream checked it
     if index["vocab_size"] > cfg.model.vocab_size or index["seq_len"] > cfg.model.max_len:
         raise DataSourceError(
             f"{d.shards}: vocabulary {index['vocab_size']} and sequences of {index['seq_len']} "

@@ -18,7 +18,6 @@ the teacher cache would otherwise branch on:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
+from . import remote
 
 # The readers (torch, webdataset) are imported where a batch is made, so that the config checks
 # that ask this registry a question (is a validation split carved out?) load no torch.
@@ -162,7 +162,9 @@ class Text(Dataset):
         {} for shards without one, so keys of teachers trained on two-split shards stay what
         they were. A folder rewritten with a test split no longer trains on those documents."""
         try:
-            index = json.loads((Path(cfg.data.shards) / "index.json").read_text())
+            from .streams import read_index
+
+            index = read_index(cfg.data.shards)
         except (OSError, ValueError):
             return {}
         if "test" not in index.get("splits", {}):
@@ -207,6 +209,8 @@ def ensure_shards(cfg: Config, is_main: bool, wait_s: float = 600.0) -> None:
     """
     from ..workers import FileLock
 
+    if remote.is_url(str(cfg.data.shards)):
+        return  # shards over the network are read, never written
     shards = Path(cfg.data.shards)
     if dataset_of(cfg).written_on_first_use and any(c in str(shards) for c in "*?[{"):
         # A pattern names existing tars; shards written here go into a folder.

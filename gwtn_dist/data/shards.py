@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import npy
+from . import npy, remote
 from .errors import DamagedDataError, DataSourceError
 from .streams import (
     ShardLoader,
@@ -204,9 +204,17 @@ def eval_batches(shard_dir: Path | str, batch_size: int, split: str = "test",
     counts = list(info["shard_samples"])
     if bound < NO_BOUND:
         urls, counts = urls[:shards_below(counts, bound)], counts[:shards_below(counts, bound)]
-    stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, urls))
+    stamp = tuple(map(_stamp, urls))
     return _slices(tuple(urls), tuple(counts), stamp, bound, only, batch_size, split,
                    missing_ok)
+
+
+def _stamp(url: str) -> tuple[int, int]:
+    """(size, mtime) of a shard file; a URL's is taken as unchanging (read once a process)."""
+    if remote.is_url(url):
+        return 0, 0
+    st = os.stat(url)
+    return st.st_size, st.st_mtime_ns
 
 
 def _slices(urls: tuple[str, ...], counts: tuple[int, ...], stamp: tuple, bound: int,

@@ -72,7 +72,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import image_transforms as T
-from . import npy
+from . import npy, remote
 from .errors import DamagedDataError, DataSourceError
 from .mlm import mask_tokens
 
@@ -89,11 +89,13 @@ def count_samples(url: str, skipped: Counter) -> int:
     """
     keys, last = 0, None
     try:
-        with tarfile.open(url, "r:") as tf:
+        with remote.open_tar(url, skipped) as tf:
             for member in tf:
                 key = member.name.split(".", 1)[0]
                 if member.isfile() and key != last:
                     keys, last = keys + 1, key
+    except remote.NOT_DAMAGE:
+        raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         reason = "truncated tar" if keys else "unreadable tar"
         skipped[reason] += 1
@@ -104,15 +106,24 @@ def count_samples(url: str, skipped: Counter) -> int:
 
 
 def read_index(folder: str | Path) -> dict:
-    """The index.json of a shard folder, checked to be a shard index (a ``DamagedDataError``
-    naming the file when it is not), with an error that says how to make one when absent."""
-    path = Path(folder) / "index.json"
-    if not path.is_file():
-        raise DataSourceError(f"{path} not found: write the shards first with `gwtn shards …` "
-                              f"(e.g. `gwtn shards fashion-mnist {folder}`)")
+    """The index.json of a shard folder (local or at a URL), checked to be a shard index (a
+    ``DamagedDataError`` naming the file when it is not), with an error that says how to make
+    one when absent."""
+    if remote.is_url(folder):
+        path = remote.join(str(folder), "index.json")
+        raw = remote.read_bytes(path)
+    else:
+        path = Path(folder) / "index.json"
+        if not path.is_file():
+            raise DataSourceError(f"{path} not found: write the shards first with `gwtn shards …` "
+                                  f"(e.g. `gwtn shards fashion-mnist {folder}`)")
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DamagedDataError(f"{path} cannot be read ({exc})") from None
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        index = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise DamagedDataError(f"{path} is not valid JSON ({exc}); write the shards again with "
                                f"`gwtn shards …`") from None
     problem = index_problem(index)
@@ -160,6 +171,8 @@ def indexed_shards(folder: str | Path, split: str) -> tuple[list[str], dict]:
     if split not in index["splits"]:
         raise DataSourceError(f"{folder}: no {split!r} split in index.json")
     info = index["splits"][split]
+    if remote.is_url(folder):  # a missing tar is found when it is read
+        return [remote.join(str(folder), name) for name in info["shards"]], info
     urls = [str(Path(folder) / name) for name in info["shards"]]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
@@ -173,10 +186,13 @@ def resolve_shards(source: str | Path, split: str,
     else ``source`` is a glob or brace pattern of tar files (``data/train-{000..099}.tar``),
     counted from their headers (damaged ones are added to ``skipped``)."""
     source = str(source)
-    if Path(source).is_dir():
+    if Path(source).is_dir() or (remote.is_url(source) and remote.is_folder(source)):
         urls, info = indexed_shards(source, split)
         return urls, list(info["shard_samples"])
-    urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
+    if remote.is_url(source):
+        urls = remote.expand(source)
+    else:
+        urls = sorted({u for pat in braceexpand.braceexpand(source) for u in glob.glob(pat)})
     if not urls:
         raise DataSourceError(f"no shard files match the pattern {source!r}")
     skipped = Counter() if skipped is None else skipped
@@ -209,7 +225,7 @@ def read_piece(url: str, first: int, end: int, skipped: Counter,
     index, key, sample, yielded = -1, None, {}, 0
     reason, error = None, None
     try:
-        with tarfile.open(url, "r:") as tf:
+        with remote.open_tar(url, skipped) as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -231,6 +247,8 @@ def read_piece(url: str, first: int, end: int, skipped: Counter,
             if first <= index < end:
                 yielded += 1
                 yield sample
+    except remote.NOT_DAMAGE:
+        raise
     except (tarfile.TarError, OSError, EOFError) as exc:
         if isinstance(exc, DataSourceError):
             raise
@@ -259,6 +277,8 @@ _tar_cache_lock = threading.Lock()
 
 
 def _tar_key(url: str) -> tuple[str, int, int] | None:
+    if remote.is_url(url):
+        return url, 0, 0
     try:
         st = os.stat(url)
     except OSError:
@@ -633,7 +653,7 @@ def _one_line_errors(batches: Iterator) -> Iterator:
     message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
     try:
         yield from batches
-    except DataSourceError as exc:
+    except remote.NOT_DAMAGE as exc:
         text = str(exc)
         if not text.startswith("Caught "):
             raise
@@ -699,7 +719,8 @@ def text_stream(source: str | Path, *, train: bool, batch_size: int, split: str 
     Each batch is ``{"input_ids", "attention_mask", "labels"}``, int64 (B, seq_len): dynamic BERT
     masking (:func:`mlm.mask_tokens`) drawn fresh per batch; labels are -100 where not masked.
     """
-    index = read_index(source) if (Path(source) / "index.json").is_file() else {}
+    url = remote.is_url(str(source))
+    index = read_index(source) if url or (Path(source) / "index.json").is_file() else {}
     if index.get("format") != "tokens":
         raise DataSourceError(f"{source}: not a token shard folder (write one with "
                               f"`gwtn shards wikipedia|text`)")

@@ -14,6 +14,7 @@ into a ZeRO-3 engine without optimizer. The optimizer and the schedule themselve
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pickle
@@ -356,7 +357,15 @@ def make_engine(rt: Runtime, module: nn.Module, groups: list[dict], optim: Optim
 def init_distributed(backend: str, timeout_s: int) -> None:
     """Join the process group through DeepSpeed (it reads the env:// variables)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed JIT-compiles a C++ shared-memory all-reduce whenever a CPU process group
+        # starts (minutes on a busy 2-core machine, again for every venv sharing the build
+        # folder); only its inference all-reduce uses it, training never does. Without it
+        # DeepSpeed falls back as on a machine where the op cannot be built.
+        # (by module path: the package's own name "torch" is torch itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, optim_sections
+from . import peers
 from .env import DistEnv, discover, export
 
 log = logging.getLogger("gwtn")
@@ -129,7 +130,14 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
         backend = cfg.dist.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        init_distributed(backend, cfg.dist.timeout_s)
+        try:
+            init_distributed(backend, cfg.dist.timeout_s)
+        except (RuntimeError, TimeoutError) as exc:  # DistNetworkError and gloo's errors
+            raise peers.JoinFailed(
+                f"rank {env.rank} could not join the job's {env.world_size} ranks at "
+                f"{env.master_addr}:{env.master_port} within dist.timeout_s="
+                f"{cfg.dist.timeout_s} s: {str(exc).splitlines()[0][:200]}") from exc
+        peers.start(env.rank, env.world_size, cfg.dist.timeout_s)
         log.info("rank %d of %d (local %d, launcher %s), backend %s, %s", env.rank,
                  env.world_size, env.local_rank, env.launcher, backend, precision)
     return Runtime(env=env, engine=engine, dtype=weights, autocast=autocast,
@@ -185,6 +193,7 @@ def _joined() -> bool:
 
 def leave() -> None:
     """Leave the process group, if this process joined one (the CLI, when a command ends)."""
+    peers.stop()
     if _joined():
         dist.destroy_process_group()
 
