@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -131,7 +133,8 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            init_distributed(backend, cfg.dist.timeout_s)
+            with _native_stderr_held():
+                init_distributed(backend, cfg.dist.timeout_s)
         except (RuntimeError, TimeoutError) as exc:  # DistNetworkError and gloo's errors
             raise peers.JoinFailed(
                 f"rank {env.rank} could not join the job's {env.world_size} ranks at "
@@ -142,6 +145,32 @@ def setup(cfg: Config, env: DistEnv | None = None) -> Runtime:
                  env.world_size, env.local_rank, env.launcher, backend, precision)
     return Runtime(env=env, engine=engine, dtype=weights, autocast=autocast,
                    precision=precision)
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """Hold what C++ writes to file descriptor 2 while a rank joins: c10d logs a connection
+    that times out with a C++ stack trace of ~40 lines, past Python's logging. Replayed when
+    the join succeeds; when it fails, the caller's one line says why and the held text goes
+    to the debug log (``-v``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read()
+            if text and joined:
+                os.write(2, text)
+            elif text:
+                log.debug("while joining: %s", text.decode(errors="replace"))
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
