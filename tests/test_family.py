@@ -148,8 +148,18 @@ def test_teacher_cache_keys_hash_the_flat_model_section(path):
                           "ffn_mult": 4, **to_dict(cfg)["model"]["widen"]}}
     expected.pop("compile")  # how the net runs, not what it is: keys from before it stay
     assert model == expected
-    compiled = load_config(path, ["model.compile=true"])
+    compiled = load_config(path, ["model.compile=true", "data.eval_missing_ok=0.1"])
     assert teacher_settings(compiled) == teacher_settings(cfg)
+
+
+def test_the_default_configs_teacher_keeps_its_cache_key():
+    """A teacher cached by an earlier version is found again: adding a config key that does
+    not decide the teacher's weights must not change the key (this one was taken before
+    model.compile and data.eval_missing_ok existed; each changed it once)."""
+    from gwtn_dist.stages.teacher_cache import cache_dir
+
+    cfg = load_config(REPO / "configs/fmnist_resnet.yaml")
+    assert cache_dir(cfg).name == "e86d7ea4f77ede80"
 
 
 @pytest.mark.parametrize("path", [BERT, RESNET], ids=["bert", "resnet"])

@@ -30,7 +30,9 @@ FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
 def teacher_settings(cfg: Config) -> dict:
     """What decides a wide teacher's weights (the cache key is its hash)."""
     tree = to_dict(cfg)
-    data = {k: v for k, v in tree["data"].items() if k not in ("num_workers", "eval_batch_size")}
+    # How the data is read and scored, not what is trained on: not part of the key.
+    data = {k: v for k, v in tree["data"].items()
+            if k not in ("num_workers", "eval_batch_size", "eval_missing_ok")}
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
     if cfg.wide.init:  # the same path may hold other weights later: key on what it holds
         check_init(cfg.wide.init, "wide.init")  # absent: the config's error, not an I/O one
