@@ -308,10 +308,11 @@ def test_a_teacher_cached_before_the_test_split_is_not_reused(tmp_path):
     shards.mkdir()
     cfg = load_config(REPO / "configs/bert_tiny_cpu.yaml",
                       [f"data.shards={shards}", f"wide.cache={tmp_path / 'cache'}"])
-    index = {"format": "tokens", "val_every": 10, "splits": {"train": {}, "val": {}}}
+    empty = {"shards": [], "shard_samples": []}  # a valid index (its shards do not matter)
+    index = {"format": "tokens", "val_every": 10, "splits": {"train": empty, "val": empty}}
     (shards / "index.json").write_text(json.dumps(index))
     old = cache_dir(cfg)
-    three = {**index, "test_every": 10, "splits": {**index["splits"], "test": {}}}
+    three = {**index, "test_every": 10, "splits": {**index["splits"], "test": empty}}
     (shards / "index.json").write_text(json.dumps(three))
     with_test = cache_dir(cfg)
     assert with_test != old

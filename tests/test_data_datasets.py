@@ -41,7 +41,8 @@ def test_split_counts_and_the_test_split_identity(shard_dir, tmp_path):
     assert dataset_of(fm).split_samples(fm) == {}  # fixed splits: train, test
     assert dataset_of(fm).test_split_identity(fm) == {}
     tokens = {"format": "tokens", "val_every": 3, "test_every": 4, "split_rule": "r",
-              "splits": {"train": {"samples": 9}, "val": {"samples": 2}, "test": {"samples": 1}}}
+              "splits": {name: {"samples": n, "shards": [], "shard_samples": []}
+                         for name, n in (("train", 9), ("val", 2), ("test", 1))}}
     (tmp_path / "index.json").write_text(json.dumps(tokens))
     text = _cfg("text", tmp_path)
     assert dataset_of(text).split_samples(text) == {"train": 9, "val": 2, "test": 1}
