@@ -42,7 +42,8 @@ def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for folder in ("gwtn_dist", "kernels"):
         shutil.copytree(REPO / folder, src / folder, ignore=skip)
-    shutil.copy(REPO / "setup.py", src / "setup.py")
+    for name in ("setup.py", "pyproject.toml"):  # built as pip builds it: through the backend
+        shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, timeout=300)
