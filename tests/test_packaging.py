@@ -30,7 +30,8 @@ from gwtn_dist.models.family import build_thin
 for family, data in (("resnet", "fashion-mnist"), ("bert", "text")):  # each family ships
     build_thin(load_config(None, [f"model.family={family}", f"data.dataset={data}"]).model)
 site = pathlib.Path(sys.argv[1]).resolve()
-assert pathlib.Path(gwtn_dist.kernels.__file__).resolve().is_relative_to(site), gwtn_dist.kernels.__file__
+kernels_file = pathlib.Path(gwtn_dist.kernels.__file__).resolve()
+assert kernels_file.is_relative_to(site), kernels_file
 assert not (site / "kernels").exists(), "a top-level kernels package was installed"
 print("ok")
 """
