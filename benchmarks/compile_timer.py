@@ -53,7 +53,7 @@ def _spec_of(fn, args: tuple, kwargs: dict) -> tuple:
 
     params = inspect.signature(fn).parameters
     names = list(params)
-    values = {**dict(zip(names, args)), **kwargs}
+    values = {**dict(zip(names, args, strict=False)), **kwargs}
     spec = []
     for name in names:
         v = values.get(name)

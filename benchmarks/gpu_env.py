@@ -55,7 +55,8 @@ def main() -> int:
                        f"{torch.version.cuda}, sees none): check nvidia-smi and the driver")
     elif torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        facts.append(f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()} (sm_{major}{minor})")
+        facts.append(f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name()} "
+                     f"(sm_{major}{minor})")
     else:
         facts.append("CPU rehearsal (TRITON_INTERPRET=1: timings mean nothing)")
     floor = (2, 13)
@@ -119,7 +120,8 @@ def main() -> int:
     facts.append(", ".join(f"{m} {'yes' if v else 'no'}" for m, v in optional.items()))
 
     # The checkout's own modules, as the parts import them (webdataset and braceexpand stood in
-    # for, as the training part does). Each missing module is stood in for in turn, so one run names all.
+    # for, as the training part does). Each missing module is stood in for in turn, so one run
+    # names all.
     use_checkout()
     from benchmarks.imitation_run import STOOD_IN  # what the training part stands in for
 

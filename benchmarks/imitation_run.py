@@ -8,8 +8,9 @@ shapes), and the finished stage is not scored (its metrics are NaN). webdataset 
 which the data modules import at the top, are replaced by stand-ins when they are not installed;
 DeepSpeed is never imported on one process.
 
-    python3 benchmarks/imitation_run.py OUT_DIR [--config C] [--steps N] [--backends triton,reference]
-        [--schedules sequential,parallel] [--compiled triton] [overrides …]
+    python3 benchmarks/imitation_run.py OUT_DIR [--config C] [--steps N]
+        [--backends triton,reference] [--schedules sequential,parallel] [--compiled triton]
+        [overrides …]
 
 For each schedule and backend it writes ``OUT_DIR/<schedule>-<backend>/`` (the stage's files) and
 one row of ``OUT_DIR/imitation_run.csv``: the median logged step time (the first logged window of
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for schedule in schedules:
         fused, ref = by.get((schedule, "triton")), by.get((schedule, "reference"))
         if fused and ref:
-            print(f"{schedule}: reference/triton step time {ref['step_ms'] / fused['step_ms']:.2f}x "
-                  f"({args.precision})")
+            ratio = ref["step_ms"] / fused["step_ms"]
+            print(f"{schedule}: reference/triton step time {ratio:.2f}x ({args.precision})")
     for r in rows:
         eager = by.get((r["schedule"], r["backend"]))
         if r["compiled"] and eager:

@@ -161,7 +161,8 @@ def goals(rows: list[dict]) -> list[dict]:
         f = by.get("fused")
         if f is None:
             continue
-        rec = dict(zip(("sweep", "dtype", "tf32", "mask", "tokens", "d_in", "d_out"), key))
+        rec = dict(zip(("sweep", "dtype", "tf32", "mask", "tokens", "d_in", "d_out"), key,
+                       strict=True))
         rec["eager_x"] = _speedup(by, "eager")
         rec["compile_x"] = _speedup(by, "compile")
         rec["floor_ratio"] = round(f["ms"] / by["floor"]["ms"], 3) if "floor" in by else math.nan

@@ -114,8 +114,9 @@ class ComparePlan:
                     units.append(Unit(
                         f"tune/{arm}/p{i}/seed{s}", folder / f".lock-{arm}",
                         run=lambda arm=arm, point=point, s=s, folder=folder: run_arm(
-                            self.rt, with_overrides(dataclasses.replace(self.cfg, seed=s, eval_test=False),
-                                           point), folder, arm, self.teacher_root(s) / "wide"),
+                            self.rt, with_overrides(
+                                dataclasses.replace(self.cfg, seed=s, eval_test=False), point),
+                            folder, arm, self.teacher_root(s) / "wide"),
                         done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
                         needs=self._teacher_needs(arm, s)))
         for mult in c.budget_mults:

@@ -620,7 +620,8 @@ def _yaml(text: str, where: str) -> Any:
 
 
 def _parse_scalar(text: str, key: str = "override") -> Any:
-    """An override's value is read as YAML, so ``3``, ``0.1``, ``true``, ``[2,2]`` keep their types."""
+    """An override's value is read as YAML, so ``3``, ``0.1``, ``true``, ``[2,2]`` keep their
+    types."""
     return _yaml(text, key) if text != "" else ""
 
 
@@ -739,8 +740,8 @@ def upgrade_saved_tree(tree: dict) -> dict:
     """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
     written before each family had its own (every family's keys, flat, ``widen`` included)
     keeps only the keys of its ``model.family``, which are all that ever decided what the run
-    computed. The two arm lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``) become the one
-    ``arms``: the compared arms, then any other baseline that was trained."""
+    computed. The two arm lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``)
+    become the one ``arms``: the compared arms, then any other baseline that was trained."""
     if "baselines" in tree or "arms" in (tree.get("compare") or {}):
         compare = dict(tree.get("compare") or {})
         arms = list(compare.pop("arms", ARMS))  # ARMS was compare.arms's default

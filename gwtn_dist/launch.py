@@ -3,8 +3,8 @@
 The batch script runs ``gwtn launch --style STYLE -- COMMAND CONFIG [key=value …]`` once, in the
 batch step. It reads the allocation from SLURM's variables, builds the command each node runs,
 starts them (one job step), and handles preemption: on the warning signal it asks the ranks to
-checkpoint and stop (``gwtn_dist.distributed.preempt``), then requeues the job, whose next start adds
-``resume=true``. ``--dry-run`` prints the commands instead of running them.
+checkpoint and stop (``gwtn_dist.distributed.preempt``), then requeues the job, whose next start
+adds ``resume=true``. ``--dry-run`` prints the commands instead of running them.
 
 Styles (N nodes × P ranks per node; the rendezvous is on the first node):
 
@@ -216,7 +216,8 @@ def _requeue(job_id: str) -> None:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Run (or with ``--dry-run`` print) the plan; see the module docstring. Returns the exit code."""
+    """Run (or with ``--dry-run`` print) the plan; see the module docstring. Returns the exit
+    code."""
     gwtn_args = list(args.gwtn)
     if gwtn_args[:1] == ["--"]:
         gwtn_args = gwtn_args[1:]

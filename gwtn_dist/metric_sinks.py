@@ -10,7 +10,9 @@ name) and the position fields (``phase_index``, ``step``, ``global_step``) are n
   gwtn_dist[tensorboard]``). A resumed stage purges the events past its checkpoint, as
   ``metrics.jsonl`` drops its lines past it.
 - ``logging.wandb: PROJECT`` logs to a Weights & Biases run per stage (needs ``wandb``; its own
-  settings, e.g. ``WANDB_MODE=offline``, apply).
+  settings, e.g. ``WANDB_MODE=offline``, apply). The W&B run's id is kept in
+  ``<stage dir>/wandb_id`` and passed with ``resume="allow"``, so a stage resumed after a
+  preemption goes on logging into the same W&B run; a stage that starts over gets a new one.
 
 A sink asked for whose package is missing is one warning line and no sink: a run never fails
 for want of a dashboard. Only rank 0 logs.
@@ -21,9 +23,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Protocol
+
+from gwtn_dist.checkpoint import atomic_write_text
 
 log = logging.getLogger("gwtn")
 
@@ -89,12 +95,35 @@ def available(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+WANDB_ID_FILE = "wandb_id"
+# W&B run ids: letters, digits, - and _ (no slashes; it builds URLs from them).
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def wandb_run_id(stage_dir: Path, resuming: bool) -> str:
+    """The W&B run id for the stage in ``stage_dir``: the one stored in its ``wandb_id`` file
+    when the stage resumes from a checkpoint, else a new one, stored (atomically) for the
+    resume. A stage that starts over gets a new id: its steps start again at the first, which
+    the old W&B run would refuse as going back in time."""
+    path = stage_dir / WANDB_ID_FILE
+    if resuming:
+        try:
+            stored = path.read_text().strip()
+        except FileNotFoundError:  # the run began before ids were stored, or W&B was off
+            stored = ""
+        if _WANDB_ID.fullmatch(stored):
+            return stored
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 def open_sinks(stage_dir: Path, tensorboard: bool, wandb_project: str,
                resume_step: int | None = None) -> list[Sink]:
     """The sinks the config asks for and this machine can serve (rank 0 only).
 
     resume_step: the stage's global step at its checkpoint when it resumes (TensorBoard
-    drops the events logged after it in the interrupted run)."""
+    drops the events logged after it in the interrupted run; W&B goes on in the same run)."""
     sinks: list[Sink] = []
     if tensorboard:
         if available("tensorboard"):
@@ -111,9 +140,10 @@ def open_sinks(stage_dir: Path, tensorboard: bool, wandb_project: str,
         if available("wandb"):
             import wandb
 
+            run_id = wandb_run_id(stage_dir, resuming=resume_step is not None)
             run = wandb.init(project=wandb_project, dir=str(stage_dir),
                              name=f"{stage_dir.parent.name}/{stage_dir.name}",
-                             group=stage_dir.parent.name)
+                             group=stage_dir.parent.name, id=run_id, resume="allow")
             sinks.append(WandbSink(run))
         else:
             _warn_once("wandb", "logging.wandb")

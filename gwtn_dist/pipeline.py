@@ -152,7 +152,8 @@ def run_all(rt: Runtime, cfg: Config) -> dict:
         curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], metric)]}
         curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in baselines})
         label = task.labels.get(metric, metric.replace("_", " "))
-        plot_curves(run_dir / "curves.png", curves, {"title": f"thin net: {label} vs thin-net steps"},
+        plot_curves(run_dir / "curves.png", curves,
+                    {"title": f"thin net: {label} vs thin-net steps"},
                     teacher_accuracy=records["wide"][metric], label=label)
     print(table)
     return records

@@ -62,7 +62,7 @@ def profile_plot(rows: list[dict], path: Path) -> None:
     for region in REGIONS:
         widths = [r["regions"].get(region, 0.0) for r in rows]
         ax.barh(labels, widths, left=left, label=region.replace("_", " "))
-        left = [a + b for a, b in zip(left, widths)]
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("ms per training step (mean of the sampled steps)")
     ax.legend(ncol=4, fontsize=8, loc="upper center",

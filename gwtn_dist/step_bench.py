@@ -150,7 +150,8 @@ def bench_step(rt: Runtime, cfg: Config, steps: int, rounds: int, out: Path) -> 
     return rows
 
 
-def _imitation_step(rt: Runtime, cfg: Config, device: torch.device, backend: str) -> Callable[[], None]:
+def _imitation_step(rt: Runtime, cfg: Config, device: torch.device,
+                    backend: str) -> Callable[[], None]:
     """One imitation step at the top point: teacher forward (no grad), thin forward to the
     point, the imitation MSE (backend), backward, SGD step."""
     thin = place(rt, build_thin(cfg.model), cfg, device).train()

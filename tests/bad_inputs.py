@@ -427,7 +427,8 @@ ELSEWHERE: list[Apart] = [
      "gwtn: stopped on request after step N of wide and checkpointed …; run again with "
      "resume=true", "test_reliability.py::test_ctrl_c_and_sigterm_stop_at_a_checkpoint_that_"
                     "resumes_bit_exact"),
-    Apart("a second Ctrl-C / SIGTERM while the stop is pending; SIGTERM before training", "130 / 143",
+    Apart("a second Ctrl-C / SIGTERM while the stop is pending; SIGTERM before training",
+          "130 / 143",
      "gwtn: SIGINT again: stopped at once, without a checkpoint …",
      "test_reliability.py::test_a_second_ctrl_c_stops_at_once_and_outside_training_too"),
     Apart("a full disk (the lock, config.yaml, metrics.jsonl, a checkpoint, model.pt)", "74",

@@ -49,7 +49,7 @@ def make_idx_dataset(folder: Path, train: int, test: int, seed: int = 0) -> Path
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    for split, n, stem in [("train", train, "train"), ("test", test, "t10k")]:
+    for n, stem in [(train, "train"), (test, "t10k")]:
         labels = rng.integers(0, 10, n).astype(np.uint8)
         images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
         for i, c in enumerate(labels):

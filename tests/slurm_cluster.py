@@ -6,9 +6,10 @@ one node per test host of ``network`` (``net_hosts.py``): a slurmd in each host'
 under its host name (``NodeName``) and address (``NodeAddr``), slurmctld on the first host, whose
 commands (sbatch, scontrol, …) then run there too (:attr:`Cluster.prefix`); munged runs once, its
 socket shared through the file system as the hosts share the run folders. Either returns a
-running :class:`Cluster` or raises :class:`Unavailable` with the reason (the tests skip with it). Debian's ``slurm-wlm`` and ``munge`` are installed first when
-they are missing and ``GWTN_SLURM_INSTALL=1`` (``./setup.sh``, the README's set-up, installs
-them). Under CI (``CI=true``) a skip is a failure (``tests/conftest.py``).
+running :class:`Cluster` or raises :class:`Unavailable` with the reason (the tests skip with it).
+Debian's ``slurm-wlm`` and ``munge`` are installed first when they are missing and
+``GWTN_SLURM_INSTALL=1`` (``./setup.sh``, the README's set-up, installs them). Under CI
+(``CI=true``) a skip is a failure (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def start_cluster(folder: Path, network=None) -> Cluster:
                          f"--log-file={folder}/munged.log", f"--seed-file={folder}/munge.seed"],
                folder / "munged.pid")
         _start(cluster, on[0]([_which("slurmctld"), "-f", str(conf)]), folder / "slurmctld.pid")
-        for host, wrap in zip(hosts, on):
+        for host, wrap in zip(hosts, on, strict=True):
             _start(cluster, wrap([_which("slurmd"), "-f", str(conf)]),
                    folder / f"slurmd-{host}.pid")
         deadline = time.time() + 60

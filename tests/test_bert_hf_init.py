@@ -68,7 +68,8 @@ def test_a_hugging_face_folder_is_the_wide_twin_with_the_same_logits(tmp_path, s
     cfg = tiny()
     cfg.widen.attention_mult, cfg.widen.ffn_mult = 1, 2
     hf = hf_bert(tmp_path / "hf", ffn=128, safetensors=safetensors)
-    assert (tmp_path / "hf" / ("model.safetensors" if safetensors else "pytorch_model.bin")).exists()
+    weights = "model.safetensors" if safetensors else "pytorch_model.bin"
+    assert (tmp_path / "hf" / weights).exists()
     wide = load_init(build_wide(cfg), str(tmp_path / "hf"))
     logits_agree(wide, hf, batch([12, 7, 3]))
 

@@ -44,7 +44,8 @@ def test_overrides_keep_their_types():
 
 def test_exponent_numbers_are_numbers():
     # PyYAML reads "1e-3" (no dot) as a string; a user writing it means the number.
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["wide.optim.lr=1e-3", "imitate.optim.lr=5E-4"])
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml",
+                      ["wide.optim.lr=1e-3", "imitate.optim.lr=5E-4"])
     assert cfg.wide.optim.lr == 1e-3 and cfg.imitate.optim.lr == 5e-4
 
 

@@ -25,7 +25,7 @@ def test_index_counts_match_the_source(shard_dir, idx_dir):
 
 def test_eval_visits_every_test_sample_once_in_order(shard_dir, idx_dir):
     images, labels = load_split(idx_dir, "test")
-    seen_x, seen_y = zip(*eval_batches(shard_dir, batch_size=64))
+    seen_x, seen_y = zip(*eval_batches(shard_dir, batch_size=64), strict=True)
     x, y = torch.cat(seen_x), torch.cat(seen_y)
     assert x.shape == (300, 1, 28, 28) and x.dtype == torch.uint8
     assert torch.equal(x[:, 0], torch.from_numpy(images.copy()))
@@ -70,7 +70,8 @@ def test_training_stream_is_deterministic_and_covers_an_epoch(shard_dir):
     sums = torch.cat([x.flatten(1).sum(1) for x, _ in first]).sort().values
     all_x = torch.cat([x for x, _ in eval_batches(shard_dir, 500, split="train")])
     assert torch.equal(sums, all_x.flatten(1).sum(1).sort().values)
-    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, (next(b) for _ in range(12))))
+    second = [next(b) for _ in range(12)]
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, second, strict=True))
     assert not torch.equal(first[0][0], next(c)[0])
     next_epoch = next(a)
     assert a.position == {"epoch": 1, "batch": 1, "skipped": {}}
@@ -128,7 +129,8 @@ def _webdataset_order(folder, seed: int, epoch: int, buffer: int, bound: int,
 
     pipe = wds.DataPipeline(
         wds.SimpleShardList(urls), wds.shuffle(len(urls), initial=len(urls), seed=shuffle_seed),
-        wds.tarfile_to_samples(), wds.select(lambda s: index(s) < bound and index(s) not in exclude),
+        wds.tarfile_to_samples(),
+        wds.select(lambda s: index(s) < bound and index(s) not in exclude),
         wds.shuffle(buffer, initial=buffer, seed=shuffle_seed + 1), wds.map(index),
         wds.batched(batch_size, collation_fn=list, partial=False))
     return list(pipe)
@@ -333,7 +335,7 @@ def test_prefetched_batches_and_checkpointed_position_match_the_training_thread(
     expected = [plain.next(*k) for k in keys]
     feed = Prefetcher(_global_batches(shard_dir), iter(keys), depth=depth)
     try:
-        for k, (x, y) in zip(keys[:12], expected):
+        for k, (x, y) in zip(keys[:12], expected[:12], strict=True):
             got_x, got_y = feed.next(*k)
             assert torch.equal(got_x, x) and torch.equal(got_y, y)
         # The thread has read ahead, but the position is that after the 12th batch taken:
@@ -348,7 +350,7 @@ def test_prefetched_batches_and_checkpointed_position_match_the_training_thread(
     resumed.seek(position)
     rest = Prefetcher(resumed, iter(keys[12:]), depth=depth)
     try:
-        for k, (x, y) in zip(keys[12:], expected[12:]):
+        for k, (x, y) in zip(keys[12:], expected[12:], strict=True):
             got_x, got_y = rest.next(*k)
             assert torch.equal(got_x, x) and torch.equal(got_y, y)
     finally:

@@ -195,7 +195,8 @@ def test_val_and_test_splits_are_disjoint_whole_documents(tmp_path):
 
     docs = 80
     (tmp_path / "c.txt").write_text("\n\n".join(
-        f"doc {d} says the lamb slept by the river and the king ruled the city." for d in range(docs)))
+        f"doc {d} says the lamb slept by the river and the king ruled the city."
+        for d in range(docs)))
     out = tmp_path / "s"
     # one in 3 to val, one in 4 to test, by a hash of the document's number.
     assert main(["-q", "shards", "text", str(tmp_path / "c.txt"), str(out), "--seq-len", "24",

@@ -118,11 +118,12 @@ def _global_bn_worker(rank: int, world: int, port: int, queue) -> None:
     nn.functional.cross_entropy(net(x[rank * b:(rank + 1) * b]), y[rank * b:(rank + 1) * b]) \
         .backward()
     worst_grad = 0.0
-    for p, q in zip(net.parameters(), reference.parameters()):
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
         g = p.grad.clone()
         dist.all_reduce(g)  # what data parallelism does: the mean of the ranks' gradients
         worst_grad = max(worst_grad, ((g / world - q.grad).abs().max() / q.grad.abs().max()).item())
-    worst_stat = max((a - b).abs().max().item() for a, b in zip(net.buffers(), reference.buffers()))
+    worst_stat = max((a - b).abs().max().item()
+                     for a, b in zip(net.buffers(), reference.buffers(), strict=True))
     if rank == 0:
         queue.put((worst_grad, worst_stat))
     dist.destroy_process_group()

@@ -142,7 +142,7 @@ def test_two_ranks_compute_what_one_rank_does_with_the_whole_batch(tmp_path, sha
     run(torchrun(1, ["wide", *tiny(shard_dir, tmp_path / "one", *common)]))
     two, one = losses(tmp_path / "two" / "wide"), losses(tmp_path / "one" / "wide")
     assert len(two) == len(one) == 10
-    rel = [abs(a - b) / abs(b) for a, b in zip(two, one)]
+    rel = [abs(a - b) / abs(b) for a, b in zip(two, one, strict=True)]
     assert max(rel[:3]) < 1e-5, rel
     assert max(rel) < 3e-3, rel
 

@@ -121,7 +121,8 @@ def test_a_run_resumes_from_its_saved_config_in_either_form(tmp_path, path):
     old = {**saved, "model": _old_flat(saved["model"])}
     assert other in old["model"]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    prepare_run_dir(Runtime(), resumed, run_dir)  # a run saved with the old flat section resumes too
+    # a run saved with the old flat section resumes too
+    prepare_run_dir(Runtime(), resumed, run_dir)
     release_locks()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
     key, value = {"bert": ("model.layers", 3), "resnet": ("model.blocks", [2, 1, 1])}[

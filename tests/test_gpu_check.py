@@ -26,7 +26,8 @@ def test_the_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the refusal on a machine without CUDA")
 def test_without_a_gpu_the_check_refuses_in_one_line_with_status_2(tmp_path):
     # PYTHON: the script must reach this interpreter's torch, whatever python3 is on PATH.
     env = {**{k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")},

@@ -138,7 +138,8 @@ def run(fn, inputs, *, dtype, device, reduction="mean", layout=None, requires=GR
 
 
 def ground_truth(inputs, *, dtype, reduction="mean", requires=GRAD_NAMES, loss_factor=None):
-    """The reference in float64 on inputs rounded to ``dtype`` exactly as the fused path sees them."""
+    """The reference in float64 on inputs rounded to ``dtype`` exactly as the fused path sees
+    them."""
     rounded = {k: (v.to(dtype).double() if v is not None and k != "mask" else v)
                for k, v in inputs.items()}
     return run(imitation_mse_reference, rounded, dtype=torch.float64, device="cpu",
@@ -300,7 +301,7 @@ class _CountingLaunches:
 
         def call(*args, **kwargs):
             names = getattr(self.kernel, "arg_names", None) or []
-            self.owner.calls.append({**dict(zip(names, args)), **kwargs})
+            self.owner.calls.append({**dict(zip(names, args, strict=False)), **kwargs})
             return launch(*args, **kwargs)
         return call
 
@@ -394,7 +395,7 @@ def test_pinned_tiles_under_several_ranks(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert out.startswith("ok"), out
 

@@ -18,14 +18,14 @@ def reference(w: list[float], grads: list[list[float]], lr: float, b1: float, b2
     m = [0.0] * len(w)
     v = [0.0] * len(w)
     for t, g in enumerate(grads, start=1):
-        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
-        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g, strict=True)]
+        v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g, strict=True)]
         u = [(mi / (1 - b1**t)) / (math.sqrt(vi / (1 - b2**t)) + EPS) + wd * wi
-             for mi, vi, wi in zip(m, v, w)]
+             for mi, vi, wi in zip(m, v, w, strict=True)]
         w_norm = math.sqrt(sum(x * x for x in w))
         u_norm = math.sqrt(sum(x * x for x in u))
         ratio = w_norm / u_norm if wd != 0 and w_norm > 0 and u_norm > 0 else 1.0
-        w = [wi - lr * ratio * ui for wi, ui in zip(w, u)]
+        w = [wi - lr * ratio * ui for wi, ui in zip(w, u, strict=True)]
     return w
 
 
@@ -96,5 +96,5 @@ def test_apex_fused_lamb_matches_the_plain_one_on_a_gpu():
                 p.grad = torch.randn(p.shape, device="cuda", generator=gen)
             opt.step()
         results.append(params)
-    for fused, plain in zip(*results):
+    for fused, plain in zip(*results, strict=True):
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

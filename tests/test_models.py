@@ -23,7 +23,7 @@ def test_twins_share_names_and_widen_the_inner_width():
     cfg = small_cfg()
     thin, wide = build_thin(cfg), build_wide(cfg)
     assert [n for n, _ in thin.blocks()] == [n for n, _ in wide.blocks()]
-    for (_, tb), (_, wb) in zip(thin.blocks()[1:], wide.blocks()[1:]):
+    for (_, tb), (_, wb) in zip(thin.blocks()[1:], wide.blocks()[1:], strict=True):
         assert wb.conv2.in_channels == 4 * tb.conv2.in_channels  # inner 3×3 width ×4
         assert wb.conv3.out_channels == tb.conv3.out_channels  # boundary width unchanged
     x = torch.randn(3, 1, 28, 28)
@@ -33,7 +33,7 @@ def test_twins_share_names_and_widen_the_inner_width():
 def test_boundary_widening_multiplies_block_outputs():
     cfg = small_cfg(widen=ResNetWidening(inner_mult=2, boundary_mult=3))
     thin, wide = build_thin(cfg), build_wide(cfg)
-    for (_, tb), (_, wb) in zip(thin.blocks()[1:], wide.blocks()[1:]):
+    for (_, tb), (_, wb) in zip(thin.blocks()[1:], wide.blocks()[1:], strict=True):
         assert wb.conv3.out_channels == 3 * tb.conv3.out_channels
         assert wb.conv2.in_channels == 2 * tb.conv2.in_channels
 

@@ -30,7 +30,8 @@ from gwtn_dist.models.family import build_thin
 for family, data in (("resnet", "fashion-mnist"), ("bert", "text")):  # each family ships
     build_thin(load_config(None, [f"model.family={family}", f"data.dataset={data}"]).model)
 site = pathlib.Path(sys.argv[1]).resolve()
-assert pathlib.Path(gwtn_dist.kernels.__file__).resolve().is_relative_to(site), gwtn_dist.kernels.__file__
+kernels_file = pathlib.Path(gwtn_dist.kernels.__file__).resolve()
+assert kernels_file.is_relative_to(site), kernels_file
 assert not (site / "kernels").exists(), "a top-level kernels package was installed"
 print("ok")
 """
@@ -42,7 +43,8 @@ def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for folder in ("gwtn_dist", "kernels"):
         shutil.copytree(REPO / folder, src / folder, ignore=skip)
-    shutil.copy(REPO / "setup.py", src / "setup.py")
+    for name in ("setup.py", "pyproject.toml"):  # built as pip builds it: through the backend
+        shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, timeout=300)

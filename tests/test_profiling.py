@@ -221,6 +221,58 @@ def test_wandb_gets_the_numeric_fields_at_the_global_step(tmp_path, monkeypatch)
     assert logged == [(3, {"loss": 0.5, "lr": 0.1, "phase": "train"}), "finished"]
 
 
+def _stub_wandb(monkeypatch, on_log=None) -> list[dict]:
+    """A ``wandb`` module that records each ``init``'s keywords (no network, no package)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    inits: list[dict] = []
+
+    class Run:
+        def log(self, values, step):
+            if on_log is not None:
+                on_log(step)
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: inits.append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return inits
+
+
+def test_a_preempted_stage_resumes_into_the_same_wandb_run(tmp_path, shard_dir, monkeypatch):
+    """Stopped on request (the run's stop file, as ``gwtn launch`` asks) after a checkpoint,
+    then ``resume=true``: both starts name the same W&B run id with ``resume="allow"``, the
+    id kept in the stage folder; another run folder gets another id."""
+    from gwtn_dist.distributed import preempt
+
+    run_dir = tmp_path / "run"
+
+    def stop_after_a_checkpoint(step):
+        if step == 7:  # checkpoints every 5 steps: one at step 5 is on disk
+            preempt.stop_file(run_dir).touch()
+
+    inits = _stub_wandb(monkeypatch, stop_after_a_checkpoint)
+    args = fast_args(run_dir, shard_dir, "wide.steps=20", "checkpoint.every=5", "eval_every=0",
+                     "logging.wandb=gwtn-tests")
+    assert main(["-q", "wide", *args]) == 75
+    assert main(["-q", "wide", *args, "resume=true"]) == 0
+    (resume,) = json.loads((run_dir / "wide" / "stage.json").read_text())["resumes"]
+    assert resume["step"] > 0  # it went on from the checkpoint, not from the start
+    first, again = inits
+    assert first["resume"] == again["resume"] == "allow"
+    assert first["id"] == again["id"] == (run_dir / "wide" / "wandb_id").read_text().strip()
+
+    other = tmp_path / "other"
+    assert main(["-q", "wide", *fast_args(other, shard_dir, "wide.steps=2", "eval_every=0",
+                                          "logging.wandb=gwtn-tests")]) == 0
+    assert inits[2]["id"] != first["id"] and inits[2]["resume"] == "allow"
+
+
 def test_gwtn_bench_kernels_writes_csv_and_plot_and_says_cpu_times_need_a_gpu(tmp_path, capsys):
     import torch
 

@@ -29,7 +29,8 @@ from tests.test_pipeline import fast_args
 # A small net in the ImageNet geometry (7×7 stride-2 stem + max-pool, four stages).
 IMAGENET = ["model.geometry=imagenet", "model.in_channels=3", "model.num_classes=5",
             "model.stem_width=8", "model.blocks=[1,1,2,1]", "model.inner_widths=[4,4,8,8]",
-            "model.widen.inner_mult=2", "data.dataset=imagefolder", "compare.deeper_blocks=[1,1,3,1]"]
+            "model.widen.inner_mult=2", "data.dataset=imagefolder",
+            "compare.deeper_blocks=[1,1,3,1]"]
 
 
 def perturbed(net: torch.nn.Module) -> torch.nn.Module:

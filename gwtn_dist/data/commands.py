@@ -112,7 +112,8 @@ def add_shard_commands(kinds: argparse._SubParsersAction) -> None:
     _text_options(p)
 
     p = kinds.add_parser("text", help="plain UTF-8 text files → token shards")
-    p.add_argument("inputs", nargs="+", metavar="FILE", help="text files (a paragraph = a document)")
+    p.add_argument("inputs", nargs="+", metavar="FILE",
+                   help="text files (a paragraph = a document)")
     _text_options(p)
 
     p = kinds.add_parser("synthetic", help="random shards in ImageNet's or Wikipedia's shapes "

@@ -44,8 +44,8 @@ _INNER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 _EXT_LINK = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]*\s*([^\]]*)\]")
 _COMMENT = re.compile(r"<!--[\s\S]*?(-->|$)")
 _REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>[\s\S]*?</ref>", re.IGNORECASE)
-_DROP_BLOCKS = re.compile(r"<(math|gallery|timeline|score|syntaxhighlight|source)[^>]*>[\s\S]*?</\1>",
-                          re.IGNORECASE)
+_DROP_BLOCKS = re.compile(
+    r"<(math|gallery|timeline|score|syntaxhighlight|source)[^>]*>[\s\S]*?</\1>", re.IGNORECASE)
 _TAG = re.compile(r"</?[a-zA-Z][^>]*>")
 _BOLD_ITALIC = re.compile(r"'{2,}")
 _HEADING = re.compile(r"^\s*=+\s*(.*?)\s*=+\s*$", re.MULTILINE)

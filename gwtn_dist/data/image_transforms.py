@@ -58,7 +58,8 @@ def _draft(img: Image.Image, min_width: int, min_height: int) -> float:
 
 
 def train_transform(data: bytes, rng: np.random.Generator, size: int = 224) -> np.ndarray:
-    """JPEG bytes → random-resized-crop of ``size`` × ``size``, flipped with p 0.5; uint8 (H, W, 3)."""
+    """JPEG bytes → random-resized-crop of ``size`` × ``size``, flipped with p 0.5; uint8 (H, W,
+    3)."""
     img = Image.open(io.BytesIO(data))
     width, height = img.size
     top, left, h, w = crop_params(width, height, rng)

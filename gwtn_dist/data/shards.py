@@ -2,7 +2,8 @@
 
 A shard folder holds ``train-%05d.tar`` and ``test-%05d.tar`` plus ``index.json`` (which also
 lists every split's labels, so a validation split can be carved out of ``train`` without reading
-it). Each sample is ``{"__key__": "<split>-<index>", "npy": uint8 (H, W) or (H, W, C), "cls": int}``.
+it). Each sample is
+``{"__key__": "<split>-<index>", "npy": uint8 (H, W) or (H, W, C), "cls": int}``.
 
 The validation split (``validation_indices``) is a seeded, class-stratified set of training
 indices: training streams skip it, and ``eval_batches(..., only=indices)`` reads just it, so
@@ -119,7 +120,8 @@ def validation_indices(shard_dir: Path | str, samples: int, seed: int = 0) -> fr
     for c in np.argsort(-(share - take), kind="stable")[: samples - take.sum()]:
         take[c] += 1
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:n]
+              for c, n in zip(classes, take, strict=True)]
     return frozenset(int(i) for i in np.concatenate(chosen))
 
 
@@ -237,7 +239,7 @@ def _decoded_split(urls: tuple[str, ...], counts: tuple[int, ...], stamp: tuple,
     del stamp  # part of the cache key only
     pairs, damage = [], []  # damage: what was lost where, in file order
     past = False  # a sample at or past the bound was met: the rest is not read
-    for url, count in zip(urls, counts):
+    for url, count in zip(urls, counts, strict=True):
         if past:
             break
         skipped: Counter = Counter()

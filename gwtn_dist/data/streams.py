@@ -504,7 +504,7 @@ class ShardStream(IterableDataset):
             produced = 0
             while batch < quota:
                 if batch < first:  # resume: skip raw samples, decode nothing
-                    got = sum(1 for _ in zip(range(self.batch_size), raw))
+                    got = sum(1 for _ in zip(range(self.batch_size), raw, strict=False))
                     batch, produced = batch + (got == self.batch_size), produced + got
                     if got < self.batch_size:
                         break
@@ -649,8 +649,8 @@ class ShardLoader:
 
 def _one_line_errors(batches: Iterator) -> Iterator:
     """``batches``, with a DataLoader worker's :class:`DataSourceError` (or subclass) as the one
-    line it was raised with: torch raises it again in this process with the worker's traceback in the
-    message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
+    line it was raised with: torch raises it again in this process with the worker's traceback in
+    the message ("Caught DataSourceError in DataLoader worker process 0. Original Traceback …")."""
     try:
         yield from batches
     except remote.NOT_DAMAGE as exc:

@@ -10,7 +10,8 @@ index counts text tokens (specials not included). The attention mask is
 Documents (counted over all inputs, skipped ones included) go whole to one split each
 (:func:`split_of`, by a hash of the document's number): one in ``val_every`` to ``val`` (the
 validation split: curves and choices), one in ``test_every`` to ``test`` (read once, for the
-report), the others to ``train``. No document is in two splits, so no sequence of one split shares text with another.
+report), the others to ``train``. No document is in two splits, so no sequence of one split shares
+text with another.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Packer:
     """Packs token lists into fixed-length sequences: ``[CLS] doc [SEP] doc [SEP] …``."""
 
     def __init__(self, seq_len: int, cls_id: int, sep_id: int, pad_id: int, dtype: np.dtype):
-        self.seq_len, self.cls, self.sep, self.pad, self.dtype = seq_len, cls_id, sep_id, pad_id, dtype
+        self.seq_len, self.dtype = seq_len, dtype
+        self.cls, self.sep, self.pad = cls_id, sep_id, pad_id
         self._cur: list[int] = [cls_id]
 
     def add(self, ids: list[int]) -> Iterator[np.ndarray]:

@@ -36,8 +36,9 @@ ROLL_CALL_S = 3.0
 STORE_TIMEOUT_S = 5.0  # one store read or connect; a store that long silent is lost
 # What gloo's (and NCCL's) errors say when a peer is gone: the markers that make a failed
 # collective a lost peer rather than a bug.
-PEER_FAILURE_MARKERS = ("Timed out waiting", "Connection reset by peer", "Connection closed by peer",
-                        "Connection refused", "Broken pipe", "NCCL communicator was aborted",
+PEER_FAILURE_MARKERS = ("Timed out waiting", "Connection reset by peer",
+                        "Connection closed by peer", "Connection refused", "Broken pipe",
+                        "NCCL communicator was aborted",
                         "Watchdog caught collective operation timeout", "gloo/transport")
 
 

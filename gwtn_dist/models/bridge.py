@@ -36,7 +36,8 @@ class LinearPair(nn.Module):
         super().__init__()
         if wide_width < thin_width:
             raise ValueError(f"wide width {wide_width} is smaller than thin width {thin_width}")
-        basis = torch.linalg.qr(torch.randn(wide_width, thin_width)).Q  # (C, c), orthonormal columns
+        # (C, c), orthonormal columns
+        basis = torch.linalg.qr(torch.randn(wide_width, thin_width)).Q
         # Row-major copies: QR returns Q column-major, and DeepSpeed broadcasts and flattens
         # parameters through views that need a contiguous last dim.
         self.lift = nn.Parameter(basis.contiguous().clone())  # P: (C, c)

@@ -11,8 +11,8 @@ CPU). The probe does all that in a fresh process with a net of a few parameters 
 the real ones (one training step through the run's engine, and under DeepSpeed a ZeRO-3
 frozen copy, as a sharded teacher is), and prints its peak resident memory in MiB as JSON, and
 the peak before that first step (``before_step_mb``: the floor under what a stage builds and
-loads before its first step, such as the teacher). On a CPU this is the floor under every stage's peak,
-which a formula could not give: it is the libraries' and the allocator's. The planner runs it
+loads before its first step, such as the teacher). On a CPU this is the floor under every stage's
+peak, which a formula could not give: it is the libraries' and the allocator's. The planner runs it
 for ``gwtn plan --device cpu`` and ``--check``.
 """
 

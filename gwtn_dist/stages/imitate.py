@@ -8,9 +8,9 @@ hidden size, a lift of each layer output, see ``models/bridge.py``). Blocks belo
 pairs are merged, so the thin net leaves this stage with exactly its original shape.
 
 The family's task (``stages/tasks.py``; each family's in ``models/<family>/task.py``) says what
-a point's output is and which positions count: a BERT's points are its layer outputs (b, T, D), compared at unpadded tokens only, and
-with ``imitate.attention_weight`` the KL between the two nets' attention maps of the phase's
-layer is added.
+a point's output is and which positions count: a BERT's points are its layer outputs (b, T, D),
+compared at unpadded tokens only, and with ``imitate.attention_weight`` the KL between the two
+nets' attention maps of the phase's layer is added.
 
 ``imitate.schedule: parallel`` replaces the K phases by one: segment k (the blocks after point
 k−1 up to point k) runs on Q_{k−1} stopgrad(B_≤k−1(x)), the teacher's output at the point below
@@ -75,8 +75,9 @@ def phase_params(thin: nn.Module, points: list[str], k: int, bridges: Bridges | 
     """The parameters phase ``k`` trains at full lr, and those it trains at ``lower_lr_mult``.
 
     Full lr: the blocks after point k−1 up to point k, the lift P_k that this point's comparison
-    uses, and Q_{k−1}, which feeds those blocks (lifts only: no Q). Lower lr (none if the multiplier is 0): every
-    block before them and the pairs already passed. Blocks above point k are never trained here.
+    uses, and Q_{k−1}, which feeds those blocks (lifts only: no Q). Lower lr (none if the
+    multiplier is 0): every block before them and the pairs already passed. Blocks above point k
+    are never trained here.
     """
     blocks = [module for _, module in thin.blocks()]
     ends = [point_index(thin, p) for p in points]
@@ -128,11 +129,11 @@ def parallel_outputs(thin: nn.Module, task, x, targets: tuple[torch.Tensor, ...]
                      points: list[str], ends: list[int], bridges: Bridges | None,
                      dtype: torch.dtype, attention: bool = False) -> list:
     """Every thin segment's output under the parallel schedule, in the forward's dtype:
-    segment 0 runs on the batch x, segment k > 0 on the teacher's output at point k−1 (``targets[k−1]``,
-    without grad), mapped down to the thin width through that point's pair where widths
-    differ and cast to ``dtype`` (the thin net's input dtype); never on the thin net's own
-    output, so no gradient crosses a segment boundary. Images: (b, c_k, H_k, W_k); text:
-    (b, T, D), or with ``attention`` (output, the segment's last layer's maps (b, H, T, T)).
+    segment 0 runs on the batch x, segment k > 0 on the teacher's output at point k−1
+    (``targets[k−1]``, without grad), mapped down to the thin width through that point's pair
+    where widths differ and cast to ``dtype`` (the thin net's input dtype); never on the thin
+    net's own output, so no gradient crosses a segment boundary. Images: (b, c_k, H_k, W_k);
+    text: (b, T, D), or with ``attention`` (output, the segment's last layer's maps (b, H, T, T)).
     """
     starts = segment_starts(ends)
     outs = []

@@ -309,7 +309,7 @@ def micro_batches(x, y: torch.Tensor, n: int) -> list[tuple]:
         xs = [{k: v[i] for k, v in parts.items()} for i in range(n)]
     else:
         xs = x.split(size)
-    return list(zip(xs, ys))
+    return list(zip(xs, ys, strict=True))
 
 
 def _forward_backward(rt: Runtime, phase: Phase, engine: Engine, x, y: torch.Tensor,

@@ -1,1 +1,2 @@
-"""Benchmarks of the kernels (``gwtn_dist.kernels.bench``); run as scripts, never collected by pytest."""
+"""Benchmarks of the kernels (``gwtn_dist.kernels.bench``); run as scripts, never collected by
+pytest."""

@@ -177,9 +177,9 @@ def print_table(rows: list[dict]) -> None:
             "gbps", "pct_peak_bw"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def print_summary(rows: list[dict]) -> None:
@@ -227,10 +227,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             for provider in PROVIDERS:
                 pts = sorted((r["tokens"], r[key]) for r in rows
                              if r["sweep"] == "linear" and r["mode"] == "full"
-                             and r["provider"] == provider and (r["d_in"], r["d_out"]) == (d_in, d_out)
+                             and r["provider"] == provider
+                             and (r["d_in"], r["d_out"]) == (d_in, d_out)
                              and not math.isnan(r[key]))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=provider)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=provider)
             ax.set_xscale("log", base=2)
             if ax.lines and key == "ms":
                 ax.set_yscale("log")
@@ -249,7 +250,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                              if r["sweep"] == "elementwise" and r["mode"] == "full"
                              and r["provider"] == provider and r["d_in"] == d)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{provider} D={d}")
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"{provider} D={d}")
         ax.set_xscale("log", base=2)
         ax.set_title("elementwise (no weight)")
         ax.set_xlabel("tokens")

@@ -26,11 +26,13 @@ def interpreter_requested() -> bool:
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` here, or None if they can."""
     if importlib.util.find_spec("triton") is None:
-        return "the triton backend of imitation_mse needs the `triton` package, which is not installed"
+        return ("the triton backend of imitation_mse needs the `triton` package, which is not "
+                "installed")
     if device.type == "cuda":
         return None
     if device.type != "cpu":
-        return f"the triton backend of imitation_mse supports CUDA devices only, not {device.type!r}"
+        return ("the triton backend of imitation_mse supports CUDA devices only, not "
+                f"{device.type!r}")
     if not interpreter_requested():
         return (
             "the triton backend of imitation_mse needs a CUDA device; on CPU it only runs under "
@@ -74,7 +76,8 @@ def select_imitation_mse(backend: str, device: torch.device | str) -> Callable[.
     from .reference import imitation_mse_reference
 
     if backend not in BACKENDS:
-        raise ValueError(f"unknown imitation-loss backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown imitation-loss backend {backend!r}; "
+                         f"allowed: {', '.join(BACKENDS)}")
     device = torch.device(device)
     if backend == "reference":
         return imitation_mse_reference

@@ -153,7 +153,8 @@ def _empty_problem(x, weight, bias, residual, needs) -> tuple[torch.Tensor, Fuse
     # No element counts: loss 0 (as for an all-False mask), zero gradients.
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     inputs = (x, weight, bias, residual)
-    grads = [torch.zeros_like(t) if (need and t is not None) else None for t, need in zip(inputs, needs)]
+    grads = [torch.zeros_like(t) if (need and t is not None) else None
+             for t, need in zip(inputs, needs, strict=True)]
     return loss, FusedGrads(*grads, dtype=x.dtype)
 
 

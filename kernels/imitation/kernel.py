@@ -65,10 +65,10 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 # ---------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused linear kernel on GPU; the
-# autotuner picks one per (D_in, D_out, rows bucket, dtypes). The epilogue holds the accumulator plus target
-# / residual tiles in registers, so tiles stay at <= 64 accumulator values per thread: checked by
-# compiling for sm_90 (128x256 tiles or 4-warp 128x128 tiles spilled). float32 inputs use
-# BLOCK_K = 32 to fit shared memory; the other list is pruned by dtype.
+# autotuner picks one per (D_in, D_out, rows bucket, dtypes). The epilogue holds the accumulator
+# plus target / residual tiles in registers, so tiles stay at <= 64 accumulator values per
+# thread: checked by compiling for sm_90 (128x256 tiles or 4-warp 128x128 tiles spilled).
+# float32 inputs use BLOCK_K = 32 to fit shared memory; the other list is pruned by dtype.
 _GPU_LINEAR_TILES = {
     "16bit": [
         (128, 128, 64, 8, 3),
@@ -472,7 +472,7 @@ def _needs_int64(*tensors: torch.Tensor | None) -> bool:
     """Whether some element offset may reach 2**31 (then kernels index in int64)."""
     for t in tensors:
         if t is not None and t.numel() > 0:
-            span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+            span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
             if span >= 2**31 - 1:
                 return True
     return False
@@ -602,7 +602,8 @@ _SCALE_BLOCK = 4096
 def _is_dense(t: torch.Tensor) -> bool:
     """True if t's elements fill exactly numel consecutive slots (any dim order)."""
     expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    dims = zip(t.stride(), t.shape, strict=True)
+    for stride, size in sorted((st, sz) for st, sz in dims if sz > 1):
         if stride != expected:
             return False
         expected *= size
@@ -648,7 +649,8 @@ def finish_grads(
     padded = slots + [(None, None, True)] * (4 - len(slots))  # unused slots are not compiled
     count, scale_value = scale.kernel_args()
     _finish_grads_kernel[(total,)](
-        *(arg for src, dst, _ in padded for arg in (src, dst, src.numel() if src is not None else 0)),
+        *(arg for src, dst, _ in padded
+          for arg in (src, dst, src.numel() if src is not None else 0)),
         *(ends + [total] * 3)[:3],
         grad_output.reshape(1), count, scale_value,
         N_GRADS=len(slots),

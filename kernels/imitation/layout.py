@@ -148,7 +148,8 @@ def feature_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def rows3d(t: torch.Tensor) -> torch.Tensor:
-    """The ``(outer, inner, D)`` view of ``t`` used by the kernels; copies only if H, W can't merge."""
+    """The ``(outer, inner, D)`` view of ``t`` used by the kernels; copies only if H, W can't
+    merge."""
     if t.dim() == 2:
         return t.unsqueeze(0)  # (1, N, D)
     if t.dim() == 3:

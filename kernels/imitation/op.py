@@ -31,7 +31,8 @@ class ImitationMSEFunction(torch.autograd.Function):
     def forward(ctx, x, target, weight, bias, residual, mask, reduction, problem, needs):
         from .fused import fused_forward  # imports triton
 
-        loss, grads = fused_forward(problem, x, target, weight, bias, residual, reduction, mask, needs)
+        loss, grads = fused_forward(problem, x, target, weight, bias, residual, reduction, mask,
+                                    needs)
         # Kept as an attribute, not save_for_backward: backward drops the reference before
         # returning the tensors, so AccumulateGrad can adopt them instead of copying.
         ctx.grads = grads
@@ -116,7 +117,8 @@ class ImitationMSE(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"unknown imitation-loss backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown imitation-loss backend {backend!r}; "
+                             f"allowed: {', '.join(BACKENDS)}")
         self.reduction = reduction
         self.backend = backend
 

@@ -39,7 +39,8 @@ class ResNetModelConfig(ModelConfig):
 
     def check(self, cfg: Config) -> None:
         if not self.blocks or any(b < 1 for b in self.blocks):
-            raise ConfigError(f"model.blocks: one positive block count per stage, got {self.blocks}")
+            raise ConfigError(
+                f"model.blocks: one positive block count per stage, got {self.blocks}")
         if len(self.inner_widths) != len(self.blocks):
             raise ConfigError(
                 f"model.inner_widths: needs one width per stage ({len(self.blocks)} stages in "

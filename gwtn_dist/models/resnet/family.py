@@ -1,4 +1,5 @@
-"""The ResNet ``Family``: what the stages need from bottleneck ResNets (registered as ``resnet``)."""
+"""The ResNet ``Family``: what the stages need from bottleneck ResNets (registered as
+``resnet``)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ class ResNet(nn.Module):
         in_ch = shape.stem_width
         self.stage_names: list[str] = []
         for i, (n, inner, out_ch) in enumerate(
-            zip(shape.blocks, shape.inner_widths, shape.boundary_widths)
+            zip(shape.blocks, shape.inner_widths, shape.boundary_widths, strict=True)
         ):
             stride = 1 if i == 0 else 2
             layer = nn.Sequential(
