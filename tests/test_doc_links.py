@@ -26,7 +26,8 @@ def _prose(markdown: str) -> str:
 
 
 def _anchors(markdown: str) -> set[str]:
-    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens, -1, -2 on repeats."""
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens, -1, -2 on
+    repeats."""
     seen: dict[str, int] = {}
     for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", FENCE.sub("", markdown),
                               re.MULTILINE):
@@ -81,5 +82,6 @@ def test_anchor_rule_matches_github(tmp_path):
     links.write_text("[a](p.md#notes-1) [b](p.md#nowhere) [c](gone.md) `[d](code.md)` "
                      "[e](https://x.org)\n```\n[f](fenced.md)\n```\n")
     assert _broken(links, tmp_path) == [
-        "q.md: (p.md#nowhere): no heading with that anchor in p.md", "q.md: (gone.md): no such file"]
+        "q.md: (p.md#nowhere): no heading with that anchor in p.md",
+        "q.md: (gone.md): no such file"]
 
