@@ -647,9 +647,10 @@ def render() -> str:
         "Every bad input ends in one line naming the problem and a documented exit code, never a",
         "traceback: 0 done; 2 a bad config, command line, data source or stage order; 3 training",
         "diverged; 4 an unreadable or damaged file (checkpoint, weights, shard index, an",
-        "evaluation split short of its index); 74 an I/O error or full disk; 75 stopped on",
-        "request (preemption, SIGTERM, Ctrl-C: checkpointed, resume later); 130 / 143 a second",
-        "Ctrl-C / SIGTERM (stopped at once, without a checkpoint).",
+        "evaluation split short of its index); 69 a rank or host of the job lost (its peers",
+        "stop within dist.timeout_s; docs/distributed.md); 74 an I/O error or full disk; 75",
+        "stopped on request (preemption, SIGTERM, Ctrl-C: checkpointed, resume later); 130 / 143",
+        "a second Ctrl-C / SIGTERM (stopped at once, without a checkpoint).",
         "",
         "This page is generated from `tests/bad_inputs.py` (`python -m tests.bad_inputs",
         (f"--write`); `tests/test_bad_inputs.py` runs each of the {len(CASES)} inputs below, "
