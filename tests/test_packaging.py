@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -37,13 +38,16 @@ print("ok")
 """
 
 
-def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
-    # Build from a copy of the sources so the build leaves nothing in the checkout.
-    src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The wheel built from a copy of the sources, as pip builds it (through the backend), and
+    installed, not editable, into a folder of its own (put first on PYTHONPATH to use it)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src, wheels, site = tmp / "src", tmp / "wheels", tmp / "site"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for folder in ("gwtn_dist", "kernels"):
+    for folder in ("gwtn_dist", "kernels"):  # a copy: the build leaves nothing in the checkout
         shutil.copytree(REPO / folder, src / folder, ignore=skip)
-    for name in ("setup.py", "pyproject.toml"):  # built as pip builds it: through the backend
+    for name in ("setup.py", "pyproject.toml"):
         shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(wheels), str(src)],
@@ -51,10 +55,50 @@ def test_wheel_installs_kernels_under_gwtn_dist(tmp_path):
     (wheel,) = wheels.glob("gwtn_dist-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                     str(site), str(wheel)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    proc = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=tmp_path, env=env,
+    return site
+
+
+def test_wheel_installs_kernels_under_gwtn_dist(installed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(installed)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# gwtn's command line from the installed copy, refusing to run if another copy was imported.
+RUN = """
+import pathlib, sys
+import gwtn_dist
+from gwtn_dist.cli import main
+site = pathlib.Path(sys.argv[1]).resolve()
+assert pathlib.Path(gwtn_dist.__file__).resolve().is_relative_to(site), gwtn_dist.__file__
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "bert_tiny_cpu.yaml"],
+                         ids=["resnet", "bert"])
+def test_the_installed_wheel_runs_each_familys_tiny_config(installed, tmp_path, shard_dir,
+                                                           config):
+    """What a cluster image gets from `pip install gwtn_dist-*.whl`: every stage of each
+    family's tiny config, a few steps each (a wheel that lacked a family's modules built no
+    net before find_packages)."""
+    from tests.test_bert_pipeline import write_shards
+
+    images = config == "tiny_cpu.yaml"
+    shards = shard_dir if images else write_shards(tmp_path, test_every=10)
+    run_dir = tmp_path / "run"
+    args = ["-q", "run", str(REPO / "configs" / config), f"run_dir={run_dir}",
+            f"data.shards={shards}", "progress=false", "threads=1", "arms=[win]", "wide.cache=",
+            "wide.steps=3", "imitate.steps_per_point=2", "finetune.kd_steps=0",
+            "finetune.label_steps=3", "eval_every=0",
+            *(["data.train_samples=0"] if images else [])]  # the tests' shards are small
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    proc = subprocess.run([sys.executable, "-c", RUN, str(installed), *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("wide", "imitate", "finetune"):
+        assert (run_dir / stage / "DONE").is_file(), stage
 
 
 def _import_kernels_in_the_checkout(pythonpath: str | None) -> subprocess.CompletedProcess:
