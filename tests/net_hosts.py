@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 SUBNET = "198.18.0"
 NETNS_ETC = Path("/etc/netns")
 NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files\n"
@@ -180,3 +182,15 @@ def start_hosts(n: int = 2) -> Network:
     except BaseException:
         network.stop()
         raise
+
+
+@pytest.fixture(scope="module", name="hosts")
+def hosts_fixture():
+    """Two test hosts for a test module (skipped with the reason where they cannot start; under
+    CI a skip fails the run), removed after it."""
+    try:
+        network = start_hosts(2)
+    except Unavailable as exc:
+        pytest.skip(f"test hosts cannot start here: {exc}")
+    yield network
+    network.stop()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from net_hosts import Unavailable, start_hosts
+from net_hosts import hosts_fixture  # noqa: F401  (the `hosts` fixture)
 
 from gwtn_dist import checkpoint, launch
 from gwtn_dist.cli import main
@@ -58,16 +58,6 @@ BERT = [str(REPO / "configs" / "bert_tiny_cpu.yaml"), "wide.steps=6",
 def env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    try:
-        network = start_hosts(2)
-    except Unavailable as exc:
-        pytest.skip(f"test hosts cannot start here: {exc}")
-    yield network
-    network.stop()
 
 
 def per_node(network, gwtn_args: list[str],

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from net_hosts import Unavailable as NoHosts
-from net_hosts import start_hosts
+from net_hosts import hosts_fixture  # noqa: F401  (the `hosts` fixture)
 from slurm_cluster import Unavailable, start_cluster
 
 from gwtn_dist import checkpoint
@@ -35,16 +34,6 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "launch" / "sbatch_stage.sh")
 STAGES = ("wide", "imitate", "finetune")
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    try:
-        network = start_hosts(2)
-    except NoHosts as exc:
-        pytest.skip(f"test hosts cannot start here: {exc}")
-    yield network
-    network.stop()
 
 
 @pytest.fixture(scope="module")
