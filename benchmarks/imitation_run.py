@@ -72,29 +72,26 @@ class SyntheticBatches:
         return family_for(self.cfg).synthetic_batch(self.cfg, self.cfg.data.batch_size, g)
 
 
-def synthetic_context(rt, cfg, stage_dir, modules, stream_tag, step_offset=0):
+def synthetic_context(rt, spec, stage_dir, modules, stream_tag, step_offset=0):
     """``stages.common.loop_context`` with synthetic batches and no evaluation."""
     from functools import partial
 
     from gwtn_dist.stages.common import resolve_device
     from gwtn_dist.stages.loop import LoopContext
-    from gwtn_dist.stages.tasks import task_for
 
+    cfg, task = spec.cfg, spec.task
     device = resolve_device(rt, cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules, batches=SyntheticBatches(cfg, stream_tag),
         device=device, micro_batch=cfg.data.batch_size // rt.world_size,
-        prepare=partial(task_for(cfg).prepare, device=device, dtype=rt.dtype),
+        prepare=partial(task.prepare, device=device, dtype=rt.dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, rt=rt, progress=cfg.progress,
         evaluate=None, eval_every=0, step_offset=step_offset, log_every=cfg.log_every,
         profile=cfg.profile)
 
 
-def not_scored(rt, model, cfg, device, limit: int = 0, split: str = "test") -> dict:
+def not_scored(rt, model, task, device, limit: int = 0, split: str = "test") -> dict:
     """What ``finish_stage`` records instead of scores: no held-out data here."""
-    from gwtn_dist.stages.tasks import task_for
-
-    task = task_for(cfg)
     return {task.metric: float("nan"), task.select_metric: float("nan")}
 
 
@@ -129,7 +126,7 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
     from gwtn_dist import checkpoint
     from gwtn_dist.config import load_config
     from gwtn_dist.distributed import runtime
-    from gwtn_dist.models.family import build_wide, shape_meta
+    from gwtn_dist.spec import resolve
     from gwtn_dist.stages import common, imitate
 
     run_dir = out / f"{schedule}-{backend}{'-compiled' if compiled else ''}"
@@ -142,15 +139,16 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
         f"checkpoint.every={10 * steps}", "wide.cache=", *overrides,
         *(["model.compile=true"] if compiled else [])])
     rt = runtime.setup(cfg)
+    spec = resolve(cfg)
     torch.manual_seed(cfg.seed)
     (run_dir / "wide").mkdir(parents=True)
-    checkpoint.save_weights(build_wide(cfg.model), run_dir / "wide" / "model.pt",
-                            {"stage": "wide", **shape_meta(cfg.model, wide=True)})
+    checkpoint.save_weights(spec.build_wide(), run_dir / "wide" / "model.pt",
+                            {"stage": "wide", **spec.shape_meta(wide=True)})
     (run_dir / "wide" / "DONE").write_text("")
     saved = imitate.loop_context, common.evaluate
     imitate.loop_context, common.evaluate = synthetic_context, not_scored
     try:
-        imitate.imitate(rt, cfg, run_dir)
+        imitate.imitate(rt, spec, run_dir)
     finally:
         imitate.loop_context, common.evaluate = saved
     return {"schedule": schedule, "backend": backend, "compiled": compiled,

@@ -91,13 +91,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def _cmd_stage(args: argparse.Namespace) -> None:
     from .pipeline import run_stage
-    from .stages.tasks import task_for
+    from .spec import resolve
 
     rt, cfg = _load(args, continuing=args.command != "wide")
-    run_dir, record = run_stage(rt, cfg, args.command)
+    spec = resolve(cfg)
+    run_dir, record = run_stage(rt, spec, args.command)
     if not rt.is_main:
         return
-    task = task_for(cfg)
+    task = spec.task
     # The test split's score, or the validation one when the test split is not read.
     metric = task.metric if task.metric in record else task.select_metric
     label = task.metric_label if metric == task.metric else task.labels.get(

@@ -20,48 +20,38 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from . import arms as arm_registry
+from .arms import Arm
 from .config import Config, tune_points, with_overrides
 from .data.datasets import dataset_of
 from .distributed.runtime import Runtime
-from .models.family import family_for
+from .models.task import ScoredTask
 from .pipeline import prepare_run_dir
 from .report import read_curve, write_compare
-from .stages.arms import method_budget, train_baseline
+from .spec import resolve
 from .stages.common import read_stage, stage_done
-from .stages.finetune import finetune
-from .stages.imitate import imitate
-from .stages.tasks import task_for
 from .stages.wide import train_wide
 from .stats import CRITERION, mean_sd, paired, pays
 from .workers import Unit, run_units
 
 log = logging.getLogger("gwtn")
-NEEDS_TEACHER = ("win", "kd")
 
 
-def final_stage(arm: str) -> str:
-    """The stage folder whose DONE marks an arm finished."""
-    return "finetune" if arm == "win" else arm
+def train_unit(rt: Runtime, cfg: Config, seed_dir: Path, arm: Arm, teacher_dir: Path) -> None:
+    """Train one arm of one unit into ``seed_dir``, its config resolved once for it."""
+    arm_registry.run_arm(rt, resolve(cfg), seed_dir, arm, teacher_dir)
 
 
-def run_arm(rt: Runtime, cfg: Config, seed_dir: Path, arm: str, teacher_dir: Path) -> None:
-    """Train one arm into ``seed_dir`` (the method: imitate then finetune)."""
-    if arm == "win":
-        imitate(rt, cfg, seed_dir, teacher_dir=teacher_dir)
-        finetune(rt, cfg, seed_dir, teacher_dir=teacher_dir)
-    else:
-        train_baseline(rt, cfg, seed_dir, arm, teacher=teacher_dir / "model.pt")
-
-
-def arm_record(seed_dir: Path, arm: str) -> dict:
-    """A finished arm's record; the method's adds its imitation time and the net straight
-    after imitation (its scores and relative errors per point)."""
-    if arm != "win":
-        return read_stage(seed_dir / arm)
-    imit, fine = read_stage(seed_dir / "imitate"), read_stage(seed_dir / "finetune")
-    after = {k: v for k, v in imit.items()
-             if k.endswith(("_accuracy", "perplexity")) or k in ("relative_error", "health")}
-    return {**fine, "wall_s": imit["wall_s"] + fine["wall_s"], "after_imitation": after}
+def arm_record(seed_dir: Path, arm: Arm, task: ScoredTask) -> dict:
+    """A finished arm's record: its last stage's, with the wall time of all its stages; an arm
+    with a warm start (the method) adds that net's scores and relative errors per point."""
+    records = [read_stage(seed_dir / stage) for stage in arm.stages]
+    record = {**records[-1], "wall_s": sum(r["wall_s"] for r in records)}
+    if arm.warm_start is not None:
+        warm = read_stage(seed_dir / arm.warm_start)
+        record["after_imitation"] = {k: v for k, v in warm.items() if task.is_score(k)
+                                     or k in ("relative_error", "health")}
+    return record
 
 
 def scaled(cfg: Config, mult: float) -> Config:
@@ -83,7 +73,8 @@ class ComparePlan:
 
     def __init__(self, rt: Runtime, cfg: Config, out: Path):
         self.rt, self.cfg, self.out, self.c = rt, cfg, out, cfg.compare
-        self.task = task_for(cfg)
+        self.spec = resolve(cfg)  # the base config's; each unit resolves its own config
+        self.task, self.arms = self.spec.task, self.spec.arms
 
     # -- where things live
     def teacher_root(self, seed: int) -> Path:
@@ -104,36 +95,46 @@ class ComparePlan:
         for s in self.teacher_seeds():
             root = self.teacher_root(s)
             units.append(Unit(self.teacher_unit(s), root / ".lock-wide",
-                              run=lambda s=s, root=root: train_wide(self.rt, self.teacher_cfg(s),
-                                                                    root),
+                              run=lambda s=s, root=root: train_wide(
+                                  self.rt, resolve(self.teacher_cfg(s)), root),
                               done=lambda root=root: stage_done(root / "wide")))
-        for arm in self.cfg.arms:
-            for i, point in enumerate(tune_points(c.tune.get(arm, {})) if c.tune else []):
-                for s in c.tune_seeds:
-                    folder = self.tune_dir(arm, i, s)
-                    units.append(Unit(
-                        f"tune/{arm}/p{i}/seed{s}", folder / f".lock-{arm}",
-                        run=lambda arm=arm, point=point, s=s, folder=folder: run_arm(
-                            self.rt, with_overrides(
-                                dataclasses.replace(self.cfg, seed=s, eval_test=False), point),
-                            folder, arm, self.teacher_root(s) / "wide"),
-                        done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
-                        needs=self._teacher_needs(arm, s)))
+        for arm in self.arms:
+            units += self.tuning_units(arm)
         for mult in c.budget_mults:
             for s in c.seeds:
-                for arm in self.cfg.arms:
-                    folder = self.seed_dir(mult, s)
-                    tuned = [f"tune/{arm}/p{i}/seed{t}"
-                             for i in range(len(tune_points(c.tune[arm])) if c.tune else 0)
-                             for t in c.tune_seeds]
-                    units.append(Unit(
-                        f"x{mult:g}/seed{s}/{arm}", folder / f".lock-{arm}",
-                        run=lambda arm=arm, s=s, mult=mult, folder=folder: run_arm(
-                            self.rt, self.reported_cfg(arm, s, mult), folder, arm,
-                            self.teacher_root(s) / "wide"),
-                        done=lambda arm=arm, folder=folder: stage_done(folder / final_stage(arm)),
-                        needs=tuned + self._teacher_needs(arm, s)))
+                for arm in self.arms:
+                    units.append(self.reported_unit(arm, s, mult))
         return units
+
+    def tuning_units(self, arm: Arm) -> list[Unit]:
+        """An arm's tuning grid: one unit per point and tuning seed (validation only)."""
+        c, units = self.c, []
+        for i, point in enumerate(tune_points(c.tune.get(arm.name, {})) if c.tune else []):
+            for s in c.tune_seeds:
+                folder = self.tune_dir(arm.name, i, s)
+                cfg = with_overrides(dataclasses.replace(self.cfg, seed=s, eval_test=False),
+                                     point)
+                units.append(Unit(
+                    f"tune/{arm.name}/p{i}/seed{s}", folder / f".lock-{arm.name}",
+                    run=lambda cfg=cfg, folder=folder, s=s: train_unit(
+                        self.rt, cfg, folder, arm, self.teacher_root(s) / "wide"),
+                    done=lambda folder=folder: stage_done(folder / arm.final_stage),
+                    needs=self._teacher_needs(arm, s)))
+        return units
+
+    def reported_unit(self, arm: Arm, s: int, mult: float) -> Unit:
+        """An arm on reported seed ``s`` at ``mult`` × the budget, with its tuned recipe (known
+        once its tuning units are done, so chosen when the unit runs)."""
+        c, folder = self.c, self.seed_dir(mult, s)
+        tuned = [f"tune/{arm.name}/p{i}/seed{t}"
+                 for i in range(len(tune_points(c.tune[arm.name])) if c.tune else 0)
+                 for t in c.tune_seeds]
+        return Unit(
+            f"x{mult:g}/seed{s}/{arm.name}", folder / f".lock-{arm.name}",
+            run=lambda: train_unit(self.rt, self.reported_cfg(arm.name, s, mult), folder, arm,
+                                   self.teacher_root(s) / "wide"),
+            done=lambda: stage_done(folder / arm.final_stage),
+            needs=tuned + self._teacher_needs(arm, s))
 
     def teacher_seeds(self) -> list[int]:
         """The seeds a teacher is trained with: the base seed when shared, else every tuning
@@ -147,9 +148,9 @@ class ComparePlan:
         """The name of the unit that trains (or fetches) the teacher of ``seed``."""
         return "teacher" if self.c.share_teacher else f"teacher/seed{seed}"
 
-    def _teacher_needs(self, arm: str, seed: int) -> list[str]:
+    def _teacher_needs(self, arm: Arm, seed: int) -> list[str]:
         return [self.teacher_unit(self.cfg.seed if self.c.share_teacher else seed)] \
-            if arm in NEEDS_TEACHER else []
+            if arm.needs_teacher else []
 
     # -- choices
     def tuning(self, arm: str) -> dict:
@@ -160,7 +161,8 @@ class ComparePlan:
         metric = self.task.select_metric
         rows = []
         for i, point in enumerate(tune_points(self.c.tune[arm])):
-            scores = {str(s): arm_record(self.tune_dir(arm, i, s), arm)[metric]
+            scores = {str(s): arm_record(self.tune_dir(arm, i, s), arm_registry.ARMS[arm],
+                                         self.task)[metric]
                       for s in self.c.tune_seeds}
             rows.append({"point": point, "per_seed": scores,
                          "score": mean_sd(list(scores.values()))[0]})
@@ -195,27 +197,32 @@ def _after_imitation(records: dict[int, dict]) -> dict:
 
 def _budget_table(plan: ComparePlan, mult: float) -> dict:
     c, task = plan.c, plan.task
-    budget = method_budget(scaled(plan.cfg, mult))
+    budget = dataclasses.replace(plan.spec, cfg=scaled(plan.cfg, mult)).budget
     metrics = [task.select_metric, task.metric]
-    records = {arm: {s: arm_record(plan.seed_dir(mult, s), arm) for s in c.seeds}
-               for arm in plan.cfg.arms}
-    rows = {arm: _arm_row(records[arm], budget, metrics, task.secondary) for arm in plan.cfg.arms}
+    records = {arm.name: {s: arm_record(plan.seed_dir(mult, s), arm, task) for s in c.seeds}
+               for arm in plan.arms}
+    rows = {name: _arm_row(records[name], budget, metrics, task.secondary) for name in records}
     table = {"budget_mult": mult, "budget_steps": budget, "arms": rows, "paired": {},
              "verdicts": {}}
-    if "win" in records:
-        table["after_imitation"] = _after_imitation(records["win"])
-    kd_mean = rows["kd"]["mean"] if "kd" in rows else None
-    references = [("scratch", arm) for arm in plan.cfg.arms
-                  if arm != "scratch" and "scratch" in rows]
-    if "win" in rows and "deeper" in rows:
-        references.append(("deeper", "win"))  # the paper's headline: thin WIN vs deeper scratch
-    for ref, arm in references:
+    for arm in plan.arms:
+        if arm.warm_start is not None:
+            table["after_imitation"] = _after_imitation(records[arm.name])
+    for arm, ref, bar in verdict_pairs(plan.arms):
         diff = paired(rows[arm]["per_seed"], rows[ref]["per_seed"])
-        use_kd = arm == "win" and ref == "scratch"
-        ok = pays(diff, rows[arm]["mean"], kd_mean if use_kd else None)
+        ok = pays(diff, rows[arm]["mean"], rows[bar]["mean"] if bar in rows else None)
         table["paired"][f"{arm}-{ref}"] = diff
         table["verdicts"][f"{arm}-{ref}"] = ok
     return table
+
+
+def verdict_pairs(arms: tuple[Arm, ...]) -> list[tuple[str, str, str | None]]:
+    """(arm, reference, bar) of every paired verdict among ``arms``: each arm against its first
+    reference (scratch), then the further ones (the method against a deeper thin net)."""
+    names = {arm.name for arm in arms}
+    first = [(a.name, a.judged_against[0], a.bar) for a in arms
+             if a.judged_against and a.judged_against[0] in names]
+    further = [(a.name, ref, None) for a in arms for ref in a.judged_against[1:] if ref in names]
+    return first + further
 
 
 def _teacher(plan: ComparePlan, scratch: dict | None) -> dict:
@@ -260,7 +267,7 @@ def report_compare(plan: ComparePlan) -> dict:
     ``compare.json`` and ``compare.png`` and prints the markdown."""
     rt, cfg, out_dir = plan.rt, plan.cfg, plan.out
     c, task = plan.c, plan.task
-    family = family_for(cfg.model)
+    family = plan.spec.family
     depth = f"{family.thin_depth(cfg.model)} {family.depth_label}"
     budgets = [_budget_table(plan, m) for m in c.budget_mults]
     first = budgets[0]
@@ -272,19 +279,19 @@ def report_compare(plan: ComparePlan) -> dict:
         "seeds": c.seeds, "tune_seeds": c.tune_seeds if c.tune else [],
         "val_samples": dataset_of(cfg).carved_val_samples(cfg),
         "validation": task.validation, "separate_test": task.separate_test,
-        "labels": dict(task.labels),
+        "labels": dict(task.labels), "digits": dict(task.digits),
         "tuning": {arm: plan.tuning(arm) for arm in cfg.arms},
         "budget_steps": first["budget_steps"], "arms": first["arms"],
         "budgets": budgets,
-        "teacher": _teacher(plan, first["arms"].get("scratch")),
+        # The teacher's headroom and cost are measured against the method's first reference.
+        "teacher": _teacher(plan, first["arms"].get(arm_registry.method().judged_against[0])),
     }
     if not rt.is_main:
         return table
     # One line per arm and budget: "<arm>" at the first budget, "<arm>@x<m>" at the others.
-    curves = {arm if i == 0 else f"{arm}@x{mult:g}": [read_curve(
-        [plan.seed_dir(mult, s) / st for st in
-         (["imitate", "finetune"] if arm == "win" else [arm])], task.select_metric)
-        for s in c.seeds] for i, mult in enumerate(c.budget_mults) for arm in cfg.arms}
+    curves = {arm.name if i == 0 else f"{arm.name}@x{mult:g}": [read_curve(
+        [plan.seed_dir(mult, s) / stage for stage in arm.stages], task.select_metric)
+        for s in c.seeds] for i, mult in enumerate(c.budget_mults) for arm in plan.arms}
     write_compare(out_dir, table, curves)
     print((out_dir / "compare.md").read_text())
     return table

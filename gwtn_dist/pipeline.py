@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from .arms import method, run_arm
 from .config import Config, ConfigError, dump_config, to_dict, upgrade_saved_tree
 from .distributed.runtime import Runtime, barrier
 from .report import format_run_table, plot_curves, read_curve
-from .stages.arms import train_baseline
+from .spec import RunSpec, resolve
 from .stages.finetune import finetune
 from .stages.imitate import imitate
-from .stages.tasks import task_for
 from .stages.wide import train_wide
 from .workers import FileLock
 
@@ -124,33 +124,34 @@ def apply_runtime(cfg: Config) -> None:
 STAGES = {"wide": train_wide, "imitate": imitate, "finetune": finetune}
 
 
-def run_stage(rt: Runtime, cfg: Config, stage: str) -> tuple[Path, dict]:
-    """One stage (``wide``, ``imitate`` or ``finetune``) in ``cfg.run_dir``, behind the same
-    guard as ``run_all`` (a stage may continue a run without ``resume=true``, never under a
-    changed config); returns the run folder and the stage's record."""
-    run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir), continuing=True)
-    return run_dir, STAGES[stage](rt, cfg, run_dir)
+def run_stage(rt: Runtime, spec: RunSpec, stage: str) -> tuple[Path, dict]:
+    """One stage (``wide``, ``imitate`` or ``finetune``) in ``run_dir``, behind the same guard
+    as ``run_all`` (a stage may continue a run without ``resume=true``, never under a changed
+    config); returns the run folder and the stage's record."""
+    run_dir = prepare_run_dir(rt, spec.cfg, Path(spec.cfg.run_dir), continuing=True)
+    return run_dir, STAGES[stage](rt, spec, run_dir)
 
 
 def run_all(rt: Runtime, cfg: Config) -> dict:
-    """Wide → imitate → finetune in ``cfg.run_dir``, then every other arm of ``cfg.arms``."""
+    """The wide stage in ``cfg.run_dir``, then the method (imitate → finetune), then every
+    other arm of ``cfg.arms``; writes results.md (and curves.png with ``eval_every``)."""
+    spec = resolve(cfg)
     run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir))
-    records = {stage: train(rt, cfg, run_dir) for stage, train in STAGES.items()}
-    baselines = [arm for arm in cfg.arms if arm != "win"]
-    for arm in baselines:
-        records[arm] = train_baseline(rt, cfg, run_dir, arm,
-                                      teacher=run_dir / "wide" / "model.pt")
-    task = task_for(cfg)
+    records = {"wide": train_wide(rt, spec, run_dir)}
+    arms = [method(), *(arm for arm in spec.arms if not arm.is_method)]
+    for arm in arms:
+        records.update(run_arm(rt, spec, run_dir, arm, run_dir / "wide"))
+    task = spec.task
     table = format_run_table(records, task.metric, task.metric_label,
-                             select=task.select_metric)
+                             select=task.select_metric, labels=task.labels)
     if not rt.is_main:
         return records
     (run_dir / "results.md").write_text(table + "\n")
     if cfg.eval_every:
         # Curves read the validation split (the test split is for the table only).
         metric = task.select_metric
-        curves = {"win": [read_curve([run_dir / "imitate", run_dir / "finetune"], metric)]}
-        curves.update({arm: [read_curve([run_dir / arm], metric)] for arm in baselines})
+        curves = {arm.name: [read_curve([run_dir / stage for stage in arm.stages], metric)]
+                  for arm in arms}
         label = task.labels.get(metric, metric.replace("_", " "))
         plot_curves(run_dir / "curves.png", curves,
                     {"title": f"thin net: {label} vs thin-net steps"},

@@ -24,7 +24,7 @@ from .compare import ComparePlan, plan_compare, report_compare
 from .config import Config, RegimeConfig, regime_cells, with_overrides
 from .distributed.runtime import Runtime
 from .pipeline import prepare_run_dir
-from .report import ARM_LABELS, atomic_write
+from .report import arm_label, atomic_write
 from .stages.teacher_cache import cache_dir
 from .workers import Unit, run_units
 
@@ -115,7 +115,7 @@ def regime_markdown(summary: dict) -> str:
     deeper net) with its verdict, and the teacher's headroom."""
     axes, cells = summary["axes"], summary["cells"]
     arms = list(cells[0]["arms"])
-    head = " | ".join(axes + [ARM_LABELS.get(a, a) for a in arms])
+    head = " | ".join(axes + [arm_label(a) for a in arms])
     lines = [f"# Where the method pays — {summary['metric'].replace('_', ' ')}", "",
              f"| {head} | WIN − scratch (mean ± sd, wins) | WIN − deeper | teacher headroom |",
              "|" + "---|" * len(axes) + "---:|" * len(arms) + "---|---|---:|"]

@@ -7,20 +7,22 @@ import os
 import statistics
 from pathlib import Path
 
-ARM_LABELS = {
-    "win": "thin, Go Wide Then Narrow",
-    "scratch": "thin from scratch",
-    "kd": "thin, logit KD only",
-    "deeper": "deeper thin from scratch",
-    "wide": "wide twin (teacher)",
-}
+from .arms import ARMS
+
+
+def arm_label(name: str) -> str:
+    """An arm's row label in reports (the registered arm's; ``wide``: the teacher)."""
+    if name == "wide":
+        return "wide twin (teacher)"
+    return ARMS[name].label if name in ARMS else name
 
 
 def format_run_table(records: dict, metric: str = "test_accuracy",
-                     label: str = "test accuracy", select: str | None = None) -> str:
+                     label: str = "test accuracy", select: str | None = None,
+                     labels: dict[str, str] | None = None) -> str:
     """A markdown table of one run: the teacher, the method's nets, and any baselines, scored
     by ``metric`` (a key of each stage record), headed ``label``; with ``select`` (the
-    validation metric) a column of it first."""
+    validation metric) a column of it first (``labels``: the task's words for metrics)."""
     rows = [("wide twin (teacher)", records["wide"], records["wide"]["steps"])]
     imit = records["imitate"]
     rows.append(("thin after imitation", imit, imit["steps"]))
@@ -28,9 +30,9 @@ def format_run_table(records: dict, metric: str = "test_accuracy",
                  imit["steps"] + records["finetune"]["steps"]))
     for arm, rec in records.items():
         if arm not in ("wide", "imitate", "finetune"):
-            rows.append((ARM_LABELS.get(arm, arm), rec, rec["steps"]))
+            rows.append((arm_label(arm), rec, rec["steps"]))
     val = select if select and select != metric else None
-    val_head = f" {_label(val)} |" if val else ""
+    val_head = f" {_label(val, {'labels': labels or {}})} |" if val else ""
     lines = [f"| net | params | steps |{val_head} {label} | wall s |",
              "|---|---:|---:|" + ("---:|" if val else "") + "---:|---:|"]
     for name, rec, steps in rows:
@@ -73,16 +75,11 @@ def _ms(cell: dict, digits: int = 4) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
-METRIC_LABELS = {"mlm_accuracy": "held-out MLM accuracy", "val_accuracy": "val accuracy",
-                 "test_accuracy": "test accuracy", "val_mlm_accuracy": "val MLM accuracy",
-                 "val_perplexity": "val perplexity"}
-
-
 def _label(metric: str, table: dict | None = None) -> str:
-    """Words for ``metric``: the comparison's own (``labels``: text shards with a test split
-    name ``mlm_accuracy`` the test MLM accuracy), else METRIC_LABELS, else the name."""
+    """Words for ``metric``: the task's own (``labels`` of the table, from ``task.labels``),
+    else the name with spaces."""
     own = (table or {}).get("labels", {})
-    return own.get(metric) or METRIC_LABELS.get(metric, metric.replace("_", " "))
+    return own.get(metric) or metric.replace("_", " ")
 
 
 def _tuning_lines(table: dict) -> list[str]:
@@ -96,7 +93,7 @@ def _tuning_lines(table: dict) -> list[str]:
     for arm, t in tuning.items():
         for row in t["points"]:
             point = ", ".join(f"{k}={v}" for k, v in row["point"].items())
-            lines.append(f"| {ARM_LABELS.get(arm, arm)} | {point} | {row['score']:.4f} | "
+            lines.append(f"| {arm_label(arm)} | {point} | {row['score']:.4f} | "
                          f"{'✓' if row['chosen'] else ''} |")
     return lines
 
@@ -110,9 +107,10 @@ def _results_lines(table: dict, budget: dict) -> list[str]:
               "| wall s / seed |"),
              "|---|---:|---:|" + "---:|" * len(cols) + "---|---:|"]
     for arm, row in budget["arms"].items():
-        cells = "".join(f" {_ms(row[c], 2 if c.endswith('perplexity') else 4)} |" for c in cols)
+        digits = table.get("digits", {})  # the task's, per metric (4 unless it says)
+        cells = "".join(f" {_ms(row[c], digits.get(c, 4))} |" for c in cols)
         seeds = ", ".join(f"{v:.4f}" for v in row["per_seed"].values())
-        lines.append(f"| {ARM_LABELS.get(arm, arm)} | {row['params']:,} | {row['steps']} |"
+        lines.append(f"| {arm_label(arm)} | {row['params']:,} | {row['steps']} |"
                      f"{cells} {seeds} | {row['wall_s_mean']:.0f} |")
     return lines
 
@@ -128,7 +126,7 @@ def _paired_lines(table: dict, budget: dict) -> list[str]:
         arm, ref = key.split("-")
         seeds = ", ".join(f"{d:+.4f}" for d in diff["per_seed"].values())
         verdict = "**pays**" if budget["verdicts"][key] else "does not pay"
-        lines.append(f"| {ARM_LABELS.get(arm, arm)} − {ARM_LABELS.get(ref, ref)} | {seeds} | "
+        lines.append(f"| {arm_label(arm)} − {arm_label(ref)} | {seeds} | "
                      f"{diff['mean']:+.4f} ± {diff['sd']:.4f} | {diff['wins']}/{diff['seeds']} "
                      f"| {verdict} |")
     return lines
@@ -139,7 +137,7 @@ def _verdict_lines(budget: dict) -> list[str]:
     for key, ok in budget["verdicts"].items():
         arm, ref = key.split("-")
         d = budget["paired"][key]
-        lines.append(f"- **Verdict, {ARM_LABELS.get(arm, arm)} vs {ARM_LABELS.get(ref, ref)}** "
+        lines.append(f"- **Verdict, {arm_label(arm)} vs {arm_label(ref)}** "
                      f"(×{budget['budget_mult']:g} budget): {d['mean']:+.4f} ± {d['sd']:.4f}, "
                      f"ahead on {d['wins']}/{d['seeds']} seeds — "
                      f"{'PAYS' if ok else 'does NOT pay'}.")
@@ -213,7 +211,7 @@ def _budgets_side_by_side(table: dict) -> list[str]:
              "", f"| arm |{heads}", "|---|" + "---:|" * len(budgets)]
     for arm in budgets[0]["arms"]:
         cells = "".join(f" {_ms(b['arms'][arm])} |" for b in budgets)
-        lines.append(f"| {ARM_LABELS.get(arm, arm)} |{cells}")
+        lines.append(f"| {arm_label(arm)} |{cells}")
     return lines
 
 
@@ -287,7 +285,7 @@ def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]],
         steps = sorted({s for c in per_seed for s, _ in c})
         by_step = [[acc for c in per_seed for s2, acc in c if s2 == s] for s in steps]
         mean = [statistics.fmean(v) for v in by_step]
-        name = ARM_LABELS.get(arm, arm) + (f" (×{mult} budget)" if mult else "")
+        name = arm_label(arm) + (f" (×{mult} budget)" if mult else "")
         ax.plot(steps, mean, marker=".", color=colour, linestyle=":" if mult else "-",
                 label=name)
         ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step],

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, with_overrides
 from .distributed.runtime import Runtime
 from .kernels import select_imitation_mse
-from .models.family import build_thin, build_wide, family_for, point_index
+from .models.family import build_thin, build_wide, family_for
 from .optim import build_optimizer
 from .stages.common import place, resolve_device
 
@@ -156,7 +156,7 @@ def _imitation_step(rt: Runtime, cfg: Config, device: torch.device,
     point, the imitation MSE (backend), backward, SGD step."""
     thin = place(rt, build_thin(cfg.model), cfg, device).train()
     wide = place(rt, build_wide(cfg.model), cfg, device).eval()
-    end = point_index(thin, "layer" + str(len(cfg.model.blocks)))
+    end = family_for(cfg.model).point_index(thin, "layer" + str(len(cfg.model.blocks)))
     if backend == "compiled":
         mse = torch.compile(select_imitation_mse("reference", device))
     else:

@@ -10,7 +10,7 @@ from gwtn_dist.config import ConfigError, load_config
 from gwtn_dist.models.bert.config import BertModelConfig, BertWidening
 from gwtn_dist.models.bert.net import Bert
 from gwtn_dist.models.bridge import Bridges, merge_bridges
-from gwtn_dist.models.family import build_thin, build_wide, imitation_points
+from gwtn_dist.models.family import build_thin, build_wide, family_for
 from tests.conftest import REPO
 
 
@@ -33,7 +33,7 @@ def test_wide_twin_widens_inside_and_keeps_every_layer_output_shape():
     thin, wide = build_thin(cfg).eval(), build_wide(cfg).eval()
     assert [n for n, _ in thin.blocks()] == [n for n, _ in wide.blocks()] == [
         "embeddings", "layer.0", "layer.1", "layer.2"]
-    assert imitation_points(thin, cfg) == ["layer.0", "layer.1", "layer.2"]
+    assert family_for(cfg).imitation_points(thin, cfg) == ["layer.0", "layer.1", "layer.2"]
     assert wide.layer[0].attention.query.out_features == 2 * 16 * 3  # heads × head_dim × 3
     assert wide.layer[0].attention.output.out_features == 32  # back to the hidden size
     assert wide.layer[0].intermediate.out_features == 128
@@ -49,8 +49,8 @@ def test_a_wider_hidden_twin_is_compared_through_lifts_that_leave_the_thin_net_a
     cfg.widen.boundary_mult = 2
     thin, wide = build_thin(cfg).eval(), build_wide(cfg).eval()
     assert wide.shape.hidden == 64 and thin.shape.hidden == 32
-    points = imitation_points(thin, cfg)
-    bridges = Bridges(thin, wide, points)
+    points = family_for(cfg).imitation_points(thin, cfg)
+    bridges = Bridges(thin, wide, points, family_for(thin))
     assert bridges.lift_only
     x = batch([12, 7])
     for k, point in enumerate(points, start=1):

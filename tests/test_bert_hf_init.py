@@ -11,7 +11,7 @@ from gwtn_dist import checkpoint
 from gwtn_dist.cli import main
 from gwtn_dist.config import ConfigError
 from gwtn_dist.models.bert.names import hf_name, hf_state_dict, our_name
-from gwtn_dist.models.family import build, build_thin, build_wide
+from gwtn_dist.models.family import build_shape, build_thin, build_wide, family_for
 from gwtn_dist.stages.common import load_init
 from gwtn_dist.stages.teacher_cache import teacher_settings
 from tests.test_bert import batch, tiny
@@ -70,13 +70,13 @@ def test_a_hugging_face_folder_is_the_wide_twin_with_the_same_logits(tmp_path, s
     hf = hf_bert(tmp_path / "hf", ffn=128, safetensors=safetensors)
     weights = "model.safetensors" if safetensors else "pytorch_model.bin"
     assert (tmp_path / "hf" / weights).exists()
-    wide = load_init(build_wide(cfg), str(tmp_path / "hf"))
+    wide = load_init(family_for(cfg), build_wide(cfg), str(tmp_path / "hf"))
     logits_agree(wide, hf, batch([12, 7, 3]))
 
 
 def test_a_hugging_face_folder_is_the_thin_nets_start(tmp_path):
     hf = hf_bert(tmp_path / "hf")
-    thin = load_init(build_thin(tiny()), str(tmp_path / "hf"), "imitate.init")
+    thin = load_init(family_for(tiny()), build_thin(tiny()), str(tmp_path / "hf"), "imitate.init")
     logits_agree(thin, hf, batch([12, 9], seed=3))
 
 
@@ -85,7 +85,7 @@ def test_what_does_not_fit_is_one_line_naming_the_key_and_both_shapes(tmp_path):
     cfg = tiny()
     cfg.widen.attention_mult, cfg.widen.ffn_mult = 1, 3  # 192, not 128
     with pytest.raises(ConfigError) as info:
-        load_init(build_wide(cfg), str(tmp_path / "hf"))
+        load_init(family_for(cfg), build_wide(cfg), str(tmp_path / "hf"))
     line = str(info.value)
     assert "\n" not in line and line.startswith("wide.init: ")
     assert ("bert.encoder.layer.0.intermediate.dense.weight has shape (128, 32), but the net's "
@@ -93,15 +93,15 @@ def test_what_does_not_fit_is_one_line_naming_the_key_and_both_shapes(tmp_path):
     # The twin's widened heads: no HF model has them, and the message says why.
     cfg.widen.attention_mult = 3
     with pytest.raises(ConfigError, match=r"heads × head_dim = hidden, but this net has 2 × 48"):
-        load_init(build_wide(cfg), str(tmp_path / "hf"))
+        load_init(family_for(cfg), build_wide(cfg), str(tmp_path / "hf"))
     # Same tensor shapes, other heads: only config.json tells.
     cfg = tiny()
     cfg.heads, cfg.head_dim = 4, 8
     with pytest.raises(ConfigError, match="num_attention_heads 2; the net has 4"):
-        load_init(build_thin(cfg), str(tmp_path / "hf"), "imitate.init")
+        load_init(family_for(cfg), build_thin(cfg), str(tmp_path / "hf"), "imitate.init")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
-        load_init(build_thin(tiny()), str(tmp_path / "empty"), "imitate.init")
+        load_init(family_for(tiny()), build_thin(tiny()), str(tmp_path / "empty"), "imitate.init")
 
 
 def test_the_stages_take_hugging_face_folders_through_the_cli(tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_the_stages_take_hugging_face_folders_through_the_cli(tmp_path, capsys):
     x = batch([20, 11], t=20, seed=5)
     for stage, hf in (("wide", wide_hf), ("imitate", thin_hf)):
         saved = checkpoint.load(run_dir / stage / "model.pt")
-        net = build(type(build_thin(tiny()).shape)(**saved["meta"]["shape"]))
+        net = build_shape(type(build_thin(tiny()).shape)(**saved["meta"]["shape"]))
         net.load_state_dict(saved["state_dict"])
         logits_agree(net, hf, x)  # the teacher as given; the thin net from its HF start
 

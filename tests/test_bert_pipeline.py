@@ -15,9 +15,8 @@ from gwtn_dist.kernels import select_imitation_mse
 
 from gwtn_dist.cli import main
 from gwtn_dist.config import load_config
-from gwtn_dist.models.bert.task import TextTask
+from gwtn_dist.models.bert.task import TextTask, attention_kl
 from gwtn_dist.models.family import build_thin, build_wide
-from gwtn_dist.stages.tasks import attention_kl
 from tests.conftest import REPO
 from tests.test_bert import batch, tiny
 

@@ -34,6 +34,23 @@ def test_no_family_branch_outside_the_family_packages():
     assert not found, "family branches belong in the family's Family:\n" + "\n".join(found)
 
 
+# A family looked up again below the command (the run spec carries it).
+LOOKUP = re.compile(r"\b(family_for|task_for)\(|models\.family import .*\b(build_thin|build_wide|"
+                    r"shape_meta|imitation_points|point_index)\b")
+# An arm named in code: the arms registry (gwtn_dist/arms.py) holds every arm's definition.
+ARM_NAME = re.compile(r"""(==|!=|\bin)\s*["'](win|kd)["']|["'](win|kd)["']\s*(==|!=|\bin)""")
+
+
+def test_the_stages_and_commands_take_the_family_and_arms_from_the_run_spec():
+    files = [*sorted((PACKAGE / "stages").glob("*.py")),
+             *(PACKAGE / name for name in ("pipeline.py", "compare.py", "report.py"))]
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}" for path in files
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if LOOKUP.search(line) or ARM_NAME.search(line)]
+    assert not found, "resolve once (spec.resolve) and use the arms registry:\n" + "\n".join(
+        found)
+
+
 def test_the_registry_finds_families_by_name_config_net_and_shape():
     assert {"resnet", "bert"} <= set(known_families())
     cfg = load_config(BERT)

@@ -13,7 +13,7 @@ from gwtn_dist.models.bert.net import attention_bias
 from gwtn_dist.models.bert.net import imitation_points as bert_points
 from gwtn_dist.models.bert.task import TextTask
 from gwtn_dist.models.bridge import Bridges
-from gwtn_dist.models.family import build_thin, build_wide
+from gwtn_dist.models.family import build_thin, build_wide, family_for
 from gwtn_dist.models.resnet.config import ResNetModelConfig as ModelConfig
 from gwtn_dist.models.resnet.config import ResNetWidening
 from gwtn_dist.models.resnet.net import imitation_points, point_block_index
@@ -28,6 +28,11 @@ from gwtn_dist.stages.imitate import (
 )
 from tests.conftest import REPO
 from tests.test_bert import batch, tiny
+
+
+def point_ends(thin, points: list[str]) -> list[int]:
+    """The block index of each imitation point."""
+    return [family_for(thin).point_index(thin, p) for p in points]
 
 
 def ids(params) -> set[int]:
@@ -46,30 +51,30 @@ def thin():
 def test_each_phase_trains_its_segment_and_softly_the_blocks_below(thin):
     points = imitation_points(thin, "stages")
     # Phase 0: stem + layer1 at full lr, nothing below.
-    current, lower = phase_params(thin, points, 0, None, 0.1)
+    current, lower = phase_params(thin, points, point_ends(thin, points), 0, None, 0.1)
     assert ids(current) == module_ids(thin.stem, thin.layer1) and not lower
     # Phase 1: layer2 at full lr; stem + layer1 at the lower multiplier; layer3 untouched.
-    current, lower = phase_params(thin, points, 1, None, 0.1)
+    current, lower = phase_params(thin, points, point_ends(thin, points), 1, None, 0.1)
     assert ids(current) == module_ids(thin.layer2)
     assert ids(lower) == module_ids(thin.stem, thin.layer1)
-    current, lower = phase_params(thin, points, 2, None, 0.1)
+    current, lower = phase_params(thin, points, point_ends(thin, points), 2, None, 0.1)
     assert ids(current) == module_ids(thin.layer3)
     assert ids(lower) == module_ids(thin.stem, thin.layer1, thin.layer2)
     # The classifier is never trained during imitation.
     for k in range(3):
-        current, lower = phase_params(thin, points, k, None, 1.0)
+        current, lower = phase_params(thin, points, point_ends(thin, points), k, None, 1.0)
         assert not ids(current + lower) & module_ids(thin.fc)
 
 
 def test_a_zero_multiplier_freezes_the_blocks_below(thin):
     points = imitation_points(thin, "stages")
-    current, lower = phase_params(thin, points, 2, None, 0.0)
+    current, lower = phase_params(thin, points, point_ends(thin, points), 2, None, 0.0)
     assert ids(current) == module_ids(thin.layer3) and lower == []
 
 
 def test_every_block_points_give_one_block_per_phase(thin):
     points = imitation_points(thin, "blocks")
-    current, _ = phase_params(thin, points, 3, None, 0.1)  # layer3.0
+    current, _ = phase_params(thin, points, point_ends(thin, points), 3, None, 0.1)  # layer3.0
     assert ids(current) == module_ids(thin.layer3[0])
 
 
@@ -78,8 +83,8 @@ def test_pairs_join_the_phase_that_uses_them():
                       widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
     points = imitation_points(thin, "stages")
-    bridges = Bridges(thin, wide, points)
-    current, lower = phase_params(thin, points, 1, bridges, 0.1)
+    bridges = Bridges(thin, wide, points, family_for(thin))
+    current, lower = phase_params(thin, points, point_ends(thin, points), 1, bridges, 0.1)
     p0, p1 = bridges.pair("layer1"), bridges.pair("layer2")
     assert ids([p1.lift, p0.back]) <= ids(current)  # P_1 compares, Q_0 feeds layer2
     assert id(p0.lift) in ids(lower) and id(p1.back) not in ids(current + lower)
@@ -90,7 +95,7 @@ def test_run_prefix_applies_passed_pairs_only():
                       widen=ResNetWidening(inner_mult=1, boundary_mult=2))
     thin, wide = build_thin(cfg).eval(), build_wide(cfg)
     points = imitation_points(thin, "stages")
-    bridges = Bridges(thin, wide, points)
+    bridges = Bridges(thin, wide, points, family_for(thin))
     with torch.no_grad():
         bridges.pair("layer1").back.mul_(0.5)  # Q_0 P_0 = 0.5 I: visible downstream
     x = torch.randn(2, 1, 28, 28)
@@ -110,7 +115,7 @@ def _bridged_twins():
                       widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg).train(), build_wide(cfg).eval()
     points = imitation_points(thin, "stages")
-    return thin, wide, points, Bridges(thin, wide, points)
+    return thin, wide, points, Bridges(thin, wide, points, family_for(thin))
 
 
 def test_parallel_segments_run_on_the_teachers_bridged_output_not_their_own():
@@ -152,7 +157,7 @@ def test_parallel_bert_segments_start_from_the_teachers_layer_output():
     thin, wide = build_thin(cfg).eval(), build_wide(cfg).eval()
     points = bert_points(thin)
     ends = list(range(1, len(points) + 1))
-    bridges = Bridges(thin, wide, points)
+    bridges = Bridges(thin, wide, points, family_for(thin))
     x = batch([12, 7, 3])
     with torch.no_grad():
         targets, maps = wide(x, points=ends, attention=True)
@@ -172,7 +177,7 @@ def test_parallel_bert_segments_start_from_the_teachers_layer_output():
 
 def test_parallel_trains_every_segment_and_the_pairs_that_feed_or_compare():
     thin, _, points, bridges = _bridged_twins()
-    trained = ids(parallel_params(thin, points, bridges))
+    trained = ids(parallel_params(thin, points, point_ends(thin, points), bridges))
     assert module_ids(thin.stem, thin.layer1, thin.layer2, thin.layer3) <= trained
     assert not trained & module_ids(thin.fc)
     lifts = {id(bridges.pair(p).lift) for p in points}

@@ -7,7 +7,7 @@ import torch
 
 from gwtn_dist.config import load_config
 from gwtn_dist.models.bridge import Bridges, merge_bridges
-from gwtn_dist.models.family import build_thin, build_wide
+from gwtn_dist.models.family import build_thin, build_wide, family_for
 from gwtn_dist.models.resnet.config import ResNetModelConfig, ResNetWidening
 from gwtn_dist.models.resnet.net import imitation_points, point_block_index
 from tests.conftest import REPO
@@ -67,7 +67,7 @@ def test_merged_bridges_compute_the_same_function():
     cfg = small_cfg(widen=ResNetWidening(inner_mult=2, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
     points = imitation_points(thin, "stages")
-    bridges = Bridges(thin, wide, points)
+    bridges = Bridges(thin, wide, points, family_for(thin))
     with torch.no_grad():  # make Q P far from the identity so the merge has work to do
         for pair in bridges.pairs.values():
             pair.lift.add_(0.3 * torch.randn_like(pair.lift))
@@ -93,7 +93,7 @@ def test_merged_bridges_compute_the_same_function():
 def test_fresh_pair_is_the_identity():
     widen = ResNetWidening(inner_mult=1, boundary_mult=4)
     thin, wide = build_thin(small_cfg()), build_wide(small_cfg(widen=widen))
-    pair = Bridges(thin, wide, ["layer1"]).pair("layer1")
+    pair = Bridges(thin, wide, ["layer1"], family_for(thin)).pair("layer1")
     assert torch.allclose(pair.product(), torch.eye(pair.product().shape[0]), atol=1e-5)
     # Row-major: DeepSpeed broadcasts each parameter as a byte view, which needs stride 1 last.
     assert pair.lift.is_contiguous() and pair.back.is_contiguous()
@@ -102,6 +102,7 @@ def test_fresh_pair_is_the_identity():
 def test_merge_refuses_identity_shortcuts():
     cfg = small_cfg(widen=ResNetWidening(inner_mult=1, boundary_mult=2))
     thin, wide = build_thin(cfg), build_wide(cfg)
-    bridges = Bridges(thin, wide, ["layer1.0"])  # followed by layer1.1: identity shortcut
+    # layer1.0 is followed by layer1.1: an identity shortcut
+    bridges = Bridges(thin, wide, ["layer1.0"], family_for(thin))
     with pytest.raises(ValueError, match="identity shortcut"):
         merge_bridges(thin, bridges)

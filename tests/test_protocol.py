@@ -17,8 +17,8 @@ import torch
 import yaml
 
 import gwtn_dist.compare as compare_module
+import gwtn_dist.models.task as tasks_module
 import gwtn_dist.regime as regime_module
-import gwtn_dist.stages.tasks as tasks_module
 from gwtn_dist.cli import main
 from gwtn_dist.config import load_config
 from gwtn_dist.data.shards import eval_batches, train_stream, validation_indices
@@ -81,17 +81,17 @@ TUNE = ("compare.tune={scratch: {baseline.optim.lr: [0.1, 0.00001]}, "
 def test_tuning_chooses_on_validation_and_never_reads_test(tmp_path, shard_dir, monkeypatch):
     reads: list[tuple[str, str]] = []  # (unit folder, split) of every evaluation
     unit = {"dir": "?"}
-    real_run_arm, real_reader = compare_module.run_arm, tasks_module.rank_eval_batches
+    real_train_unit, real_reader = compare_module.train_unit, tasks_module.rank_eval_batches
 
-    def run_arm(rt, cfg, seed_dir, arm, teacher_dir):
+    def train_unit(rt, cfg, seed_dir, arm, teacher_dir):
         unit["dir"] = str(seed_dir)
-        return real_run_arm(rt, cfg, seed_dir, arm, teacher_dir)
+        return real_train_unit(rt, cfg, seed_dir, arm, teacher_dir)
 
     def reader(cfg, limit, rank, world, split="test"):
         reads.append((unit["dir"], split))
         return real_reader(cfg, limit, rank, world, split)
 
-    monkeypatch.setattr(compare_module, "run_arm", run_arm)
+    monkeypatch.setattr(compare_module, "train_unit", train_unit)
     monkeypatch.setattr(tasks_module, "rank_eval_batches", reader)
     run_dir = tmp_path / "cmp"
     assert main(["-q", "compare", *fast_args(

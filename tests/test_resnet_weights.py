@@ -15,7 +15,7 @@ from gwtn_dist import checkpoint
 from gwtn_dist.checkpoint import CheckpointError
 from gwtn_dist.cli import main
 from gwtn_dist.config import ConfigError, load_config
-from gwtn_dist.models.family import build_thin, build_wide, shape_meta
+from gwtn_dist.models.family import build_thin, build_wide, family_for, shape_meta
 from gwtn_dist.models.resnet.names import (
     load_resnet_weights,
     torchvision_name,
@@ -69,7 +69,7 @@ def test_wide_init_loads_a_torchvision_file_in_the_imagenet_geometry(tmp_path, w
     cfg = load_config(None, IMAGENET)
     teacher = perturbed(build_wide(cfg.model))
     path = torchvision_file(teacher, tmp_path / "teacher.pth", wrap)
-    loaded = load_init(build_wide(cfg.model), str(path)).eval()
+    loaded = load_init(family_for(cfg.model), build_wide(cfg.model), str(path)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), teacher(x))
@@ -111,11 +111,11 @@ def test_a_file_that_does_not_fit_is_refused_naming_the_key(tmp_path):
         # config's mistake (exit 2).
         error = CheckpointError if name == "not tensors" else ConfigError
         with pytest.raises(error, match="^wide.init: ") as info:
-            load_init(build_wide(cfg.model), str(path))
+            load_init(family_for(cfg.model), build_wide(cfg.model), str(path))
         assert words in str(info.value) and "\n" not in str(info.value), name
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="cannot be read as weights"):
-        load_init(build_wide(cfg.model), str(tmp_path / "junk.pt"))
+        load_init(family_for(cfg.model), build_wide(cfg.model), str(tmp_path / "junk.pt"))
 
 
 def test_wide_steps_0_saves_the_given_teacher_as_a_finished_stage(tmp_path, shard_dir, capsys):

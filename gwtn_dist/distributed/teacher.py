@@ -19,7 +19,6 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config
 from ..models.compiled import compile_blocks
-from ..models.family import build_wide
 from ..profiling import region
 from .engines import full_state_dict, held_bytes, shard_frozen
 from .runtime import Runtime
@@ -103,9 +102,10 @@ def _in_dtype(out, dtype: torch.dtype):
     return None if out is None else out.to(dtype)
 
 
-def load_teacher(rt: Runtime, cfg: Config, path: Path, device: torch.device) -> Teacher:
-    """The trained wide net from ``path``, frozen (eval mode, no grads), sharded or replicated."""
-    wide = build_wide(cfg.model)
+def load_teacher(rt: Runtime, cfg: Config, wide: nn.Module, path: Path,
+                 device: torch.device) -> Teacher:
+    """The trained wide net from ``path`` loaded into ``wide`` (a fresh wide twin), frozen
+    (eval mode, no grads), sharded or replicated."""
     checkpoint.load_weights(wide, path)
     wide.eval().requires_grad_(False)
     total = sum(p.numel() for p in wide.parameters()) * torch.finfo(rt.dtype).bits // 8

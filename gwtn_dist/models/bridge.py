@@ -18,10 +18,20 @@ shortcut, which is why ResNet pairs only sit in front of projection shortcuts or
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from .family import family_for
+
+class PointWidths(Protocol):
+    """What pairs need from the thin net's family (``models.family.Family`` has it)."""
+
+    lift_only: bool  # pairs are lifts P only (no trained back map Q)
+
+    def boundary_width(self, model: nn.Module, point: str) -> int: ...
+
+    def merge_pairs(self, thin: nn.Module, bridges: Bridges, skip: list[str]) -> None: ...
 
 
 class LinearPair(nn.Module):
@@ -82,9 +92,10 @@ class Bridges(nn.Module):
     get full pairs (P and Q); BERT points get lifts only (see the module's docstring).
     """
 
-    def __init__(self, thin: nn.Module, wide: nn.Module, points: list[str]):
+    def __init__(self, thin: nn.Module, wide: nn.Module, points: list[str],
+                 family: PointWidths):
         super().__init__()
-        family = family_for(thin)
+        self.family = family  # a plain attribute: not a module, not in the state dict
         self.points = list(points)
         self.lift_only = family.lift_only
         self.pairs = nn.ModuleDict()
@@ -112,5 +123,5 @@ def merge_bridges(thin: nn.Module, bridges: Bridges, skip: list[str] = ()) -> nn
     """
     if bridges.lift_only:
         return thin
-    family_for(thin).merge_pairs(thin, bridges, list(skip))
+    bridges.family.merge_pairs(thin, bridges, list(skip))
     return thin

@@ -8,8 +8,10 @@ block k's output. Everything else the stages, bridges, comparisons, exports and 
 loader need from a family is a method of its ``Family``; no code outside a family's package
 branches on which family it is.
 
-The module-level functions (``build_thin``, ``build_wide``, ``shape_meta``, …) are the
-family-independent entry points the stages call: each looks the family up from the config.
+A run resolves its family once (``spec.resolve`` → ``RunSpec.family``) and the stages use that.
+The module-level functions (``build_thin``, ``build_wide``, ``shape_meta``, …) look the family
+up from a config, a net or saved weights each call: they are for tools and tests that hold one
+of those, not for the stages.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from . import BUILTIN_FAMILIES
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..distributed.teacher import Teacher
-    from ..stages.tasks import ScoredTask
     from .bridge import Bridges
+    from .task import ScoredTask
 
 Depth = list[int] | int  # a family's depth: ResNet: blocks per stage; BERT: layers
 Shape = Any  # a family's frozen shape dataclass; its ``family`` class attribute names the family
@@ -83,11 +84,12 @@ class Family(Protocol):
 
     def task(self, cfg: Config) -> ScoredTask:
         """The task: batches on the device, scored outputs, metrics, imitated features
-        (``stages/tasks.py`` describes the interface)."""
+        (``models/task.py`` describes the interface)."""
 
-    def init_head(self, cfg: Config, thin: nn.Module, wide: Teacher, bridges: Bridges | None,
+    def init_head(self, cfg: Config, thin: nn.Module, wide: nn.Module, bridges: Bridges | None,
                   last_point: str) -> str:
-        """Start the thin net's head from the wide one after imitation where
+        """Start the thin net's head from the wide one (``wide``: the frozen teacher, a
+        ``distributed.teacher.Teacher``) after imitation where
         ``imitate.init_head`` asks for it and it can read the thin features; returns ``"wide"``
         or ``"random"`` (the head left as it was)."""
 
@@ -138,17 +140,16 @@ def family_for(what: Any) -> Family:
     return _families[name]
 
 
-def shape(m: ModelConfig, wide: bool, depth: Depth | None = None) -> Shape:
-    """The shape of the thin net or its twin in ``m``'s family; ``depth`` overrides the depth."""
+def _shape(m: ModelConfig, wide: bool, depth: Depth | None = None) -> Shape:
     return family_for(m).shape(m, wide, depth)
 
 
 def shape_meta(m: ModelConfig, wide: bool, depth: Depth | None = None) -> dict:
     """What saved weights record to be rebuilt: the family and the shape's fields."""
-    return {"family": m.family, "shape": shape(m, wide, depth).__dict__}
+    return {"family": m.family, "shape": _shape(m, wide, depth).__dict__}
 
 
-def build(s: Shape) -> nn.Module:
+def build_shape(s: Shape) -> nn.Module:
     """The net of a shape (also how saved weights, whose meta holds the shape, are rebuilt)."""
     return family_for(s).build(s)
 
@@ -156,30 +157,14 @@ def build(s: Shape) -> nn.Module:
 def build_thin(m: ModelConfig, blocks: Depth | None = None) -> nn.Module:
     """The thin (student) net; ``blocks`` gives a deeper variant for the baseline (in the
     family's depth: blocks per stage for a ResNet, a number of layers for a BERT)."""
-    return build(shape(m, wide=False, depth=blocks))
+    return build_shape(_shape(m, wide=False, depth=blocks))
 
 
 def build_wide(m: ModelConfig) -> nn.Module:
     """The widened twin: same depth and block names, wider inside (and optionally at boundaries)."""
-    return build(shape(m, wide=True))
+    return build_shape(_shape(m, wide=True))
 
 
 def needs_bridges(m: ModelConfig) -> bool:
     """Linear pairs are needed only where thin and wide boundary widths differ."""
     return m.widen.boundary_mult != 1
-
-
-def imitation_points(model: nn.Module, m: ModelConfig) -> list[str]:
-    """The points whose outputs are imitated, bottom to top (see each family's package)."""
-    return family_for(m).imitation_points(model, m)
-
-
-def point_index(model: nn.Module, point: str) -> int:
-    """Index into ``model.blocks()`` of the block whose output is the imitation point ``point``."""
-    return family_for(model).point_index(model, point)
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load weights from outside into ``model`` (see its family's ``load_weights``); anything
-    that does not fit raises a WeightsError naming the key."""
-    family_for(model).load_weights(model, Path(path))

@@ -80,12 +80,12 @@ def _probe(args: argparse.Namespace) -> None:
     from ..config import load_config
     from ..data.batches import train_batches
     from ..data.prefetch import Prefetcher
-    from ..stages.tasks import task_for
+    from ..spec import resolve
 
     cfg = load_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    task = task_for(cfg)
+    task = resolve(cfg).task
     device = torch.device("cpu")
     batches = train_batches(cfg, 0, 0, args.world)
     keys = ((0, s) for s in range(cfg.data.prefetch + 3))

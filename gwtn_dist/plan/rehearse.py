@@ -27,18 +27,19 @@ import sys
 import time
 from pathlib import Path
 
+from ..arms import arm_named
 from ..config import Config, ConfigError, load_config
 from ..distributed.runtime import Runtime
 from .memwatch import MemoryWatch, write_record
 
 log = logging.getLogger("gwtn")
-STAGES = ("wide", "imitate", "finetune")
+STAGES = ("wide", "imitate", "finetune")  # the stage commands: the wide net, then the method
 SYNTHETIC = {"imagefolder": "imagenet", "text": "wikipedia"}
 
 
 def stage_list(cfg: Config) -> list[str]:
     """The stages a rehearsal runs, in order: the method's three, then the other arms."""
-    return [*STAGES, *(arm for arm in cfg.arms if arm != "win")]
+    return [*STAGES, *(arm for arm in cfg.arms if not arm_named(arm).is_method)]
 
 
 def rehearsal_overrides(cfg: Config, out: Path, ranks: int, steps: int, micro_batch: int,
@@ -202,15 +203,17 @@ def run_recorded_stage(rt: Runtime, cfg: Config, stage: str, watch: MemoryWatch,
                        record_dir: Path) -> None:
     """One stage (or baseline arm) of a rehearsal on this rank, its memory recorded in
     ``record_dir/<stage>-rank<r>.json``."""
+    from ..arms import run_arm
     from ..pipeline import prepare_run_dir, run_stage
-    from ..stages.arms import train_baseline
+    from ..spec import resolve
 
     watch.mark("setup")
+    spec = resolve(cfg)
     if stage in STAGES:
-        run_stage(rt, cfg, stage)
+        run_stage(rt, spec, stage)
     else:
         run_dir = prepare_run_dir(rt, cfg, Path(cfg.run_dir), continuing=True)
-        train_baseline(rt, cfg, run_dir, stage, teacher=run_dir / "wide" / "model.pt")
+        run_arm(rt, spec, run_dir, arm_named(stage), run_dir / "wide")
     write_record({"stage": stage, "rank": rt.rank, "world_size": rt.world_size,
                   **watch.finish()}, record_dir / f"{stage}-rank{rt.rank}.json")
 

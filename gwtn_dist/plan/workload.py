@@ -27,17 +27,10 @@ from ..distributed.runtime import Runtime
 from ..distributed.teacher import Teacher
 from ..kernels import select_imitation_mse
 from ..models.bridge import Bridges
-from ..models.family import (
-    build_thin,
-    build_wide,
-    family_for,
-    imitation_points,
-    needs_bridges,
-    point_index,
-)
+from ..models.family import needs_bridges
+from ..spec import resolve
 from ..stages.imitate import parallel_outputs, parallel_params, phase_params, schedule_steps
 from ..stages.losses import distillation_loss
-from ..stages.tasks import task_for
 from .trace import StepTrace, trace
 
 META = torch.device("meta")
@@ -112,8 +105,8 @@ class Tracer:
 
     def __init__(self, cfg: Config, dtype: torch.dtype, seq_len: int | None):
         self.cfg, self.dtype, self.seq_len = cfg, dtype, seq_len
-        self.family = family_for(cfg.model)
-        self.task = task_for(cfg)
+        self.spec = resolve(cfg)
+        self.family, self.task = self.spec.family, self.spec.task
         # Masked-LM's loss is taken at the chosen tokens, a data-dependent share.
         self.selected = cfg.data.mlm_probability
         self.runtime = Runtime(dtype=dtype)
@@ -182,10 +175,9 @@ def plan_workload(cfg: Config, world: int, dtype: torch.dtype,
     imitate, finetune, then the other arms), traced at each phase's micro-batch."""
     t = Tracer(cfg, dtype, seq_len)
     task = t.task
-    m = cfg.model
     per_rank = cfg.data.batch_size // world
-    wide = t.net(lambda: build_wide(m))
-    thin = t.net(lambda: build_thin(m))
+    wide = t.net(t.spec.build_wide)
+    thin = t.net(t.spec.build_thin)
     teacher = t.teacher(wide)
     _freeze(wide, thin)
     phases: list[PhaseWork] = []
@@ -215,19 +207,18 @@ def plan_workload(cfg: Config, world: int, dtype: torch.dtype,
     phases += _thin_phases(t, cfg, "finetune", thin, teacher, teacher_all, f.kd_steps,
                            f.label_steps, f.optim, f.distill, micro, eval_b)
     budget = imitate_steps + f.kd_steps + f.label_steps
-    for arm in cfg.arms:
-        if arm == "win":
-            continue
+    baselines = [arm.name for arm in t.spec.arms if not arm.is_method]
+    for arm in baselines:
         net = thin
         if arm == "deeper":
             depth = t.family.deeper_depth(cfg)
-            net = t.net(lambda depth=depth: build_thin(m, blocks=depth))
+            net = t.net(lambda depth=depth: t.spec.build_thin(depth))
             _freeze(net)
         b = cfg.baseline
         phases += _thin_phases(t, cfg, arm, net, teacher, teacher_all,
                                budget if arm == "kd" else 0, 0 if arm == "kd" else budget,
                                b.optim, b.distill, micro, eval_b)
-    stages = ["wide", "imitate", "finetune", *(a for a in cfg.arms if a != "win")]
+    stages = ["wide", "imitate", "finetune", *baselines]
     for stage in stages:
         taught = [p for p in phases if p.stage == stage and p.holds_teacher]
         if taught:
@@ -243,12 +234,12 @@ def _imitation_phases(t: Tracer, cfg: Config, thin: nn.Module, wide: nn.Module,
                       teacher: Teacher, micro, eval_b: int) -> list[PhaseWork]:
     """Stage 2's phases: one per point (sequential), or the parallel phase and its polish."""
     ic, task = cfg.imitate, t.task
-    points = imitation_points(thin, cfg.model)
-    ends = [point_index(thin, p) for p in points]
+    points = list(t.spec.points)
+    ends = [t.family.point_index(thin, p) for p in points]
     bridges = None
     if needs_bridges(cfg.model):
         with META:
-            bridges = Bridges(thin, wide, points)
+            bridges = Bridges(thin, wide, points, t.family)
         bridges = bridges.to(dtype=t.dtype).requires_grad_(False)
     mse = select_imitation_mse("reference", "cpu")  # the fused kernel holds less
     modules = [thin] + ([bridges] if bridges is not None else [])
@@ -272,7 +263,7 @@ def _imitation_phases(t: Tracer, cfg: Config, thin: nn.Module, wide: nn.Module,
     def sequential(k: int, n: int, name: str) -> PhaseWork:
         end = ends[k]
         bridged = {ends[j]: points[j] for j in range(k)}
-        current, lower = phase_params(thin, points, k, bridges, ic.lower_lr_mult)
+        current, lower = phase_params(thin, points, ends, k, bridges, ic.lower_lr_mult)
         trained = current + (lower if ic.lower_lr_mult > 0 else [])
         held: list[torch.Tensor] = []
 
@@ -291,7 +282,7 @@ def _imitation_phases(t: Tracer, cfg: Config, thin: nn.Module, wide: nn.Module,
 
     phases = []
     if ic.schedule == "parallel":
-        trained = parallel_params(thin, points, bridges)
+        trained = parallel_params(thin, points, ends, bridges)
         held: list[torch.Tensor] = []
 
         def loss(x, y):

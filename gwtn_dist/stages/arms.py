@@ -1,44 +1,48 @@
-"""The baselines, trained by the same code as the method and at its thin-net step budget.
+"""How each arm of ``gwtn_dist/arms.py`` trains: the method's stages, and the baselines,
+trained by the same code as the method and at its thin-net budget.
 
 scratch: the thin net from a fresh init with labels. kd: the thin net from a fresh init with
 logit distillation from the wide net (``baseline.distill``). deeper: a deeper thin net from
 scratch. All three use the from-scratch recipe (``baseline.optim``), so only the method differs
-between arms; ``gwtn compare`` tunes each arm's recipe with the same effort.
+between arms; ``gwtn compare`` tunes each arm's recipe with the same effort. Each trainer takes
+(rt, spec, run_dir, teacher_dir: the finished wide stage) and returns {stage: record}.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import BASELINES, Config
 from ..distributed.runtime import Runtime
-from ..models.family import build_thin, family_for, imitation_points
-from .finetune import train_thin
+from ..spec import RunSpec
+from .finetune import finetune, train_thin
+from .imitate import imitate
 
 
-def method_budget(cfg: Config) -> int:
-    """Thin-net steps the method spends: every imitation phase plus fine-tuning."""
-    points = imitation_points(build_thin(cfg.model), cfg.model)
-    f = cfg.finetune
-    return len(points) * cfg.imitate.steps_per_point + f.kd_steps + f.label_steps
+def train_method(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path) -> dict:
+    """Go wide, then narrow: imitate the wide net, then fine-tune."""
+    return {"imitate": imitate(rt, spec, run_dir, teacher_dir=teacher_dir),
+            "finetune": finetune(rt, spec, run_dir, teacher_dir=teacher_dir)}
 
 
-def train_baseline(rt: Runtime, cfg: Config, run_dir: Path, arm: str,
-                   teacher: Path | None) -> dict:
-    """Train baseline ``arm`` into ``run_dir/<arm>`` for the method's thin-net budget."""
-    budget = method_budget(cfg)
-    if arm == "scratch":
-        return train_thin(rt, cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
-                          label_steps=budget, optim=cfg.baseline.optim)
-    if arm == "kd":
-        if teacher is None:
-            raise ValueError("the kd baseline needs a trained wide net")
-        return train_thin(rt, cfg, run_dir, arm, init=None, teacher=teacher, kd_steps=budget,
-                          label_steps=0, optim=cfg.baseline.optim, distill=cfg.baseline.distill)
-    if arm == "deeper":
-        family = family_for(cfg.model)
-        depth = family.deeper_depth(cfg)
-        return train_thin(rt, cfg, run_dir, arm, init=None, teacher=None, kd_steps=0,
-                          label_steps=budget, optim=cfg.baseline.optim, blocks=depth,
-                          extra={family.depth_label: depth})
-    raise ValueError(f"unknown baseline {arm!r}; choose from {', '.join(BASELINES)}")
+def train_scratch(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path) -> dict:
+    """The thin net from a fresh init, with labels, for the method's budget."""
+    return {"scratch": train_thin(rt, spec, run_dir, "scratch", init=None, teacher=None,
+                                  kd_steps=0, label_steps=spec.budget,
+                                  optim=spec.cfg.baseline.optim)}
+
+
+def train_kd(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path) -> dict:
+    """The thin net from a fresh init, distilling the wide net's logits, for the budget."""
+    b = spec.cfg.baseline
+    return {"kd": train_thin(rt, spec, run_dir, "kd", init=None,
+                             teacher=teacher_dir / "model.pt", kd_steps=spec.budget,
+                             label_steps=0, optim=b.optim, distill=b.distill)}
+
+
+def train_deeper(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path) -> dict:
+    """A deeper thin net (``compare.deeper_*``) from scratch, with labels, for the budget."""
+    depth = spec.family.deeper_depth(spec.cfg)
+    return {"deeper": train_thin(rt, spec, run_dir, "deeper", init=None, teacher=None,
+                                 kd_steps=0, label_steps=spec.budget,
+                                 optim=spec.cfg.baseline.optim, blocks=depth,
+                                 extra={spec.family.depth_label: depth})}

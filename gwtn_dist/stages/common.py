@@ -22,10 +22,11 @@ from ..data.batches import train_batches
 from ..distributed.runtime import Runtime, all_reduce_sum, barrier, device_for
 from ..distributed.sync_bn import use_global_batchnorm
 from ..models.compiled import compile_blocks
-from ..models.family import family_for, load_weights
+from ..models.family import Family
+from ..models.task import ScoredTask
 from ..models.weights import UnreadableWeights, WeightsError
+from ..spec import RunSpec
 from .loop import LoopContext, PhaseResult
-from .tasks import task_for
 
 log = logging.getLogger("gwtn")
 
@@ -40,18 +41,18 @@ def check_init(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path} not found")
 
 
-def load_init(model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
-    """``model`` with the weights at ``path`` (``key``: the config key that named them; see
-    ``models.family.load_weights``); anything that does not fit is a one-line ConfigError
-    naming the tensor and both shapes."""
+def load_init(family: Family, model: nn.Module, path: str, key: str = "wide.init") -> nn.Module:
+    """``model`` with the weights at ``path`` (``key``: the config key that named them; read
+    by ``family.load_weights``); anything that does not fit is a one-line ConfigError naming
+    the tensor and both shapes."""
     try:
-        load_weights(model, Path(path))
+        family.load_weights(model, Path(path))
     except UnreadableWeights as exc:  # the file, not the net's shape: exit 4
         raise checkpoint.CheckpointError(f"{key}: {exc}") from None
     except WeightsError as exc:
         where = "model.* and model.widen.*" if key == "wide.init" else "model.*"
         raise ConfigError(f"{key}: {exc} (the net's shape comes from {where}; "
-                          f"{family_for(model).docs})") from None
+                          f"{family.docs})") from None
     return model
 
 
@@ -85,8 +86,8 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device, limit: int = 0,
-             split: str = "test") -> dict:
+def evaluate(rt: Runtime, model: nn.Module, task: ScoredTask, device: torch.device,
+             limit: int = 0, split: str = "test") -> dict:
     """The task's metrics over the held-out ``split`` (its first ``limit`` samples if set):
     ``test``/``val`` accuracy and cross-entropy for images, masked-LM accuracy and perplexity
     for text.
@@ -95,7 +96,6 @@ def evaluate(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device, l
     scored once. Every rank runs the same number of forwards (a rank out of batches runs rank
     0's first one again and does not count it), as a ZeRO-3 net's forward is a collective.
     """
-    task = task_for(cfg)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # the task's counts (correct, samples, loss)
@@ -117,21 +117,22 @@ def evaluate(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device, l
     return scores
 
 
-def loop_context(rt: Runtime, cfg: Config, stage_dir: Path, modules: dict[str, nn.Module],
+def loop_context(rt: Runtime, spec: RunSpec, stage_dir: Path, modules: dict[str, nn.Module],
                  stream_tag: int, step_offset: int = 0) -> LoopContext:
     """The LoopContext of a stage; ``stream_tag`` gives each stage its own data order."""
+    cfg, task = spec.cfg, spec.task
     device = resolve_device(rt, cfg)
     return LoopContext(
         stage_dir=stage_dir, modules=modules,
         batches=train_batches(cfg, cfg.seed * 101 + stream_tag, rt.rank, rt.world_size),
         device=device, micro_batch=cfg.data.batch_size // rt.world_size,
-        prepare=partial(task_for(cfg).prepare, device=device, dtype=rt.dtype),
+        prepare=partial(task.prepare, device=device, dtype=rt.dtype),
         checkpoint_every=cfg.checkpoint.every, dist=cfg.dist, rt=rt, progress=cfg.progress,
-        evaluate=lambda m: evaluate(rt, m, cfg, device, limit=cfg.eval_samples,
-                                    split=task_for(cfg).curve_split),
+        evaluate=lambda m: evaluate(rt, m, task, device, limit=cfg.eval_samples,
+                                    split=task.curve_split),
         eval_every=cfg.eval_every, step_offset=step_offset, log_every=cfg.log_every,
         profile=cfg.profile, logging=cfg.logging, prefetch=cfg.data.prefetch,
-        tokens=task_for(cfg).tokens,
+        tokens=task.tokens,
     )
 
 
@@ -154,15 +155,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def finish_stage(rt: Runtime, cfg: Config, run_dir: Path, stage: str, model: nn.Module,
+def finish_stage(rt: Runtime, spec: RunSpec, run_dir: Path, stage: str, model: nn.Module,
                  results: list[PhaseResult], meta: dict, extra: dict | None = None) -> dict:
     """Save the stage's net, score it on the validation and test splits (the task's
     ``score_splits``), write stage.json + DONE, update summary."""
     stage_dir = run_dir / stage
     device = next(model.parameters()).device
     scores = {}
-    for split in task_for(cfg).score_splits:
-        scores.update(evaluate(rt, model, cfg, device, split=split))
+    task = spec.task
+    for split in task.score_splits:
+        scores.update(evaluate(rt, model, task, device, split=split))
     record = {
         "stage": stage,
         "steps": sum(r.steps for r in results),
@@ -183,7 +185,6 @@ def finish_stage(rt: Runtime, cfg: Config, run_dir: Path, stage: str, model: nn.
         checkpoint.atomic_write_text(stage_dir / "stage.json", json.dumps(record, indent=2))
         (stage_dir / "DONE").write_text("")
         update_summary(run_dir, stage, record)
-        task = task_for(cfg)
         shown = task.metric if task.metric in scores else task.select_metric
         log.info("%s done: %s %.4f (%d steps, %.0f s)", stage,
                  task.labels.get(shown, shown.replace("_", " ")), scores[shown], record["steps"],

@@ -11,10 +11,12 @@ from functools import partial
 from pathlib import Path
 
 from .. import checkpoint
-from ..config import Config, DistillConfig, OptimConfig
+from ..config import DistillConfig, OptimConfig
 from ..distributed.runtime import Runtime
 from ..distributed.teacher import load_teacher
-from ..models.family import Depth, build_thin, shape_meta
+from ..models.family import Depth
+from ..models.task import accuracy
+from ..spec import RunSpec
 from .common import (
     finish_stage,
     loop_context,
@@ -25,13 +27,12 @@ from .common import (
     stage_done,
 )
 from .loop import Phase, run_phases
-from .losses import accuracy, distillation_loss
-from .tasks import task_for
+from .losses import distillation_loss
 
 STAGE = "finetune"
 
 
-def train_thin(rt: Runtime, cfg: Config, run_dir: Path, stage: str, *, init: Path | None,
+def train_thin(rt: Runtime, spec: RunSpec, run_dir: Path, stage: str, *, init: Path | None,
                teacher: Path | None, kd_steps: int, label_steps: int, optim: OptimConfig,
                blocks: Depth | None = None, step_offset: int = 0,
                extra: dict | None = None, distill: DistillConfig | None = None) -> dict:
@@ -43,19 +44,19 @@ def train_thin(rt: Runtime, cfg: Config, run_dir: Path, stage: str, *, init: Pat
     accuracy-vs-steps curves. distill: the distillation's α and T (default
     ``finetune.distill``).
     """
+    cfg, task = spec.cfg, spec.task
     stage_dir = run_dir / stage
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     seed_everything(cfg.seed + 2)
-    ctx = loop_context(rt, cfg, stage_dir, {}, stream_tag=3, step_offset=step_offset)
-    thin = build_thin(cfg.model, blocks=blocks)
+    ctx = loop_context(rt, spec, stage_dir, {}, stream_tag=3, step_offset=step_offset)
+    thin = spec.build_thin(blocks)
     if init is not None:
         checkpoint.load_weights(thin, init)
     thin = place(rt, thin, cfg, ctx.device)
     ctx.modules = {"thin": thin}
-    wide = load_teacher(rt, cfg, teacher, ctx.device) if kd_steps else None
+    wide = load_teacher(rt, cfg, spec.build_wide(), teacher, ctx.device) if kd_steps else None
     d = distill or cfg.finetune.distill
-    task = task_for(cfg)
 
     def kd_loss(x, y):
         # Images: every sample; text: the masked tokens. (N, classes), (N,).
@@ -80,20 +81,21 @@ def train_thin(rt: Runtime, cfg: Config, run_dir: Path, stage: str, *, init: Pat
     results = run_phases(ctx, phases)
     if wide is not None:
         extra = {**(extra or {}), "teacher": wide.record()}
-    meta = {"stage": stage, **shape_meta(cfg.model, wide=False, depth=blocks)}
-    return finish_stage(rt, cfg, run_dir, stage, thin, results, meta, extra)
+    meta = {"stage": stage, **spec.shape_meta(wide=False, depth=blocks)}
+    return finish_stage(rt, spec, run_dir, stage, thin, results, meta, extra)
 
 
-def finetune(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
+def finetune(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path | None = None) -> dict:
     """Stage 3: fine-tune the imitated thin net (optionally distilling from the wide net first).
 
     teacher_dir: the finished wide stage (default ``run_dir/wide``), used when kd_steps > 0.
     """
+    cfg = spec.cfg
     init = require_stage(run_dir / "imitate", "imitate")
     teacher = None
     if cfg.finetune.kd_steps:
         teacher = require_stage(teacher_dir or run_dir / "wide", "wide")
     f = cfg.finetune
     imitate_steps = read_stage(run_dir / "imitate")["steps"]
-    return train_thin(rt, cfg, run_dir, STAGE, init=init, teacher=teacher, kd_steps=f.kd_steps,
+    return train_thin(rt, spec, run_dir, STAGE, init=init, teacher=teacher, kd_steps=f.kd_steps,
                       label_steps=f.label_steps, optim=f.optim, step_offset=imitate_steps)

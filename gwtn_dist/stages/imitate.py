@@ -7,7 +7,7 @@ hidden size, a lift of each layer output, see ``models/bridge.py``). Blocks belo
 ``lower_lr_mult`` × lr (soft freeze), blocks above point k are not run. After the last phase the
 pairs are merged, so the thin net leaves this stage with exactly its original shape.
 
-The family's task (``stages/tasks.py``; each family's in ``models/<family>/task.py``) says what
+The family's task (``models/task.py``; each family's in ``models/<family>/task.py``) says what
 a point's output is and which positions count: a BERT's points are its layer outputs (b, T, D),
 compared at unpadded tokens only, and with ``imitate.attention_weight`` the KL between the two
 nets' attention maps of the phase's layer is added.
@@ -28,26 +28,20 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import Config
 from ..distributed.runtime import Runtime
 from ..distributed.teacher import load_teacher
 from ..kernels import select_imitation_mse
 from ..kernels.imitation.backend import describe_run
 from ..models.bridge import Bridges, merge_bridges
-from ..models.family import (
-    build_thin,
-    family_for,
-    imitation_points,
-    needs_bridges,
-    point_index,
-    shape_meta,
-)
+from ..models.family import needs_bridges
 from ..profiling import region
+from ..spec import RunSpec
 from .common import (
     check_init,
     finish_stage,
@@ -60,7 +54,6 @@ from .common import (
     stage_done,
 )
 from .loop import Phase, run_phases
-from .tasks import attention_kl, task_for
 
 STAGE = "imitate"
 log = logging.getLogger("gwtn")
@@ -70,17 +63,17 @@ def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def phase_params(thin: nn.Module, points: list[str], k: int, bridges: Bridges | None,
-                 lower_lr_mult: float) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def phase_params(thin: nn.Module, points: list[str], ends: list[int], k: int,
+                 bridges: Bridges | None, lower_lr_mult: float
+                 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The parameters phase ``k`` trains at full lr, and those it trains at ``lower_lr_mult``.
 
     Full lr: the blocks after point k−1 up to point k, the lift P_k that this point's comparison
     uses, and Q_{k−1}, which feeds those blocks (lifts only: no Q). Lower lr (none if the
     multiplier is 0): every block before them and the pairs already passed. Blocks above point k
-    are never trained here.
+    are never trained here. ``ends``: the block index of each point.
     """
     blocks = [module for _, module in thin.blocks()]
-    ends = [point_index(thin, p) for p in points]
     start = ends[k - 1] + 1 if k else 0
     current, lower = _params(blocks[start : ends[k] + 1]), []
     if lower_lr_mult > 0:
@@ -96,13 +89,13 @@ def phase_params(thin: nn.Module, points: list[str], k: int, bridges: Bridges | 
     return current, lower
 
 
-def parallel_params(thin: nn.Module, points: list[str],
+def parallel_params(thin: nn.Module, points: list[str], ends: list[int],
                     bridges: Bridges | None) -> list[nn.Parameter]:
     """The parameters the parallel schedule trains, all at full lr: every block up to the
     last point, every lift P_k (point k's comparison), and Q_k of every point but the last
     (Q_k feeds segment k+1; nothing runs above the last point)."""
     blocks = [module for _, module in thin.blocks()]
-    params = _params(blocks[: point_index(thin, points[-1]) + 1])
+    params = _params(blocks[: ends[-1] + 1])
     if bridges is not None:
         params += [bridges.pair(p).lift for p in points]
         if not bridges.lift_only:
@@ -139,10 +132,7 @@ def parallel_outputs(thin: nn.Module, task, x, targets: tuple[torch.Tensor, ...]
     outs = []
     for k in range(len(points)):
         if k == 0:  # the bottom segment starts from the input itself
-            if attention:
-                outs.append(tuple(t.float() for t in thin(x, upto=ends[0], attention=True)))
-            else:
-                outs.append(task.features(thin, x, ends[0], None, {}))
+            outs.append(task.first_segment(thin, x, ends[0], attention))
             continue
         below = targets[k - 1].detach()
         if bridges is not None:
@@ -167,43 +157,55 @@ def masked_variance(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return ((t - mean) ** 2 * keep).sum() / (n - 1).clamp_min(1)
 
 
-def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = None) -> dict:
-    """Run stage 2 into ``run_dir/imitate``; needs the wide stage (default ``run_dir/wide``)."""
-    stage_dir = run_dir / STAGE
-    if stage_done(stage_dir):
-        return read_stage(stage_dir)
-    teacher_path = require_stage(teacher_dir or run_dir / "wide", "wide")
-    check_init(cfg.imitate.init, "imitate.init")
-    seed_everything(cfg.seed + 1)
-    ctx = loop_context(rt, cfg, stage_dir, {}, stream_tag=2)
-    device = ctx.device
-    wide = load_teacher(rt, cfg, teacher_path, device)
-    thin = build_thin(cfg.model)
-    if cfg.imitate.init:  # a resume then overwrites these weights with its checkpoint's
-        load_init(thin, cfg.imitate.init, "imitate.init")
-    thin = place(rt, thin, cfg, device)
-    points = imitation_points(thin, cfg.model)
-    ends = [point_index(thin, p) for p in points]  # block index of each point
-    bridges = Bridges(thin, wide.module, points).to(device) if needs_bridges(cfg.model) else None
-    ctx.modules = {"thin": thin, **({"bridges": bridges} if bridges is not None else {})}
-    mse = select_imitation_mse(cfg.imitate.loss_backend, device)
-    # Features and targets reach the loss in the compute dtype (bf16/fp16 under autocast); the
-    # loss accumulates in float32 itself.
-    compute = rt.autocast or rt.dtype
-    ic = cfg.imitate
-    blocks = [module for _, module in thin.blocks()]
-    student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
-    task = task_for(cfg)
-    # Where a point is read: a ResNet block's output or its sum before the final ReLU.
-    site = {"preact": True} if ic.point_site == "preact" else {}
+class Imitation:
+    """Stage 2 of one run: the frozen teacher, the thin net and its pairs, and the phases that
+    train the thin net to imitate the teacher point by point (``phases``), then what the stage
+    records (``finish``)."""
 
-    def point_loss(k: int, h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, rt: Runtime, spec: RunSpec, ctx, teacher_path: Path):
+        cfg, device = spec.cfg, ctx.device
+        self.rt, self.spec, self.ctx, self.ic = rt, spec, ctx, cfg.imitate
+        self.task, self.points = spec.task, list(spec.points)
+        self.wide = load_teacher(rt, cfg, spec.build_wide(), teacher_path, device)
+        thin = spec.build_thin()
+        if self.ic.init:  # a resume then overwrites these weights with its checkpoint's
+            load_init(spec.family, thin, self.ic.init, "imitate.init")
+        self.thin = place(rt, thin, cfg, device)
+        self.ends = [spec.family.point_index(self.thin, p) for p in self.points]  # block indices
+        self.bridges = (Bridges(self.thin, self.wide.module, self.points, spec.family).to(device)
+                        if needs_bridges(cfg.model) else None)
+        ctx.modules = {"thin": self.thin,
+                       **({"bridges": self.bridges} if self.bridges is not None else {})}
+        self.mse = select_imitation_mse(self.ic.loss_backend, device)
+        # Features and targets reach the loss in the compute dtype (bf16/fp16 under autocast);
+        # the loss accumulates in float32 itself.
+        self.compute = rt.autocast or rt.dtype
+        self.blocks = [module for _, module in self.thin.blocks()]
+        self.student = nn.ModuleDict(ctx.modules)  # what a DeepSpeed engine wraps
+        # Where a point is read: a ResNet block's output or its sum before the final ReLU.
+        self.site = {"preact": True} if self.ic.point_site == "preact" else {}
+        self.maps = bool(self.ic.attention_weight)  # the family's extra term (BERT attention)
+
+    # -- the phases
+    def phases(self) -> list[Phase]:
+        """The stage's phases: K sequential phases, or one parallel phase and K polish ones."""
+        ic, points = self.ic, self.points
+        steps = schedule_steps(ic.steps_per_point, len(points), ic.schedule,
+                               ic.parallel_polish_steps)
+        if ic.schedule == "parallel":
+            return [self.parallel_phase(steps[0])] + [
+                self.point_phase(k, n, f"{STAGE}/polish/{points[k]}")
+                for k, n in enumerate(steps[1:])]
+        return [self.point_phase(k, n, f"{STAGE}/{points[k]}") for k, n in enumerate(steps)]
+
+    def point_loss(self, k: int, h: torch.Tensor, target: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Point k's imitation loss of the thin output h against the teacher's target, and
         its relative error (the MSE over the target's variance: 0 = exact imitation, 1 = no
         better than predicting the target's mean; comparable across points). Images:
         h (b, c, H, W) vs target (b, C_wide, H, W); text: (b, T, D) vs (b, T, D')."""
-        pair = bridges.pair(points[k]) if bridges is not None else None
+        ic, task, mse, compute = self.ic, self.task, self.mse, self.compute
+        pair = self.bridges.pair(self.points[k]) if self.bridges is not None else None
         h, target = h.to(compute), target.to(compute)  # no-ops but for BERT's fp32 layer norms
         with region("imitation_loss"):
             if ic.target_norm == "layernorm":
@@ -219,133 +221,145 @@ def imitate(rt: Runtime, cfg: Config, run_dir: Path, teacher_dir: Path | None = 
             value = value * target.shape[task.channel_dim]
         return value, rel
 
-    def make_phase(k: int, steps: int, name: str) -> Phase:
-        end = ends[k]
-        lower_blocks = blocks[: ends[k - 1] + 1 if k else 0]
-        bridged = {ends[j]: points[j] for j in range(k)}
+    def point_phase(self, k: int, steps: int, name: str) -> Phase:
+        """Phase k of the sequential schedule (or point k's polish after the parallel one)."""
+        return Phase(name, steps, self.ic.optim, partial(self._point_groups, k),
+                     partial(self._point_loss, k), self.student,
+                     setup=partial(self._point_setup, k),
+                     zero_stage=self.spec.cfg.dist.student_zero_stage)
 
-        def setup() -> None:
-            thin.train()
-            thin.requires_grad_(False)
-            if bridges is not None:
-                bridges.requires_grad_(False)
-            current, lower = phase_params(thin, points, k, bridges, ic.lower_lr_mult)
-            for p in current + lower:
-                p.requires_grad_(True)
-            if ic.lower_lr_mult == 0:  # truly frozen: BN statistics of lower blocks stay put too
-                for m in lower_blocks:
-                    m.eval()
+    def _point_setup(self, k: int) -> None:
+        self.thin.train()
+        self.thin.requires_grad_(False)
+        if self.bridges is not None:
+            self.bridges.requires_grad_(False)
+        current, lower = phase_params(self.thin, self.points, self.ends, k, self.bridges,
+                                      self.ic.lower_lr_mult)
+        for p in current + lower:
+            p.requires_grad_(True)
+        if self.ic.lower_lr_mult == 0:  # truly frozen: BN statistics of lower blocks stay put
+            for m in self.blocks[: self.ends[k - 1] + 1 if k else 0]:
+                m.eval()
 
-        def groups() -> list[dict]:
-            current, lower = phase_params(thin, points, k, bridges, ic.lower_lr_mult)
-            return [{"params": current, "lr_mult": 1.0},
-                    {"params": lower, "lr_mult": ic.lower_lr_mult}]
+    def _point_groups(self, k: int) -> list[dict]:
+        current, lower = phase_params(self.thin, self.points, self.ends, k, self.bridges,
+                                      self.ic.lower_lr_mult)
+        return [{"params": current, "lr_mult": 1.0},
+                {"params": lower, "lr_mult": self.ic.lower_lr_mult}]
 
-        def loss(x, y):
-            mask = task.feature_mask(x)  # None (images) or (b, T): unpadded tokens count
-            extra = {}
-            if ic.attention_weight:
-                # Layer outputs (b, T, D) and attention maps (b, H, T, T) of the point's layer.
-                target, wide_maps = wide(x, upto=end, attention=True)
-                h, thin_maps = (t.float() for t in thin(x, upto=end, attention=True))
-                kl = attention_kl(wide_maps, thin_maps, mask)
-                extra["attention_kl"] = kl.detach()
-            else:
-                # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both.
-                target = wide(x, upto=end, **site)  # no grad
-                h = task.features(thin, x, end, bridges, bridged, **site)
-            value, rel = point_loss(k, h, target, mask)
-            if ic.attention_weight:
-                value = value + ic.attention_weight * kl
-            return value, {"point": points[k], "rel_error": rel, **extra}
+    def _point_loss(self, k: int, x, y):
+        mask = self.task.feature_mask(x)  # None (images) or (b, T): unpadded tokens count
+        bridged = {self.ends[j]: self.points[j] for j in range(k)}
+        # Images: (b, C_wide, H, W) vs (b, c_thin, H, W); text: (b, T, D) both; the family's
+        # extra term (a BERT's attention-map KL) or None.
+        target, h, extra_term = self.task.imitation_outputs(
+            self.wide, self.thin, x, self.ends[k], self.bridges, bridged, self.site, self.maps)
+        value, rel = self.point_loss(k, h, target, mask)
+        extra = {}
+        if extra_term is not None:
+            value = value + self.ic.attention_weight * extra_term
+            extra["attention_kl"] = extra_term.detach()
+        return value, {"point": self.points[k], "rel_error": rel, **extra}
 
-        return Phase(name, steps, ic.optim, groups, loss, student, setup=setup,
-                     zero_stage=cfg.dist.student_zero_stage)
+    def parallel_phase(self, steps: int) -> Phase:
+        """Every segment at once, each fed the teacher's output below it."""
+        trained = parallel_params(self.thin, self.points, self.ends, self.bridges)
+        return Phase(f"{STAGE}/parallel", steps, self.ic.optim,
+                     lambda: [{"params": trained, "lr_mult": 1.0}], self._parallel_loss,
+                     self.student, setup=partial(self._parallel_setup, trained),
+                     zero_stage=self.spec.cfg.dist.student_zero_stage)
 
-    dtype = rt.dtype  # the thin net's input dtype, as for prepared images
+    def _parallel_setup(self, trained: list[nn.Parameter]) -> None:
+        self.thin.train()
+        self.thin.requires_grad_(False)
+        if self.bridges is not None:
+            self.bridges.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(True)
 
-    def make_parallel_phase(steps: int) -> Phase:
-        trained = parallel_params(thin, points, bridges)
-
-        def setup() -> None:
-            thin.train()
-            thin.requires_grad_(False)
-            if bridges is not None:
-                bridges.requires_grad_(False)
-            for p in trained:
-                p.requires_grad_(True)
-
-        def groups() -> list[dict]:
-            return [{"params": trained, "lr_mult": 1.0}]
-
-        def loss(x, y):
-            mask = task.feature_mask(x)  # None (images) or (b, T)
-            att = bool(ic.attention_weight)
-            # One teacher pass for every point: a tuple of K outputs, (b, C_k, H_k, W_k) or
-            # (b, T, D'), float32, no grad (with att also the K layers' maps (b, H, T, T)).
-            out = wide(x, points=ends, attention=True) if att else wide(x, points=ends)
-            targets, wide_maps = out if att else (out, None)
-            total, rels, kls, extra = None, [], [], {"point": "parallel"}
-            outs = parallel_outputs(thin, task, x, targets, points, ends, bridges, dtype, att)
-            for k, point in enumerate(points):
-                h = outs[k]
-                if att:
-                    h, thin_maps = h
-                    kl = attention_kl(wide_maps[k], thin_maps, mask)
-                    kls.append(kl.detach())
-                value, rel = point_loss(k, h, targets[k], mask)
-                if att:
-                    value = value + ic.attention_weight * kl
-                total = value if total is None else total + value
-                rels.append(rel)
-                extra[f"rel_error/{point}"] = rel
-            extra["rel_error"] = torch.stack(rels).mean()  # the mean over points
+    def _parallel_loss(self, x, y):
+        mask = self.task.feature_mask(x)  # None (images) or (b, T)
+        att, ends = self.maps, self.ends
+        # One teacher pass for every point: a tuple of K outputs, (b, C_k, H_k, W_k) or
+        # (b, T, D'), float32, no grad (with att also the K layers' maps (b, H, T, T)).
+        out = self.wide(x, points=ends, attention=True) if att else self.wide(x, points=ends)
+        targets, wide_maps = out if att else (out, None)
+        total, rels, kls, extra = None, [], [], {"point": "parallel"}
+        outs = parallel_outputs(self.thin, self.task, x, targets, self.points, ends,
+                                self.bridges, self.rt.dtype, att)
+        for k, point in enumerate(self.points):
+            h = outs[k]
             if att:
-                extra["attention_kl"] = torch.stack(kls).mean()
-            return total, extra
+                h, thin_maps = h
+                kl = self.task.maps_loss(wide_maps[k], thin_maps, mask)
+                kls.append(kl.detach())
+            value, rel = self.point_loss(k, h, targets[k], mask)
+            if att:
+                value = value + self.ic.attention_weight * kl
+            total = value if total is None else total + value
+            rels.append(rel)
+            extra[f"rel_error/{point}"] = rel
+        extra["rel_error"] = torch.stack(rels).mean()  # the mean over points
+        if att:
+            extra["attention_kl"] = torch.stack(kls).mean()
+        return total, extra
 
-        return Phase(f"{STAGE}/parallel", steps, ic.optim, groups, loss, student, setup=setup,
-                     zero_stage=cfg.dist.student_zero_stage)
+    # -- the stage's record
+    def health(self, rel_errors: dict[str, float], teacher_path: Path) -> dict:
+        """Whether the warm start reached the teacher, and the teacher's own score where its
+        stage folder has one (a teacher handed over as a bare model.pt has none)."""
+        metric = self.task.select_metric
+        teacher_stage = teacher_path.parent / "stage.json"
+        teacher_score = (read_stage(teacher_path.parent).get(metric)
+                         if teacher_stage.is_file() else None)
+        worst = max(rel_errors.values())
+        return {"max_relative_error": worst, "threshold": self.ic.health_max_error,
+                "reached": worst <= self.ic.health_max_error, "metric": metric,
+                "teacher": teacher_score}
 
-    steps = schedule_steps(ic.steps_per_point, len(points), ic.schedule,
-                           ic.parallel_polish_steps)
-    if ic.schedule == "parallel":
-        phases = [make_parallel_phase(steps[0])]
-        phases += [make_phase(k, n, f"{STAGE}/polish/{points[k]}")
-                   for k, n in enumerate(steps[1:])]
-    else:
-        phases = [make_phase(k, n, f"{STAGE}/{points[k]}") for k, n in enumerate(steps)]
-    results = run_phases(ctx, phases)
-    rel_errors = final_relative_errors(stage_dir / "metrics.jsonl")
-    # The teacher's own score, where its stage folder has one (a teacher handed over as a
-    # bare model.pt has none).
-    teacher_stage = teacher_path.parent / "stage.json"
-    teacher_score = (read_stage(teacher_path.parent).get(task.select_metric)
-                     if teacher_stage.is_file() else None)
-    health = {"max_relative_error": max(rel_errors.values()),
-              "threshold": ic.health_max_error,
-              "reached": max(rel_errors.values()) <= ic.health_max_error,
-              "metric": task.select_metric, "teacher": teacher_score}
-    head = family_for(cfg.model).init_head(cfg, thin, wide, bridges, points[-1])
-    if bridges is not None:
-        merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
-    meta = {"stage": STAGE, **shape_meta(cfg.model, wide=False)}
-    extra = {"points": points, "relative_error": rel_errors, "head": head,
-             "bridges": bridges is not None, "teacher": wide.record(),
-             "imitation_loss": describe_run(mse, compute),
-             "settings": {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
-                          "steps_per_point": ic.steps_per_point,
-                          "loss_backend": ic.loss_backend, "init_head": ic.init_head,
-                          "attention_weight": ic.attention_weight, "schedule": ic.schedule,
-                          "parallel_polish_steps": ic.parallel_polish_steps,
-                          "channel_reduction": ic.channel_reduction,
-                          "point_site": ic.point_site, "optim": ic.optim.name,
-                          "lr": ic.optim.lr},
-             "health": health}
-    record = finish_stage(rt, cfg, run_dir, STAGE, thin, results, meta, extra)
-    if rt.is_main:
-        log_health(rel_errors, health, record.get(task.select_metric))
-    return record
+    def settings(self) -> dict:
+        ic = self.ic
+        return {"lower_lr_mult": ic.lower_lr_mult, "target_norm": ic.target_norm,
+                "steps_per_point": ic.steps_per_point,
+                "loss_backend": ic.loss_backend, "init_head": ic.init_head,
+                "attention_weight": ic.attention_weight, "schedule": ic.schedule,
+                "parallel_polish_steps": ic.parallel_polish_steps,
+                "channel_reduction": ic.channel_reduction,
+                "point_site": ic.point_site, "optim": ic.optim.name, "lr": ic.optim.lr}
+
+    def finish(self, run_dir: Path, teacher_path: Path, results: list) -> dict:
+        """Start the head from the teacher's, merge the pairs, save and score the net, and say
+        whether the warm start reached the teacher."""
+        spec, thin, bridges, points = self.spec, self.thin, self.bridges, self.points
+        rel_errors = final_relative_errors(run_dir / STAGE / "metrics.jsonl")
+        health = self.health(rel_errors, teacher_path)
+        head = spec.family.init_head(spec.cfg, thin, self.wide, bridges, points[-1])
+        if bridges is not None:
+            merge_bridges(thin, bridges, skip=[points[-1]] if head == "wide" else [])
+        meta = {"stage": STAGE, **spec.shape_meta(wide=False)}
+        extra = {"points": points, "relative_error": rel_errors, "head": head,
+                 "bridges": bridges is not None, "teacher": self.wide.record(),
+                 "imitation_loss": describe_run(self.mse, self.compute),
+                 "settings": self.settings(), "health": health}
+        record = finish_stage(self.rt, spec, run_dir, STAGE, thin, results, meta, extra)
+        if self.rt.is_main:
+            log_health(rel_errors, health, record.get(self.task.select_metric))
+        return record
+
+
+def imitate(rt: Runtime, spec: RunSpec, run_dir: Path, teacher_dir: Path | None = None) -> dict:
+    """Run stage 2 into ``run_dir/imitate``; needs the wide stage (default ``run_dir/wide``)."""
+    cfg = spec.cfg
+    stage_dir = run_dir / STAGE
+    if stage_done(stage_dir):
+        return read_stage(stage_dir)
+    teacher_path = require_stage(teacher_dir or run_dir / "wide", "wide")
+    check_init(cfg.imitate.init, "imitate.init")
+    seed_everything(cfg.seed + 1)
+    ctx = loop_context(rt, spec, stage_dir, {}, stream_tag=2)
+    stage = Imitation(rt, spec, ctx, teacher_path)
+    results = run_phases(ctx, stage.phases())
+    return stage.finish(run_dir, teacher_path, results)
 
 
 def log_health(rel_errors: dict[str, float], health: dict, score: float | None) -> None:

@@ -6,12 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The batch's accuracy as a 0-d tensor on the logits' device: no host sync here (the
-    loop fetches it with the loss, in one transfer)."""
-    return (logits.detach().argmax(1) == labels).float().mean()
-
-
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       alpha: float, temperature: float) -> torch.Tensor:
     """alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE(student, labels).

@@ -13,9 +13,8 @@ from functools import partial
 from pathlib import Path
 
 from .. import checkpoint
-from ..config import Config
 from ..distributed.runtime import Runtime, barrier
-from ..models.family import build_wide, shape_meta
+from ..spec import RunSpec
 from . import teacher_cache
 from .common import (
     check_init,
@@ -30,14 +29,14 @@ from .common import (
     update_summary,
 )
 from .loop import Phase, run_phases
-from .tasks import task_for
 
 STAGE = "wide"
 
 
-def train_wide(rt: Runtime, cfg: Config, run_dir: Path) -> dict:
+def train_wide(rt: Runtime, spec: RunSpec, run_dir: Path) -> dict:
     """Train the wide net into ``run_dir/wide``; returns the stage record (skips a DONE stage,
     and copies the teacher from ``wide.cache`` when it is there)."""
+    cfg = spec.cfg
     stage_dir = run_dir / STAGE
     if stage_done(stage_dir):
         return read_stage(stage_dir)
@@ -50,34 +49,34 @@ def train_wide(rt: Runtime, cfg: Config, run_dir: Path) -> dict:
     if stage_done(stage_dir):
         return read_stage(stage_dir)
     seed_everything(cfg.seed)
-    meta = {"stage": STAGE, **shape_meta(cfg.model, wide=True)}
+    meta = {"stage": STAGE, **spec.shape_meta(wide=True)}
     extra = {"init": cfg.wide.init} if cfg.wide.init else None
     if cfg.wide.steps == 0:
-        wide = place(rt, load_init(build_wide(cfg.model), cfg.wide.init), cfg,
+        wide = place(rt, load_init(spec.family, spec.build_wide(), cfg.wide.init), cfg,
                      resolve_device(rt, cfg))
         if rt.is_main:  # a trained stage's files, its step log empty
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "metrics.jsonl").write_text("")
-        record = finish_stage(rt, cfg, run_dir, STAGE, wide, [], meta, extra)
+        record = finish_stage(rt, spec, run_dir, STAGE, wide, [], meta, extra)
     else:
-        record = _train(rt, cfg, run_dir, meta, extra)
+        record = _train(rt, spec, run_dir, meta, extra)
     if rt.is_main:
         teacher_cache.store(cfg, stage_dir)
     return record
 
 
-def _train(rt: Runtime, cfg: Config, run_dir: Path, meta: dict, extra: dict | None) -> dict:
-    ctx = loop_context(rt, cfg, run_dir / STAGE, {}, stream_tag=1)
-    wide = build_wide(cfg.model)
+def _train(rt: Runtime, spec: RunSpec, run_dir: Path, meta: dict, extra: dict | None) -> dict:
+    cfg, task = spec.cfg, spec.task
+    ctx = loop_context(rt, spec, run_dir / STAGE, {}, stream_tag=1)
+    wide = spec.build_wide()
     if cfg.wide.init:
-        load_init(wide, cfg.wide.init)
+        load_init(spec.family, wide, cfg.wide.init)
     wide = place(rt, wide, cfg, ctx.device)
     ctx.modules = {"wide": wide}
-    task = task_for(cfg)
 
     phase = Phase(STAGE, cfg.wide.steps, cfg.wide.optim,
                   groups=lambda: [{"params": list(wide.parameters())}],
                   loss=partial(task.label_loss, wide), module=wide, setup=wide.train,
                   eval_model=wide, zero_stage=cfg.dist.wide_zero_stage)
     results = run_phases(ctx, [phase])
-    return finish_stage(rt, cfg, run_dir, STAGE, wide, results, meta, extra)
+    return finish_stage(rt, spec, run_dir, STAGE, wide, results, meta, extra)

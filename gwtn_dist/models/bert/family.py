@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ...config import Config
 from ..bridge import Bridges
@@ -14,9 +14,6 @@ from ..family import register_family
 from .config import BertModelConfig
 from .names import load_hf_bert
 from .net import Bert, BertShape, imitation_points
-
-if TYPE_CHECKING:
-    from ...distributed.teacher import Teacher
 
 log = logging.getLogger("gwtn")
 
@@ -80,7 +77,7 @@ class BertFamily:
         return TextTask(cfg)
 
     @torch.no_grad()
-    def init_head(self, cfg: Config, thin: Bert, wide: Teacher, bridges: Bridges | None,
+    def init_head(self, cfg: Config, thin: Bert, wide: nn.Module, bridges: Bridges | None,
                   last_point: str) -> str:
         """Give a thin BERT the wide net's masked-LM head (transform and output bias).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +13,23 @@ import torch.nn.functional as F
 from ...config import Config
 from ...data.datasets import dataset_of
 from ...data.mlm import IGNORE
-from ...stages.tasks import ScoredTask
 from ..bridge import Bridges
+from ..task import ScoredTask
 
 log = logging.getLogger("gwtn")
 _warned_one_split: set[str] = set()  # shard folders already warned about (once per process)
+
+
+def attention_kl(wide: torch.Tensor, thin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(wide ‖ thin) of attention probabilities (B, H, T, T), summed over keys, averaged over
+    heads and unpadded query positions (mask (B, T)). Padded keys have probability exactly 0 in
+    both nets (see ``models.bert.net.attention_bias``), so they add nothing. Computed in
+    float32 whatever the maps' dtype (the teacher's come in the compute dtype)."""
+    wide, thin = wide.float(), thin.float()
+    eps = torch.finfo(thin.dtype).tiny
+    per_query = (wide * (wide.clamp_min(eps).log() - thin.clamp_min(eps).log())).sum(-1)
+    per_query = per_query.mean(1)  # (B, T): the average over heads
+    return (per_query * mask).sum() / mask.sum().clamp_min(1)
 
 
 class TextTask(ScoredTask):
@@ -33,6 +46,7 @@ class TextTask(ScoredTask):
 
     metric = "mlm_accuracy"
     secondary = ("perplexity",)
+    digits: ClassVar[dict[str, int]] = {"perplexity": 2, "val_perplexity": 2}
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -66,6 +80,9 @@ class TextTask(ScoredTask):
         """Token ids, attention mask and labels (b, T) to the device (integers stay integers)."""
         return {k: v.to(device, non_blocking=True) for k, v in x.items()}, \
             y.to(device, non_blocking=True)  # asynchronous from pinned memory
+
+    def is_score(self, key: str) -> bool:
+        return key.endswith(("_accuracy", "perplexity"))
 
     def tokens(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's unpadded tokens: attention_mask (b, T) summed, on the device (no sync)."""
@@ -109,4 +126,22 @@ class TextTask(ScoredTask):
         """Normalise (B, T, D) over D, no affine (MobileBERT's layer-normalised targets)."""
         return F.layer_norm(t, t.shape[-1:])
 
+    def imitation_outputs(self, wide, thin, x: dict[str, torch.Tensor], end: int,
+                          bridges: Bridges | None, bridged: dict[int, str], site: dict,
+                          maps: bool):
+        """With ``maps`` (``imitate.attention_weight``): layer outputs (b, T, D) of both nets
+        and the KL between their attention maps (b, H, T, T) at layer ``end``."""
+        if not maps:
+            return super().imitation_outputs(wide, thin, x, end, bridges, bridged, site, maps)
+        target, wide_maps = wide(x, upto=end, attention=True)
+        h, thin_maps = (t.float() for t in thin(x, upto=end, attention=True))
+        return target, h, self.maps_loss(wide_maps, thin_maps, self.feature_mask(x))
 
+    def first_segment(self, thin, x: dict[str, torch.Tensor], end: int, maps: bool):
+        if not maps:
+            return super().first_segment(thin, x, end, maps)
+        return tuple(t.float() for t in thin(x, upto=end, attention=True))
+
+    def maps_loss(self, wide_maps: torch.Tensor, thin_maps: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        return attention_kl(wide_maps, thin_maps, mask)

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ...config import Config
 from ..bridge import Bridges
@@ -15,9 +15,6 @@ from ..weights import read_state_dict
 from .config import ResNetModelConfig
 from .names import load_resnet_weights
 from .net import Bottleneck, ResNet, ResNetShape, imitation_points, point_block_index
-
-if TYPE_CHECKING:
-    from ...distributed.teacher import Teacher
 
 
 def resnet_shape(m: ResNetModelConfig, wide: bool, blocks: list[int] | None = None
@@ -108,7 +105,7 @@ class ResNetFamily:
         return ImageTask(cfg)
 
     @torch.no_grad()
-    def init_head(self, cfg: Config, thin: ResNet, wide: Teacher, bridges: Bridges | None,
+    def init_head(self, cfg: Config, thin: ResNet, wide: nn.Module, bridges: Bridges | None,
                   last_point: str) -> str:
         """Give the thin net the wide net's classifier when its last point imitated the wide
         output.

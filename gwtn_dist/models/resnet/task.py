@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from ...config import Config
 from ...data.datasets import dataset_of
-from ...stages.tasks import ScoredTask
 from ..bridge import Bridges
+from ..task import ScoredTask
 from .net import run_block
 
 
@@ -37,7 +37,8 @@ class ImageTask(ScoredTask):
     metric = "test_accuracy"
     metric_label = "test accuracy"
     secondary: tuple[str, ...] = ()
-    labels: ClassVar[dict[str, str]] = {}  # report.METRIC_LABELS names every metric
+    labels: ClassVar[dict[str, str]] = {"val_accuracy": "val accuracy",
+                                        "test_accuracy": "test accuracy"}
     validation: str | None = None  # compare.md describes the split from data.val_samples
 
     def __init__(self, cfg: Config):

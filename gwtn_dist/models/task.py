@@ -1,10 +1,9 @@
 """What a model family's task decides for the stages: batches on the device, scored outputs,
 evaluation metrics, and the features that imitation compares.
 
-``task_for(cfg)`` gives the task of ``cfg``'s model family (its ``Family.task``: an
-``ImageTask`` in ``models/resnet/task.py`` for classification, a ``TextTask`` in
-``models/bert/task.py`` for masked-LM), a ``ScoredTask``. The stages are written once against
-this interface:
+Each family's ``Family.task`` gives its task (an ``ImageTask`` in ``models/resnet/task.py`` for
+classification, a ``TextTask`` in ``models/bert/task.py`` for masked-LM), a ``ScoredTask``,
+made once per run by ``spec.resolve``. The stages are written once against this interface:
 
 - ``prepare(x, y, device, dtype)``: a loaded batch moved to the device (images cast to the
   net's dtype and memory format);
@@ -20,18 +19,27 @@ this interface:
 - ``features(model, x, end, …)``, ``feature_mask(x)``, ``normalize(t)``: the output of block
   ``end`` that imitation compares, which positions count, and layer-normalised targets;
   ``segment(model, x, start, end, h)``: blocks ``start``..``end`` run on a given input h (the
-  parallel imitation schedule feeds each segment the teacher's output below it).
+  parallel imitation schedule feeds each segment the teacher's output below it);
+- ``imitation_outputs`` / ``first_segment`` / ``maps_loss``: the teacher's and the thin net's
+  outputs at a point, with the family's own extra term where it has one (a BERT's attention
+  maps under ``imitate.attention_weight``).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..config import Config
 from ..data.batches import rank_eval_batches
-from ..models.family import family_for
-from .losses import accuracy
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch's accuracy as a 0-d tensor on the logits' device: no host sync here (the
+    loop fetches it with the loss, in one transfer)."""
+    return (logits.detach().argmax(1) == labels).float().mean()
 
 
 class ScoredTask:
@@ -41,6 +49,8 @@ class ScoredTask:
     # The channel axis of an imitation point's output: (b, T, D) for text; an image task
     # says 1, for (B, C, H, W). ``imitate.channel_reduction: sum`` sums the MSE over it.
     channel_dim = -1
+    # Decimals reports give a metric (4 unless named here: a perplexity takes 2).
+    digits: ClassVar[dict[str, int]] = {}
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -56,6 +66,32 @@ class ScoredTask:
         logits, targets = self.scored(model, x, y)  # (N, classes), (N,)
         return F.cross_entropy(logits, targets), {"train_accuracy": accuracy(logits, targets)}
 
+    def imitation_outputs(self, wide, thin, x, end: int, bridges, bridged: dict[int, str],
+                          site: dict, maps: bool) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The teacher's output at block ``end`` (no grad), the thin net's (through the pairs
+        already passed; ``site``: where a point is read, e.g. ``{"preact": True}``), and the
+        family's extra imitation term (None: a task without one refuses ``maps``)."""
+        if maps:
+            raise ValueError(f"{type(self).__name__} has no attention maps to imitate")
+        target = wide(x, upto=end, **site)  # no grad
+        return target, self.features(thin, x, end, bridges, bridged, **site), None
+
+    def first_segment(self, thin, x, end: int, maps: bool):
+        """The parallel schedule's bottom segment: block ``end``'s output on the batch itself
+        (with ``maps``, the family's (output, maps) pair)."""
+        if maps:
+            raise ValueError(f"{type(self).__name__} has no attention maps to imitate")
+        return self.features(thin, x, end, None, {})
+
+    def maps_loss(self, wide_maps, thin_maps, mask) -> torch.Tensor:
+        """The family's extra imitation term between the two nets' maps at a point."""
+        raise ValueError(f"{type(self).__name__} has no attention maps to imitate")
+
+    def is_score(self, key: str) -> bool:
+        """Whether a stage record's ``key`` is one of this task's scores (reports show a warm
+        start's scores beside the finished net's)."""
+        return key.endswith("_accuracy")
+
     def tokens(self, x) -> torch.Tensor | None:
         """The batch's real (unpadded) tokens as a 0-d device tensor, for the tokens/s of the
         step metrics; None for tasks whose inputs are not token sequences."""
@@ -66,20 +102,3 @@ class ScoredTask:
         return torch.tensor([(logits.argmax(1) == y).sum().item(), len(y),
                              F.cross_entropy(logits, y, reduction="sum").item()],
                             dtype=torch.float64)
-
-
-def attention_kl(wide: torch.Tensor, thin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(wide ‖ thin) of attention probabilities (B, H, T, T), summed over keys, averaged over
-    heads and unpadded query positions (mask (B, T)). Padded keys have probability exactly 0 in
-    both nets (see ``models.bert.net.attention_bias``), so they add nothing. Computed in
-    float32 whatever the maps' dtype (the teacher's come in the compute dtype)."""
-    wide, thin = wide.float(), thin.float()
-    eps = torch.finfo(thin.dtype).tiny
-    per_query = (wide * (wide.clamp_min(eps).log() - thin.clamp_min(eps).log())).sum(-1)
-    per_query = per_query.mean(1)  # (B, T): the average over heads
-    return (per_query * mask).sum() / mask.sum().clamp_min(1)
-
-
-def task_for(cfg: Config) -> ScoredTask:
-    """The task of ``cfg``'s model family."""
-    return family_for(cfg.model).task(cfg)
