@@ -746,7 +746,7 @@ def test_cuda_realistic_shapes(triton_kernels, monkeypatch, dtype):
 
 def test_benchmark_quick_cpu(tmp_path):
     """The benchmark's --quick CPU mode runs and writes rows for the eager and floor providers."""
-    from gwtn_dist.kernels.bench import imitation_bench
+    from gwtn_dist.benchmarks import imitation_kernels as imitation_bench
 
     imitation_bench.main(["--quick", "--device", "cpu", "--no-compile", "--out", str(tmp_path)])
     with open(tmp_path / "imitation_bench.csv", newline="") as f:

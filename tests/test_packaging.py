@@ -25,7 +25,7 @@ CHECK = """
 import importlib.util, pathlib, sys
 import gwtn_dist, gwtn_dist.kernels
 from gwtn_dist.kernels import imitation_mse, select_imitation_mse
-from gwtn_dist.kernels.bench import imitation_bench
+from gwtn_dist.benchmarks import imitation_kernels, step  # what `gwtn bench` runs
 from gwtn_dist.config import load_config
 from gwtn_dist.models.family import build_thin
 for family, data in (("resnet", "fashion-mnist"), ("bert", "text")):  # each family ships

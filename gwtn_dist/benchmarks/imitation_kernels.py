@@ -1,6 +1,6 @@
 """Benchmark of the fused imitation loss against eager PyTorch, torch.compile and the matmul floor.
 
-Run ``gwtn bench kernels [--out DIR]`` (or ``python -m gwtn_dist.kernels.bench.imitation_bench``,
+Run ``gwtn bench kernels [--out DIR]`` (or ``python -m gwtn_dist.benchmarks.imitation_kernels``,
 or this file as a script). On CPU it runs small sizes with eager PyTorch and the matmul floor
 only, and says that timings of the kernel need a GPU (see ``resolve``). Providers:
 
@@ -28,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from gwtn_dist.kernels import imitation_mse, imitation_mse_reference
-from gwtn_dist.kernels.bench.timing import (
+
+from gwtn_dist.benchmarks.timing import (
     device_name,
     median_ms,
     peak_bandwidth_gbps,
     peak_extra_mb,
 )
+from gwtn_dist.kernels import imitation_mse, imitation_mse_reference
 
 MODES = ("forward", "backward", "full")
 PROVIDERS = ("fused", "eager", "compile", "floor")
@@ -269,7 +270,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from gwtn_dist.kernel_bench import add_arguments
+    from gwtn_dist.benchmarks.kernels import add_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(p)

@@ -1,4 +1,5 @@
-"""``gwtn bench kernels``: the imitation-loss kernel benchmark (``kernels/bench``) from the CLI.
+"""``gwtn bench kernels``: the imitation-loss kernel benchmark (``imitation_kernels``), from the
+CLI.
 
 The options are defined here, in ``gwtn_dist`` itself, and the benchmark module is imported
 only when the command runs, so building the CLI's parser never imports the kernels package.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     """Resolve the options (a bad one is a ``ConfigError``: one line, exit 2) and run."""
-    from .kernels.bench import imitation_bench
+    from . import imitation_kernels as imitation_bench
 
     try:
         plan = imitation_bench.resolve(args)
