@@ -149,7 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:
-    from .benchmarks.kernels import run_command
+    from .benchmarks.imitation_kernels import run_command
 
     run_command(args)
 

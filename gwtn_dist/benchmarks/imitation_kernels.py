@@ -393,6 +393,19 @@ def run(plan: Plan) -> list[dict]:
     return rows
 
 
+def run_command(args: argparse.Namespace) -> None:
+    """Resolve the options (a bad one is a ``ConfigError``: one line, exit 2) and run."""
+    # Here, not at the top: the GPU check runs this module's main() on a machine without
+    # DeepSpeed or webdataset, which the config module's imports reach.
+    from gwtn_dist.config import ConfigError
+
+    try:
+        plan = resolve(args)
+    except ValueError as exc:
+        raise ConfigError(f"gwtn bench kernels: {exc}") from None
+    run(plan)
+
+
 def main(argv=None) -> list[dict]:
     try:
         plan = resolve(parse_args(argv))
