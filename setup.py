@@ -15,7 +15,7 @@ keeps a torch in this range that is already there (a cluster's or container's).
 
 from setuptools import find_packages, setup
 
-KERNEL_PACKAGES = ["gwtn_dist.kernels", "gwtn_dist.kernels.imitation", "gwtn_dist.kernels.bench"]
+KERNEL_PACKAGES = ["gwtn_dist.kernels", "gwtn_dist.kernels.imitation"]
 
 setup(
     name="gwtn_dist",

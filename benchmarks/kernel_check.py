@@ -56,7 +56,8 @@ def timed_ms(fn: Callable[[], object], leaves: list, device: str) -> float:
 
         return do_bench(fn, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
     import torch
-    from gwtn_dist.kernels.bench.timing import median_ms
+
+    from gwtn_dist.benchmarks.timing import median_ms
 
     def fresh():
         for v in leaves:
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     use_checkout()
     import torch
     from gwtn_dist.kernels import imitation_mse_reference
-    from gwtn_dist.kernels.bench.timing import peak_bandwidth_gbps
+
+    from gwtn_dist.benchmarks.timing import peak_bandwidth_gbps
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

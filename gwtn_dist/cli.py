@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .benchmarks.kernels import add_arguments as add_kernel_bench_arguments
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
@@ -40,7 +41,6 @@ from .data.errors import DamagedDataError, DataSourceError
 from .distributed import peers, preempt, runtime
 from .distributed.env import LaunchError
 from .export_hf import ExportError
-from .kernel_bench import add_arguments as add_kernel_bench_arguments
 from .launch import add_launch_command
 from .stages.common import StageOrderError
 
@@ -136,8 +136,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    from .benchmarks.step import bench_imitate, bench_step, table
     from .pipeline import apply_runtime
-    from .step_bench import bench_imitate, bench_step, table
 
     if args.steps < 1 or args.rounds < 1:
         raise ConfigError("--steps and --rounds: positive numbers of steps and rounds")
@@ -150,7 +150,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> None:
-    from .kernel_bench import run_command
+    from .benchmarks.imitation_kernels import run_command
 
     run_command(args)
 

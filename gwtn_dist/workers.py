@@ -20,10 +20,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from .distributed.runtime import Runtime
+from typing import Protocol
 
 log = logging.getLogger("gwtn")
+
+
+class Ranks(Protocol):
+    """What ``run_units`` needs of the job's processes: ``distributed.runtime.Runtime`` is one.
+    Declared here so this base utility does not import the distributed layer above it."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank."""
+        ...
 
 
 def _alive(pid: int) -> bool:
@@ -143,7 +154,7 @@ class Unit:
     needs: list[str] = field(default_factory=list)
 
 
-def run_units(rt: Runtime, units: list[Unit], poll_s: float = 5.0) -> None:
+def run_units(rt: Ranks, units: list[Unit], poll_s: float = 5.0) -> None:
     """Run every unit that is not done, in order where dependencies allow, skipping units held
     by another process; returns when every unit is done (waiting for other workers' units).
     Rank 0 takes a unit's lock for the job's ranks, which run it together."""

@@ -42,7 +42,7 @@ from gwtn_dist.kernels import (
     imitation_mse_reference,
     select_imitation_mse,
 )
-from gwtn_dist.kernels.imitation import backend as imitation_backend
+from gwtn_dist.kernels.imitation import availability
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -64,9 +64,9 @@ def triton_kernels():
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         compiled_before = KERNEL_MODULE in sys.modules and not CUDA
-        if compiled_before and imitation_backend.triton_unavailable_reason(DEVICE) is not None:
+        if compiled_before and availability.triton_unavailable_reason(DEVICE) is not None:
             importlib.reload(sys.modules[KERNEL_MODULE])  # imported in compiled mode: rebuild
-        reason = imitation_backend.triton_unavailable_reason(DEVICE)
+        reason = availability.triton_unavailable_reason(DEVICE)
         if reason is not None:
             pytest.skip(reason)
         importlib.import_module(KERNEL_MODULE)
@@ -746,7 +746,7 @@ def test_cuda_realistic_shapes(triton_kernels, monkeypatch, dtype):
 
 def test_benchmark_quick_cpu(tmp_path):
     """The benchmark's --quick CPU mode runs and writes rows for the eager and floor providers."""
-    from gwtn_dist.kernels.bench import imitation_bench
+    from gwtn_dist.benchmarks import imitation_kernels as imitation_bench
 
     imitation_bench.main(["--quick", "--device", "cpu", "--no-compile", "--out", str(tmp_path)])
     with open(tmp_path / "imitation_bench.csv", newline="") as f:

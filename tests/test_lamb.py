@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gwtn_dist.config import OptimConfig
-from gwtn_dist.distributed.lamb import EPS, Lamb
 from gwtn_dist.optim import build_optimizer
+from gwtn_dist.optim.lamb import EPS, Lamb
 
 
 def reference(w: list[float], grads: list[list[float]], lr: float, b1: float, b2: float,
@@ -80,7 +80,7 @@ def test_apex_fused_lamb_matches_the_plain_one_on_a_gpu():
     pytest.importorskip("apex.optimizers", reason="apex is not installed on this GPU machine")
     from apex.optimizers import FusedLAMB
 
-    from gwtn_dist.distributed.lamb import make_lamb
+    from gwtn_dist.optim.lamb import make_lamb
 
     torch.manual_seed(0)
     start = [torch.randn(64, 32, device="cuda"), torch.randn(32, device="cuda")]

@@ -1,7 +1,7 @@
-"""An installed (non-editable) copy: kernels/ ships as gwtn_dist.kernels, never as `kernels`,
-and in the checkout `import kernels` is never this folder; torch is required as a range that
-holds the version the set-up installs, not as a pin; every other dependency is pinned, for the
-tested Python, in constraints.txt."""
+"""An installed (non-editable) copy, in a fresh venv: kernels/ ships as gwtn_dist.kernels,
+never as `kernels`, and in the checkout `import kernels` is never this folder; torch is required
+as a range that holds the version the set-up installs, not as a pin; every other dependency is
+pinned, for the tested Python, in constraints.txt."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -25,14 +26,14 @@ CHECK = """
 import importlib.util, pathlib, sys
 import gwtn_dist, gwtn_dist.kernels
 from gwtn_dist.kernels import imitation_mse, select_imitation_mse
-from gwtn_dist.kernels.bench import imitation_bench
+from gwtn_dist.benchmarks import imitation_kernels, step  # what `gwtn bench` runs
 from gwtn_dist.config import load_config
 from gwtn_dist.models.family import build_thin
 for family, data in (("resnet", "fashion-mnist"), ("bert", "text")):  # each family ships
     build_thin(load_config(None, [f"model.family={family}", f"data.dataset={data}"]).model)
 site = pathlib.Path(sys.argv[1]).resolve()
-kernels_file = pathlib.Path(gwtn_dist.kernels.__file__).resolve()
-assert kernels_file.is_relative_to(site), kernels_file
+for module in (gwtn_dist, gwtn_dist.kernels):  # the wheel's copy, never the checkout's
+    assert pathlib.Path(module.__file__).resolve().is_relative_to(site), module.__file__
 assert not (site / "kernels").exists(), "a top-level kernels package was installed"
 print("ok")
 """
@@ -40,10 +41,16 @@ print("ok")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """The wheel built from a copy of the sources, as pip builds it (through the backend), and
-    installed, not editable, into a folder of its own (put first on PYTHONPATH to use it)."""
+    """A fresh venv with the wheel built from a copy of the sources (as pip builds it, through
+    the backend) installed in it, not editable; returns the venv's folder.
+
+    The venv has no pip and downloads nothing: the checkout's pip installs the wheel into it
+    (``--python``, so the ``gwtn`` console script lands in its bin/), and a .pth line makes the
+    checkout venv's site-packages (torch, DeepSpeed, ...) visible behind its own. A folder added
+    by a .pth line has its own .pth files left unread, so the checkout's editable gwtn_dist finder
+    is not installed there: gwtn_dist can only come from the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src, wheels, site = tmp / "src", tmp / "wheels", tmp / "site"
+    src, wheels, venv = tmp / "src", tmp / "wheels", tmp / "venv"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for folder in ("gwtn_dist", "kernels"):  # a copy: the build leaves nothing in the checkout
         shutil.copytree(REPO / folder, src / folder, ignore=skip)
@@ -53,36 +60,42 @@ def installed(tmp_path_factory) -> Path:
                     "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("gwtn_dist-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True, timeout=300)
-    return site
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   capture_output=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True,
+                   timeout=300)
+    (_site_packages(venv) / "checkout_deps.pth").write_text(
+        sysconfig.get_path("purelib") + "\n")
+    return venv
+
+
+def _site_packages(venv: Path) -> Path:
+    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def _fresh_env() -> dict[str, str]:
+    """This process's environment without PYTHONPATH, so nothing leads back to the checkout."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
 
 def test_wheel_installs_kernels_under_gwtn_dist(installed, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(installed)}
-    proc = subprocess.run([sys.executable, "-c", CHECK, str(installed)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    site = _site_packages(installed)
+    assert site.is_dir(), site
+    proc = subprocess.run([str(installed / "bin" / "python"), "-c", CHECK, str(site)],
+                          cwd=tmp_path, env=_fresh_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
-
-
-# gwtn's command line from the installed copy, refusing to run if another copy was imported.
-RUN = """
-import pathlib, sys
-import gwtn_dist
-from gwtn_dist.cli import main
-site = pathlib.Path(sys.argv[1]).resolve()
-assert pathlib.Path(gwtn_dist.__file__).resolve().is_relative_to(site), gwtn_dist.__file__
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 @pytest.mark.parametrize("config", ["tiny_cpu.yaml", "bert_tiny_cpu.yaml"],
                          ids=["resnet", "bert"])
 def test_the_installed_wheel_runs_each_familys_tiny_config(installed, tmp_path, shard_dir,
                                                            config):
-    """What a cluster image gets from `pip install gwtn_dist-*.whl`: every stage of each
-    family's tiny config, a few steps each (a wheel that lacked a family's modules built no
-    net before find_packages)."""
+    """What a cluster image gets from `pip install gwtn_dist-*.whl`: the fresh venv's `gwtn`
+    runs every stage of each family's tiny config, a few steps each (a wheel that lacked a
+    family's modules built no net before find_packages)."""
     from tests.test_bert_pipeline import write_shards
 
     images = config == "tiny_cpu.yaml"
@@ -93,9 +106,9 @@ def test_the_installed_wheel_runs_each_familys_tiny_config(installed, tmp_path, 
             "wide.steps=3", "imitate.steps_per_point=2", "finetune.kd_steps=0",
             "finetune.label_steps=3", "eval_every=0",
             *(["data.train_samples=0"] if images else [])]  # the tests' shards are small
-    env = {**os.environ, "PYTHONPATH": str(installed)}
-    proc = subprocess.run([sys.executable, "-c", RUN, str(installed), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run([str(installed / "bin" / "gwtn"), *args], cwd=tmp_path,
+                          env=_fresh_env(), capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("wide", "imitate", "finetune"):
         assert (run_dir / stage / "DONE").is_file(), stage

@@ -113,7 +113,7 @@ def test_the_bare_loop_leaves_a_logging_window_untimed_and_round_0_is_not_in_the
 
     import torch
 
-    from gwtn_dist import step_bench
+    from gwtn_dist.benchmarks import step as step_bench
 
     calls, timed_from = [], []
     clock = iter(range(1000))

@@ -2,12 +2,13 @@
 
 Modules: ``layout`` (argument checks, row views), ``reference`` (plain PyTorch), ``kernel``
 (Triton kernels; imports triton), ``fused`` (chunked forward computing loss and gradients),
-``op`` (autograd Function, public function, nn.Module), ``backend`` (backend selection).
+``availability`` (whether the kernels can run here), ``op`` (autograd Function, public
+function), ``backend`` (backend selection, the nn.Module).
 Importing this package does not import triton.
 """
 
-from .backend import BACKENDS, select_imitation_mse
-from .op import ImitationMSE, imitation_mse
+from .backend import BACKENDS, ImitationMSE, select_imitation_mse
+from .op import imitation_mse
 from .reference import imitation_mse_reference
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Choosing between the fused Triton imitation loss and the PyTorch reference.
+"""Choosing between the fused Triton imitation loss and the PyTorch reference, and the loss as
+an ``nn.Module`` that chooses per input device.
 
 Nothing here imports triton: the package must import (and the reference must work) on machines
 without triton or without a GPU.
@@ -6,53 +7,17 @@ without triton or without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from .availability import require_triton, triton_unavailable_reason
+from .notes import notes
+from .op import imitation_mse
+from .reference import imitation_mse_reference
 
 BACKENDS = ("auto", "triton", "reference")
-_KERNEL_MODULE = __name__.rsplit(".", 1)[0] + ".kernel"
-_TRUTHY = {"1", "true", "yes", "on", "y"}
-
-
-def interpreter_requested() -> bool:
-    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (triton's truthy spellings)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
-
-
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device`` here, or None if they can."""
-    if importlib.util.find_spec("triton") is None:
-        return ("the triton backend of imitation_mse needs the `triton` package, which is not "
-                "installed")
-    if device.type == "cuda":
-        return None
-    if device.type != "cpu":
-        return ("the triton backend of imitation_mse supports CUDA devices only, not "
-                f"{device.type!r}")
-    if not interpreter_requested():
-        return (
-            "the triton backend of imitation_mse needs a CUDA device; on CPU it only runs under "
-            "Triton's interpreter, enabled by setting TRITON_INTERPRET=1 before the kernels are "
-            "imported (use backend='reference' or 'auto' on CPU)"
-        )
-    kernel_module = sys.modules.get(_KERNEL_MODULE)
-    if kernel_module is not None and not kernel_module.INTERPRETED:
-        return (
-            "TRITON_INTERPRET=1 was set after the imitation kernels were compiled for GPU; "
-            "set it before they are first used"
-        )
-    return None
-
-
-def require_triton(device: torch.device) -> None:
-    """Raise RuntimeError (with the reason) unless the Triton kernels can run on ``device``."""
-    reason = triton_unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(reason)
 
 
 def select_imitation_mse(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
@@ -72,9 +37,6 @@ def select_imitation_mse(backend: str, device: torch.device | str) -> Callable[.
         ValueError: unknown backend.
         RuntimeError: ``"triton"`` requested where the kernels cannot run.
     """
-    from .op import imitation_mse
-    from .reference import imitation_mse_reference
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown imitation-loss backend {backend!r}; "
                          f"allowed: {', '.join(BACKENDS)}")
@@ -92,9 +54,6 @@ def describe_run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> dict:
     """What a stage records of the imitation loss it ran: ``backend`` (``triton`` or
     ``reference``), the feature ``dtype`` it was given, for the kernels whether their tiles were
     ``pinned`` or ``autotuned``, and any ``notes`` (fallbacks taken, see ``notes.py``)."""
-    from .notes import notes
-    from .op import imitation_mse
-
     record = {"backend": "triton" if fn is imitation_mse else "reference",
               "dtype": str(dtype).removeprefix("torch.")}
     if fn is imitation_mse:
@@ -103,3 +62,40 @@ def describe_run(fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> dict:
         record["tiles"] = "pinned" if pinned_tiles() else "autotuned"
     record["notes"] = notes()
     return record
+
+
+class ImitationMSE(nn.Module):
+    """``nn.Module`` form of the imitation loss; the backend is chosen per input device.
+
+    Args:
+        reduction: ``"mean"`` or ``"sum"``.
+        backend: ``"auto"`` (fused kernels on CUDA, reference elsewhere), ``"triton"`` or
+            ``"reference"``; see :func:`select_imitation_mse`.
+
+    The lift (weight, bias) is owned by the caller and passed to :meth:`forward`.
+    """
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown imitation-loss backend {backend!r}; "
+                             f"allowed: {', '.join(BACKENDS)}")
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fn = select_imitation_mse(self.backend, x.device)
+        return fn(x, target, weight, bias, residual, reduction=self.reduction, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"

@@ -1,4 +1,4 @@
-"""Autograd wrapper of the fused imitation loss, and its nn.Module.
+"""Autograd wrapper of the fused imitation loss, and its public function.
 
 The forward pass computes the loss *and* the gradients (see ``fused.py``), so that no tensor of
 the prediction's size is kept for backward. Backward is one kernel launch: it multiplies the
@@ -11,10 +11,9 @@ followed by a second backward raises RuntimeError.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .backend import BACKENDS, require_triton, select_imitation_mse
+from .availability import require_triton
 from .layout import (
     KERNEL_DTYPES,
     ImitationProblem,
@@ -99,40 +98,3 @@ def imitation_mse(
     return ImitationMSEFunction.apply(
         x, target, weight, bias, residual, mask, reduction, problem, needs
     )
-
-
-class ImitationMSE(nn.Module):
-    """``nn.Module`` form of the imitation loss; the backend is chosen per input device.
-
-    Args:
-        reduction: ``"mean"`` or ``"sum"``.
-        backend: ``"auto"`` (fused kernels on CUDA, reference elsewhere), ``"triton"`` or
-            ``"reference"``; see :func:`select_imitation_mse`.
-
-    The lift (weight, bias) is owned by the caller and passed to :meth:`forward`.
-    """
-
-    def __init__(self, reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown imitation-loss backend {backend!r}; "
-                             f"allowed: {', '.join(BACKENDS)}")
-        self.reduction = reduction
-        self.backend = backend
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        target: torch.Tensor,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        fn = select_imitation_mse(self.backend, x.device)
-        return fn(x, target, weight, bias, residual, reduction=self.reduction, mask=mask)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"

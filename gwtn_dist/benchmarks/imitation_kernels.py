@@ -1,6 +1,6 @@
 """Benchmark of the fused imitation loss against eager PyTorch, torch.compile and the matmul floor.
 
-Run ``gwtn bench kernels [--out DIR]`` (or ``python -m gwtn_dist.kernels.bench.imitation_bench``,
+Run ``gwtn bench kernels [--out DIR]`` (or ``python -m gwtn_dist.benchmarks.imitation_kernels``,
 or this file as a script). On CPU it runs small sizes with eager PyTorch and the matmul floor
 only, and says that timings of the kernel need a GPU (see ``resolve``). Providers:
 
@@ -28,13 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from gwtn_dist.kernels import imitation_mse, imitation_mse_reference
-from gwtn_dist.kernels.bench.timing import (
+
+from gwtn_dist.benchmarks.timing import (
     device_name,
     median_ms,
     peak_bandwidth_gbps,
     peak_extra_mb,
 )
+from gwtn_dist.kernels import imitation_mse, imitation_mse_reference
 
 MODES = ("forward", "backward", "full")
 PROVIDERS = ("fused", "eager", "compile", "floor")
@@ -269,7 +270,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from gwtn_dist.kernel_bench import add_arguments
+    from gwtn_dist.benchmarks.kernels import add_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(p)
@@ -390,6 +391,19 @@ def run(plan: Plan) -> list[dict]:
     print(f"csv: {csv_path}")
     print(f"plot: {png_path}")
     return rows
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Resolve the options (a bad one is a ``ConfigError``: one line, exit 2) and run."""
+    # Here, not at the top: the GPU check runs this module's main() on a machine without
+    # DeepSpeed or webdataset, which the config module's imports reach.
+    from gwtn_dist.config import ConfigError
+
+    try:
+        plan = resolve(args)
+    except ValueError as exc:
+        raise ConfigError(f"gwtn bench kernels: {exc}") from None
+    run(plan)
 
 
 def main(argv=None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Data-path benchmark: ``python -m gwtn_dist.data.bench [--out DIR]``.
+"""Data-path benchmark: ``python -m gwtn_dist.benchmarks.data [--out DIR]``.
 
 Makes its own data (a folder of synthetic JPEG photos, a text corpus, Fashion-MNIST-sized
 shards), then times on this machine:
@@ -30,12 +30,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import image_transforms as T
-from . import streams
-from .imagefolder import write_imagefolder_shards
-from .shards import train_stream, write_image_shards
-from .streams import image_stream, text_stream
-from .text_shards import write_text_shards
+from ..data import image_transforms as T
+from ..data import streams
+from ..data.imagefolder import write_imagefolder_shards
+from ..data.shards import train_stream, write_image_shards
+from ..data.streams import image_stream, text_stream
+from ..data.text_shards import write_text_shards
 
 
 def machine() -> str:
@@ -112,7 +112,7 @@ def corpus(path: Path, words: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gwtn_dist.data.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m gwtn_dist.benchmarks.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-data", help="where bench_data.csv goes")
     p.add_argument("--folder", help="an image folder with train/<class>/ to read instead of "

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .config import OptimConfig
-from .distributed.lamb import make_lamb
+from ..config import OptimConfig
+from .lamb import make_lamb
 
 
 def lr_factor(step: int, total: int, o: OptimConfig) -> float:

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import Config, ConfigError, with_overrides
-from .distributed.runtime import Runtime
-from .kernels import select_imitation_mse
-from .models.family import build_thin, build_wide, family_for
-from .optim import build_optimizer
-from .stages.common import place, resolve_device
+from ..config import Config, ConfigError, with_overrides
+from ..distributed.runtime import Runtime
+from ..kernels import select_imitation_mse
+from ..models.family import build_thin, build_wide, family_for
+from ..optim import build_optimizer
+from ..stages.common import place, resolve_device
 
 
 def _timed(step: Callable[[], None], steps: int, device: torch.device, warmup: int = 1) -> float:
@@ -105,7 +105,7 @@ def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
     a long run pays once: its seconds are reported apart. The steady state is the mean step
     time of the other windows, from ``metrics.jsonl``, as a run logs it.
     """
-    from .stages.finetune import train_thin
+    from ..stages.finetune import train_thin
 
     window = _window(steps)
     windows = -(-steps // window) + 1  # the steady windows, rounded up, plus the first

@@ -1,6 +1,7 @@
 """Teacher memory per rank and imitation step time at several world sizes, sharded vs replicated.
 
-    python -m gwtn_dist.distributed.bench --out runs/bench-dist [--config C] [--world-sizes 1 2 4]
+    python -m gwtn_dist.benchmarks.distributed --out runs/bench-dist [--config C] \
+        [--world-sizes 1 2 4]
 
 For each world size and teacher placement it launches ``gwtn imitate`` under torchrun against
 one saved wide net (random weights: the timing does not depend on them), with the global batch
@@ -21,9 +22,9 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import load_config
-from ..data.bench import machine
 from ..data.fashion_mnist import write_fashion_mnist
 from ..models.family import build_wide, shape_meta
+from .data import machine
 
 
 def _free_port() -> int:

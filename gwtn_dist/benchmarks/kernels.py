@@ -1,14 +1,13 @@
-"""``gwtn bench kernels``: the imitation-loss kernel benchmark (``kernels/bench``) from the CLI.
+"""The options of ``gwtn bench kernels`` (the imitation-loss kernel benchmark,
+``imitation_kernels``).
 
-The options are defined here, in ``gwtn_dist`` itself, and the benchmark module is imported
-only when the command runs, so building the CLI's parser never imports the kernels package.
+Defined apart from the benchmark, which the command imports only when it runs, so building the
+CLI's parser never imports the kernels package.
 """
 
 from __future__ import annotations
 
 import argparse
-
-from .config import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,14 +31,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--out", default="runs/bench/kernels", help="folder for CSV and PNG "
                                                                "(default runs/bench/kernels)")
-
-
-def run_command(args: argparse.Namespace) -> None:
-    """Resolve the options (a bad one is a ``ConfigError``: one line, exit 2) and run."""
-    from .kernels.bench import imitation_bench
-
-    try:
-        plan = imitation_bench.resolve(args)
-    except ValueError as exc:
-        raise ConfigError(f"gwtn bench kernels: {exc}") from None
-    imitation_bench.run(plan)

@@ -1,2 +1,0 @@
-"""Benchmarks of the kernels (``gwtn_dist.kernels.bench``); run as scripts, never collected by
-pytest."""
