@@ -105,13 +105,14 @@ def _framework_seconds(rt: Runtime, cfg: Config, steps: int, folder: Path
     a long run pays once: its seconds are reported apart. The steady state is the mean step
     time of the other windows, from ``metrics.jsonl``, as a run logs it.
     """
+    from ..spec import resolve
     from ..stages.finetune import train_thin
 
     window = _window(steps)
     windows = -(-steps // window) + 1  # the steady windows, rounded up, plus the first
     cfg = with_overrides(cfg, {"eval_every": 0, "checkpoint.every": 10**9, "progress": False,
                                "profile.sample_every": 5, "log_every": window})
-    record = train_thin(rt, cfg, folder, "bench", init=None, teacher=None, kd_steps=0,
+    record = train_thin(rt, resolve(cfg), folder, "bench", init=None, teacher=None, kd_steps=0,
                         label_steps=windows * window, optim=cfg.baseline.optim)
     with open(folder / "bench" / "metrics.jsonl") as f:
         timed = [r for r in map(json.loads, f) if "step_s" in r]  # one per window
