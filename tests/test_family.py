@@ -178,6 +178,43 @@ def test_the_default_configs_teacher_keeps_its_cache_key():
 
     cfg = load_config(REPO / "configs/fmnist_resnet.yaml")
     assert cache_dir(cfg).name == "e86d7ea4f77ede80"
+    # A BERT's too, on shards that are not there (so no test split of theirs is keyed on).
+    bert = load_config(BERT, ["wide.cache=cache", "data.shards=no/such/shards"])
+    assert cache_dir(bert).name == "b8add9d5edfd248d"
+
+
+@pytest.mark.parametrize("change", ["a field of the other family", "a new family"])
+def test_a_teacher_key_does_not_see_other_families(monkeypatch, change):
+    """A family's teacher-cache key is taken of its own model section: adding a family, or a
+    field to another family's section, must not make every cached teacher train again."""
+    import dataclasses
+
+    from gwtn_dist.config import ModelConfig
+    from gwtn_dist.stages.teacher_cache import cache_dir
+
+    cfg = load_config(REPO / "configs/fmnist_resnet.yaml")
+    before = cache_dir(cfg)
+    monkeypatch.setattr(ModelConfig, "_variants", dict(ModelConfig.variants()))
+    if change == "a new family":
+        toy = dataclasses.make_dataclass("ToyModelConfig", [("width", int, 64)],
+                                         bases=(ModelConfig,))
+        ModelConfig.register("toy", toy)
+    else:
+        grown = dataclasses.make_dataclass("GrownBertConfig", [("rotary", bool, False)],
+                                           bases=(BertModelConfig,))
+        ModelConfig.register("bert", grown)
+    assert cache_dir(cfg) == before
+
+
+def test_a_new_key_version_takes_no_older_teacher(monkeypatch):
+    """Raising KEY_VERSION (same settings, a different teacher) moves every key."""
+    from gwtn_dist.stages import teacher_cache
+
+    cfg = load_config(REPO / "configs/fmnist_resnet.yaml")
+    first = teacher_cache.cache_dir(cfg)
+    monkeypatch.setattr(teacher_cache, "KEY_VERSION", 2)
+    assert teacher_cache.cache_dir(cfg) != first
+    assert teacher_cache.teacher_settings(cfg)["key_version"] == 2
 
 
 @pytest.mark.parametrize("path", [BERT, RESNET], ids=["bert", "resnet"])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config.schema import Config
 from . import remote
 from .errors import DataSourceError
 from .shards import augment, to_model_input, train_stream, validation_indices

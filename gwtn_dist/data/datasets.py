@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config
+from ..config.schema import Config
 from . import remote
 
 # The readers (torch, webdataset) are imported where a batch is made, so that the config checks

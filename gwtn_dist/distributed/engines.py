@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, why_unreadable, write_error
-from ..config import DistConfig, OptimConfig
+from ..config.schema import DistConfig, OptimConfig
 from ..optim import build_optimizer, schedule
 from ..profiling import region
 from .ds_config import deepspeed_config

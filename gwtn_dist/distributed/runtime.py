@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, optim_sections
+from ..config.schema import Config, ConfigError, optim_sections
 from . import peers
 from .env import DistEnv, discover, export
 

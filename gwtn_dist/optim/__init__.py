@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..config import OptimConfig
+from ..config.schema import OptimConfig
 from .lamb import make_lamb
 
 

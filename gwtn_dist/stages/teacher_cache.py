@@ -9,6 +9,11 @@ key is the shards' path, and a folder rewritten with a test split no longer trai
 documents: a teacher cached before must not be reused). ``CACHE/<key>/`` holds the finished
 stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
 hash was taken of.
+
+The model section is the run's own family's, in the flat form of older configs over a frozen
+table (``config.migrate.flat_model_section``): adding a family, or a field to another family,
+changes no key. ``KEY_VERSION`` says what the settings mean: raise it when a change of code
+makes the same settings train a different teacher, so that no older teacher is taken for it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from .common import check_init
 
 log = logging.getLogger("gwtn")
 FILES = ("model.pt", "stage.json", "metrics.jsonl", "DONE")
+
+# The meaning of the key's settings. Version 1 keys (every teacher cached so far) were taken
+# before the version was part of them, so it is hashed only from version 2 on.
+KEY_VERSION = 1
 
 
 def teacher_settings(cfg: Config) -> dict:
@@ -49,8 +58,11 @@ def teacher_settings(cfg: Config) -> dict:
     # How the net is executed (torch.compile or eager) is not what it is: keys taken before
     # model.compile existed stay valid.
     model.pop("compile", None)
-    return {"model": model, "data": data, "wide": wide, "seed": cfg.seed,
-            "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
+    settings = {"model": model, "data": data, "wide": wide, "seed": cfg.seed,
+                "channels_last": cfg.channels_last, "precision": cfg.dist.precision}
+    if KEY_VERSION > 1:
+        settings["key_version"] = KEY_VERSION
+    return settings
 
 
 def _weights_sha256(path: Path) -> str:

@@ -1,0 +1,62 @@
+"""Configs in the forms older versions wrote, brought to today's: a run folder's saved
+``config.yaml`` (``upgrade_saved_tree``), and the flat ``model`` section that teacher-cache
+keys of older teachers were taken of (``flat_model_section``)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from .schema import DEFAULT_FAMILY, ModelConfig
+
+# ``compare.arms``'s default before the one ``arms`` list replaced it (a fact of old configs:
+# it stays as it was whatever arms are added since).
+OLD_COMPARE_ARMS = ("scratch", "kd", "win", "deeper")
+
+
+# The one flat ``model`` section of configs before each family had its own: every key of the
+# two families of then (ResNet's and BERT's), at its default then. Frozen, not derived from
+# today's classes, so that adding a family or a field to one family leaves the flat form of
+# the others as it was (``family`` and ``compile``: every section has its own).
+FLAT_MODEL_SECTION = {
+    "family": "bert", "compile": False, "geometry": "small", "in_channels": 1,
+    "num_classes": 10, "stem_width": 16, "blocks": [4, 4, 4], "inner_widths": [8, 16, 32],
+    "expansion": 4,
+    "widen": {"boundary_mult": 1, "inner_mult": 4, "attention_mult": 4, "ffn_mult": 4},
+    "imitation_points": "stages", "hidden": 768, "layers": 12, "heads": 12, "head_dim": 64,
+    "ffn": 3072, "vocab_size": 30522, "max_len": 512, "dropout": 0.1,
+}
+
+
+def flat_model_section(m: ModelConfig) -> dict:
+    """``m`` in the one flat ``model`` section of configs before each family had its own: its
+    own keys over ``FLAT_MODEL_SECTION`` (the other keys of then, at their defaults then).
+    Teacher-cache keys hash this form, so that teachers cached before stay found."""
+    flat = copy.deepcopy(FLAT_MODEL_SECTION)
+    own = dataclasses.asdict(m)
+    return {**flat, **own, "widen": {**flat["widen"], **own["widen"]}}
+
+
+def upgrade_saved_tree(tree: dict) -> dict:
+    """A saved config's tree (``config.yaml`` of a run) in today's form: a ``model`` section
+    written before each family had its own (every family's keys, flat, ``widen`` included)
+    keeps only the keys of its ``model.family``, which are all that ever decided what the run
+    computed. The two arm lists of old configs (``baselines`` for ``gwtn run``, ``compare.arms``)
+    become the one ``arms``: the compared arms, then any other baseline that was trained."""
+    if "baselines" in tree or "arms" in (tree.get("compare") or {}):
+        compare = dict(tree.get("compare") or {})
+        arms = list(compare.pop("arms", OLD_COMPARE_ARMS))
+        arms += [a for a in tree.get("baselines") or [] if a not in arms]
+        tree = {**{k: v for k, v in tree.items() if k != "baselines"}, "arms": arms,
+                "compare": compare}
+    model = tree.get("model")
+    variants = ModelConfig.variants()
+    if not isinstance(model, dict) or model.get("family", DEFAULT_FAMILY) not in variants:
+        return tree
+    cls = variants[model.get("family", DEFAULT_FAMILY)]
+    own = {f.name for f in dataclasses.fields(cls)}
+    model = {k: v for k, v in model.items() if k in own}
+    if isinstance(model.get("widen"), dict):  # then shared: it held every family's multipliers
+        own_widen = {f.name for f in dataclasses.fields(cls().widen)}
+        model["widen"] = {k: v for k, v in model["widen"].items() if k in own_widen}
+    return {**tree, "model": model}
