@@ -22,7 +22,7 @@ One job per module, each importing only the ones above it in this list:
 """
 
 from .coerce import to_dict
-from .experiments import ARMS, BASELINES, BUDGET_KEYS, TUNABLE, regime_cells, tune_points
+from .experiments import regime_cells, tune_points
 from .load import apply_overrides, config_from_dict, dump_config, load_config, with_overrides
 from .migrate import flat_model_section, upgrade_saved_tree
 from .rundir import RUN_DIR_FIELDS, check_run_dir, date_stamp, fill_run_dir
@@ -52,8 +52,8 @@ from .schema import (
 from .validate import MAX_SEED, MAX_STEPS, MAX_THREADS, validate
 
 __all__ = [
-    "ARMS", "BASELINES", "BUDGET_KEYS", "DEFAULT_FAMILY", "MAX_SEED", "MAX_STEPS", "MAX_THREADS",
-    "RUN_DIR_FIELDS", "TUNABLE", "BaselineConfig", "CheckpointConfig", "CompareConfig", "Config",
+    "DEFAULT_FAMILY", "MAX_SEED", "MAX_STEPS", "MAX_THREADS",
+    "RUN_DIR_FIELDS", "BaselineConfig", "CheckpointConfig", "CompareConfig", "Config",
     "ConfigError", "DataConfig", "DistConfig", "DistillConfig", "FinetuneStageConfig",
     "ImitateStageConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ProfileConfig",
     "RegimeConfig", "WideStageConfig", "WideningConfig", "_positive", "apply_overrides",

@@ -5,18 +5,14 @@ the points of a tuning grid, the cells of a regime study, and the checks of thos
 
 from __future__ import annotations
 
+from ..arms import ARMS, BUDGET_KEYS
 from .coerce import to_dict
 from .schema import Config, ConfigError, _positive
 
-# The arms, in table order, and what each may tune: the method its own stages, the baselines
-# their recipe (``baseline``, kept apart from the teacher's ``wide.optim``).
-ARMS = ("scratch", "kd", "win", "deeper")
-BASELINES = tuple(arm for arm in ARMS if arm != "win")
-TUNABLE = {"win": ("imitate.", "finetune."), "scratch": ("baseline.optim.",),
-           "deeper": ("baseline.optim.",), "kd": ("baseline.",)}
-
-# The keys that set the thin-net budget every arm shares (no arm may tune them).
-BUDGET_KEYS = ("imitate.steps_per_point", "finetune.kd_steps", "finetune.label_steps")
+# The arms, what each may tune (the method its own stages, the baselines their recipe,
+# ``baseline``, kept apart from the teacher's ``wide.optim``) and the keys that set the
+# thin-net budget every arm shares (no arm may tune them) are the arms registry's
+# (``gwtn_dist/arms.py``).
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -136,9 +132,9 @@ def _check_grid(arm: str, grid: dict, known: set[str]) -> None:
         if key in BUDGET_KEYS:
             raise ConfigError(f"compare.tune.{arm}: {key} sets the thin-net budget, which "
                               f"every arm shares; it cannot be tuned per arm")
-        if key not in known or not key.startswith(TUNABLE[arm]):
+        if key not in known or not key.startswith(ARMS[arm].tunable):
             raise ConfigError(f"compare.tune.{arm}: {key!r} is not a key {arm} may tune; "
-                              f"use one under {', '.join(TUNABLE[arm])}")
+                              f"use one under {', '.join(ARMS[arm].tunable)}")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"compare.tune.{arm}.{key}: expected a list of values, got "
                               f"{values!r}")
