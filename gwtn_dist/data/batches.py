@@ -10,7 +10,8 @@ a resumable ``position`` / ``seek``, the bad data ``skipped``), named by how ran
   (``data.streams``), already decoded and augmented or masked (image folders, token shards).
 
 Which dataset uses which, and how it is evaluated, is ``data.datasets``' registry; the rank and
-world size are passed in. ``train_batches`` and ``rank_eval_batches`` look the dataset up.
+world size are passed in. ``data.datasets.train_batches`` and ``rank_eval_batches`` look the
+dataset up and make its batches.
 
 Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids",
 "attention_mask"} and y = the masked-LM labels (-100 where no loss is taken), all int64
@@ -20,7 +21,7 @@ Images give x float32 (b, C, H, W) and y int64 (b,); text gives x = {"input_ids"
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -166,28 +167,3 @@ def checked_text_stream(cfg: Config, train: bool, batch_size: int, rank: int, wo
             f"{cfg.model.max_len}"
         )
     return loader
-
-
-def _dataset(cfg: Config):
-    # Imported here: data.datasets builds on this module's adapters.
-    from .datasets import dataset_of
-
-    return dataset_of(cfg)
-
-
-def train_batches(cfg: Config, stream_seed: int, rank: int, world: int) -> TrainBatches:
-    """Rank ``rank`` of ``world``'s training batches; ``stream_seed`` gives each stage its own
-    data order."""
-    return _dataset(cfg).train_batches(cfg, stream_seed, rank, world)
-
-
-def rank_eval_batches(cfg: Config, limit: int, rank: int, world: int,
-                      split: str = "test") -> Iterator[tuple]:
-    """Rank ``rank`` of ``world``'s share of the held-out ``split`` (``test``, or ``val``: the
-    validation split carved out of Fashion-MNIST's training data, or the token shards' ``val``
-    documents; image folders, and token shards without a ``test`` split, have one held-out split,
-    ``val``, read for both), model-ready; over all ranks every sample once.
-    limit: only about the first ``limit`` samples (0 = all). Text masking is drawn from a fixed
-    seed, so every evaluation of a run scores the same masked tokens.
-    """
-    yield from _dataset(cfg).eval_batches(cfg, limit, rank, world, split)

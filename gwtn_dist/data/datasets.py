@@ -76,7 +76,7 @@ class Dataset:
     def eval_batches(self, cfg: Config, limit: int, rank: int, world: int,
                      split: str) -> Iterator[tuple]:
         """Rank ``rank`` of ``world``'s share of held-out ``split``, model-ready (see
-        ``batches.rank_eval_batches``, which reads it lazily: a shard error surfaces on the
+        ``rank_eval_batches``, which reads it lazily: a shard error surfaces on the
         first batch)."""
         raise NotImplementedError
 
@@ -225,3 +225,21 @@ def ensure_shards(cfg: Config, is_main: bool, wait_s: float = 600.0) -> None:
         if not (shards / "index.json").is_file():
             log.info("no shards in %s yet: writing them from the installed Fashion-MNIST", shards)
             dataset_of(cfg).write_shards(cfg)
+
+
+def train_batches(cfg: Config, stream_seed: int, rank: int, world: int) -> TrainBatches:
+    """Rank ``rank`` of ``world``'s training batches; ``stream_seed`` gives each stage its own
+    data order."""
+    return dataset_of(cfg).train_batches(cfg, stream_seed, rank, world)
+
+
+def rank_eval_batches(cfg: Config, limit: int, rank: int, world: int,
+                      split: str = "test") -> Iterator[tuple]:
+    """Rank ``rank`` of ``world``'s share of the held-out ``split`` (``test``, or ``val``: the
+    validation split carved out of Fashion-MNIST's training data, or the token shards' ``val``
+    documents; image folders, and token shards without a ``test`` split, have one held-out split,
+    ``val``, read for both), model-ready; over all ranks every sample once.
+    limit: only about the first ``limit`` samples (0 = all). Text masking is drawn from a fixed
+    seed, so every evaluation of a run scores the same masked tokens.
+    """
+    yield from dataset_of(cfg).eval_batches(cfg, limit, rank, world, split)

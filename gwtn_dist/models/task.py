@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.batches import rank_eval_batches
+from ..data.datasets import rank_eval_batches
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

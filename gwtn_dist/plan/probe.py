@@ -78,7 +78,7 @@ def _probe(args: argparse.Namespace) -> None:
 
     from .. import pipeline  # noqa: F401  (what a stage process imports)
     from ..config import load_config
-    from ..data.batches import train_batches
+    from ..data.datasets import train_batches
     from ..data.prefetch import Prefetcher
     from ..spec import resolve
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..config import Config, ConfigError
-from ..data.batches import train_batches
+from ..data.datasets import train_batches
 from ..distributed.runtime import Runtime, all_reduce_sum, barrier, device_for
 from ..distributed.sync_bn import use_global_batchnorm
 from ..models.compiled import compile_blocks
