@@ -12,10 +12,11 @@ phase and step), so a resumed run ends with the same weights as an uninterrupted
 
 On several ranks each rank trains on its own batch (``data.batches``: a slice of the global
 batch, or its own share of the epoch), and the engine averages the gradients. Logged losses
-are averaged over ranks; rank 0 writes the files. Mid-phase, a DeepSpeed engine's state is a
-DeepSpeed checkpoint under ``stage_dir/deepspeed/`` that ``checkpoint.pt`` points to, written
-first, so the pointer never names an incomplete checkpoint. At phase ends ``checkpoint.pt``
-holds consolidated weights, which any world size can resume from.
+are averaged over ranks; rank 0 writes the files. Mid-phase, the engine's state may be files
+of its own under ``stage_dir`` (``Engine.save``: a DeepSpeed checkpoint) that ``checkpoint.pt``
+points to, written first, so the pointer never names an incomplete checkpoint; the engine
+removes those no checkpoint names (``Engine.prune``). At phase ends ``checkpoint.pt`` holds
+consolidated weights, which any world size can resume from.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -354,19 +354,17 @@ def _save(ctx: LoopContext, engine: Engine, stream: dict, phase_index: int, step
         "resumes": results.resumes,
         "world_size": ctx.rt.world_size,
     }
-    tag = None
-    if not done:
-        tag = f"phase{phase_index}-step{step}"
-        state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
+    if not done:  # the engine's files (if any) first: checkpoint.pt never names a torn one
+        state["engine"] = engine.save(ctx.stage_dir, phase_index, step)
     if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
         state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     failure: OSError | None = None
     if ctx.rt.is_main:
         try:
             checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
-            # Only now that neither checkpoint.pt nor the previous one names them may older
-            # DeepSpeed tags go.
-            _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=2 if tag else 1)
+            # Only now that neither checkpoint.pt nor the previous one names them may the
+            # engine's older files go.
+            engine.prune(ctx.stage_dir, mid_phase=not done)
         except OSError as exc:
             failure = exc
     # Rank 0's outcome reaches every rank (this is also the barrier after the save), so when
@@ -374,21 +372,6 @@ def _save(ctx: LoopContext, engine: Engine, stream: dict, phase_index: int, step
     if ctx.rt.rank0_says(failure is not None):
         raise failure or OSError(f"rank 0 could not write {ctx.stage_dir / 'checkpoint.pt'}; "
                                  f"stopping (see rank 0's error)")
-
-
-def _tag_order(name: str) -> tuple[int, int]:
-    """``phase3-step200`` → (3, 200): the order in which tags were written."""
-    phase, step = name.split("-")
-    return int(phase.removeprefix("phase")), int(step.removeprefix("step"))
-
-
-def _prune_deepspeed_tags(folder: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest DeepSpeed tags (those the two checkpoints name)."""
-    if folder.is_dir():
-        tags = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.startswith("phase")),
-                      key=lambda d: _tag_order(d.name))
-        for old in tags[:-keep] if keep else tags:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume_state(ctx: LoopContext) -> dict | None:
@@ -436,14 +419,6 @@ def _check_state(state: object, path: Path, phases: list[Phase],
         refuse("neither weights nor an engine's state")
 
 
-def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
-    """Keep the generated DeepSpeed config of each phase in ``deepspeed_config.json``."""
-    path = stage_dir / "deepspeed_config.json"
-    configs = json.loads(path.read_text()) if path.is_file() else {}
-    configs[phase] = config
-    checkpoint.atomic_write_text(path, json.dumps(configs, indent=2))
-
-
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists; the
     results carry where every resume picked up (``resumes``)."""
@@ -459,7 +434,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     if state is not None:
         path = ctx.stage_dir / "checkpoint.pt"
         _check_state(state, path, phases, ctx.modules)
-        if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
+        if "modules" in state:  # else the engine's own checkpoint restores them with it
             for name, module in ctx.modules.items():
                 checkpoint.load_state(module, state["modules"][name], path)
         try:
@@ -502,13 +477,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
             engine = make_engine(rt, phase.module, phase.groups(), phase.optim, phase.steps,
                                  zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
                                  micro_batch=ctx.micro_batch)
-            if rt.is_main and engine.config is not None:
-                _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
+            if rt.is_main:
+                engine.record(ctx.stage_dir, phase.name)
             recent: list[float] = []
             wall = 0.0
             if state is not None and index == first_phase and start > 0:
                 try:
-                    engine.load(ctx.stage_dir / "deepspeed", state["engine"])
+                    engine.load(ctx.stage_dir, state["engine"])
                 except (KeyError, TypeError, ValueError) as exc:  # another run's optimizer
                     raise checkpoint.CheckpointError(
                         f"{ctx.stage_dir / 'checkpoint.pt'} is not a checkpoint of this stage "
