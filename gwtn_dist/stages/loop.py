@@ -468,6 +468,7 @@ class _StageRun:
         self.on_host = ctx.device.type == "cpu"  # the reader thread prepares the batch
 
     def run(self) -> PhaseResults:
+        """The stage's phases from where its checkpoint left off; their results."""
         ctx, rt = self.ctx, self.rt
         if rt.is_main:
             ctx.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -514,8 +515,8 @@ class _StageRun:
         except (KeyError, TypeError, ValueError) as exc:
             raise checkpoint.CheckpointError(f"{path} is not a checkpoint of this stage (its "
                                              f"stream or results: {exc!r})") from None
-        first_phase, first_step = self.first_phase, self.first_step = \
-            state["phase_index"], state["step"]
+        self.first_phase, self.first_step = state["phase_index"], state["step"]
+        first_phase, first_step = self.first_phase, self.first_step
         name = phases[first_phase].name if first_phase < len(phases) else None
         self.results.resumes = [*state.get("resumes", []), {
             "phase_index": first_phase, "step": first_step, "world_size": self.rt.world_size,
@@ -537,6 +538,8 @@ class _StageRun:
         return Prefetcher(ctx.batches, keys, host, ctx.prefetch)
 
     def _run_phase(self, index: int) -> None:
+        """Phase ``index``: its engine (restored when resuming mid-phase), its steps, and at
+        its end the modules handed back whole."""
         ctx, rt = self.ctx, self.rt
         phase = self.phases[index]
         start = self.first_step if index == self.first_phase else 0
