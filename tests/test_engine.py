@@ -59,7 +59,7 @@ def test_state_round_trip_continues_the_same_trajectory(tmp_path):
         engine = make_engine(Runtime(), module, [{"params": [p]}], o, total_steps=10)
         for step in range(10):
             if split and step == 4:
-                saved = engine.save(tmp_path, "step4")
+                saved = engine.save(tmp_path, 0, 4)
                 engine = make_engine(Runtime(), module, [{"params": [p]}], o, total_steps=10)
                 engine.load(tmp_path, saved)
             engine.step((p ** 2).sum())

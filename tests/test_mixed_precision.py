@@ -70,7 +70,7 @@ def test_fp16_on_cpu_scales_skips_inf_steps_and_resumes_the_scaler(tmp_path):
     assert engine.scaler.get_scale() == scale / 2
     engine.step((p * 2).sum())
     assert torch.allclose(p.detach(), torch.full((3,), 0.8))
-    saved = engine.save(tmp_path, "t")
+    saved = engine.save(tmp_path, 0, 2)
     again = make_engine(rt, nn.ParameterList([p]), [{"params": [p]}], o, total_steps=4)
     again.load(tmp_path, saved)
     assert again.scaler.get_scale() == engine.scaler.get_scale()

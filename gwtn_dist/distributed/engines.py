@@ -6,18 +6,22 @@ phase's OptimConfig; the engine owns the optimizer and the schedule and does bac
 all-reduce (DeepSpeed), clipping and the step. One process runs ``TorchEngine``; under a
 multi-rank launcher (or ``dist.engine=deepspeed``) ``DeepSpeedEngine`` runs the same optimizer
 and schedule inside DeepSpeed with the phase's ZeRO stage. Both are an ``Engine``, the
-protocol the training loop is written against. ``shard_frozen`` turns the frozen wide teacher
-into a ZeRO-3 engine without optimizer. The optimizer and the schedule themselves are built in
-``gwtn_dist.optim``.
+protocol the training loop is written against. An engine also owns its layout: how a net is
+placed for training (``engine_type(rt).place``) and which files of its own a stage checkpoint
+holds (``save``/``load``/``prune``/``record``), so the loop and the stages never ask which engine
+runs. ``shard_frozen`` turns the frozen wide teacher into a ZeRO-3 engine without optimizer. The
+optimizer and the schedule themselves are built in ``gwtn_dist.optim``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import pickle
+import shutil
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -26,12 +30,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, why_unreadable, write_error
+from ..checkpoint import CheckpointError, atomic_write_text, why_unreadable, write_error
 from ..config.schema import DistConfig, OptimConfig
 from ..optim import build_optimizer, schedule
 from ..profiling import region
 from .ds_config import deepspeed_config
 from .runtime import Runtime
+from .sync_bn import use_global_batchnorm
 
 log = logging.getLogger("gwtn")
 
@@ -40,14 +45,23 @@ class Engine(Protocol):
     """What the training loop uses of a phase's engine (``make_engine`` makes one).
 
     A step is ``optim.accumulate`` calls of ``backward`` (one per micro-batch) and one
-    ``step``; ``save``/``load`` carry its resume state through the stage checkpoint;
-    ``release`` ends the phase.
+    ``step``; ``save``/``load`` carry its resume state through the stage checkpoint (files of
+    its own, if any, under the stage folder: ``prune`` removes those no checkpoint names);
+    ``release`` ends the phase. ``place`` (on the class: before there is an engine) readies a
+    net for training under it.
     """
 
     #: Whether ``save`` writes the modules' weights too (then a mid-phase checkpoint need not).
     saves_modules: bool
     #: The DeepSpeed config the engine runs with, recorded per phase; None for none.
     config: dict | None
+
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, memory_format: torch.memory_format,
+              sync_batchnorm: bool) -> nn.Module:
+        """``model`` on ``device``, ready to train under this kind of engine (its layout in
+        memory, its batch norms over the global batch if ``sync_batchnorm``)."""
+        ...
 
     @property
     def lr(self) -> float:
@@ -63,12 +77,22 @@ class Engine(Protocol):
         asked and known, else None."""
         ...
 
-    def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """The resume state for the stage checkpoint (it may write files under ``ckpt_dir``)."""
+    def save(self, stage_dir: Path, phase_index: int, step: int) -> dict:
+        """The resume state after ``step`` of phase ``phase_index``, for the stage checkpoint
+        (it may write files of its own under ``stage_dir`` first)."""
         ...
 
-    def load(self, ckpt_dir: Path, saved: dict) -> None:
+    def load(self, stage_dir: Path, saved: dict) -> None:
         """Restore what ``save`` returned (and wrote)."""
+        ...
+
+    def prune(self, stage_dir: Path, mid_phase: bool) -> None:
+        """Once the stage checkpoint is written (rank 0): remove the engine's files that neither
+        it nor the previous one names (``mid_phase``: the new one names some)."""
+        ...
+
+    def record(self, stage_dir: Path, phase: str) -> None:
+        """Keep what the engine runs with in phase ``phase`` beside the stage's files (rank 0)."""
         ...
 
     def module_state(self, module: nn.Module) -> dict:
@@ -78,6 +102,34 @@ class Engine(Protocol):
     def release(self, modules: dict[str, nn.Module]) -> None:
         """End the phase, leaving ``modules`` whole, in fp32, with the trained weights."""
         ...
+
+
+#: Where a stage's DeepSpeed checkpoints live (``stage_dir/deepspeed/<tag>``), and the file that
+#: keeps each phase's generated DeepSpeed config.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_CONFIGS = "deepspeed_config.json"
+
+
+def _tag(phase_index: int, step: int) -> str:
+    """The DeepSpeed checkpoint tag of a mid-phase checkpoint: ``phase3-step200``."""
+    return f"phase{phase_index}-step{step}"
+
+
+def _tag_order(name: str) -> tuple[int, int]:
+    """``phase3-step200`` → (3, 200): the order in which tags were written."""
+    phase, step = name.split("-")
+    return int(phase.removeprefix("phase")), int(step.removeprefix("step"))
+
+
+def _prune_deepspeed_tags(stage_dir: Path, mid_phase: bool) -> None:
+    """Remove all but the newest DeepSpeed tags under ``stage_dir``: the two that the new stage
+    checkpoint and the previous one may name mid-phase, else one (the previous one's)."""
+    folder, keep = stage_dir / DEEPSPEED_DIR, 2 if mid_phase else 1
+    if folder.is_dir():
+        tags = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.startswith("phase")),
+                      key=lambda d: _tag_order(d.name))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _trainable(groups: list[dict]) -> list[dict]:
@@ -109,6 +161,12 @@ class TorchEngine:
 
     saves_modules = False  # its resume state is the optimizer's; the loop saves the weights
     config = None  # no DeepSpeed config to record
+
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, memory_format: torch.memory_format,
+              sync_batchnorm: bool) -> nn.Module:
+        """``model`` on ``device`` in ``memory_format`` (one process: no batch to sync over)."""
+        return model.to(device=device, memory_format=memory_format)
 
     def __init__(self, rt: Runtime, groups: list[dict], optim: OptimConfig, total_steps: int):
         groups = _trainable(groups)
@@ -162,20 +220,28 @@ class TorchEngine:
                 self.scheduler.step()
         return float(norm) if grad_norm and norm is not None else None
 
-    def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """The engine's resume state, kept inline in the stage checkpoint."""
+    def save(self, stage_dir: Path, phase_index: int, step: int) -> dict:
+        """The engine's resume state, kept inline in the stage checkpoint (no files)."""
         state = {"optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load(self, ckpt_dir: Path, saved: dict) -> None:
+    def load(self, stage_dir: Path, saved: dict) -> None:
         """Restore the optimizer, the schedule and the loss scaler from ``saved``."""
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
+
+    def prune(self, stage_dir: Path, mid_phase: bool) -> None:
+        """It writes no files; DeepSpeed tags an earlier run of this stage left (one stopped
+        at a phase end under ``dist.engine=deepspeed``) go as they would under DeepSpeed."""
+        _prune_deepspeed_tags(stage_dir, mid_phase)
+
+    def record(self, stage_dir: Path, phase: str) -> None:
+        """Nothing to record: the run's config says it all."""
 
     def module_state(self, module: nn.Module) -> dict:
         """``module``'s state, copied to the CPU."""
@@ -248,10 +314,23 @@ class DeepSpeedEngine:
 
     saves_modules = True  # a DeepSpeed checkpoint holds the module weights (partitioned or not)
 
-    def save(self, ckpt_dir: Path, tag: str) -> dict:
-        """Write a DeepSpeed checkpoint under ``ckpt_dir/tag`` (every rank its part). A write
-        that fails (a full disk) is an ``OSError`` naming the tag: ``checkpoint.pt`` does not
-        point to it yet, so the previous checkpoint stays the one a resume reads."""
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, memory_format: torch.memory_format,
+              sync_batchnorm: bool) -> nn.Module:
+        """``model`` on ``device``, its batch norms over the global batch if
+        ``sync_batchnorm``. Its parameters stay contiguous: DeepSpeed broadcasts and flattens
+        them as contiguous storage; the activations (the inputs) still use ``memory_format``,
+        which is what decides the conv kernels."""
+        if sync_batchnorm:
+            model = use_global_batchnorm(model, device)  # on CUDA, a net whose BNs are replaced
+        return model.to(device=device)
+
+    def save(self, stage_dir: Path, phase_index: int, step: int) -> dict:
+        """Write a DeepSpeed checkpoint under ``stage_dir/deepspeed/phase<i>-step<n>`` (every
+        rank its part). A write that fails (a full disk) is an ``OSError`` naming the tag:
+        ``checkpoint.pt`` does not point to it yet, so the previous checkpoint stays the one a
+        resume reads."""
+        ckpt_dir, tag = stage_dir / DEEPSPEED_DIR, _tag(phase_index, step)
         try:
             self.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         except OSError as exc:
@@ -263,10 +342,10 @@ class DeepSpeedEngine:
         torch.distributed.barrier()
         return {"deepspeed_tag": tag}
 
-    def load(self, ckpt_dir: Path, saved: dict) -> None:
+    def load(self, stage_dir: Path, saved: dict) -> None:
         """Load the DeepSpeed checkpoint ``saved`` names (every rank its part), every file
         read with ``weights_only=True``: a crafted file in it is a ``CheckpointError``."""
-        tag = saved["deepspeed_tag"]
+        ckpt_dir, tag = stage_dir / DEEPSPEED_DIR, saved["deepspeed_tag"]
         try:
             with weights_only_loads():
                 path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
@@ -280,6 +359,17 @@ class DeepSpeedEngine:
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint {ckpt_dir / tag} is missing or "
                                   f"incomplete")
+
+    def prune(self, stage_dir: Path, mid_phase: bool) -> None:
+        """Remove the DeepSpeed tags that neither stage checkpoint names any more."""
+        _prune_deepspeed_tags(stage_dir, mid_phase)
+
+    def record(self, stage_dir: Path, phase: str) -> None:
+        """Keep the generated DeepSpeed config of each phase in ``deepspeed_config.json``."""
+        path = stage_dir / DEEPSPEED_CONFIGS
+        configs = json.loads(path.read_text()) if path.is_file() else {}
+        configs[phase] = self.config
+        atomic_write_text(path, json.dumps(configs, indent=2))
 
     def module_state(self, module: nn.Module) -> dict:
         """A consolidated fp32 CPU state of ``module`` (collective): trained parameters come
@@ -342,13 +432,18 @@ def weights_only_loads():
                 os.environ[name] = value
 
 
+def engine_type(rt: Runtime) -> type[TorchEngine | DeepSpeedEngine]:
+    """The engine class this process runs; the only place that decides which implementation
+    runs (``rt.engine``)."""
+    return DeepSpeedEngine if rt.engine == "deepspeed" else TorchEngine
+
+
 def make_engine(rt: Runtime, module: nn.Module, groups: list[dict], optim: OptimConfig,
                 total_steps: int, zero_stage: int = 0, dist_cfg: DistConfig | None = None,
                 micro_batch: int = 1) -> Engine:
-    """The engine for one phase; the only place that decides which implementation runs
-    (``rt.engine``). ``micro_batch``: a rank's batch per optimizer step (all its
-    micro-batches)."""
-    if rt.engine == "deepspeed":
+    """The engine for one phase (of ``engine_type(rt)``). ``micro_batch``: a rank's batch per
+    optimizer step (all its micro-batches)."""
+    if engine_type(rt) is DeepSpeedEngine:
         return DeepSpeedEngine(rt, module, groups, optim, total_steps, zero_stage,
                                dist_cfg or DistConfig(), micro_batch)
     return TorchEngine(rt, groups, optim, total_steps)

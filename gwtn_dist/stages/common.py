@@ -19,8 +19,8 @@ from torch import nn
 from .. import checkpoint
 from ..config import Config, ConfigError
 from ..data.datasets import train_batches
+from ..distributed.engines import engine_type
 from ..distributed.runtime import Runtime, all_reduce_sum, barrier, device_for
-from ..distributed.sync_bn import use_global_batchnorm
 from ..models.compiled import compile_blocks
 from ..models.family import Family
 from ..models.task import ScoredTask
@@ -66,17 +66,11 @@ def memory_format(cfg: Config) -> torch.memory_format:
 
 
 def place(rt: Runtime, model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """Move a net that will train to the run's device and memory format; under DeepSpeed with
-    ``dist.sync_batchnorm``, its batch norms take statistics over the global batch; with
-    ``model.compile``, its blocks run under torch.compile."""
-    if cfg.dist.sync_batchnorm and rt.engine == "deepspeed":
-        model = use_global_batchnorm(model, device)  # on CUDA, a net whose BNs are replaced
-    if rt.engine == "deepspeed":
-        # DeepSpeed broadcasts and flattens parameters as contiguous storage; the activations
-        # (the inputs) still use channels_last, which is what decides the conv kernels.
-        model = model.to(device=device)
-    else:
-        model = model.to(device=device, memory_format=memory_format(cfg))
+    """Move a net that will train to the run's device, laid out as the run's engine wants it
+    (``Engine.place``: its memory format, and under DeepSpeed with ``dist.sync_batchnorm``
+    batch norms over the global batch); with ``model.compile``, its blocks run under
+    torch.compile."""
+    model = engine_type(rt).place(model, device, memory_format(cfg), cfg.dist.sync_batchnorm)
     return compile_blocks(model) if cfg.model.compile else model
 
 

@@ -12,10 +12,15 @@ phase and step), so a resumed run ends with the same weights as an uninterrupted
 
 On several ranks each rank trains on its own batch (``data.batches``: a slice of the global
 batch, or its own share of the epoch), and the engine averages the gradients. Logged losses
-are averaged over ranks; rank 0 writes the files. Mid-phase, a DeepSpeed engine's state is a
-DeepSpeed checkpoint under ``stage_dir/deepspeed/`` that ``checkpoint.pt`` points to, written
-first, so the pointer never names an incomplete checkpoint. At phase ends ``checkpoint.pt``
-holds consolidated weights, which any world size can resume from.
+are averaged over ranks; rank 0 writes the files. Mid-phase, the engine's state may be files
+of its own under ``stage_dir`` (``Engine.save``: a DeepSpeed checkpoint) that ``checkpoint.pt``
+points to, written first, so the pointer never names an incomplete checkpoint; the engine
+removes those no checkpoint names (``Engine.prune``). At phase ends ``checkpoint.pt`` holds
+consolidated weights, which any world size can resume from.
+
+``run_phases`` is a ``_StageRun``: the stage (resume, the reader, the phases), a phase (its
+engine, its steps) and a step (read, forward/backward, step, evaluate, flush, checkpoint) are
+its methods; a ``_PhaseRun`` holds the running phase's state.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -354,19 +358,17 @@ def _save(ctx: LoopContext, engine: Engine, stream: dict, phase_index: int, step
         "resumes": results.resumes,
         "world_size": ctx.rt.world_size,
     }
-    tag = None
-    if not done:
-        tag = f"phase{phase_index}-step{step}"
-        state["engine"] = engine.save(ctx.stage_dir / "deepspeed", tag)
+    if not done:  # the engine's files (if any) first: checkpoint.pt never names a torn one
+        state["engine"] = engine.save(ctx.stage_dir, phase_index, step)
     if done or not engine.saves_modules:  # consolidated weights, unless the engine's hold them
         state["modules"] = {n: engine.module_state(m) for n, m in ctx.modules.items()}
     failure: OSError | None = None
     if ctx.rt.is_main:
         try:
             checkpoint.atomic_save(state, ctx.stage_dir / "checkpoint.pt", keep_previous=True)
-            # Only now that neither checkpoint.pt nor the previous one names them may older
-            # DeepSpeed tags go.
-            _prune_deepspeed_tags(ctx.stage_dir / "deepspeed", keep=2 if tag else 1)
+            # Only now that neither checkpoint.pt nor the previous one names them may the
+            # engine's older files go.
+            engine.prune(ctx.stage_dir, mid_phase=not done)
         except OSError as exc:
             failure = exc
     # Rank 0's outcome reaches every rank (this is also the barrier after the save), so when
@@ -374,21 +376,6 @@ def _save(ctx: LoopContext, engine: Engine, stream: dict, phase_index: int, step
     if ctx.rt.rank0_says(failure is not None):
         raise failure or OSError(f"rank 0 could not write {ctx.stage_dir / 'checkpoint.pt'}; "
                                  f"stopping (see rank 0's error)")
-
-
-def _tag_order(name: str) -> tuple[int, int]:
-    """``phase3-step200`` → (3, 200): the order in which tags were written."""
-    phase, step = name.split("-")
-    return int(phase.removeprefix("phase")), int(step.removeprefix("step"))
-
-
-def _prune_deepspeed_tags(folder: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest DeepSpeed tags (those the two checkpoints name)."""
-    if folder.is_dir():
-        tags = sorted((d for d in folder.iterdir() if d.is_dir() and d.name.startswith("phase")),
-                      key=lambda d: _tag_order(d.name))
-        for old in tags[:-keep] if keep else tags:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume_state(ctx: LoopContext) -> dict | None:
@@ -436,187 +423,268 @@ def _check_state(state: object, path: Path, phases: list[Phase],
         refuse("neither weights nor an engine's state")
 
 
-def _record_deepspeed_config(stage_dir: Path, phase: str, config: dict) -> None:
-    """Keep the generated DeepSpeed config of each phase in ``deepspeed_config.json``."""
-    path = stage_dir / "deepspeed_config.json"
-    configs = json.loads(path.read_text()) if path.is_file() else {}
-    configs[phase] = config
-    checkpoint.atomic_write_text(path, json.dumps(configs, indent=2))
-
-
 def run_phases(ctx: LoopContext, phases: list[Phase]) -> PhaseResults:
     """Run ``phases`` in order, resuming from ``stage_dir/checkpoint.pt`` if it exists; the
     results carry where every resume picked up (``resumes``)."""
-    rt = ctx.rt
-    if rt.is_main:
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl", rt.is_main)
-    state = _resume_state(ctx)
-    results = PhaseResults()
-    results.resumes, results.skipped = [], {}
-    first_phase, first_step = 0, 0
-    if state is not None:
+    return _StageRun(ctx, phases).run()
+
+
+@dataclass
+class _PhaseRun:
+    """The state of the phase being run: its engine, the losses of its last logged steps
+    (``recent``, for its final loss), its training time so far (``wall``, evaluation left
+    out), and what the steps since the last log or flush left (``timing``, ``pending``).
+    ``tick``: when the time now being counted began."""
+
+    index: int
+    phase: Phase
+    engine: Engine
+    bar: tqdm | PlainProgress
+    breakdown: profiling.StepBreakdown
+    pending: PendingRecords
+    recent: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    timing: StepTiming = field(default_factory=StepTiming)
+    tick: float = 0.0
+    value: float = math.nan  # the latest logged loss
+
+
+class _StageRun:
+    """One call of ``run_phases``: the stage's resume, its phases, each phase's steps.
+
+    A stage: resume (or start afresh), one background reader for every batch the stage has
+    left, the phases in order. A phase: an engine, its steps, its end. A step: read, forward
+    and backward, optimizer step, maybe evaluate, flush the records, checkpoint, stop.
+    """
+
+    def __init__(self, ctx: LoopContext, phases: list[Phase]):
+        self.ctx, self.phases, self.rt = ctx, phases, ctx.rt
+        self.metrics = MetricsLog(ctx.stage_dir / "metrics.jsonl", ctx.rt.is_main)
+        self.results = PhaseResults()
+        self.results.resumes, self.results.skipped = [], {}
+        self.state: dict | None = None  # the checkpoint resumed from
+        self.first_phase, self.first_step = 0, 0
+        self.global_step = 0
+        self.on_host = ctx.device.type == "cpu"  # the reader thread prepares the batch
+
+    def run(self) -> PhaseResults:
+        """The stage's phases from where its checkpoint left off; their results."""
+        ctx, rt = self.ctx, self.rt
+        if rt.is_main:
+            ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self._resume()
+        self.global_step = ctx.step_offset + sum(
+            p.steps for p in self.phases[:self.first_phase]) + self.first_step
+        self.trace = profiling.Tracer(ctx.profile.trace_start, ctx.profile.trace_steps, rt.rank)
+        if rt.is_main:
+            self.metrics.sinks = metric_sinks.open_sinks(
+                ctx.stage_dir, ctx.logging.tensorboard, ctx.logging.wandb,
+                resume_step=self.global_step if self.state is not None else None)
+        self.feed = self._prefetcher()
+        try:
+            for index in range(self.first_phase, len(self.phases)):
+                self._run_phase(index)
+        finally:
+            self.feed.close()
+            self.metrics.close()
+        self.results.skipped = _skipped_over_ranks(ctx.batches.per_rank, self.feed.skipped)
+        if rt.is_main and self.results.skipped:
+            log.warning("%s: %d bad training sample(s) skipped (%s)", ctx.stage_dir.name,
+                        sum(self.results.skipped.values()),
+                        ", ".join(f"{n} {r}" for r, n in sorted(self.results.skipped.items())))
+        return self.results
+
+    def _resume(self) -> None:
+        """Pick up from ``checkpoint.pt`` if there is one (weights, stream position, results,
+        metrics.jsonl cut back to it); else start afresh (an old metrics.jsonl goes)."""
+        ctx, phases = self.ctx, self.phases
+        self.state = state = _resume_state(ctx)
+        if state is None:
+            if self.rt.is_main and (ctx.stage_dir / "metrics.jsonl").exists():
+                (ctx.stage_dir / "metrics.jsonl").unlink()
+            return
         path = ctx.stage_dir / "checkpoint.pt"
         _check_state(state, path, phases, ctx.modules)
-        if "modules" in state:  # else the DeepSpeed checkpoint restores them with the engine
+        if "modules" in state:  # else the engine's own checkpoint restores them with it
             for name, module in ctx.modules.items():
                 checkpoint.load_state(module, state["modules"][name], path)
         try:
             ctx.batches.seek(state["stream"])
-            results.extend(PhaseResult(**r) for r in state["results"])
+            self.results.extend(PhaseResult(**r) for r in state["results"])
         except (KeyError, TypeError, ValueError) as exc:
             raise checkpoint.CheckpointError(f"{path} is not a checkpoint of this stage (its "
                                              f"stream or results: {exc!r})") from None
-        first_phase, first_step = state["phase_index"], state["step"]
-        results.resumes = [*state.get("resumes", []), {
-            "phase_index": first_phase, "step": first_step, "world_size": rt.world_size,
-            "phase": phases[first_phase].name if first_phase < len(phases) else None}]
-        metrics.truncate_after(first_phase, first_step)
-        if rt.is_main:
+        self.first_phase, self.first_step = state["phase_index"], state["step"]
+        first_phase, first_step = self.first_phase, self.first_step
+        name = phases[first_phase].name if first_phase < len(phases) else None
+        self.results.resumes = [*state.get("resumes", []), {
+            "phase_index": first_phase, "step": first_step, "world_size": self.rt.world_size,
+            "phase": name}]
+        self.metrics.truncate_after(first_phase, first_step)
+        if self.rt.is_main:
             log.info("resuming %s at phase %d (%s), step %d", ctx.stage_dir.name, first_phase,
-                     phases[first_phase].name if first_phase < len(phases) else "-", first_step)
-    elif rt.is_main and (ctx.stage_dir / "metrics.jsonl").exists():
-        (ctx.stage_dir / "metrics.jsonl").unlink()
+                     "-" if name is None else name, first_step)
 
-    global_step = ctx.step_offset + sum(p.steps for p in phases[:first_phase]) + first_step
-    trace = profiling.Tracer(ctx.profile.trace_start, ctx.profile.trace_steps, rt.rank)
-    if rt.is_main:
-        metrics.sinks = metric_sinks.open_sinks(
-            ctx.stage_dir, ctx.logging.tensorboard, ctx.logging.wandb,
-            resume_step=global_step if state is not None else None)
-    # Every (phase, step) this stage has left, in order: what the prefetcher makes ahead. On
-    # the CPU the thread also casts the batch to the run's dtype and memory format; for a GPU
-    # it pins it, and the training thread starts the asynchronous copy.
-    keys = ((i, s) for i in range(first_phase, len(phases))
-            for s in range(first_step if i == first_phase else 0, phases[i].steps))
-    on_host = ctx.device.type == "cpu"
-    host = (lambda batch: ctx.prepare(*batch)) if on_host else \
-        pinned if ctx.device.type == "cuda" else (lambda batch: batch)
-    feed = Prefetcher(ctx.batches, keys, host, ctx.prefetch)
-    try:
-        for index in range(first_phase, len(phases)):
-            phase = phases[index]
-            start = first_step if index == first_phase else 0
-            phase.setup()
-            engine = make_engine(rt, phase.module, phase.groups(), phase.optim, phase.steps,
-                                 zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
-                                 micro_batch=ctx.micro_batch)
-            if rt.is_main and engine.config is not None:
-                _record_deepspeed_config(ctx.stage_dir, phase.name, engine.config)
-            recent: list[float] = []
-            wall = 0.0
-            if state is not None and index == first_phase and start > 0:
-                try:
-                    engine.load(ctx.stage_dir / "deepspeed", state["engine"])
-                except (KeyError, TypeError, ValueError) as exc:  # another run's optimizer
-                    raise checkpoint.CheckpointError(
-                        f"{ctx.stage_dir / 'checkpoint.pt'} is not a checkpoint of this stage "
-                        f"(its optimizer state: {str(exc)[:200]!r})") from None
-                recent, wall = list(state["recent_losses"]), float(state["phase_wall_s"])
+    def _prefetcher(self) -> Prefetcher:
+        """The background reader of every (phase, step) this stage has left, in order. On the
+        CPU the thread also casts the batch to the run's dtype and memory format; for a GPU it
+        pins it, and the training thread starts the asynchronous copy."""
+        ctx, phases = self.ctx, self.phases
+        keys = ((i, s) for i in range(self.first_phase, len(phases))
+                for s in range(self.first_step if i == self.first_phase else 0, phases[i].steps))
+        host = (lambda batch: ctx.prepare(*batch)) if self.on_host else \
+            pinned if ctx.device.type == "cuda" else (lambda batch: batch)
+        return Prefetcher(ctx.batches, keys, host, ctx.prefetch)
 
-            bar = _progress_bar(ctx, phase, start)
-            breakdown = profiling.StepBreakdown(ctx.profile.sample_every, ctx.device)
-            profiling.use(breakdown)
-            timing = StepTiming()
-            tick = time.perf_counter()
-            pending = PendingRecords(rt.world_size)
-            value = math.nan  # the latest logged loss
-            for step in range(start, phase.steps):
-                trace.at(global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
-                         breakdown)
-                breakdown.begin_step(step)
-                # This rank's batch on the device: images (b, C, H, W) and labels (b,), or token
-                # ids and attention mask (b, T) and masked-LM labels (b, T).
-                with profiling.region("data"):
-                    batch = feed.next(index, step)
-                    timing.data_cpu_s += feed.cpu_s
-                    x, y = batch if on_host else ctx.prepare(*batch)
-                    tokens = ctx.tokens(x) if ctx.tokens is not None else None
-                    if tokens is not None:  # text: a 0-d device tensor, summed without a sync
-                        timing.tokens = tokens if timing.tokens is None else timing.tokens + tokens
-                timing.data_s += time.perf_counter() - tick
-                loss, extra = _forward_backward(rt, phase, engine, x, y, ctx.device)
-                logged = (step + 1) % ctx.log_every == 0
-                saving = (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps
-                grad_norm = engine.step(grad_norm=logged)
-                global_step += 1
-                # The loss and the numeric extras become numbers when the record is flushed.
-                record = {"phase": phase.name, "phase_index": index, "step": step + 1,
-                          "global_step": global_step, "loss": None, "lr": engine.lr, **extra}
-                pending.add(record, loss, extra)
-                if ctx.evaluate and phase.eval_model is not None and ctx.eval_every \
-                        and global_step % ctx.eval_every == 0:
-                    breakdown.discard_step()
-                    spent = time.perf_counter() - tick  # training time only: not the evaluation
-                    wall, timing.step_s = wall + spent, timing.step_s + spent
-                    record.update(ctx.evaluate(phase.eval_model))
-                    phase.setup()
-                    tick = time.perf_counter()
-                # Stop requests: on one process a host flag, read every step; on several
-                # ranks they are agreed on in the flush's all-reduce (every log_every steps).
-                asked = preempt.asked_here()
-                stop = asked and not rt.distributed
-                if logged or saving or stop:
-                    if logged:
-                        record.update(timing.record(ctx.micro_batch * rt.world_size, ctx.device,
-                                                    grad_norm, ranks=rt.world_size))
-                    with profiling.region("collectives"):
-                        done_records, stop = pending.flush(asked)
-                    with profiling.region("bookkeeping"):
-                        for done_record in done_records:
-                            # Non-finite losses are found here, up to log_every steps late
-                            # (the weights went bad meanwhile, but no checkpoint holds them).
-                            value = done_record["loss"]
-                            if not math.isfinite(value):
-                                raise FloatingPointError(
-                                    f"{phase.name}: loss became {value} at step "
-                                    f"{done_record['step']}; lower the learning rate "
-                                    f"({phase.optim.lr}) or enable grad_clip")
-                            metrics.write(done_record)
-                        recent = (recent + [r["loss"] for r in done_records])[-50:]
-                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{engine.lr:.3g}",
-                                        refresh=False)
-                with profiling.region("bookkeeping"):
-                    bar.update(1)
-                breakdown.end_step()
-                trace.after_step()
-                now = time.perf_counter()
-                wall += now - tick
-                timing.step_s += now - tick
-                timing.steps += 1
-                if saving:
-                    done = step + 1 == phase.steps
-                    if done:
-                        results.append(PhaseResult(phase.name, phase.steps,
-                                                   sum(recent) / len(recent), wall,
-                                                   gather_objects(breakdown.summary())))
-                    _save(ctx, engine, feed.position, index, step + 1, done, recent, wall, results)
-                if stop:  # every rank saw the same sum, so every rank stops here
-                    # On several ranks a stop is agreed on only at flushes, and most flushes
-                    # are checkpoints: stop there too (the checkpoint is written), or never.
-                    preempt.acknowledge()
-                    if not saving:
-                        _save(ctx, engine, feed.position, index, step + 1, False, recent, wall,
-                              results)
-                    raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
-                tick = time.perf_counter()
-            bar.close()
-            trace.close()
-            profiling.use(None)
-            engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
-            if rt.is_main:
-                log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
-                         results[-1].final_loss, results[-1].wall_s)
-    finally:
-        feed.close()
-        metrics.close()
-    results.skipped = _skipped_over_ranks(ctx.batches.per_rank, feed.skipped)
-    if rt.is_main and results.skipped:
-        log.warning("%s: %d bad training sample(s) skipped (%s)", ctx.stage_dir.name,
-                    sum(results.skipped.values()),
-                    ", ".join(f"{n} {r}" for r, n in sorted(results.skipped.items())))
-    return results
+    def _run_phase(self, index: int) -> None:
+        """Phase ``index``: its engine (restored when resuming mid-phase), its steps, and at
+        its end the modules handed back whole."""
+        ctx, rt = self.ctx, self.rt
+        phase = self.phases[index]
+        start = self.first_step if index == self.first_phase else 0
+        phase.setup()
+        engine = make_engine(rt, phase.module, phase.groups(), phase.optim, phase.steps,
+                             zero_stage=phase.zero_stage, dist_cfg=ctx.dist,
+                             micro_batch=ctx.micro_batch)
+        if rt.is_main:
+            engine.record(ctx.stage_dir, phase.name)
+        recent, wall = self._engine_resume(engine, index, start)
+        run = _PhaseRun(index, phase, engine, _progress_bar(ctx, phase, start),
+                        profiling.StepBreakdown(ctx.profile.sample_every, ctx.device),
+                        PendingRecords(rt.world_size), recent, wall)
+        profiling.use(run.breakdown)
+        run.tick = time.perf_counter()
+        for step in range(start, phase.steps):
+            self._step(run, step)
+        run.bar.close()
+        self.trace.close()
+        profiling.use(None)
+        engine.release(ctx.modules)  # whole fp32 modules for whatever comes next
+        if rt.is_main:
+            log.info("%s: %d steps, loss %.4f, %.1f s", phase.name, phase.steps,
+                     self.results[-1].final_loss, self.results[-1].wall_s)
+
+    def _engine_resume(self, engine: Engine, index: int, start: int) -> tuple[list[float], float]:
+        """Resuming mid-phase: the engine's state restored, and the phase's recent losses and
+        training time so far; else nothing to restore ([], 0.0)."""
+        state = self.state
+        if state is None or index != self.first_phase or start == 0:
+            return [], 0.0
+        try:
+            engine.load(self.ctx.stage_dir, state["engine"])
+        except (KeyError, TypeError, ValueError) as exc:  # another run's optimizer
+            raise checkpoint.CheckpointError(
+                f"{self.ctx.stage_dir / 'checkpoint.pt'} is not a checkpoint of this stage "
+                f"(its optimizer state: {str(exc)[:200]!r})") from None
+        return list(state["recent_losses"]), float(state["phase_wall_s"])
+
+    def _step(self, run: _PhaseRun, step: int) -> None:
+        """One optimizer step of the phase, then what is due after it: an evaluation, a flush
+        of the records, a checkpoint, a stop."""
+        ctx, phase = self.ctx, run.phase
+        self.trace.at(self.global_step - ctx.step_offset, ctx.stage_dir / "trace", phase.name,
+                      run.breakdown)
+        run.breakdown.begin_step(step)
+        x, y = self._batch(run, step)
+        run.timing.data_s += time.perf_counter() - run.tick
+        loss, extra = _forward_backward(self.rt, phase, run.engine, x, y, ctx.device)
+        logged = (step + 1) % ctx.log_every == 0
+        saving = (step + 1) % ctx.checkpoint_every == 0 or step + 1 == phase.steps
+        grad_norm = run.engine.step(grad_norm=logged)
+        self.global_step += 1
+        # The loss and the numeric extras become numbers when the record is flushed.
+        record = {"phase": phase.name, "phase_index": run.index, "step": step + 1,
+                  "global_step": self.global_step, "loss": None, "lr": run.engine.lr, **extra}
+        run.pending.add(record, loss, extra)
+        self._maybe_evaluate(run, record)
+        # Stop requests: on one process a host flag, read every step; on several ranks they
+        # are agreed on in the flush's all-reduce (every log_every steps).
+        asked = preempt.asked_here()
+        stop = asked and not self.rt.distributed
+        if logged or saving or stop:
+            if logged:
+                record.update(run.timing.record(ctx.micro_batch * self.rt.world_size,
+                                                ctx.device, grad_norm, ranks=self.rt.world_size))
+            stop = self._flush(run, asked)
+        with profiling.region("bookkeeping"):
+            run.bar.update(1)
+        run.breakdown.end_step()
+        self.trace.after_step()
+        now = time.perf_counter()
+        run.wall += now - run.tick
+        run.timing.step_s += now - run.tick
+        run.timing.steps += 1
+        self._checkpoint(run, step, saving, stop)
+        run.tick = time.perf_counter()
+
+    def _batch(self, run: _PhaseRun, step: int) -> tuple:
+        """This rank's batch on the device: images (b, C, H, W) and labels (b,), or token ids
+        and attention mask (b, T) and masked-LM labels (b, T)."""
+        ctx, timing = self.ctx, run.timing
+        with profiling.region("data"):
+            batch = self.feed.next(run.index, step)
+            timing.data_cpu_s += self.feed.cpu_s
+            x, y = batch if self.on_host else ctx.prepare(*batch)
+            tokens = ctx.tokens(x) if ctx.tokens is not None else None
+            if tokens is not None:  # text: a 0-d device tensor, summed without a sync
+                timing.tokens = tokens if timing.tokens is None else timing.tokens + tokens
+        return x, y
+
+    def _maybe_evaluate(self, run: _PhaseRun, record: dict) -> None:
+        """Every ``eval_every`` global steps, the eval scores join the step's record; their
+        time counts neither as training time nor as the step's."""
+        ctx, phase = self.ctx, run.phase
+        if not (ctx.evaluate and phase.eval_model is not None and ctx.eval_every
+                and self.global_step % ctx.eval_every == 0):
+            return
+        run.breakdown.discard_step()
+        spent = time.perf_counter() - run.tick  # training time only: not the evaluation
+        run.wall, run.timing.step_s = run.wall + spent, run.timing.step_s + spent
+        record.update(ctx.evaluate(phase.eval_model))
+        phase.setup()
+        run.tick = time.perf_counter()
+
+    def _flush(self, run: _PhaseRun, asked: bool) -> bool:
+        """The pending records averaged over ranks and written; whether any rank was asked to
+        stop (``asked``: this one). Non-finite losses are found here, up to log_every steps
+        late (the weights went bad meanwhile, but no checkpoint holds them)."""
+        phase = run.phase
+        with profiling.region("collectives"):
+            done_records, stop = run.pending.flush(asked)
+        with profiling.region("bookkeeping"):
+            for done_record in done_records:
+                run.value = done_record["loss"]
+                if not math.isfinite(run.value):
+                    raise FloatingPointError(
+                        f"{phase.name}: loss became {run.value} at step {done_record['step']}; "
+                        f"lower the learning rate ({phase.optim.lr}) or enable grad_clip")
+                self.metrics.write(done_record)
+            run.recent = (run.recent + [r["loss"] for r in done_records])[-50:]
+            run.bar.set_postfix(loss=f"{run.value:.4f}", lr=f"{run.engine.lr:.3g}",
+                                refresh=False)
+        return stop
+
+    def _checkpoint(self, run: _PhaseRun, step: int, saving: bool, stop: bool) -> None:
+        """The checkpoint due after ``step`` (every ``checkpoint_every`` steps and at the
+        phase's end, which also finishes its result), and the stop every rank agreed on."""
+        ctx, phase = self.ctx, run.phase
+        if saving:
+            done = step + 1 == phase.steps
+            if done:
+                self.results.append(PhaseResult(phase.name, phase.steps,
+                                                 sum(run.recent) / len(run.recent), run.wall,
+                                                 gather_objects(run.breakdown.summary())))
+            _save(ctx, run.engine, self.feed.position, run.index, step + 1, done, run.recent,
+                  run.wall, self.results)
+        if stop:  # every rank saw the same sum, so every rank stops here
+            # On several ranks a stop is agreed on only at flushes, and most flushes are
+            # checkpoints: stop there too (the checkpoint is written), or never.
+            preempt.acknowledge()
+            if not saving:
+                _save(ctx, run.engine, self.feed.position, run.index, step + 1, False,
+                      run.recent, run.wall, self.results)
+            raise preempt.Preempted(ctx.stage_dir, phase.name, step + 1)
 
 
 def _skipped_over_ranks(per_rank: bool, skipped: dict[str, int]) -> dict[str, int]:
