@@ -125,7 +125,7 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
 
     from gwtn_dist import checkpoint
     from gwtn_dist.config import load_config
-    from gwtn_dist.distributed import runtime
+    from gwtn_dist.distributed import setup
     from gwtn_dist.spec import resolve
     from gwtn_dist.stages import common, imitate
 
@@ -138,7 +138,7 @@ def run_one(config: str, out: Path, schedule: str, backend: str, precision: str,
         f"log_every={min(10, max(1, steps // 2))}",  # at least two timed windows per phase
         f"checkpoint.every={10 * steps}", "wide.cache=", *overrides,
         *(["model.compile=true"] if compiled else [])])
-    rt = runtime.setup(cfg)
+    rt = setup.setup(cfg)
     spec = resolve(cfg)
     torch.manual_seed(cfg.seed)
     (run_dir / "wide").mkdir(parents=True)

@@ -38,7 +38,7 @@ from .config import Config, ConfigError, date_stamp, fill_run_dir, load_config
 from .data.commands import add_shard_commands, add_tokenizer_command
 from .data.datasets import ensure_shards
 from .data.errors import DamagedDataError, DataSourceError
-from .distributed import peers, preempt, runtime
+from .distributed import peers, preempt, runtime, setup
 from .distributed.env import LaunchError
 from .export_hf import ExportError
 from .launch import add_launch_command
@@ -53,7 +53,7 @@ def _load(args: argparse.Namespace,
     and the config, after making the data; its run_dir's ``{date}`` and ``{seed}`` filled
     (``continuing``: a command that continues a run, which a ``{date}`` cannot name)."""
     cfg = load_config(args.config, args.overrides)
-    rt = runtime.setup(cfg)
+    rt = setup.setup(cfg)
     cfg = fill_run_dir(cfg, _job_date_stamp(rt), continuing=continuing)
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)

@@ -14,7 +14,7 @@ from torch import nn
 
 from gwtn_dist.cli import _without_local_rank
 from gwtn_dist.config import ConfigError, load_config
-from gwtn_dist.distributed import runtime
+from gwtn_dist.distributed import setup
 from gwtn_dist.distributed.ds_config import deepspeed_config
 from gwtn_dist.distributed.env import DistEnv, LaunchError, discover, expand_hostlist
 from gwtn_dist.distributed.sync_bn import GlobalBatchNorm2d, use_global_batchnorm
@@ -82,9 +82,9 @@ def test_dist_config_errors_name_the_key(override, message):
 def test_a_global_batch_the_ranks_do_not_divide_is_an_error():
     cfg = load_config(None, ["data.batch_size=64"])
     with pytest.raises(ConfigError, match="does not split evenly over 3 ranks"):
-        runtime.setup(cfg, DistEnv(rank=0, world_size=3, local_world_size=3))
+        setup.setup(cfg, DistEnv(rank=0, world_size=3, local_world_size=3))
     with pytest.raises(ConfigError, match="dist.engine"):
-        runtime.setup(load_config(None, ["dist.engine=torch"]),
+        setup.setup(load_config(None, ["dist.engine=torch"]),
                       DistEnv(rank=0, world_size=2, local_world_size=2))
     assert not dist.is_initialized()  # a failed setup joins no process group
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from gwtn_dist import checkpoint
 from gwtn_dist.config import ConfigError, DistConfig, OptimConfig, load_config
-from gwtn_dist.distributed import runtime
+from gwtn_dist.distributed import runtime, setup
 from gwtn_dist.distributed.engines import make_engine
 from gwtn_dist.stages.loop import LoopContext, Phase, micro_batches, run_phases
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def one_process(*overrides: str) -> runtime.Runtime:
-    return runtime.setup(load_config(None, ["device=cpu", *overrides]))
+    return setup.setup(load_config(None, ["device=cpu", *overrides]))
 
 
 def test_auto_precision_on_cpu_is_fp32():
