@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "bad_inputs.md"
-FLOOR = 141  # CASES may only grow
+FLOOR = 142  # CASES may only grow
 
 # A few steps of the tiny net on the synthetic shards: the bad input is met before or right
 # after them.
@@ -140,8 +140,11 @@ CASES: list[Case] = [
          E + "data.dataset: 'mnist' is not allowed"),
     Case(CONFIG, "`data.eval_missing_ok=1`", wide("data.eval_missing_ok=1"), 2,
          E + "data.eval_missing_ok: a fraction in [0, 1), got 1.0"),
-    Case(CONFIG, "`data.mlm_probability=0`", wide("data.mlm_probability=0"), 2,
-         E + "data.mlm_probability: must be in (0, 1)"),
+    Case(CONFIG, "a key of another dataset", wide("data.mlm_probability=0"), 2,
+         E + "data.mlm_probability is not a key of a fashion-mnist dataset (it is a text key"),
+    Case(CONFIG, "`data.mlm_probability=0`", ("wide", "{tmp}/bert.yaml", "run_dir={run}",
+                                              "data.mlm_probability=0"), 2,
+         E + "data.mlm_probability: must be in (0, 1)", setup="bert_config"),
     Case(CONFIG, "`device=tpu`", wide("device=tpu"), 2, E + "device: 'tpu' is not allowed"),
     Case(CONFIG, "`dist.precision=fp8`", wide("dist.precision=fp8"), 2,
          E + "dist.precision: 'fp8' is not allowed"),
@@ -554,6 +557,8 @@ SETUPS: dict[str, Callable[[Path, Path], None]] = {
     "broken_config": lambda tmp, s: (tmp / "broken.yaml").write_text("wide: {steps: 3\n"),
     "list_config": lambda tmp, s: (tmp / "list.yaml").write_text("- seed: 1\n"),
     "a_file": lambda tmp, s: (tmp / "a-file").write_text(""),
+    "bert_config": lambda tmp, s: shutil.copy(REPO / "configs" / "bert_tiny_cpu.yaml",
+                                              tmp / "bert.yaml"),
     "foreign_folder": lambda tmp, s: ((tmp / "run").mkdir(), (tmp / "run" / "notes.txt")
                                       .write_text("mine")),
     "saved_run": _saved_run,

@@ -199,3 +199,60 @@ def test_a_folder_saved_with_the_two_old_arm_lists_resumes_under_the_one_arms_li
         prepare_run_dir(Runtime(), load_config(path, [f"run_dir={run_dir}", "resume=true",
                                                       "arms=[scratch,win]"]), run_dir)
     release_locks()
+
+
+@pytest.mark.parametrize("config, override, words", [
+    ("tiny_cpu", ["data.mlm_probability=0.2"],
+     ["data.mlm_probability", "not a key of a fashion-mnist dataset", "text key"]),
+    ("tiny_cpu", ["data.num_workers=2"],
+     ["data.num_workers", "fashion-mnist dataset", "imagefolder and text"]),
+    ("bert_tiny_cpu", ["data.val_samples=100"],
+     ["data.val_samples", "not a key of a text dataset", "fashion-mnist key"]),
+    ("bert_tiny_cpu", ["data.image_size=32"], ["data.image_size", "imagefolder key"]),
+    ("imagenet_resnet50", ["data.hflip=false"],
+     ["data.hflip", "not a key of a imagefolder dataset", "fashion-mnist key"]),
+    ("bert_tiny_cpu", ["data.mlm_probability=1"], ["data.mlm_probability", "(0, 1)"]),
+    ("imagenet_resnet50", ["data.image_size=0"], ["data.image_size", "> 0"]),
+    ("bert_tiny_cpu", ["data.nonsense=1"], ["unknown key data.nonsense", "mlm_probability"]),
+])
+def test_a_key_of_another_dataset_names_the_key_and_its_dataset(config, override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs" / f"{config}.yaml", override)
+    for word in words:
+        assert word in str(info.value)
+
+
+# The data section as every run folder saved it before each dataset had its own: every
+# dataset's keys, at their defaults where the config did not set them.
+UNION_DATA = {"dataset": "fashion-mnist", "shards": "runs/data/fashion-mnist", "batch_size": 128,
+              "eval_batch_size": 500, "shuffle_buffer": 5000, "train_samples": 0,
+              "val_samples": 5000, "val_seed": 0, "crop_padding": 2, "hflip": True,
+              "mean": 0.286, "std": 0.353, "num_workers": 0, "prefetch": 2, "image_size": 224,
+              "eval_resize": 256, "mlm_probability": 0.15, "eval_missing_ok": 0.0}
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu", "bert_tiny_cpu", "imagenet_resnet50"])
+def test_a_folder_saved_with_every_datasets_data_keys_resumes(tmp_path, config):
+    from gwtn_dist.distributed.runtime import Runtime
+    from gwtn_dist.pipeline import prepare_run_dir, release_locks
+
+    run_dir, path = tmp_path / "run", REPO / "configs" / f"{config}.yaml"
+    prepare_run_dir(Runtime(), load_config(path, [f"run_dir={run_dir}"]), run_dir)
+    release_locks()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    old = {**saved, "data": {**UNION_DATA, **saved["data"]}}  # as saved before
+    assert set(old["data"]) == set(UNION_DATA)
+    resumed = load_config(path, [f"run_dir={run_dir}", "resume=true"])
+    for data, refused in ((old["data"], None), ({**old["data"], "image_size": 96}, "image_size"),
+                          ({**old["data"], "val_samples": 100}, "val_samples")):
+        if refused in dataclasses.asdict(resumed.data):
+            continue  # a key of this dataset: an ordinary change, tested elsewhere
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**old, "data": data}))
+        if refused is None:
+            prepare_run_dir(Runtime(), resumed, run_dir)  # resumes, no key reported changed
+            assert set(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]) == \
+                set(dataclasses.asdict(resumed.data))  # rewritten in the dataset's own form
+        else:  # a key of another dataset, off its default: the run was started with it
+            with pytest.raises(ConfigError, match=rf"differs .*data\.{refused} "):
+                prepare_run_dir(Runtime(), resumed, run_dir)
+        release_locks()

@@ -317,11 +317,11 @@ def test_the_training_reader_counts_undecodable_samples_once_across_a_resume(sha
 
 
 def _global_batches(shard_dir):
-    from gwtn_dist.config import Config, DataConfig
+    from gwtn_dist.config import Config, FashionMnistDataConfig
     from gwtn_dist.data.batches import GlobalBatches
 
-    cfg = Config(data=DataConfig(shards=str(shard_dir), batch_size=64, shuffle_buffer=300,
-                                 val_samples=0))
+    cfg = Config(data=FashionMnistDataConfig(shards=str(shard_dir), batch_size=64,
+                                             shuffle_buffer=300, val_samples=0))
     return GlobalBatches(cfg, stream_seed=7)
 
 

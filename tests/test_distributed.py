@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from gwtn_dist import checkpoint
 from gwtn_dist.config import load_config
@@ -228,9 +229,14 @@ def test_image_folder_shards_train_all_stages_on_two_ranks(tmp_path):
     run([sys.executable, "-m", "gwtn_dist", "-q", "shards", "imagefolder",
          str(tmp_path / "folder"), str(shards)])
     run_dir = tmp_path / "run"
-    run(torchrun(2, ["run", TINY, f"run_dir={run_dir}", f"data.shards={shards}",
-                     "data.dataset=imagefolder", "data.image_size=32", "data.eval_resize=36",
-                     "data.batch_size=8", "data.eval_batch_size=4", "data.shuffle_buffer=16",
+    # The tiny config with an image folder's data section (its Fashion-MNIST keys, such as
+    # val_samples, are no keys of an image folder's).
+    tree = yaml.safe_load(Path(TINY).read_text())
+    tree["data"] = {"dataset": "imagefolder", "shards": str(shards), "image_size": 32,
+                    "eval_resize": 36, "batch_size": 8, "eval_batch_size": 4,
+                    "shuffle_buffer": 16}
+    (tmp_path / "images.yaml").write_text(yaml.safe_dump(tree))
+    run(torchrun(2, ["run", str(tmp_path / "images.yaml"), f"run_dir={run_dir}",
                      "model.in_channels=3", "model.num_classes=3", "progress=false",
                      "threads=1", "eval_every=0", "wide.steps=6", "imitate.steps_per_point=2",
                      "finetune.kd_steps=2", "finetune.label_steps=2"]))

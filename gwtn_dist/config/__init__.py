@@ -24,10 +24,14 @@ One job per module, each importing only the ones above it in this list:
 from .coerce import to_dict
 from .experiments import regime_cells, tune_points
 from .load import apply_overrides, config_from_dict, dump_config, load_config, with_overrides
-from .migrate import flat_model_section, upgrade_saved_tree
+from .migrate import flat_data_section, flat_model_section, upgrade_saved_tree
 from .rundir import RUN_DIR_FIELDS, check_run_dir, date_stamp, fill_run_dir
 from .schema import (
+    DEFAULT_DATASET,
     DEFAULT_FAMILY,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
     BaselineConfig,
     CheckpointConfig,
     CompareConfig,
@@ -36,28 +40,33 @@ from .schema import (
     DataConfig,
     DistConfig,
     DistillConfig,
+    FashionMnistDataConfig,
     FinetuneStageConfig,
+    ImageFolderDataConfig,
     ImitateStageConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
     ProfileConfig,
     RegimeConfig,
+    StreamDataConfig,
+    TextDataConfig,
     WideningConfig,
     WideStageConfig,
     _positive,
     default_model,
     optim_sections,
 )
-from .validate import MAX_SEED, MAX_STEPS, MAX_THREADS, validate
+from .validate import validate
 
 __all__ = [
-    "DEFAULT_FAMILY", "MAX_SEED", "MAX_STEPS", "MAX_THREADS",
+    "DEFAULT_DATASET", "DEFAULT_FAMILY", "MAX_SEED", "MAX_STEPS", "MAX_THREADS",
     "RUN_DIR_FIELDS", "BaselineConfig", "CheckpointConfig", "CompareConfig", "Config",
-    "ConfigError", "DataConfig", "DistConfig", "DistillConfig", "FinetuneStageConfig",
-    "ImitateStageConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ProfileConfig",
-    "RegimeConfig", "WideStageConfig", "WideningConfig", "_positive", "apply_overrides",
+    "ConfigError", "DataConfig", "DistConfig", "DistillConfig", "FashionMnistDataConfig",
+    "FinetuneStageConfig", "ImageFolderDataConfig", "ImitateStageConfig", "LoggingConfig",
+    "ModelConfig", "OptimConfig", "ProfileConfig", "RegimeConfig", "StreamDataConfig",
+    "TextDataConfig", "WideStageConfig", "WideningConfig", "_positive", "apply_overrides",
     "check_run_dir", "config_from_dict", "date_stamp", "default_model", "dump_config",
-    "fill_run_dir", "flat_model_section", "load_config", "optim_sections", "regime_cells",
-    "to_dict", "tune_points", "upgrade_saved_tree", "validate", "with_overrides",
+    "fill_run_dir", "flat_data_section", "flat_model_section", "load_config", "optim_sections",
+    "regime_cells", "to_dict", "tune_points", "upgrade_saved_tree", "validate", "with_overrides",
 ]

@@ -102,8 +102,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _variant(tp: type, data: dict, key: str) -> type:
-    """The class of a tagged section (a dataclass with a ``TAG`` and ``variants()``): the one
-    its tag key selects, checked so that a key of another variant is an error naming it."""
+    """The class of a tagged section (a dataclass with a ``TAG``, ``variants()`` and the
+    ``NOUN`` its errors call a variant: ``model``, ``dataset``): the one its tag key selects,
+    checked so that a key of another variant is an error naming it."""
     variants = tp.variants()
     name = data.get(tp.TAG, getattr(tp, tp.TAG))
     if name not in variants:
@@ -114,7 +115,7 @@ def _variant(tp: type, data: dict, key: str) -> type:
     for k in data:
         others = [v for v, c in variants.items() if k in {f.name for f in dataclasses.fields(c)}]
         if k not in own and others:
-            raise ConfigError(f"{key}.{k} is not a key of a {name} model (it is a "
+            raise ConfigError(f"{key}.{k} is not a key of a {name} {tp.NOUN} (it is a "
                               f"{' and '.join(others)} key; {key}.{tp.TAG} selects the "
                               f"keys); allowed here: {', '.join(own)}")
     return cls

@@ -60,6 +60,7 @@ class ModelConfig:
     family: str = DEFAULT_FAMILY
     compile: bool = False
     TAG: ClassVar[str] = "family"  # the key whose value selects the section's class
+    NOUN: ClassVar[str] = "model"  # what a value of the tag names, in errors
 
     # the ``data.dataset`` values this family trains on
     DATASETS: ClassVar[tuple[str, ...]] = ()
@@ -92,46 +93,96 @@ def default_model() -> ModelConfig:
     return ModelConfig.variants()[DEFAULT_FAMILY]()
 
 
+DEFAULT_DATASET = "fashion-mnist"  # the dataset of a config that does not name one
+# Bounds on counts that no run reaches, so that a typo (an extra digit group, 1e23 as an
+# integer) is an error naming the key instead of an overflow deep inside torch or a run that
+# never ends: seeds as numpy and torch take them, threads a machine has, steps and samples.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_STEPS = 10**9
+
+
+def _at_most(key: str, value: int, bound: int) -> None:
+    if value > bound:
+        raise ConfigError(f"{key}: at most {bound:,}, got {value:,}")
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how batches are made.
 
     dataset: ``fashion-mnist`` (``gwtn shards fashion-mnist``; written on first use),
     ``imagefolder`` (``gwtn shards imagefolder``: JPEGs, train/val) or ``text`` (``gwtn shards
-    text|wikipedia``: token sequences, train/val, masked-LM batches); see ``data.batches``.
+    text|wikipedia``: token sequences, train/val, masked-LM batches); see ``data.batches``. It
+    selects this section's class and with it the other keys a ``data`` section may hold
+    (``FashionMnistDataConfig``, ``ImageFolderDataConfig``, ``TextDataConfig``; a key of
+    another dataset is an error naming it).
     shards: a folder written by ``gwtn shards`` (``train-*.tar``, ``test-*.tar``, index.json).
     batch_size: the global batch, split evenly over the ranks.
+    eval_batch_size: the samples each rank scores at a time in evaluation.
+    shuffle_buffer: the samples a training stream's shuffle buffer holds.
+    prefetch: training batches made ahead in a background thread (read, decoded, augmented,
+    and pinned for the copy to a GPU) while the step runs; 0 makes each one on the training
+    thread when it is due (see ``data.prefetch``).
+    eval_missing_ok: the fraction of an evaluation split (validation or test) that damaged
+    shards or undecodable samples may take away before an evaluation refuses to score (exit 4,
+    naming the shard); default 0: every sample ``index.json`` lists must be read. Damaged
+    training data is skipped and counted (``skipped_samples``) instead.
+
+    Token shards carry their own validation and test splits of whole documents (``gwtn shards
+    text|wikipedia --val-every/--test-every``); token shards written without a test split, and
+    image-folder shards, have one held-out split, ``val``, read for both.
+    """
+
+    dataset: Literal["fashion-mnist", "imagefolder", "text"] = DEFAULT_DATASET
+    shards: str = "runs/data/fashion-mnist"
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    shuffle_buffer: int = 5000
+    prefetch: int = 2
+    eval_missing_ok: float = 0.0
+    TAG: ClassVar[str] = "dataset"  # the key whose value selects the section's class
+    NOUN: ClassVar[str] = "dataset"  # what a value of the tag names, in errors
+
+    @classmethod
+    def variants(cls) -> dict[str, type[DataConfig]]:
+        """The ``data`` section's class of every dataset, by ``data.dataset``."""
+        return {"fashion-mnist": FashionMnistDataConfig, "imagefolder": ImageFolderDataConfig,
+                "text": TextDataConfig}
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key for any ``data.*`` value that cannot work."""
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.shuffle_buffer", self.shuffle_buffer)
+        _positive("data.prefetch", self.prefetch, allow_zero=True)
+        for key in ("batch_size", "eval_batch_size", "shuffle_buffer"):
+            _at_most(f"data.{key}", getattr(self, key), MAX_STEPS)
+        if not 0 <= self.eval_missing_ok < 1:
+            raise ConfigError(f"data.eval_missing_ok: a fraction in [0, 1), got "
+                              f"{self.eval_missing_ok}")
+
+
+@dataclass
+class FashionMnistDataConfig(DataConfig):
+    """Fashion-MNIST's ``data`` section (``data.dataset: fashion-mnist``): every rank reads the
+    global batch, augmented and normalised (``data.batches.GlobalBatches``).
+
     train_samples: use only the first N training samples (by index, the validation split left
     out; 0 = all); handy for quick runs and for the data-size axis of a regime study.
     val_samples: Fashion-MNIST's validation split, carved out of the training data (seeded by
     ``val_seed``, stratified by class) and never trained on: evaluation curves
     (``eval_every``) and every choice ``gwtn compare`` makes (its tuning grid) read it, and the
     test split is read only for the report. Default 5000 (of 60,000); 0 = none (curves then
-    read the test split). Token shards carry their own validation and test splits of whole
-    documents (``gwtn shards text|wikipedia --val-every/--test-every``); token shards written
-    without a test split, and image-folder shards, have one held-out split, ``val``, read for
-    both. augment: random crop with ``crop_padding`` pixels of zero padding + flip.
-    prefetch: training batches made ahead in a background thread (read, decoded, augmented,
-    and pinned for the copy to a GPU) while the step runs; 0 makes each one on the training
-    thread when it is due (see ``data.prefetch``).
-
-    For image-folder and token shards (``gwtn_dist.data.streams``): num_workers: DataLoader
-    worker processes per rank (default 0: read in the training process); image_size: side of
-    the random-resized crop and of the eval centre crop (default 224); eval_resize: eval images'
-    shorter side before the centre crop (default 256); mlm_probability: share of tokens chosen
-    for masked-LM (default 0.15, BERT's).
-
-    eval_missing_ok: the fraction of an evaluation split (validation or test) that damaged
-    shards or undecodable samples may take away before an evaluation refuses to score (exit 4,
-    naming the shard); default 0: every sample ``index.json`` lists must be read. Damaged
-    training data is skipped and counted (``skipped_samples``) instead.
+    read the test split).
+    val_seed: the seed of the validation split's draw.
+    crop_padding: augmentation's random crop, with this many pixels of zero padding.
+    hflip: augmentation's random horizontal flip.
+    mean: the pixels' mean, subtracted (on the 0–1 scale).
+    std: the pixels' standard deviation, divided by.
     """
 
-    dataset: Literal["fashion-mnist", "imagefolder", "text"] = "fashion-mnist"
-    shards: str = "runs/data/fashion-mnist"
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    shuffle_buffer: int = 5000
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
     train_samples: int = 0
     val_samples: int = 5000
     val_seed: int = 0
@@ -139,12 +190,70 @@ class DataConfig:
     hflip: bool = True
     mean: float = 0.2860
     std: float = 0.3530
+
+    def check(self) -> None:
+        super().check()
+        _positive("data.train_samples", self.train_samples, allow_zero=True)
+        _positive("data.val_samples", self.val_samples, allow_zero=True)
+        _positive("data.crop_padding", self.crop_padding, allow_zero=True)
+        _positive("data.std", self.std)
+        if not 0 <= self.val_seed <= MAX_SEED:
+            raise ConfigError(f"data.val_seed: a seed in [0, {MAX_SEED}] (2**32 - 1), got "
+                              f"{self.val_seed}")
+        _at_most("data.train_samples", self.train_samples, MAX_STEPS)
+        _at_most("data.val_samples", self.val_samples, MAX_STEPS)
+
+
+@dataclass
+class StreamDataConfig(DataConfig):
+    """The keys of the datasets each rank reads its own share of through DataLoader workers
+    (image folders and token shards, ``gwtn_dist.data.streams``).
+
+    num_workers: DataLoader worker processes per rank (default 0: read in the training
+    process).
+    """
+
     num_workers: int = 0
-    prefetch: int = 2
+
+    def check(self) -> None:
+        super().check()
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class ImageFolderDataConfig(StreamDataConfig):
+    """An image folder's ``data`` section (``data.dataset: imagefolder``): random-resized crops
+    and flips, ImageNet's normalisation.
+
+    image_size: side of the random-resized crop and of the eval centre crop (default 224).
+    eval_resize: eval images' shorter side before the centre crop (default 256).
+    """
+
+    dataset: Literal["imagefolder"] = "imagefolder"
     image_size: int = 224
     eval_resize: int = 256
+
+    def check(self) -> None:
+        super().check()
+        _positive("data.image_size", self.image_size)
+        _positive("data.eval_resize", self.eval_resize)
+
+
+@dataclass
+class TextDataConfig(StreamDataConfig):
+    """Token shards' ``data`` section (``data.dataset: text``): masked-LM batches.
+
+    mlm_probability: share of tokens chosen for masked-LM (default 0.15, BERT's).
+    """
+
+    dataset: Literal["text"] = "text"
     mlm_probability: float = 0.15
-    eval_missing_ok: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"data.mlm_probability: must be in (0, 1), got "
+                              f"{self.mlm_probability}")
 
 
 @dataclass
@@ -484,7 +593,7 @@ class Config:
     log_every: int = 20
     arms: list[str] = field(default_factory=lambda: ["win"])
     model: ModelConfig = field(default_factory=default_model)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=FashionMnistDataConfig)
     wide: WideStageConfig = field(default_factory=WideStageConfig)
     imitate: ImitateStageConfig = field(default_factory=ImitateStageConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)

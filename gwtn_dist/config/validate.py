@@ -1,7 +1,8 @@
 """The checks of a whole config, across fields and sections (``validate``): each raises
 ConfigError naming the dotted key and what is allowed. Each value's type was checked when the
-config was built (``coerce``); the families check their own keys (``ModelConfig.check``) and
-the planning sections are checked in ``experiments``.
+config was built (``coerce``); the families check their own keys (``ModelConfig.check``), each
+dataset its ``data`` section (``DataConfig.check``), and the planning sections are checked in
+``experiments``.
 """
 
 from __future__ import annotations
@@ -11,25 +12,25 @@ import dataclasses
 from .coerce import _set_dotted, build_config, to_dict
 from .experiments import check_arms, check_compare, check_regime_axes, regime_cells
 from .rundir import check_run_dir
-from .schema import Config, ConfigError, OptimConfig, RegimeConfig, _positive, optim_sections
-
-# Bounds on counts that no run reaches, so that a typo (an extra digit group, 1e23 as an
-# integer) is an error naming the key instead of an overflow deep inside torch or a run that
-# never ends: seeds as numpy and torch take them, threads a machine has, steps and samples.
-MAX_SEED = 2**32 - 1
-MAX_THREADS = 1024
-MAX_STEPS = 10**9
-
-
-def _at_most(key: str, value: int, bound: int) -> None:
-    if value > bound:
-        raise ConfigError(f"{key}: at most {bound:,}, got {value:,}")
+from .schema import (
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_THREADS,
+    Config,
+    ConfigError,
+    OptimConfig,
+    RegimeConfig,
+    _at_most,
+    _positive,
+    optim_sections,
+)
 
 
 def _check_bounds(cfg: Config) -> None:
-    """The upper bounds above (lower bounds are checked with each key)."""
-    seeds = {"seed": [cfg.seed], "data.val_seed": [cfg.data.val_seed],
-             "compare.seeds": cfg.compare.seeds, "compare.tune_seeds": cfg.compare.tune_seeds}
+    """The upper bounds of ``schema`` (``MAX_*``; lower bounds are checked with each key, the
+    data section's both by ``DataConfig.check``)."""
+    seeds = {"seed": [cfg.seed], "compare.seeds": cfg.compare.seeds,
+             "compare.tune_seeds": cfg.compare.tune_seeds}
     for key, values in seeds.items():
         for value in values:
             if not 0 <= value <= MAX_SEED:
@@ -39,11 +40,7 @@ def _check_bounds(cfg: Config) -> None:
               cfg.imitate.steps_per_point, "finetune.kd_steps": cfg.finetune.kd_steps,
               "finetune.label_steps": cfg.finetune.label_steps, "eval_every": cfg.eval_every,
               "eval_samples": cfg.eval_samples, "log_every": cfg.log_every,
-              "checkpoint.every": cfg.checkpoint.every, "data.batch_size": cfg.data.batch_size,
-              "data.eval_batch_size": cfg.data.eval_batch_size,
-              "data.train_samples": cfg.data.train_samples,
-              "data.val_samples": cfg.data.val_samples,
-              "data.shuffle_buffer": cfg.data.shuffle_buffer,
+              "checkpoint.every": cfg.checkpoint.every,
               "profile.sample_every": cfg.profile.sample_every,
               "profile.trace_start": cfg.profile.trace_start,
               "profile.trace_steps": cfg.profile.trace_steps}
@@ -83,25 +80,6 @@ def _check_model(cfg: Config) -> None:
             f"{cfg.model.family!r}, which trains on {' or '.join(repr(d) for d in datasets)}")
     _positive("model.widen.boundary_mult", cfg.model.widen.boundary_mult)
     cfg.model.check(cfg)
-
-
-def _check_data(cfg: Config) -> None:
-    d = cfg.data
-    _positive("data.batch_size", d.batch_size)
-    _positive("data.eval_batch_size", d.eval_batch_size)
-    _positive("data.shuffle_buffer", d.shuffle_buffer)
-    _positive("data.train_samples", d.train_samples, allow_zero=True)
-    _positive("data.val_samples", d.val_samples, allow_zero=True)
-    _positive("data.crop_padding", d.crop_padding, allow_zero=True)
-    _positive("data.std", d.std)
-    _positive("data.num_workers", d.num_workers, allow_zero=True)
-    _positive("data.prefetch", d.prefetch, allow_zero=True)
-    _positive("data.image_size", d.image_size)
-    _positive("data.eval_resize", d.eval_resize)
-    if not 0 < d.mlm_probability < 1:
-        raise ConfigError(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability}")
-    if not 0 <= d.eval_missing_ok < 1:
-        raise ConfigError(f"data.eval_missing_ok: a fraction in [0, 1), got {d.eval_missing_ok}")
 
 
 def _check_wide(cfg: Config) -> None:
@@ -190,9 +168,9 @@ def _check_dist(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the key."""
     check_run_dir(cfg.run_dir)
-    _check_bounds(cfg)
+    _check_bounds(cfg)  # the data section's bounds: its own check
     _check_model(cfg)
-    _check_data(cfg)
+    cfg.data.check()
     _check_wide(cfg)
     _check_imitate(cfg)
     _check_finetune_and_baseline(cfg)

@@ -37,7 +37,9 @@ log = logging.getLogger("gwtn")
 
 class Dataset:
     """What one ``data.dataset`` value means: its splits, its batch sources, how its shards come
-    to be. Methods take the config (the shard folder and the data settings are in it)."""
+    to be. Methods take the config (the shard folder and the data settings are in it; the
+    ``data`` section is the dataset's own class, ``config.schema.<Name>DataConfig``, so only
+    the dataset's own methods read its own keys)."""
 
     name: str
     # True when a run writes missing shards itself (``ensure_shards``) instead of failing.
@@ -52,6 +54,16 @@ class Dataset:
         """Whether a non-empty validation split is carved out of the training data (then curves
         and choices read it, and the test split is read apart)."""
         return bool(self.carved_val_samples(cfg))
+
+    def image_side(self, cfg: Config) -> int | None:
+        """The side of the square images a net is fed (None for data that is not images)."""
+        return None
+
+    def loss_share(self, cfg: Config) -> float:
+        """The share of a batch's positions that the loss is taken at (masked-LM's chosen
+        tokens; 1 where every sample is scored): the planner's trace stands it in for the
+        selections whose size depends on the data."""
+        return 1.0
 
     def split_samples(self, cfg: Config) -> dict[str, int]:
         """Samples per split of the config's shards where the splits vary (token shards may or
@@ -87,6 +99,9 @@ class FashionMnist(Dataset):
 
     def carved_val_samples(self, cfg: Config) -> int | None:
         return cfg.data.val_samples
+
+    def image_side(self, cfg: Config) -> int | None:
+        return 28
 
     def write_shards(self, cfg: Config) -> None:
         from .fashion_mnist import write_fashion_mnist
@@ -126,6 +141,9 @@ def _rank_share(loader, cfg: Config, limit: int, world: int) -> Iterator[tuple]:
 class ImageFolder(Dataset):
     name = "imagefolder"
 
+    def image_side(self, cfg: Config) -> int | None:
+        return cfg.data.image_size
+
     def train_batches(self, cfg: Config, stream_seed: int, rank: int,
                       world: int) -> TrainBatches:
         from .batches import RankBatches
@@ -151,6 +169,9 @@ class ImageFolder(Dataset):
 
 class Text(Dataset):
     name = "text"
+
+    def loss_share(self, cfg: Config) -> float:
+        return cfg.data.mlm_probability
 
     def split_samples(self, cfg: Config) -> dict[str, int]:
         from .batches import token_split_samples

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from ..arms import arm_named
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, StreamDataConfig, load_config
 from ..distributed.runtime import Runtime
 from .memwatch import MemoryWatch, write_record
 
@@ -56,11 +56,13 @@ def rehearsal_overrides(cfg: Config, out: Path, ranks: int, steps: int, micro_ba
         "finetune.label_steps": steps if f.label_steps or not f.kd_steps else 0,
         "data.batch_size": ranks * micro_batch,
         "data.eval_batch_size": min(cfg.data.eval_batch_size, 4 * micro_batch),
-        "data.num_workers": 0, "eval_every": 0, "eval_samples": 0, "progress": False,
+        "eval_every": 0, "eval_samples": 0, "progress": False,
         "checkpoint.every": 10**9, "log_every": steps, "threads": threads,
         "dist.teacher": "shard", "resume": False,
         "wide.cache": "",  # a rehearsal's teacher is no teacher to keep or reuse
     }
+    if isinstance(cfg.data, StreamDataConfig):
+        values["data.num_workers"] = 0
     if shards is not None:
         values["data.shards"] = str(shards)
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import Config, OptimConfig
+from ..data.datasets import dataset_of
 from ..distributed.runtime import Runtime
 from ..distributed.teacher import Teacher
 from ..kernels import select_imitation_mse
@@ -108,7 +109,7 @@ class Tracer:
         self.spec = resolve(cfg)
         self.family, self.task = self.spec.family, self.spec.task
         # Masked-LM's loss is taken at the chosen tokens, a data-dependent share.
-        self.selected = cfg.data.mlm_probability
+        self.selected = dataset_of(cfg).loss_share(cfg)
         self.runtime = Runtime(dtype=dtype)
 
     def net(self, build: Callable[[], nn.Module]) -> nn.Module:

@@ -10,9 +10,10 @@ documents: a teacher cached before must not be reused). ``CACHE/<key>/`` holds t
 stage's ``model.pt``, ``stage.json``, ``metrics.jsonl``, ``DONE`` and the ``key.json`` the
 hash was taken of.
 
-The model section is the run's own family's, in the flat form of older configs over a frozen
-table (``config.migrate.flat_model_section``): adding a family, or a field to another family,
-changes no key. ``KEY_VERSION`` says what the settings mean: raise it when a change of code
+The model section is the run's own family's, and the data section the run's own dataset's,
+each in the flat form of older configs over a frozen table (``config.migrate.flat_model_section``,
+``flat_data_section``): adding a family or a dataset, or a field to another one, changes no
+key. ``KEY_VERSION`` says what the settings mean: raise it when a change of code
 makes the same settings train a different teacher, so that no older teacher is taken for it.
 """
 
@@ -24,7 +25,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..config import Config, flat_model_section, to_dict
+from ..config import Config, flat_data_section, flat_model_section, to_dict
 from ..data.datasets import dataset_of
 from .common import check_init
 
@@ -39,8 +40,10 @@ KEY_VERSION = 1
 def teacher_settings(cfg: Config) -> dict:
     """What decides a wide teacher's weights (the cache key is its hash)."""
     tree = to_dict(cfg)
-    # How the data is read and scored, not what is trained on: not part of the key.
-    data = {k: v for k, v in tree["data"].items()
+    # How the data is read and scored, not what is trained on: not part of the key. The
+    # section in its flat form (every dataset's keys), so that keys of teachers cached before
+    # each dataset had its own section stay what they were.
+    data = {k: v for k, v in flat_data_section(cfg.data).items()
             if k not in ("num_workers", "eval_batch_size", "eval_missing_ok")}
     wide = {k: v for k, v in tree["wide"].items() if k != "cache"}
     if cfg.wide.init:  # the same path may hold other weights later: key on what it holds

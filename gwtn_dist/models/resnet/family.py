@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...config import Config
+from ...data.datasets import dataset_of
 from ..bridge import Bridges
 from ..family import register_family
 from ..weights import read_state_dict
@@ -134,7 +135,7 @@ class ResNetFamily:
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # x: (B, C, side, side) normalised-like noise; y: (B,) class indices
         m = cfg.model
-        side = 28 if cfg.data.dataset == "fashion-mnist" else cfg.data.image_size
+        side = dataset_of(cfg).image_side(cfg)
         x = torch.randn(batch_size, m.in_channels, side, side, generator=generator)
         return x, torch.randint(0, m.num_classes, (batch_size,), generator=generator)
 
