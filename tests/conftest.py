@@ -17,7 +17,9 @@ import torch
 # then. torch imports triton lazily (an optimizer step is enough), so a test that steps an
 # optimizer before the kernel tests would lock triton into compiled mode. Choose the interpreter
 # here, before any test runs. Nothing else in the suite runs Triton kernels on CPU.
-if not torch.cuda.is_available():
+# (A test module that imports ``tests.conftest`` loads this file a second time, possibly after
+# triton: the mode was chosen by the first load then.)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     assert "triton" not in sys.modules, "triton was imported before conftest could pick its mode"
     os.environ["TRITON_INTERPRET"] = "1"
 
